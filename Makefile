@@ -1,0 +1,37 @@
+# Set-up and everyday commands. `make install` is quick when nothing changed (a stamp file tracks it).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.geosoc-installed
+
+.PHONY: install demo test test-all bench lock clean
+
+install: $(STAMP)
+
+# torch and torchvision go in together first: other pairs fail to import or download several GB
+# (DESIGN.md pitfalls). Everything else comes pinned from requirements.lock.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/geosoc demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: install
+	$(PY) tests/benchmarks/cube_write.py
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -vi '^geosoc' > requirements.lock
+
+clean:
+	rm -rf geosoc-data .pytest_cache

@@ -1,0 +1,306 @@
+"""Assemble a region's sources into a Zarr v3 cube, chunk by chunk, resumably; open cubes lazily.
+
+Layout (see DESIGN.md): groups `imagery` (band, y, x) and `climate` (time, variable, y, x), each with one
+`data` variable on the region's CRS. The build follows the xarray-beam pattern: a metadata-only template is
+written first, then every chunk is computed and written by exactly one task into its own Zarr chunk, so
+parallel writers never share a chunk. After a chunk is written, a marker object is put beside the cube
+(`cube.zarr.progress/<build id>/<group>/<iy>.<ix>`); a re-run skips chunks with a marker and so never
+rewrites finished work, whatever moment the previous run was killed at. Markers live outside the Zarr
+hierarchy (zarr warns about foreign objects inside it) and are folded into the root attrs when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import dask
+import numpy as np
+import rioxarray  # noqa: F401 - registers the .rio accessor
+import xarray as xr
+import zarr
+from tqdm.auto import tqdm
+
+import geosoc
+from geosoc.catalog import LoadedCatalog, load_catalog
+from geosoc.errors import GeosocError
+from geosoc.grid import Window
+from geosoc.sources import Layer, WindowReader, open_layers
+from geosoc.storage import check_writable, default_root, filesystem, join, zarr_store
+
+log = logging.getLogger(__name__)
+
+CUBE_NAME = "cube.zarr"
+_NAMES_ATTR = "names"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    group: str
+    shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    chunks: int
+    nbytes: int
+    resolution: float
+
+
+@dataclass(frozen=True)
+class CubePlan:
+    url: str
+    crs: str
+    layers: tuple[LayerPlan, ...]
+
+    @property
+    def chunks(self) -> int:
+        return sum(layer.chunks for layer in self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def cube_url(catalog: LoadedCatalog, root: str | None = None) -> str:
+    return join(root or default_root(catalog.config.region.name), CUBE_NAME)
+
+
+def plan_cube(catalog: LoadedCatalog, root: str | None = None) -> CubePlan:
+    """What a build would write (sizes and chunk counts), computed without reading or writing anything."""
+    layers = open_layers(catalog)
+    plans = tuple(
+        LayerPlan(l.group, l.shape, l.chunk_shape, l.grid.n_chunks, l.nbytes, l.grid.resolution) for l in layers
+    )
+    return CubePlan(cube_url(catalog, root), catalog.config.region.crs, plans)
+
+
+def build_cube(
+    catalog: LoadedCatalog | str,
+    root: str | None = None,
+    *,
+    client: Any = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> str:
+    """Write (or finish writing) the region's cube under `root` and return its URL.
+
+    `catalog` is a loaded catalog or a region name. Runs on Dask: threads (`workers`, default one per core)
+    or the `dask.distributed` `client` given. Safe to interrupt at any moment and run again.
+    """
+    if isinstance(catalog, str):
+        catalog = load_catalog(catalog)
+    layers = open_layers(catalog)
+    readers = {layer.group: layer.require_reader() for layer in layers}
+    url = cube_url(catalog, root)
+    check_writable(url.rsplit("/", 1)[0])
+    fingerprint = _fingerprint(catalog)
+
+    attrs = _read_root_attrs(url)
+    if attrs is not None and attrs.get("geosoc_fingerprint") not in (None, fingerprint):
+        raise GeosocError(
+            f"{url} exists and was built from a different catalog or bounds; remove it or choose another --root"
+        )
+    if attrs is None or not attrs.get("geosoc_template_complete"):
+        attrs = _write_template(url, catalog, layers, fingerprint)
+    if attrs.get("geosoc_status") == "complete":
+        log.info("%s is already complete", url)
+        return url
+
+    markers = _Markers(url, attrs["geosoc_build_id"])
+    done = markers.completed()
+    todo = [
+        (layer.group, window)
+        for layer in layers
+        for window in layer.grid.windows()
+        if f"{layer.group}/{window.key}" not in done
+    ]
+    total = sum(layer.grid.n_chunks for layer in layers)
+    tasks = [
+        dask.delayed(_write_chunk, pure=False)(url, group, readers[group], window, markers)
+        for group, window in todo
+    ]
+    with tqdm(total=total, initial=total - len(todo), desc="build-cube", unit="chunk", disable=not progress) as bar:
+        _run(tasks, client, workers, bar)
+    _finish(url, layers, markers)
+    return url
+
+
+def _run(tasks: list[Any], client: Any, workers: int | None, bar: tqdm) -> None:
+    if not tasks:
+        return
+    if client is not None:
+        from distributed import as_completed
+
+        for future in as_completed(client.compute(tasks)):
+            future.result()
+            bar.update(1)
+        return
+    from dask.callbacks import Callback
+
+    class _Tick(Callback):
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+            bar.update(1)
+
+    with _Tick():
+        dask.compute(*tasks, scheduler="threads", num_workers=workers or os.cpu_count())
+
+
+def _write_chunk(url: str, group: str, reader: WindowReader, window: Window, markers: _Markers) -> None:
+    block = reader.read(window.rows, window.cols)
+    _open_data_array(url, group, markers.url)[..., window.rows, window.cols] = block
+    markers.mark(f"{group}/{window.key}")
+
+
+@lru_cache(maxsize=16)
+def _open_data_array(url: str, group: str, build: str) -> zarr.Array:
+    """Opened once per process and build (the build id in `build` keeps a rebuilt cube from reusing it)."""
+    return zarr.open_array(zarr_store(url), path=f"{group}/data", mode="r+", zarr_format=3)
+
+
+class _Markers:
+    """Per-chunk completion markers beside the cube: one small object per finished chunk."""
+
+    def __init__(self, url: str, build_id: str) -> None:
+        self.url = join(url + ".progress", build_id)
+
+    def mark(self, key: str) -> None:
+        fs, path = filesystem(self.url)
+        target = f"{path}/{key}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(target, b"")
+
+    def completed(self) -> set[str]:
+        fs, path = filesystem(self.url)
+        if not fs.exists(path):
+            return set()
+        return {found[len(path) + 1 :] for found in fs.find(path)}
+
+    def clear(self) -> None:
+        fs, path = filesystem(self.url.rsplit("/", 1)[0])
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def _fingerprint(catalog: LoadedCatalog) -> str:
+    return hashlib.sha256(catalog.config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _read_root_attrs(url: str) -> dict[str, Any] | None:
+    try:
+        return dict(zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3).attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+
+
+def _write_template(url: str, catalog: LoadedCatalog, layers: list[Layer], fingerprint: str) -> dict[str, Any]:
+    """Metadata and coordinates only; the root's `geosoc_template_complete` flag is written last."""
+    _Markers(url, "-").clear()
+    store = zarr_store(url)
+    attrs: dict[str, Any] = {
+        "region": catalog.config.region.name,
+        "catalog": catalog.text,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "geosoc_version": geosoc.__version__,
+        "geosoc_fingerprint": fingerprint,
+        "geosoc_build_id": uuid.uuid4().hex,
+        "geosoc_status": "building",
+        "geosoc_template_complete": False,
+    }
+    root = zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
+    for layer in layers:
+        _template_dataset(layer).to_zarr(
+            store,
+            group=layer.group,
+            mode="a",
+            compute=False,
+            zarr_format=3,
+            consolidated=False,
+            encoding={"data": {"chunks": layer.chunk_shape}},
+        )
+    attrs["geosoc_template_complete"] = True
+    root.attrs.update({"geosoc_template_complete": True})
+    return attrs
+
+
+def _template_dataset(layer: Layer) -> xr.Dataset:
+    """The layer as a Dataset with integer axis coordinates (names in attrs: zarr v3 has no string coords)."""
+    data = dask.array.zeros(layer.shape, chunks=layer.chunk_shape, dtype=np.float32)
+    coords: dict[str, Any] = {"y": ("y", layer.grid.y), "x": ("x", layer.grid.x)}
+    for axis, values in layer.axes.items():
+        if axis == "time":
+            coords[axis] = (axis, np.array(values, dtype="datetime64[ns]"))
+        else:
+            coords[axis] = (axis, np.arange(len(values)), {_NAMES_ATTR: [str(v) for v in values]})
+    attrs = {**layer.attrs, **{f"{a}_names": [str(v) for v in vals] for a, vals in layer.axes.items() if a != "time"}}
+    ds = xr.Dataset({"data": (layer.dims, data, attrs)}, coords=coords)
+    ds = ds.rio.write_crs(layer.grid.crs).rio.write_transform(layer.grid.transform)
+    ds["data"].attrs["grid_mapping"] = "spatial_ref"
+    ds.attrs.update(group=layer.group, resolution=layer.grid.resolution)
+    return ds
+
+
+def _finish(url: str, layers: list[Layer], markers: _Markers) -> None:
+    done = markers.completed()
+    record = {
+        layer.group: {
+            "chunks": layer.grid.n_chunks,
+            "complete": sum(1 for w in layer.grid.windows() if f"{layer.group}/{w.key}" in done),
+        }
+        for layer in layers
+    }
+    missing = {g: r for g, r in record.items() if r["complete"] != r["chunks"]}
+    if missing:
+        raise GeosocError(f"{url}: chunks still missing after the build: {missing}; run the build again")
+    group = zarr.open_group(zarr_store(url), mode="r+", zarr_format=3)
+    group.attrs.update({"geosoc_status": "complete", "geosoc_chunks": record})
+    markers.clear()
+
+
+def open_cube(url: str) -> xr.DataTree:
+    """Open a cube lazily: groups `imagery` and `climate`, dask-backed, axis names as coordinates."""
+    try:
+        tree = xr.open_datatree(zarr_store(url, read_only=True), engine="zarr", consolidated=False, chunks={})
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise GeosocError(f"{url}: no cube here ({type(err).__name__}); build one with `geosoc build-cube`") from None
+    status = tree.attrs.get("geosoc_status")
+    if status != "complete":
+        log.warning("%s is not complete (status %r): missing chunks read as NaN; re-run build-cube", url, status)
+    for name, node in tree.children.items():
+        ds = node.to_dataset()
+        if "spatial_ref" in ds.data_vars:
+            ds = ds.set_coords("spatial_ref")
+        named = {
+            axis: ds[axis].attrs[_NAMES_ATTR] for axis in ds.coords if _NAMES_ATTR in ds[axis].attrs
+        }
+        tree[name] = xr.DataTree(ds.assign_coords(named))
+    return tree
+
+
+def describe(tree: xr.DataTree) -> str:
+    """A short human summary of an opened cube."""
+    lines = [f"region {tree.attrs.get('region')}, status {tree.attrs.get('geosoc_status')}"]
+    for name, node in tree.children.items():
+        data = node.to_dataset()["data"]
+        dims = ", ".join(f"{d}={n}" for d, n in data.sizes.items())
+        lines.append(f"{name}: data({dims}) {data.nbytes / 2**20:,.1f} MiB, chunks {data.data.chunksize}")
+    return "\n".join(lines)
+
+
+def cube_summary(tree: xr.DataTree) -> dict[str, Any]:
+    """Per-band min/mean/max and NaN share of the imagery (computed), for printing after a build."""
+    ds = tree["imagery"].to_dataset()
+    data = ds["data"]
+    stats = xr.Dataset(
+        {
+            "min": data.min(("y", "x")),
+            "mean": data.mean(("y", "x")),
+            "max": data.max(("y", "x")),
+            "nodata": data.isnull().mean(("y", "x")),
+        }
+    ).compute()
+    return json.loads(stats.to_dataframe().to_json(orient="index"))

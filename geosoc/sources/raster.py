@@ -1,0 +1,139 @@
+"""Users' own rasters (local or remote GeoTIFF/COG, or Zarr) resampled onto the region grid by rioxarray.
+
+Each window is warped onto exactly its own pixels of the region grid from a clip of the source with a margin,
+so a pixel's value does not depend on the window that asked for it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rioxarray  # noqa: F401 - registers the .rio accessor
+import xarray as xr
+from pyproj import Transformer
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rioxarray.exceptions import NoDataInBounds, OneDimensionalRaster
+
+from geosoc.catalog import LoadedCatalog
+from geosoc.errors import GeosocError
+from geosoc.grid import Grid
+from geosoc.sources import Layer
+
+_MARGIN_PIXELS = 3
+
+# GDAL's MEM-to-MEM warps under threads emit a spurious "no geotransform" warning; output is unaffected
+# (opendatacube/odc-geo#131, and our chunk-invariance tests compare values).
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.warp")
+
+
+@dataclass(frozen=True)
+class RasterInput:
+    """One input file as the reader needs it: where, which bands, in which CRS, resampled how."""
+
+    url: str
+    bands: tuple[str, ...]
+    crs: str
+    resampling: str
+    nodata: float | None
+    resolution: float
+
+
+def _open(url: str) -> xr.DataArray:
+    """(band, y, x), lazily; Zarr stores give one band per 2-D data variable."""
+    if url.rstrip("/").endswith(".zarr"):
+        ds = xr.open_zarr(url, consolidated=False)
+        names = [n for n, v in ds.data_vars.items() if v.dims[-2:] in (("y", "x"), ("lat", "lon"))]
+        return ds[names].to_dataarray("band").assign_coords(band=names)
+    return rioxarray.open_rasterio(url, masked=True)  # type: ignore[return-value]
+
+
+def inspect_raster(url: str, where: str, bands: list[str] | None, crs: str | None, nodata: float | None,
+                   resampling: str) -> RasterInput:
+    """Read a file's metadata and check it against the catalog entry `where` (errors name both)."""
+    try:
+        src = _open(url)
+    except Exception as err:  # noqa: BLE001 - rasterio/GDAL raise many types for unreadable input
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise GeosocError(f"{url}: cannot read raster ({reason}); check {where}.path") from None
+    found_crs = src.rio.crs
+    if found_crs is None and crs is None:
+        raise GeosocError(f"{url}: raster has no CRS; state it in the catalog as {where}.crs (e.g. 'EPSG:28355')")
+    names = _band_names(src, url)
+    if bands is not None and len(bands) != len(names):
+        raise GeosocError(f"{url}: has {len(names)} bands but {where}.bands lists {len(bands)}: {bands}")
+    resolution = float(abs(src.rio.resolution()[0]))
+    return RasterInput(
+        url, tuple(bands or names), crs or found_crs.to_string(), resampling, nodata, resolution
+    )
+
+
+def _band_names(src: xr.DataArray, url: str) -> list[str]:
+    descriptions = src.attrs.get("long_name")
+    if isinstance(descriptions, (tuple, list)) and all(descriptions):
+        return [str(d) for d in descriptions]
+    if isinstance(descriptions, str) and src.sizes["band"] == 1:
+        return [descriptions]
+    if src["band"].dtype.kind in "US":
+        return [str(b) for b in src["band"].values]
+    return [f"{Path(url).stem}_b{i + 1}" for i in range(src.sizes["band"])]
+
+
+@dataclass(frozen=True)
+class RasterReader:
+    inputs: tuple[RasterInput, ...]
+    grid: Grid
+    select: tuple[int, ...]
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        blocks = [self._warp(item, rows, cols) for item in self.inputs]
+        return np.concatenate(blocks)[list(self.select)]
+
+    def _warp(self, item: RasterInput, rows: slice, cols: slice) -> np.ndarray:
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        empty = np.full((len(item.bands), *shape), np.nan, np.float32)
+        transform = self.grid.window_transform(rows, cols)
+        to_src = Transformer.from_crs(self.grid.crs, item.crs, always_xy=True)
+        xmin, ymin, xmax, ymax = to_src.transform_bounds(*self.grid.window_bounds(rows, cols))
+        pad = _MARGIN_PIXELS * item.resolution
+        src = _open(item.url)
+        if src.rio.crs is None:
+            src = src.rio.write_crs(item.crs)
+        try:
+            clip = src.rio.clip_box(xmin - pad, ymin - pad, xmax + pad, ymax + pad)
+        except (NoDataInBounds, OneDimensionalRaster):
+            return empty
+        clip = clip.astype(np.float32)
+        if item.nodata is not None:
+            clip = clip.where(clip != item.nodata)
+        warped = clip.rio.write_nodata(np.nan, encoded=False).rio.reproject(
+            self.grid.crs,
+            shape=shape,
+            transform=transform,
+            resampling=Resampling[item.resampling],
+            nodata=np.nan,
+        )
+        return warped.values.astype(np.float32)
+
+
+def raster_imagery(catalog: LoadedCatalog, grid: Grid) -> Layer:
+    """The imagery layer of a `raster` source: every file's bands, or the catalog's `imagery.bands`."""
+    config = catalog.config
+    files = config.imagery.source.files  # type: ignore[union-attr]
+    inputs = tuple(
+        inspect_raster(
+            catalog.resolve(f.path), f"imagery.source.files[{i}]", f.bands, f.crs, f.nodata, f.resampling
+        )
+        for i, f in enumerate(files)
+    )
+    available = [band for item in inputs for band in item.bands]
+    wanted = config.imagery.bands or available
+    unknown = [b for b in wanted if b not in available]
+    if unknown:
+        raise GeosocError(f"{catalog.path}: imagery.bands {unknown} not in the rasters; available: {available}")
+    select = tuple(available.index(b) for b in wanted)
+    attrs = {"source": "raster", "files": [item.url for item in inputs]}
+    return Layer("imagery", grid, {"band": list(wanted)}, RasterReader(inputs, grid, select), attrs)

@@ -1,0 +1,58 @@
+"""fsspec URLs for every artefact: a local path, s3://, gs://, memory://. One place to open them.
+
+Cloud options (endpoint, credentials) come from the environment through fsspec's own configuration, e.g.
+`FSSPEC_S3_ENDPOINT_URL` or the usual `AWS_*` variables; nothing here takes or prints a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import fsspec
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+
+from geosoc.errors import GeosocError
+
+
+def default_root(region: str) -> str:
+    """Where a region's artefacts live unless `--root` says otherwise: $GEOSOC_ROOT or ./geosoc-data/<region>."""
+    return os.environ.get("GEOSOC_ROOT") or str(Path("geosoc-data") / region)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise GeosocError(f"{url}: cannot open this URL: {err}") from None
+
+
+def is_local(url: str) -> bool:
+    return isinstance(filesystem(url)[0], LocalFileSystem)
+
+
+def zarr_store(url: str, read_only: bool = False) -> zarr.abc.store.Store:
+    """A Zarr v3 store for any fsspec URL (LocalStore for local paths: faster and atomic renames)."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
+
+
+def check_writable(url: str) -> None:
+    """Fail before any work if `url` cannot take writes (missing bucket, read-only folder, no credentials)."""
+    fs, path = filesystem(url)
+    probe = f"{path.rstrip('/')}/.geosoc-write-test-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as err:  # noqa: BLE001 - any backend error means the same thing here
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise GeosocError(f"{url}: cannot write here ({reason}); choose another --root or fix its permissions") from None
