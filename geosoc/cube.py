@@ -170,9 +170,7 @@ class _Markers:
 
     def mark(self, key: str) -> None:
         fs, path = filesystem(self.url)
-        target = f"{path}/{key}"
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(target, b"")
+        fs.pipe_file(f"{path}/{key}", b"")
 
     def completed(self) -> set[str]:
         fs, path = filesystem(self.url)

@@ -27,10 +27,14 @@ def join(url: str, *parts: str) -> str:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a URL; local folders are created on write, like object-store prefixes."""
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as err:
         raise GeosocError(f"{url}: cannot open this URL: {err}") from None
+    if isinstance(fs, LocalFileSystem) and not fs.auto_mkdir:
+        fs = LocalFileSystem(auto_mkdir=True)
+    return fs, path
 
 
 def is_local(url: str) -> bool:
@@ -46,11 +50,13 @@ def zarr_store(url: str, read_only: bool = False) -> zarr.abc.store.Store:
 
 
 def check_writable(url: str) -> None:
-    """Fail before any work if `url` cannot take writes (missing bucket, read-only folder, no credentials)."""
+    """Fail before any work if `url` cannot take writes (missing bucket, read-only folder, no credentials).
+
+    Never creates a bucket: a typo in a bucket name must not make a new bucket in the user's account.
+    """
     fs, path = filesystem(url)
     probe = f"{path.rstrip('/')}/.geosoc-write-test-{uuid.uuid4().hex}"
     try:
-        fs.makedirs(path, exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
     except Exception as err:  # noqa: BLE001 - any backend error means the same thing here
