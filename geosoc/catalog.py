@@ -103,8 +103,11 @@ class EarthEngineSource(_Section):
     landsat: str = "LANDSAT/LC08/C02/T1_L2"
     terrain: str = "USGS/SRTMGL1_003"
     climate: str = "IDAHO_EPSCOR/TERRACLIMATE"
-    max_concurrency: int = Field(40, ge=1, le=200)
-    high_volume: bool = False
+    max_concurrency: int = Field(40, ge=1, le=200, description="requests in flight for the whole build")
+    max_retries: int = Field(8, ge=0, le=20, description="per request, on 429/5xx/timeouts")
+    initial_backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles, with full jitter")
+    seconds_per_request: float = Field(2.0, gt=0, description="assumed in --dry-run duration estimates")
+    high_volume: bool = Field(False, description="use the high-volume endpoint (for automated, batch use)")
 
 
 class RasterFile(_Section):

@@ -102,20 +102,36 @@ def demo(
 
 
 def print_plan(plan: Any) -> None:
+    remote = [layer for layer in plan.layers if layer.requests is not None]
     table = Table(title=f"plan for {plan.url} ({plan.crs}); nothing written")
-    for column in ("group", "shape", "chunk", "chunks", "resolution", "size"):
+    columns = ["group", "shape", "chunk", "chunks", "resolution", "size"]
+    if remote:
+        columns += ["requests", "per request"]
+    for column in columns:
         table.add_column(column, justify="right")
     for layer in plan.layers:
-        table.add_row(
+        row = [
             layer.group,
             " x ".join(map(str, layer.shape)),
             " x ".join(map(str, layer.chunk_shape)),
             f"{layer.chunks:,}",
             f"{layer.resolution:g}",
             _size(layer.nbytes),
-        )
-    table.add_row("total", "", "", f"{plan.chunks:,}", "", _size(plan.nbytes))
+        ]
+        if remote:
+            row += [f"{layer.requests:,}", _size(layer.request_bytes)] if layer.requests is not None else ["", ""]
+        table.add_row(*row)
+    total = ["total", "", "", f"{plan.chunks:,}", "", _size(plan.nbytes)]
+    if remote:
+        total += [f"{sum(layer.requests for layer in remote):,}", ""]
+    table.add_row(*total)
     console.print(table)
+    for layer in remote:
+        console.print(
+            f"{layer.group}: {layer.requests:,} Earth Engine requests, {layer.concurrency} at a time, at an assumed "
+            f"{layer.seconds_per_request:g} s each (catalog: seconds_per_request): about "
+            f"{_duration(layer.estimated_seconds)}"
+        )
 
 
 def _size(nbytes: int) -> str:
@@ -124,6 +140,14 @@ def _size(nbytes: int) -> str:
             return f"{nbytes:,.1f} {unit}"
         nbytes /= 1024  # type: ignore[assignment]
     raise AssertionError
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:,.1f} h"
 
 
 def _client(address: str | None) -> Any:

@@ -49,6 +49,16 @@ class LayerPlan:
     chunks: int
     nbytes: int
     resolution: float
+    requests: int | None = None  # remote requests (Earth Engine), None for local sources
+    request_bytes: int | None = None  # largest request, mask bytes included
+    concurrency: int | None = None
+    seconds_per_request: float | None = None
+
+    @property
+    def estimated_seconds(self) -> float | None:
+        if self.requests is None or not self.concurrency or not self.seconds_per_request:
+            return None
+        return self.requests * self.seconds_per_request / self.concurrency
 
 
 @dataclass(frozen=True)
@@ -72,11 +82,23 @@ def cube_url(catalog: LoadedCatalog, root: str | None = None) -> str:
 
 def plan_cube(catalog: LoadedCatalog, root: str | None = None) -> CubePlan:
     """What a build would write (sizes and chunk counts), computed without reading or writing anything."""
-    layers = open_layers(catalog)
-    plans = tuple(
-        LayerPlan(l.group, l.shape, l.chunk_shape, l.grid.n_chunks, l.nbytes, l.grid.resolution) for l in layers
-    )
+    plans = tuple(_plan_layer(layer) for layer in open_layers(catalog))
     return CubePlan(cube_url(catalog, root), catalog.config.region.crs, plans)
+
+
+def _plan_layer(layer: Layer) -> LayerPlan:
+    remote: dict[str, Any] = {}
+    if hasattr(layer.reader, "requests"):
+        source = layer.reader.source  # type: ignore[attr-defined]
+        remote = {
+            "requests": layer.reader.requests(),
+            "request_bytes": layer.reader.tile.nbytes,  # type: ignore[attr-defined]
+            "concurrency": source.max_concurrency,
+            "seconds_per_request": source.seconds_per_request,
+        }
+    grid = layer.grid
+    return LayerPlan(layer.group, layer.shape, layer.chunk_shape, grid.n_chunks, layer.nbytes, grid.resolution,
+                     **remote)
 
 
 def build_cube(
@@ -86,16 +108,21 @@ def build_cube(
     client: Any = None,
     workers: int | None = None,
     progress: bool = True,
+    layers: list[Layer] | None = None,
 ) -> str:
     """Write (or finish writing) the region's cube under `root` and return its URL.
 
     `catalog` is a loaded catalog or a region name. Runs on Dask: threads (`workers`, default one per core)
-    or the `dask.distributed` `client` given. Safe to interrupt at any moment and run again.
+    or the `dask.distributed` `client` given. Safe to interrupt at any moment and run again. `layers`
+    replaces the catalog's sources (e.g. Earth Engine layers with an injected pixel fetcher).
     """
     if isinstance(catalog, str):
         catalog = load_catalog(catalog)
-    layers = open_layers(catalog)
-    readers = {layer.group: layer.require_reader() for layer in layers}
+    layers = layers if layers is not None else open_layers(catalog)
+    for layer in layers:
+        if hasattr(layer.reader, "prepare"):
+            layer.reader.prepare()
+    readers = {layer.group: layer.reader for layer in layers}
     url = cube_url(catalog, root)
     check_writable(url.rsplit("/", 1)[0])
     fingerprint = _fingerprint(catalog)

@@ -17,7 +17,7 @@ EDGEROI = REPO / "geosoc" / "data" / "edgeroi"
 
 def tiny_catalog_dict(size_px: int = 96, chunk: int = 32, climate: bool = True) -> dict[str, Any]:
     """A synthetic region of size_px x size_px pixels at 30 m in EPSG:3035, climate at 960 m."""
-    x0, y0 = 4419990, 2809980
+    x0, y0 = 4419990, 2824380  # includes a lake: nodata pixels
     side = size_px * 30
     data: dict[str, Any] = {
         "region": {"name": "tiny", "crs": "EPSG:3035", "bounds": [x0, y0, x0 + side, y0 + side]},
@@ -29,8 +29,8 @@ def tiny_catalog_dict(size_px: int = 96, chunk: int = 32, climate: bool = True) 
             "chunk": 2,
             "source": {"kind": "synthetic", "seed": 7},
             "variables": ["pr", "tmmx", "swe"],
-            "start": "2014-11",
-            "end": "2015-02",
+            "start": "2014-10",
+            "end": "2015-01",
         }
     return data
 

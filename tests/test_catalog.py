@@ -146,7 +146,7 @@ def test_months_out_of_order(write_catalog) -> None:
 
 def test_climate_months_inclusive(write_catalog) -> None:
     config = load_catalog(path=write_catalog()).config
-    assert [m.isoformat() for m in config.climate.months] == ["2014-11-01", "2014-12-01", "2015-01-01", "2015-02-01"]
+    assert [m.isoformat() for m in config.climate.months] == ["2014-10-01", "2014-11-01", "2014-12-01", "2015-01-01"]
 
 
 def test_region_name_must_match(write_catalog) -> None:

@@ -113,13 +113,6 @@ def test_unwritable_root_fails_before_any_work(tmp_path: Path, write_catalog) ->
         build_cube(load_catalog(path=write_catalog()), str(blocker / "root"), progress=False)
 
 
-def test_earthengine_source_cannot_build_yet(tmp_path: Path) -> None:
-    catalog = load_catalog("europe", bounds=(3_999_990, 2_999_970, 4_002_990, 3_001_470))
-    with pytest.raises(GeosocError, match="earthengine source cannot be read"):
-        build_cube(catalog, str(tmp_path), progress=False)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_interrupted_template_is_rewritten(tmp_path: Path, write_catalog) -> None:
     catalog = load_catalog(path=write_catalog())
     url = build_cube(catalog, str(tmp_path), progress=False)

@@ -15,28 +15,28 @@ import numpy as np
 import rioxarray  # noqa: F401 - registers the .rio accessor
 import xarray as xr
 
-from geosoc.catalog import IMAGERY_BANDS, LoadedCatalog, RasterSource, SyntheticSource
-from geosoc.errors import GeosocError
+from geosoc.catalog import LoadedCatalog, RasterSource, SyntheticSource
 from geosoc.grid import Grid
 
 
 class WindowReader(Protocol):
-    """Reads one window of a layer: array (*leading axes, rows, cols), float32, NaN where no data."""
+    """Reads one window of a layer: array (*leading axes, rows, cols), float32, NaN where no data.
+
+    Readers may also offer `prepare()` (checked before a build writes anything, e.g. credentials) and
+    `requests()` (how many remote requests a whole build sends, for `--dry-run`).
+    """
 
     def read(self, rows: slice, cols: slice) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One cube group (`imagery` or `climate`): leading axes (band, or time + variable) then (y, x).
-
-    `reader` is None for a source that can be planned here but not read (Earth Engine, until issue #3).
-    """
+    """One cube group (`imagery` or `climate`): leading axes (band, or time + variable) then (y, x)."""
 
     group: str
     grid: Grid
     axes: dict[str, list[Any]]
-    reader: WindowReader | None
+    reader: WindowReader
     attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -55,18 +55,8 @@ class Layer:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * 4
 
-    def require_reader(self) -> WindowReader:
-        if self.reader is None:
-            source = self.attrs.get("source", "this")
-            raise GeosocError(
-                f"the {source} source cannot be read by this version of geosoc (Earth Engine is issue #3); "
-                "`--dry-run` plans the cube, and the demo and edgeroi regions build offline"
-            )
-        return self.reader
-
     def lazy(self) -> xr.DataArray:
         """Dask-backed view whose chunks are the grid's chunk windows; computing one reads one window."""
-        self.require_reader()
         chunks = (*((len(v),) for v in self.axes.values()), *self.grid.dask_chunks())
         data = da.from_array(_WindowArray(self), chunks=chunks, lock=False, name=False, meta=np.array((), "f4"))
         coords: dict[str, Any] = {name: values for name, values in self.axes.items()}
@@ -88,7 +78,7 @@ class _WindowArray:
         *leading, rows, cols = key
         rows = slice(*rows.indices(self.shape[-2]))
         cols = slice(*cols.indices(self.shape[-1]))
-        return self.layer.require_reader().read(rows, cols)[tuple(leading)]
+        return self.layer.reader.read(rows, cols)[tuple(leading)]
 
 
 def open_layers(catalog: LoadedCatalog) -> list[Layer]:
@@ -111,8 +101,9 @@ def _imagery_layer(catalog: LoadedCatalog) -> Layer:
         from geosoc.sources.raster import raster_imagery
 
         return raster_imagery(catalog, config.imagery_grid)
-    bands = config.imagery.bands or list(IMAGERY_BANDS)
-    return Layer("imagery", config.imagery_grid, {"band": bands}, None, {"source": source.kind})
+    from geosoc.sources.earthengine import earthengine_imagery
+
+    return earthengine_imagery(catalog)
 
 
 def _climate_layer(catalog: LoadedCatalog) -> Layer:
@@ -123,5 +114,6 @@ def _climate_layer(catalog: LoadedCatalog) -> Layer:
         from geosoc.sources.synthetic import synthetic_climate
 
         return synthetic_climate(config.climate_grid, source.seed, config.climate.months, config.climate.variables)
-    axes = {"time": config.climate.months, "variable": config.climate.variables}
-    return Layer("climate", config.climate_grid, axes, None, {"source": source.kind})
+    from geosoc.sources.earthengine import earthengine_climate
+
+    return earthengine_climate(catalog)

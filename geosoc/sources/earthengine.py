@@ -1,0 +1,330 @@
+"""Earth Engine covariates of SSL-SoilNet, streamed through xee onto the cube grid.
+
+Imagery: Landsat 8 Collection 2 Level 2 surface reflectance (SR_B1..SR_B7, scale 2.75e-5, offset -0.2) with
+clouds, shadows, cirrus, snow and dilated clouds masked from QA_PIXEL; a wall-to-wall composite equivalent to
+the paper's scene choice (median of clear winter observations, Nov-Feb, gaps filled by a minimum-NDVI
+mosaic of the rest of the period); the five soil indices; SRTM elevation and slope.
+Climate: TerraClimate monthly variables with each band's scale factor applied and no masking of zeros.
+
+Pixels are read through xee's store and backend array (its tiling, grid projection and mask handling), with
+two seams of ours: the pixel fetcher (throttle, retries, fault injection in tests) and the collection
+metadata, which we know because we built the expressions (xee would otherwise ask the server).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geosoc.catalog import IMAGERY_BANDS, EarthEngineSource, LoadedCatalog
+from geosoc.errors import GeosocError
+from geosoc.grid import Grid
+from geosoc.sources import Layer
+from geosoc.sources.ee_fetch import Fetch, PixelFetcher, RetryPolicy, Throttle
+from geosoc.sources.ee_plan import TileShape, count_requests, plan_tile
+
+LANDSAT_SR_BANDS = ["SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"]
+LANDSAT_SCALE, LANDSAT_OFFSET = 2.75e-5, -0.2
+# QA_PIXEL bits: 1 dilated cloud, 2 cirrus, 3 cloud, 4 cloud shadow, 5 snow.
+QA_MASK_BITS = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5)
+WINTER_MONTHS = (11, 2)  # November through February (calendarRange wraps over the year end)
+INDICES = {  # name: (band a, band b) of the normalised difference (a - b) / (a + b)
+    "clay": ("SR_B6", "SR_B7"),
+    "ferrous": ("SR_B6", "SR_B5"),
+    "carbonate": ("SR_B4", "SR_B3"),
+    "rock_outcrop": ("SR_B6", "SR_B3"),
+    "ndvi": ("SR_B5", "SR_B4"),
+}
+# Scale factors of IDAHO_EPSCOR/TERRACLIMATE bands (Earth Engine catalog); bands not listed are unscaled.
+TERRACLIMATE_SCALE = {
+    "aet": 0.1, "def": 0.1, "pdsi": 0.01, "pet": 0.1, "soil": 0.1, "srad": 0.1,
+    "tmmn": 0.1, "tmmx": 0.1, "vap": 0.001, "vpd": 0.01, "vs": 0.01,
+}  # fmt: skip
+ENV_PROJECT = "GEOSOC_EE_PROJECT"
+ENV_KEY_FILE = "GOOGLE_APPLICATION_CREDENTIALS"
+CHECK_DEADLINE_MS = 20_000
+
+
+# --- expressions -------------------------------------------------------------------------------------------
+
+
+def landsat_composite(source: EarthEngineSource, start: dt.date, end: dt.date) -> Any:
+    """The 7 scaled SR bands: clear winter median, gaps filled by the rest of the period's min-NDVI mosaic."""
+    import ee
+
+    def clear_reflectance(image: Any) -> Any:
+        clear = image.select("QA_PIXEL").bitwiseAnd(QA_MASK_BITS).eq(0)
+        reflectance = image.select(LANDSAT_SR_BANDS).multiply(LANDSAT_SCALE).add(LANDSAT_OFFSET)
+        return reflectance.updateMask(clear).copyProperties(image, ["system:time_start"])
+
+    observations = (
+        ee.ImageCollection(source.landsat)
+        .filterDate(start.isoformat(), (end + dt.timedelta(days=1)).isoformat())
+        .map(clear_reflectance)
+    )
+    winter = observations.filter(ee.Filter.calendarRange(WINTER_MONTHS[0], WINTER_MONTHS[1], "month"))
+    rest = observations.filter(ee.Filter.calendarRange(WINTER_MONTHS[1] + 1, WINTER_MONTHS[0] - 1, "month"))
+    barest = rest.map(
+        lambda image: image.addBands(image.normalizedDifference(["SR_B5", "SR_B4"]).multiply(-1).rename("bare"))
+    ).qualityMosaic("bare")
+    return winter.median().unmask(barest.select(LANDSAT_SR_BANDS))
+
+
+def imagery_image(source: EarthEngineSource, period: tuple[dt.date, dt.date], bands: list[str]) -> Any:
+    """All 14 covariates as one float image, then the catalog's `bands` in order."""
+    import ee
+
+    reflectance = landsat_composite(source, *period)
+    indices = [reflectance.normalizedDifference(list(pair)).rename(name) for name, pair in INDICES.items()]
+    dem = ee.Image(source.terrain).select("elevation")
+    terrain = [dem.rename("elevation"), ee.Terrain.slope(dem).rename("slope")]
+    return ee.Image.cat([reflectance, *indices, *terrain]).rename(list(IMAGERY_BANDS)).select(bands).toFloat()
+
+
+def climate_collection(source: EarthEngineSource, months: list[dt.date], variables: list[str]) -> Any:
+    """TerraClimate months as images of `variables`, each band multiplied by its scale factor.
+
+    Nothing is masked: a real zero (no rain, no snow) stays zero.
+    """
+    import ee
+
+    scales = ee.Image.constant([TERRACLIMATE_SCALE.get(v, 1.0) for v in variables])
+    end = _next_month(months[-1])
+
+    def scaled(image: Any) -> Any:
+        values = image.select(variables).multiply(scales).rename(variables).toFloat()
+        return values.copyProperties(image, ["system:time_start"])
+
+    return (
+        ee.ImageCollection(source.climate)
+        .filterDate(months[0].isoformat(), end.isoformat())
+        .select(variables)
+        .sort("system:time_start")
+        .map(scaled)
+    )
+
+
+def _next_month(month: dt.date) -> dt.date:
+    return dt.date(month.year + month.month // 12, month.month % 12 + 1, 1)
+
+
+# --- credentials -------------------------------------------------------------------------------------------
+
+_init_lock = threading.Lock()
+
+
+def initialize(high_volume: bool = False) -> None:
+    """Initialise Earth Engine in this process from the environment, once; fail fast with what to do.
+
+    Credentials: a service-account key file in GOOGLE_APPLICATION_CREDENTIALS, or the token that
+    `earthengine authenticate` stored. Project: GEOSOC_EE_PROJECT (or the key's project).
+    """
+    import ee
+
+    with _init_lock:
+        if ee.data.is_initialized():
+            return
+        credentials, project = _credentials()
+        project = os.environ.get(ENV_PROJECT) or project
+        if not project:
+            raise GeosocError(
+                f"set {ENV_PROJECT} to the Google Cloud project registered for Earth Engine (e.g. my-ee-project)"
+            )
+        url = ee.data.HIGH_VOLUME_API_BASE_URL if high_volume else None
+        try:
+            ee.Initialize(credentials=credentials, project=project, opt_url=url)
+            ee.data.setMaxRetries(0)  # geosoc retries, with jitter and a shared throttle
+            ee.data.setDeadline(CHECK_DEADLINE_MS)
+            ee.Number(1).getInfo()
+        except Exception as err:  # noqa: BLE001 - every failure here means the same to the user
+            ee.Reset()
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise GeosocError(
+                f"Earth Engine did not accept the credentials for project {project!r}: {reason}. "
+                f"Check {ENV_KEY_FILE} / `earthengine authenticate` and that the project has Earth Engine enabled"
+            ) from None
+
+
+def _credentials() -> tuple[Any, str | None]:
+    import ee
+
+    key_file = os.environ.get(ENV_KEY_FILE)
+    if key_file:
+        return _credentials_from_file(Path(key_file))
+    try:
+        return ee.data.get_persistent_credentials(), None
+    except ee.EEException:
+        raise GeosocError(
+            "no Earth Engine credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, "
+            f"or run `earthengine authenticate`; and set {ENV_PROJECT}"
+        ) from None
+
+
+def _credentials_from_file(path: Path) -> tuple[Any, str | None]:
+    """A service-account key or an authorized-user file; other credential types are refused (they can make
+    google-auth fetch from URLs named in the file)."""
+    import ee
+    from google.oauth2 import credentials as user_credentials
+    from google.oauth2 import service_account
+
+    if not path.is_file():
+        raise GeosocError(f"{ENV_KEY_FILE} points to {path}, which is not a file")
+    try:
+        info = json.loads(path.read_text())
+        kind = info.get("type")
+        if kind == "service_account":
+            found = service_account.Credentials.from_service_account_info(info, scopes=ee.oauth.SCOPES)
+            return found, info.get("project_id")
+        if kind == "authorized_user":
+            return user_credentials.Credentials.from_authorized_user_info(info, scopes=ee.oauth.SCOPES), None
+    except (ValueError, KeyError, AttributeError) as err:
+        raise GeosocError(
+            f"{path} ({ENV_KEY_FILE}) is not a usable Google credentials file: {type(err).__name__}"
+        ) from None
+    raise GeosocError(
+        f"{path} ({ENV_KEY_FILE}) has credential type {kind!r}; use a service-account key or an authorized-user file"
+    )
+
+
+# --- xee ---------------------------------------------------------------------------------------------------
+
+
+def _xee_dataset(image_collection: Any, grid: Grid, bands: list[str], times: list[dt.date],
+                 tile: TileShape, fetcher: PixelFetcher) -> Any:
+    """An xarray Dataset (one variable per band, dims time, y, x) over the collection, read by xee."""
+    from xarray.backends.store import StoreBackendEntrypoint
+    from xee import ext
+
+    info = {
+        "size": len(times),
+        "props": {},
+        "first": {
+            "type": "Image",
+            "bands": [
+                {"id": b, "data_type": {"type": "PixelType", "precision": "float"}, "crs": grid.crs,
+                 "crs_transform": [1, 0, 0, 0, 1, 0]}
+                for b in bands
+            ],
+        },
+        "properties": [
+            [f"geosoc/{t.isoformat()}" for t in times],
+            [int(dt.datetime(t.year, t.month, t.day, tzinfo=dt.timezone.utc).timestamp() * 1000) for t in times],
+        ],
+    }
+
+    class _Store(ext.EarthEngineStore):
+        get_info = info  # metadata of expressions we built: no server round trip
+
+        def image_to_array(self, image: Any, pixels_getter: Any = None, dtype: Any = np.float32, **kw: Any) -> Any:
+            return super().image_to_array(image, pixels_getter=fetcher, dtype=dtype, **kw)
+
+    t = grid.transform
+    store = _Store.open(
+        image_collection,
+        crs=grid.crs,
+        crs_transform=(t.a, t.b, t.c, t.d, t.e, t.f),
+        shape_2d=(grid.width, grid.height),
+        chunk_store=tile.as_xee_chunks(),
+        getitem_kwargs={"max_retries": 0},  # retries happen in the fetcher
+        executor_kwargs={"max_workers": 8},
+    )
+    return StoreBackendEntrypoint().open_dataset(store)
+
+
+@dataclass
+class EarthEngineReader:
+    """Reads a cube window of one layer through xee; builds its expression and dataset once per process."""
+
+    group: str
+    grid: Grid
+    source: EarthEngineSource
+    variables: list[str]
+    times: list[dt.date]
+    period: tuple[dt.date, dt.date]
+    fetch: Fetch | None = None
+    retry: RetryPolicy | None = None
+    _dataset: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def tile(self) -> TileShape:
+        return plan_tile(len(self.times), *self.grid.chunks)
+
+    def requests(self) -> int:
+        return count_requests(self.grid, self.variables, len(self.times), self.tile)
+
+    def prepare(self) -> None:
+        """Fail fast on credentials before a build starts (skipped when a fetcher is injected)."""
+        if self.fetch is None:
+            initialize(self.source.high_volume)
+
+    def _open(self) -> Any:
+        with self._lock:
+            if self._dataset is None:
+                self.prepare()
+                import ee
+
+                if self.group == "imagery":
+                    collection = ee.ImageCollection([imagery_image(self.source, self.period, self.variables)])
+                else:
+                    collection = climate_collection(self.source, self.times, self.variables)
+                retry = self.retry or RetryPolicy(self.source.max_retries, self.source.initial_backoff_s)
+                semaphore = Throttle(self.source.max_concurrency).semaphore()
+                fetcher = PixelFetcher(self.grid, semaphore, retry, self.fetch)
+                self._dataset = _xee_dataset(collection, self.grid, self.variables, self.times, self.tile, fetcher)
+            return self._dataset
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        dataset = self._open()
+
+        def one(variable: str) -> np.ndarray:
+            return np.asarray(dataset[variable].isel(y=rows, x=cols).values, dtype=np.float32)
+
+        with ThreadPoolExecutor(max_workers=len(self.variables)) as pool:
+            per_variable = list(pool.map(one, self.variables))  # each (time, h, w)
+        stacked = np.stack(per_variable, axis=1)  # (time, variable, h, w)
+        return stacked[0] if self.group == "imagery" else stacked
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_dataset"] = None
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+
+def earthengine_imagery(catalog: LoadedCatalog, fetch: Fetch | None = None,
+                       retry: RetryPolicy | None = None) -> Layer:
+    """The imagery layer; `fetch` replaces computePixels (tests, benchmarks), `retry` the catalog's policy."""
+    config = catalog.config
+    source = config.imagery.source
+    assert isinstance(source, EarthEngineSource)
+    bands = list(config.imagery.bands or IMAGERY_BANDS)
+    grid, period = config.imagery_grid, config.imagery.period
+    reader = EarthEngineReader("imagery", grid, source, bands, [period[0]], period, fetch, retry)
+    attrs = {"source": "earthengine", "collections": [source.landsat, source.terrain]}
+    return Layer("imagery", grid, {"band": bands}, reader, attrs)
+
+
+def earthengine_climate(catalog: LoadedCatalog, fetch: Fetch | None = None,
+                        retry: RetryPolicy | None = None) -> Layer:
+    """The monthly climate layer (TerraClimate)."""
+    config = catalog.config
+    climate = config.climate
+    assert climate is not None and isinstance(climate.source, EarthEngineSource)
+    grid, variables = config.climate_grid, list(climate.variables)
+    reader = EarthEngineReader(
+        "climate", grid, climate.source, variables, climate.months, config.imagery.period, fetch, retry
+    )
+    attrs = {"source": "earthengine", "collections": [climate.source.climate]}
+    return Layer("climate", grid, {"time": climate.months, "variable": variables}, reader, attrs)

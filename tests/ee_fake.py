@@ -1,0 +1,115 @@
+"""A stand-in for Earth Engine's computePixels: serves the synthetic landscape, injects faults, counts calls.
+
+It reads each request the way the real service would: the expression says which variable and which images,
+the grid says where. It answers in computePixels' NUMPY_NDARRAY format, with masked pixels filled with the
+value xee asked to unmask with, and fails like the service does (HttpError translated by ee.data).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from typing import Any
+
+import ee
+import httplib2
+import numpy as np
+from ee import apitestcase
+from googleapiclient.errors import HttpError
+
+from geosoc.grid import Grid
+from geosoc.sources.ee_fetch import describe_request, structured
+from geosoc.sources.synthetic import Landscape
+
+MASK_VALUE = float(np.iinfo(np.int32).max)  # xee's default unmask value
+
+
+def initialize_offline() -> None:
+    """ee.Initialize with the algorithm list the earthengine-api wheel ships; no network."""
+    ee.Reset()
+    ee.data._install_cloud_api_resource = lambda: None  # noqa: SLF001 - as ee.apitestcase does
+    ee.data.getAlgorithms = apitestcase.GetAlgorithms
+    ee.Initialize(None, "", project="geosoc-test")
+
+
+def http_error(status: int, message: str) -> Exception:
+    """The exception ee.data raises for an HTTP error: an EEException whose context is the HttpError."""
+    try:
+        raise HttpError(httplib2.Response({"status": status}), f'{{"error": {{"message": "{message}"}}}}'.encode())
+    except HttpError as error:
+        try:
+            raise ee.data._translate_cloud_exception(error)  # noqa: SLF001
+        except ee.EEException as translated:
+            return translated
+
+
+class FakeEarthEngine:
+    """computePixels over the synthetic landscape; `failure_rate` of calls fail transiently first."""
+
+    def __init__(self, seed: int, grid: Grid, group: str, variables: list[str], months: list[Any],
+                 failure_rate: float = 0.0, bad_variable: str | None = None, latency: float = 0.002,
+                 interval_log: str | None = None) -> None:
+        self.landscape, self.grid, self.group = Landscape(seed), grid, group
+        self.variables, self.months = variables, months
+        self.failure_rate, self.bad_variable, self.latency = failure_rate, bad_variable, latency
+        self.interval_log = interval_log  # file where every call appends "start end" (across processes)
+        self.rng = random.Random(1)
+        self.lock = threading.Lock()
+        self.calls = self.failures = self.in_flight = self.max_in_flight = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
+
+    def __call__(self, params: dict[str, Any]) -> np.ndarray:
+        with self.lock:
+            self.calls += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            fail = self.rng.random() < self.failure_rate
+            kind = self.rng.choice(["429", "503", "timeout"])
+        started = time.time()
+        try:
+            time.sleep(self.latency)
+            info = describe_request(params, self.grid)
+            if info.variable == self.bad_variable:
+                raise http_error(400, f"Image.select: Pattern '{info.variable}' did not match any bands.")
+            if fail:
+                with self.lock:
+                    self.failures += 1
+                if kind == "timeout":
+                    raise socket.timeout("The read operation timed out")
+                raise http_error(int(kind), "Too many concurrent requests" if kind == "429" else "Backend error")
+            return structured(self._pixels(info))
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+            if self.interval_log:
+                with open(self.interval_log, "a") as log:
+                    log.write(f"{started} {time.time()}\n")
+
+    def max_overlap(self) -> int:
+        """Most calls in flight at once according to the interval log (all processes)."""
+        assert self.interval_log
+        events = []
+        with open(self.interval_log) as log:
+            for line in log:
+                start, end = map(float, line.split())
+                events += [(start, 1), (end, -1)]
+        level = peak = 0
+        for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+            level += step
+            peak = max(peak, level)
+        return peak
+
+    def _pixels(self, info: Any) -> np.ndarray:
+        if self.group == "imagery":
+            values = self.landscape.imagery(self.grid, info.rows, info.cols, [info.variable])
+        else:
+            months = self.months[info.index]
+            values = self.landscape.climate(self.grid, info.rows, info.cols, months, [info.variable])[:, 0]
+        return np.where(np.isnan(values), MASK_VALUE, values).astype(np.float32)
