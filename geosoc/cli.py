@@ -101,6 +101,120 @@ def demo(
     console.print(table)
 
 
+def _columns(fmt: str, id_col: str | None, x_col: str | None, y_col: str | None, target_col: str | None,
+             points_crs: str, units: str) -> Any:
+    """A column mapping for --format csv (or to override a preset's columns)."""
+    from geosoc.points import PRESETS, Columns
+
+    if not any((id_col, x_col, y_col, target_col)):
+        return None
+    base = PRESETS.get(fmt)
+    if base is None and not (id_col and x_col and y_col):
+        raise GeosocError("--format csv needs at least --id-col, --x-col and --y-col (and usually --target-col)")
+    return Columns(
+        id_col or base.id, (x_col,) if x_col else base.x, (y_col,) if y_col else base.y,
+        target_col or (base.target if base else None), points_crs if base is None or x_col else base.crs,
+        units if base is None else base.units,
+    )
+
+
+FormatOpt = typer.Option("csv", "--format", "-f", help="lucas2015, lucas2018, raca, edgeroi or csv (with the --*-col options).")
+IdOpt = typer.Option(None, "--id-col", help="csv: column with the point id.")
+XOpt = typer.Option(None, "--x-col", help="csv: column with x or longitude (in --points-crs).")
+YOpt = typer.Option(None, "--y-col", help="csv: column with y or latitude.")
+TargetOpt = typer.Option(None, "--target-col", help="csv: column with SOC.")
+PointsCrsOpt = typer.Option("EPSG:4326", "--points-crs", help="csv: CRS of the coordinate columns.")
+UnitsOpt = typer.Option("g/kg", "--units", help="csv: units of the target.")
+OnErrorOpt = typer.Option("fail", "--on-error", help="drop: skip bad rows (reported); fail: stop with the report.")
+
+
+@app.command()
+@user_errors
+def sample(
+    region: Optional[str] = RegionOpt,
+    catalog: Optional[Path] = CatalogOpt,
+    root: Optional[str] = RootOpt,
+    points: Optional[Path] = typer.Option(None, "--points", help="Soil point table (CSV or GeoParquet)."),
+    fmt: str = FormatOpt,
+    id_col: Optional[str] = IdOpt,
+    x_col: Optional[str] = XOpt,
+    y_col: Optional[str] = YOpt,
+    target_col: Optional[str] = TargetOpt,
+    points_crs: str = PointsCrsOpt,
+    units: str = UnitsOpt,
+    on_error: str = OnErrorOpt,
+    random: Optional[int] = typer.Option(None, "--random", help="Instead of --points: N random valid locations."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random and of fold assignment."),
+    min_spacing: float = typer.Option(0.0, "--min-spacing", help="--random: minimum distance (CRS units)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Threads (default: one per core)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Extract patches and climate series at soil points (samples/labelled.zarr) or at random valid
+    locations (samples/unlabelled.zarr), with spatial cross-validation folds."""
+    from geosoc.catalog import load_catalog
+    from geosoc.cube import cube_url
+    from geosoc.points import read_points, report
+    from geosoc.sampling import random_points, sample_points, samples_url
+    from geosoc.storage import default_root
+
+    if (points is None) == (random is None):
+        raise GeosocError("give either --points FILE or --random N")
+    if on_error not in ("drop", "fail"):
+        raise GeosocError(f"--on-error must be drop or fail, got {on_error!r}")
+    loaded = load_catalog(region, catalog)
+    config = loaded.config
+    root = root or default_root(config.region.name)
+    cube = cube_url(loaded, root)
+    patch = config.sampling.patch_size
+    if points is not None:
+        found = read_points(points, config.region.crs, fmt, _columns(fmt, id_col, x_col, y_col, target_col,
+                            points_crs, units), config.imagery_grid.bounds, on_error)  # type: ignore[arg-type]
+        if found.problems:
+            errors.print(f"{len(found.problems)} problem(s), rows dropped:\n{report(found.problems)}", highlight=False)
+        kind = "labelled"
+    else:
+        found = random_points(cube, random, patch, seed, min_spacing, workers=workers, progress=not quiet)
+        kind = "unlabelled"
+    result = sample_points(cube, found, samples_url(root, kind), patch, fold_block_size=config.sampling.fold_block_size,
+                           folds=config.sampling.folds, seed=seed, workers=workers, progress=not quiet, kind=kind)
+    for line in result.dropped[:50]:
+        errors.print(line, highlight=False)
+    console.print(f"{result.samples:,} samples ({len(result.dropped)} dropped for missing data) -> {result.url}")
+    if not result.has_climate:
+        console.print("this cube has no climate: the SampleSet holds patches only (image branch alone)")
+
+
+@app.command("sample-table")
+@user_errors
+def sample_table(
+    table: Path = typer.Option(..., "--table", help="CSV with points and climate columns <variable>_<YYYY-MM>."),
+    out: str = typer.Option(..., "--out", help="URL of the SampleSet to write (e.g. ./samples/labelled.zarr)."),
+    crs: str = typer.Option("EPSG:4326", "--crs", help="CRS for the SampleSet's x/y (e.g. the region's)."),
+    fmt: str = FormatOpt,
+    id_col: Optional[str] = IdOpt,
+    x_col: Optional[str] = XOpt,
+    y_col: Optional[str] = YOpt,
+    target_col: Optional[str] = TargetOpt,
+    points_crs: str = PointsCrsOpt,
+    units: str = UnitsOpt,
+    patches: Optional[Path] = typer.Option(None, "--patches", help=".npy of (rows, band, py, px) patches."),
+    bands: Optional[str] = typer.Option(None, "--bands", help="Comma-separated band names of --patches."),
+    fold_block_size: float = typer.Option(50_000, "--fold-block-size", help="Spatial CV block side (CRS units of --crs)."),
+    folds: int = typer.Option(5, "--folds", help="Number of folds."),
+    on_error: str = OnErrorOpt,
+) -> None:
+    """Build a SampleSet from data prepared elsewhere (climate series as columns and/or patches)."""
+    from geosoc.tables import sampleset_from_table
+
+    result = sampleset_from_table(
+        table, out, crs, fmt, _columns(fmt, id_col, x_col, y_col, target_col, points_crs, units), patches,
+        bands.split(",") if bands else None, fold_block_size=fold_block_size, folds=folds, on_error=on_error,
+    )
+    what = "climate" if result.has_climate else ""
+    what += (" and " if what and patches else "") + ("patches" if patches else "")
+    console.print(f"{result.samples:,} samples with {what} -> {result.url}")
+
+
 def print_plan(plan: Any) -> None:
     remote = [layer for layer in plan.layers if layer.requests is not None]
     table = Table(title=f"plan for {plan.url} ({plan.crs}); nothing written")

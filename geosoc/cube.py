@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 import geosoc
 from geosoc.catalog import LoadedCatalog, load_catalog
 from geosoc.errors import GeosocError
-from geosoc.grid import Window
+from geosoc.grid import Grid, Window
 from geosoc.sources import Layer, WindowReader, open_layers
 from geosoc.storage import check_writable, default_root, filesystem, join, zarr_store
 
@@ -304,6 +304,20 @@ def open_cube(url: str) -> xr.DataTree:
         }
         tree[name] = xr.DataTree(ds.assign_coords(named))
     return tree
+
+
+def group_grid(ds: xr.Dataset) -> Grid:
+    """The grid of an opened cube group (from its coordinates, resolution attr, CRS and dask chunks)."""
+    resolution = float(ds.attrs["resolution"])
+    chunks = ds["data"].data.chunksize[-2:]
+    return Grid(
+        ds["data"].rio.crs.to_string(),
+        float(ds.x.values[0]) - resolution / 2,
+        float(ds.y.values[0]) + resolution / 2,
+        resolution,
+        (ds.sizes["y"], ds.sizes["x"]),
+        (int(chunks[0]), int(chunks[1])),
+    )
 
 
 def describe(tree: xr.DataTree) -> str:

@@ -1,0 +1,218 @@
+"""Soil point tables (LUCAS 2015/2018, RaCA, Edgeroi, any CSV/GeoParquet) -> validated points on a grid CRS.
+
+Every problem is reported with the file's line number (CSV: header is line 1) or row number (Parquet) and
+the reason; `on_error="drop"` keeps the good rows, `"fail"` stops with the whole report. Input files are
+only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pyproj import CRS, Transformer
+
+from geosoc.errors import GeosocError
+
+OnError = Literal["drop", "fail"]
+FORMATS = ("lucas2015", "lucas2018", "raca", "edgeroi", "csv")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the id, the coordinates (x/lon, y/lat, in `crs`) and the target, in which units."""
+
+    id: str
+    x: tuple[str, ...]  # first one present is used (LUCAS 2015 files differ)
+    y: tuple[str, ...]
+    target: str | None
+    crs: str = "EPSG:4326"
+    units: str = "g/kg"
+
+
+PRESETS: dict[str, Columns] = {
+    "lucas2015": Columns("Point_ID", ("GPS_LONG", "long"), ("GPS_LAT", "lat"), "OC", units="g/kg"),
+    "lucas2018": Columns("POINTID", ("TH_LONG",), ("TH_LAT",), "OC", units="g/kg"),
+    "raca": Columns("rcasiteid", ("Gen_long",), ("Gen_lat",), "SOCstock100", units="Mg/ha"),
+    "edgeroi": Columns("SOURCEID", ("x_mga55",), ("y_mga55",), "ORCDRC", crs="EPSG:28355", units="g/kg"),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    row: int  # line in a CSV (header = 1), row in a Parquet file (first = 1)
+    column: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row}: {self.column}: {self.reason}"
+
+
+@dataclass
+class Points:
+    """Valid points: ids, coordinates in the grid CRS and as lon/lat, target (NaN where none)."""
+
+    ids: np.ndarray  # object (str)
+    x: np.ndarray
+    y: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+    target: np.ndarray
+    units: str
+    source: str
+    problems: list[Problem] = field(default_factory=list)
+    index: np.ndarray | None = None  # position of each point in the input table (0-based)
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = np.arange(len(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, keep: np.ndarray) -> Points:
+        return Points(self.ids[keep], self.x[keep], self.y[keep], self.lon[keep], self.lat[keep],
+                      self.target[keep], self.units, self.source, self.problems, self.index[keep])
+
+
+def report(problems: list[Problem], limit: int = 50) -> str:
+    lines = [str(p) for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"... and {len(problems) - limit} more")
+    return "\n".join(lines)
+
+
+def read_points(
+    path: str | Path,
+    grid_crs: str,
+    fmt: str = "csv",
+    columns: Columns | None = None,
+    bounds: tuple[float, float, float, float] | None = None,
+    on_error: OnError = "fail",
+) -> Points:
+    """Read and validate a point table; coordinates are returned in `grid_crs` (and as lon/lat)."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise GeosocError(f"{path}: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    spec = columns or PRESETS.get(fmt)
+    if spec is None:
+        raise GeosocError(f"{path}: format 'csv' needs a column mapping (id, x, y, target and CRS)")
+    table, first_row, crs = _read_table(path, spec)
+    problems: list[Problem] = []
+
+    def need(names: tuple[str, ...] | str | None, role: str) -> str | None:
+        options = (names,) if isinstance(names, str) else names
+        if options is None:
+            return None
+        for name in options:
+            if name in table.columns:
+                return name
+        wanted = " or ".join(repr(n) for n in options)
+        raise GeosocError(
+            f"{path}: missing column {wanted} ({role}); found columns: {', '.join(map(str, table.columns))}"
+        )
+
+    id_col, x_col, y_col = need(spec.id, "id"), need(spec.x, "x/longitude"), need(spec.y, "y/latitude")
+    target_col = need(spec.target, "target")
+    rows = np.arange(len(table)) + first_row
+    bad = np.zeros(len(table), dtype=bool)
+
+    def numbers(column: str) -> np.ndarray:
+        raw = table[column]
+        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+        unparsed = np.isnan(values) & raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
+        for i in np.flatnonzero(unparsed):
+            problems.append(Problem(int(rows[i]), column, f"not a number: {raw.iloc[i]!r}"))
+        bad[unparsed] = True
+        return values
+
+    ids = table[id_col].astype(str).str.strip().to_numpy(dtype=object)
+    no_id = table[id_col].isna().to_numpy() | (ids == "")
+    for i in np.flatnonzero(no_id):
+        problems.append(Problem(int(rows[i]), id_col, "missing id"))
+    bad |= no_id
+    x, y = numbers(x_col), numbers(y_col)
+    for i in np.flatnonzero(np.isnan(x) | np.isnan(y)):
+        if not bad[i]:
+            problems.append(Problem(int(rows[i]), f"{x_col}/{y_col}", "missing coordinate"))
+    bad |= np.isnan(x) | np.isnan(y)
+    geographic = CRS.from_user_input(crs).is_geographic
+    if geographic:
+        out = ~bad & ((np.abs(y) > 90) | (np.abs(x) > 180))
+        for i in np.flatnonzero(out):
+            problems.append(Problem(int(rows[i]), f"{x_col}/{y_col}", f"lon {x[i]}, lat {y[i]} out of range"))
+        bad |= out
+    duplicated = pd.Series(ids).duplicated().to_numpy() & ~no_id
+    for i in np.flatnonzero(duplicated):
+        problems.append(Problem(int(rows[i]), id_col, f"duplicate id {ids[i]!r}"))
+    bad |= duplicated
+    if target_col is not None:
+        target = numbers(target_col)
+        missing = np.isnan(target) & ~bad
+        for i in np.flatnonzero(missing):
+            problems.append(Problem(int(rows[i]), target_col, "missing value"))
+        negative = target < 0
+        for i in np.flatnonzero(negative):
+            problems.append(Problem(int(rows[i]), target_col, f"negative SOC {target[i]}"))
+        bad |= missing | negative
+    else:
+        target = np.full(len(table), np.nan)
+
+    gx, gy = Transformer.from_crs(crs, grid_crs, always_xy=True).transform(x, y)
+    lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
+    gx, gy = np.asarray(gx, dtype=np.float64), np.asarray(gy, dtype=np.float64)
+    if bounds is not None:
+        xmin, ymin, xmax, ymax = bounds
+        outside = ~bad & ~((gx >= xmin) & (gx < xmax) & (gy > ymin) & (gy <= ymax))
+        for i in np.flatnonzero(outside):
+            problems.append(Problem(int(rows[i]), f"{x_col}/{y_col}", "outside the region"))
+        bad |= outside
+    problems.sort(key=lambda p: p.row)
+    if problems and on_error == "fail":
+        raise GeosocError(
+            f"{path}: {len(problems)} problem(s) in {int(bad.sum())} of {len(table)} rows "
+            f"(use --on-error drop to skip them):\n{report(problems)}"
+        )
+    keep = ~bad
+    if not keep.any():
+        raise GeosocError(f"{path}: no valid points among {len(table)} rows:\n{report(problems)}")
+    points = Points(ids, gx, gy, np.asarray(lon), np.asarray(lat), target, spec.units, str(path), problems)
+    return points.subset(keep)
+
+
+def _read_table(path: Path, spec: Columns) -> tuple[pd.DataFrame, int, str]:
+    """The table as text-preserving columns, the number of its first data row, and the coordinates' CRS."""
+    try:
+        if path.suffix.lower() in (".parquet", ".geoparquet"):
+            return _read_geoparquet(path, spec)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]), 2, spec.crs
+    except FileNotFoundError:
+        raise GeosocError(f"{path}: no such file") from None
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise GeosocError(f"{path}: cannot read table: {str(err).splitlines()[0]}") from None
+
+
+def _read_geoparquet(path: Path, spec: Columns) -> tuple[pd.DataFrame, int, str]:
+    """Parquet; with GeoParquet metadata the point geometry gives x/y and its CRS."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    metadata = table.schema.metadata or {}
+    crs = spec.crs
+    if b"geo" in metadata:
+        import shapely
+
+        geo = json.loads(metadata[b"geo"])
+        column = geo["primary_column"]
+        info = geo["columns"][column]
+        geometry = shapely.from_wkb(frame[column].to_numpy())
+        frame = frame.drop(columns=[column])
+        frame[spec.x[0]], frame[spec.y[0]] = shapely.get_x(geometry), shapely.get_y(geometry)
+        found = info.get("crs", "OGC:CRS84")  # GeoParquet's default when absent
+        crs = CRS.from_user_input(found if not isinstance(found, dict) else json.dumps(found)).to_string()
+    return frame.astype(object).where(frame.notna(), None), 1, crs

@@ -1,0 +1,353 @@
+"""Patches and climate series at points -> SampleSets (the Zarr that training and evaluation read).
+
+Extraction groups points by the cube chunk that holds them; each group's window (the points' extent plus the
+halo a patch needs) is read once, and patches are gathered from it with one vectorised fancy index. Groups run
+as Dask tasks in bounded batches and the driver appends their patches to the output, so memory stays near
+(batch x window) whatever the number of points. A SampleSet is written to a temporary path and moved into
+place when complete: an interrupted run leaves no half-written SampleSet (re-running redoes it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterator
+
+import dask
+import numpy as np
+import xarray as xr
+import zarr
+from tqdm.auto import tqdm
+
+from geosoc.cube import group_grid, open_cube
+from geosoc.errors import GeosocError
+from geosoc.grid import Grid
+from geosoc.points import Points
+from geosoc.storage import filesystem, join, zarr_store
+
+MAX_NODATA_FRACTION = 0.5  # a patch with more pixels without data than this is dropped
+ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
+TARGET_CHUNK_BYTES = 8 * 2**20
+_NAMES_ATTR = "names"
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """Patches of one group of points (in the order of `indices`) and how much of each has data."""
+
+    indices: np.ndarray
+    patches: np.ndarray  # (n, band, py, px) float32
+    nodata: np.ndarray  # fraction of patch pixels without data
+    centre_valid: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.centre_valid & (self.nodata <= MAX_NODATA_FRACTION)
+
+
+@lru_cache(maxsize=8)
+def _cube_array(url: str, group: str) -> zarr.Array:
+    return zarr.open_array(zarr_store(url, read_only=True), path=f"{group}/data", mode="r", zarr_format=3)
+
+
+def _extract_group(url: str, shape: tuple[int, int], indices: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                   patch: int) -> Extracted:
+    """Read the group's window once (padded with NaN beyond the grid) and gather every patch from it."""
+    half = patch // 2
+    r0, c0 = int(rows.min()) - half, int(cols.min()) - half
+    r1, c1 = int(rows.max()) - half + patch, int(cols.max()) - half + patch
+    rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, shape[0]), min(c1, shape[1])
+    data = _cube_array(url, "imagery")[:, rr0:rr1, cc0:cc1]
+    window = np.full((data.shape[0], r1 - r0, c1 - c0), np.nan, dtype=np.float32)
+    window[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = data
+    offsets = np.arange(patch)
+    ri = (rows - half - r0)[:, None] + offsets[None, :]
+    ci = (cols - half - c0)[:, None] + offsets[None, :]
+    patches = np.moveaxis(window[:, ri[:, :, None], ci[:, None, :]], 0, 1)  # (n, band, py, px)
+    missing = np.isnan(patches).any(axis=1)
+    return Extracted(indices, patches, missing.mean(axis=(1, 2)), ~missing[:, half, half])
+
+
+def extract_patches(
+    url: str, grid: Grid, x: np.ndarray, y: np.ndarray, patch: int, *, client: Any = None,
+    workers: int | None = None, progress: bool = False,
+) -> Iterator[Extracted]:
+    """Patches centred on points (grid CRS), one chunk group at a time, in chunk order."""
+    rows, cols = grid.rowcol(x, y)
+    keys = (rows // grid.chunks[0]) * grid.chunk_counts[1] + cols // grid.chunks[1]
+    order = np.argsort(keys, kind="stable")
+    bounds = np.flatnonzero(np.diff(keys[order])) + 1
+    groups = np.split(order, bounds) if len(order) else []
+    batch = 2 * (workers or os.cpu_count() or 1)
+
+    def task(indices: np.ndarray) -> Any:
+        return dask.delayed(_extract_group, pure=False)(url, grid.shape, indices, rows[indices], cols[indices], patch)
+
+    with tqdm(total=len(x), desc="extract", unit="point", disable=not progress) as bar:
+        if client is not None:
+            from distributed import as_completed
+
+            pending = iter(groups)
+            futures = as_completed([client.compute(task(g)) for g in _take(pending, batch)])
+            for future in futures:
+                result = future.result()
+                bar.update(len(result.indices))
+                yield result
+                for g in _take(pending, 1):
+                    futures.add(client.compute(task(g)))
+            return
+        for start in range(0, len(groups), batch):
+            results = dask.compute(*[task(g) for g in groups[start : start + batch]], scheduler="threads",
+                                   num_workers=workers or os.cpu_count())
+            for result in results:
+                bar.update(len(result.indices))
+                yield result
+
+
+def _take(iterator: Iterator[np.ndarray], n: int) -> list[np.ndarray]:
+    out = []
+    for item in iterator:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+def climate_at(url: str, grid: Grid, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(n, time, variable) series of the climate cell under each point; each climate chunk read once."""
+    array = _cube_array(url, "climate")
+    rows, cols = grid.rowcol(x, y)
+    inside = grid.contains(rows, cols)
+    out = np.full((len(x), array.shape[0], array.shape[1]), np.nan, dtype=np.float32)
+    keys = np.where(inside, (rows // grid.chunks[0]) * grid.chunk_counts[1] + cols // grid.chunks[1], -1)
+    for key in np.unique(keys[inside]):
+        members = np.flatnonzero(keys == key)
+        r0, c0 = int(rows[members].min()), int(cols[members].min())
+        r1, c1 = int(rows[members].max()) + 1, int(cols[members].max()) + 1
+        block = array[:, :, r0:r1, c0:c1]
+        out[members] = np.moveaxis(block[:, :, rows[members] - r0, cols[members] - c0], -1, 0)
+    return out
+
+
+def spatial_folds(x: np.ndarray, y: np.ndarray, block_size: float, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold per point from square blocks of `block_size`: whole blocks go to the fold with fewest points so
+    far (largest blocks first), so folds are spatially contiguous and balanced in count."""
+    bx, by = np.floor(x / block_size).astype(np.int64), np.floor(y / block_size).astype(np.int64)
+    blocks, inverse, counts = np.unique(np.stack([bx, by], axis=1), axis=0, return_inverse=True, return_counts=True)
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(blocks)), -counts))
+    sizes = np.zeros(folds, dtype=np.int64)
+    fold_of_block = np.empty(len(blocks), dtype=np.int64)
+    for block in order:
+        fold = int(np.argmin(sizes))
+        fold_of_block[block] = fold
+        sizes[fold] += counts[block]
+    return fold_of_block[inverse.ravel()].astype(np.int8)
+
+
+class SampleSetWriter:
+    """Writes a SampleSet to a temporary path, appending patches as they come; `finish` moves it into place."""
+
+    def __init__(self, url: str, bands: list[str] | None, patch: int | None) -> None:
+        self.url = url
+        self.tmp = f"{url.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
+        self.store = zarr_store(self.tmp)
+        self.group = zarr.open_group(self.store, mode="w", zarr_format=3)
+        self.patch = None
+        if bands is not None and patch is not None:
+            per_sample = len(bands) * patch * patch * 4
+            chunk = max(1, TARGET_CHUNK_BYTES // per_sample)
+            self.patch = self.group.create_array(
+                "patch", shape=(0, len(bands), patch, patch), chunks=(chunk, len(bands), patch, patch),
+                dtype="float32", fill_value=np.nan, dimension_names=["sample", "band", "py", "px"],
+            )
+
+    def append(self, patches: np.ndarray) -> None:
+        if len(patches):
+            self.patch.append(patches, axis=0)
+
+    def finish(self, dataset: xr.Dataset) -> str:
+        dataset.to_zarr(self.store, mode="a", zarr_format=3, consolidated=False)
+        fs, final = filesystem(self.url)
+        _, tmp = filesystem(self.tmp)
+        if fs.exists(final):
+            fs.rm(final, recursive=True)
+        fs.mv(tmp, final, recursive=True)
+        return self.url
+
+    def abort(self) -> None:
+        fs, tmp = filesystem(self.tmp)
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+
+
+def _dataset(
+    points: Points, fold: np.ndarray, climate: np.ndarray | None, months: list[Any] | None,
+    variables: list[str] | None, bands: list[str] | None, attrs: dict[str, Any],
+) -> xr.Dataset:
+    """Everything but the patches, in SampleSet layout (integer axis coords, names in attrs)."""
+    coords: dict[str, Any] = {
+        "sample_id": ("sample", np.asarray(points.ids, dtype=object)),
+        "x": ("sample", points.x),
+        "y": ("sample", points.y),
+        "lon": ("sample", points.lon),
+        "lat": ("sample", points.lat),
+        "fold": ("sample", fold),
+    }
+    data: dict[str, Any] = {"target": ("sample", points.target.astype(np.float32), {"units": points.units})}
+    if bands is not None:
+        coords["band"] = ("band", np.arange(len(bands)), {_NAMES_ATTR: list(bands)})
+    if climate is not None:
+        data["climate"] = (("sample", "time", "variable"), climate.astype(np.float32))
+        coords["time"] = ("time", np.array(months, dtype="datetime64[ns]"))
+        coords["variable"] = ("variable", np.arange(len(variables)), {_NAMES_ATTR: list(variables)})
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update(
+        attrs,
+        band_names=list(bands or []),
+        variable_names=list(variables or []),
+        has_patches=bands is not None,
+        has_climate=climate is not None,
+        units=points.units,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return ds
+
+
+@dataclass
+class SampleReport:
+    url: str
+    samples: int
+    dropped: list[str]
+    has_climate: bool
+
+
+def _cube_parts(cube_url: str) -> tuple[xr.Dataset, Grid, xr.Dataset | None, Grid | None]:
+    tree = open_cube(cube_url)
+    imagery = tree["imagery"].to_dataset()
+    climate = tree["climate"].to_dataset() if "climate" in tree.children else None
+    return imagery, group_grid(imagery), climate, group_grid(climate) if climate is not None else None
+
+
+def sample_points(
+    cube_url: str, points: Points, out_url: str, patch: int, *, fold_block_size: float, folds: int,
+    seed: int = 0, client: Any = None, workers: int | None = None, progress: bool = False, kind: str = "labelled",
+) -> SampleReport:
+    """Write the SampleSet of `points`: patch and climate series at each, dropping mostly-nodata patches."""
+    imagery, grid, climate, climate_grid = _cube_parts(cube_url)
+    bands = [str(b) for b in imagery["band"].values]
+    writer = SampleSetWriter(out_url, bands, patch)
+    kept: list[np.ndarray] = []
+    dropped: list[str] = []
+    try:
+        for part in extract_patches(cube_url, grid, points.x, points.y, patch, client=client, workers=workers,
+                                    progress=progress):
+            writer.append(part.patches[part.valid])
+            kept.append(part.indices[part.valid])
+            for i, frac in zip(part.indices[~part.valid], part.nodata[~part.valid]):
+                dropped.append(f"point {points.ids[i]}: {frac:.0%} of its patch has no data (or its centre); dropped")
+        order = np.concatenate(kept) if kept else np.array([], dtype=np.int64)
+        if not len(order):
+            raise GeosocError(f"{points.source}: no point has a patch with data in {cube_url}")
+        chosen = points.subset(order)
+        series = climate_at(cube_url, climate_grid, chosen.x, chosen.y) if climate is not None else None
+        months = list(climate["time"].values) if climate is not None else None
+        variables = [str(v) for v in climate["variable"].values] if climate is not None else None
+        fold = spatial_folds(chosen.x, chosen.y, fold_block_size, folds, seed)
+        attrs = {"cube": cube_url, "patch_size": patch, "crs": grid.crs, "kind": kind, "source": points.source,
+                 "fold_block_size": fold_block_size}
+        url = writer.finish(_dataset(chosen, fold, series, months, variables, bands, attrs))
+    except BaseException:
+        writer.abort()
+        raise
+    return SampleReport(url, len(chosen), dropped, series is not None)
+
+
+def random_points(
+    cube_url: str, n: int, patch: int, seed: int, min_spacing: float = 0.0, *, workers: int | None = None,
+    progress: bool = False,
+) -> Points:
+    """`n` reproducible random locations whose patch has data (centre valid, mostly valid), `min_spacing`
+    apart. Candidates are drawn in rounds, extracted, and the valid ones kept in candidate order."""
+    _, grid, _, _ = _cube_parts(cube_url)
+    rng = np.random.default_rng(seed)
+    xmin, ymin, xmax, ymax = grid.bounds
+    accepted_x: list[float] = []
+    accepted_y: list[float] = []
+    spacing = _SpacingIndex(min_spacing)
+    rate = 0.5
+    for _round in range(50):
+        need = n - len(accepted_x)
+        if need <= 0:
+            break
+        size = int(min(ROUND_CAP, max(64, need / rate * 1.2)))
+        cx, cy = rng.uniform(xmin, xmax, size), rng.uniform(ymin, ymax, size)
+        rows, cols = grid.rowcol(cx, cy)
+        cx, cy = grid.x_of(cols), grid.y_of(rows)  # pixel centres: a location is a pixel
+        candidates = [i for i in range(size) if spacing.free(cx[i], cy[i], tentative=True)]
+        spacing.clear_tentative()
+        valid = np.zeros(size, dtype=bool)
+        for part in extract_patches(cube_url, grid, cx[candidates], cy[candidates], patch, workers=workers):
+            valid[np.asarray(candidates)[part.indices[part.valid]]] = True
+        rate = max(valid.sum() / size, 0.01)
+        for i in np.flatnonzero(valid):
+            if len(accepted_x) == n:
+                break
+            if spacing.free(cx[i], cy[i]):
+                accepted_x.append(float(cx[i]))
+                accepted_y.append(float(cy[i]))
+    if len(accepted_x) < n:
+        raise GeosocError(f"found only {len(accepted_x)} of {n} valid locations; lower --min-spacing or N")
+    x, y = np.array(accepted_x), np.array(accepted_y)
+    from pyproj import Transformer
+
+    lon, lat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(x, y)
+    ids = np.array([f"random-{seed}-{i}" for i in range(n)], dtype=object)
+    return Points(ids, x, y, np.asarray(lon), np.asarray(lat), np.full(n, np.nan), "", f"random(seed={seed})")
+
+
+class _SpacingIndex:
+    """Greedy minimum spacing with a grid hash of accepted points (3x3 neighbour cells)."""
+
+    def __init__(self, spacing: float) -> None:
+        self.spacing = spacing
+        self.cells: dict[tuple[int, int], list[tuple[float, float]]] = {}
+        self.tentative: list[tuple[int, int]] = []
+
+    def free(self, x: float, y: float, tentative: bool = False) -> bool:
+        if self.spacing <= 0:
+            return True
+        cx, cy = int(x // self.spacing), int(y // self.spacing)
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                for px, py in self.cells.get((cx + dx, cy + dy), ()):
+                    if (px - x) ** 2 + (py - y) ** 2 < self.spacing**2:
+                        return False
+        self.cells.setdefault((cx, cy), []).append((x, y))
+        if tentative:
+            self.tentative.append((cx, cy))
+        return True
+
+    def clear_tentative(self) -> None:
+        for cell in self.tentative:
+            self.cells[cell].pop()
+            if not self.cells[cell]:
+                del self.cells[cell]
+        self.tentative = []
+
+
+def open_sampleset(url: str) -> xr.Dataset:
+    """Open a SampleSet lazily, with band and variable names as coordinates."""
+    try:
+        ds = xr.open_zarr(zarr_store(url, read_only=True), consolidated=False, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise GeosocError(f"{url}: no SampleSet here; create one with `geosoc sample`") from None
+    named = {axis: ds[axis].attrs[_NAMES_ATTR] for axis in ("band", "variable") if axis in ds.coords}
+    return ds.assign_coords(named)
+
+
+def samples_url(root: str, kind: str) -> str:
+    return join(root, "samples", f"{kind}.zarr")

@@ -1,0 +1,88 @@
+"""SampleSets from data prepared elsewhere: a point table whose climate series are columns, and/or patches
+in a NumPy file aligned with the table's rows. Every later step then runs on it like on a sampled cube.
+
+Climate columns are named `<variable>_<YYYY-MM>` (e.g. `pr_2010-01`, `tmmx_2010-01`, ...), one per variable
+and month; every variable must have every month.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from geosoc.errors import GeosocError
+from geosoc.points import Columns, Points, read_points
+from geosoc.sampling import SampleReport, SampleSetWriter, _dataset, spatial_folds
+
+CLIMATE_COLUMN = re.compile(r"^(?P<variable>[A-Za-z][A-Za-z0-9]*)_(?P<month>\d{4}-\d{2})$")
+
+
+def climate_from_columns(table: pd.DataFrame, path: Path) -> tuple[np.ndarray, list[dt.date], list[str]] | None:
+    """(rows, time, variable) from `<variable>_<YYYY-MM>` columns, or None when the table has none."""
+    found = [(m["variable"], m["month"], name) for name in table.columns if (m := CLIMATE_COLUMN.match(str(name)))]
+    if not found:
+        return None
+    variables = list(dict.fromkeys(v for v, _, _ in found))
+    months = sorted({m for _, m, _ in found})
+    present = {(v, m) for v, m, _ in found}
+    missing = [f"{v}_{m}" for v in variables for m in months if (v, m) not in present]
+    if missing:
+        raise GeosocError(f"{path}: climate columns incomplete, missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    values = np.empty((len(table), len(months), len(variables)), dtype=np.float32)
+    for j, variable in enumerate(variables):
+        for t, month in enumerate(months):
+            column = f"{variable}_{month}"
+            numbers = pd.to_numeric(table[column], errors="coerce")
+            unparsed = numbers.isna() & table[column].notna()
+            if unparsed.any():
+                row = int(np.flatnonzero(unparsed.to_numpy())[0]) + 2
+                raise GeosocError(f"{path}: row {row}: {column}: not a number: {table[column].iloc[row - 2]!r}")
+            values[:, t, j] = numbers.to_numpy(dtype=np.float32)
+    dates = [dt.date(int(m[:4]), int(m[5:]), 1) for m in months]
+    return values, dates, variables
+
+
+def sampleset_from_table(
+    table_path: str | Path, out_url: str, grid_crs: str, fmt: str = "csv", columns: Columns | None = None,
+    patches_path: str | Path | None = None, bands: list[str] | None = None, *, fold_block_size: float,
+    folds: int, on_error: str = "fail", seed: int = 0,
+) -> SampleReport:
+    """Write a SampleSet from a table with climate columns and/or a (rows, band, py, px) .npy of patches."""
+    table_path = Path(table_path)
+    points: Points = read_points(table_path, grid_crs, fmt, columns, on_error=on_error)  # type: ignore[arg-type]
+    table = pd.read_csv(table_path, dtype=str, keep_default_na=False, na_values=[""])
+    climate = climate_from_columns(table, table_path)
+    patches = None
+    if patches_path is not None:
+        patches = np.load(patches_path, allow_pickle=False, mmap_mode="r")
+        if patches.ndim != 4 or patches.shape[0] != len(table) or patches.shape[2] != patches.shape[3]:
+            raise GeosocError(
+                f"{patches_path}: expected an array (rows={len(table)}, band, py, px) with square patches, "
+                f"got shape {patches.shape}"
+            )
+        bands = bands or [f"band{i}" for i in range(patches.shape[1])]
+        if len(bands) != patches.shape[1]:
+            raise GeosocError(f"{patches_path}: {patches.shape[1]} bands but --bands names {len(bands)}")
+    if climate is None and patches is None:
+        raise GeosocError(
+            f"{table_path}: no climate columns (<variable>_<YYYY-MM>) and no --patches: nothing to learn from"
+        )
+    writer = SampleSetWriter(out_url, bands if patches is not None else None,
+                             patches.shape[2] if patches is not None else None)
+    try:
+        if patches is not None:
+            writer.append(np.asarray(patches[points.index], dtype=np.float32))
+        series, months, variables = (climate[0][points.index], climate[1], climate[2]) if climate else (None, None, None)
+        fold = spatial_folds(points.x, points.y, fold_block_size, folds, seed)
+        attrs = {"cube": "", "patch_size": int(patches.shape[2]) if patches is not None else 0, "crs": grid_crs,
+                 "kind": "labelled", "source": str(table_path), "fold_block_size": fold_block_size}
+        url = writer.finish(_dataset(points, fold, series, months, variables,
+                                     bands if patches is not None else None, attrs))
+    except BaseException:
+        writer.abort()
+        raise
+    return SampleReport(url, len(points), [], climate is not None)

@@ -1,0 +1,207 @@
+"""Sampling: patches equal the cube's windows (chunk edges, region borders), one read per chunk group,
+climate at the right cell, reproducible random locations on data, spatial folds, outside tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import geosoc.sampling as sampling
+from geosoc.catalog import load_catalog
+from geosoc.cli import app
+from geosoc.cube import build_cube, group_grid, open_cube
+from geosoc.errors import GeosocError
+from geosoc.points import Points
+from geosoc.sampling import open_sampleset, random_points, sample_points, spatial_folds
+from geosoc.tables import sampleset_from_table
+from tests.conftest import EDGEROI
+
+PATCH = 8
+
+
+@pytest.fixture(scope="module")
+def cube(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny synthetic region (96 x 96 px, 32 px chunks, a lake, 4 months of climate)."""
+    import yaml
+
+    from tests.conftest import tiny_catalog_dict
+
+    folder = tmp_path_factory.mktemp("cube")
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_catalog_dict()))
+    return build_cube(load_catalog(path=path), str(folder), progress=False)
+
+
+def at_pixels(cube: str, rows: list[int], cols: list[int], target: float = 10.0) -> Points:
+    grid = group_grid(open_cube(cube)["imagery"].to_dataset())
+    x, y = grid.x_of(np.array(cols)), grid.y_of(np.array(rows))
+    n = len(rows)
+    return Points(np.array([f"p{i}" for i in range(n)], dtype=object), x, y, x * 0, y * 0,
+                  np.full(n, target), "g/kg", "test")
+
+
+def padded_window(cube: str, row: int, col: int) -> np.ndarray:
+    data = open_cube(cube)["imagery"].to_dataset()["data"].values
+    padded = np.pad(data, ((0, 0), (PATCH, PATCH), (PATCH, PATCH)), constant_values=np.nan)
+    r, c = row - PATCH // 2 + PATCH, col - PATCH // 2 + PATCH
+    return padded[:, r : r + PATCH, c : c + PATCH]
+
+
+def test_patches_equal_cube_windows(cube: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [40, 31, 32, 31, 63, 64, 2, 95, 50]  # chunk edges at 32/64; region borders at 0/95
+    cols = [40, 31, 32, 32, 64, 63, 50, 1, 95]
+    points = at_pixels(cube, rows, cols)
+    calls = []
+    real = sampling._extract_group
+    monkeypatch.setattr(sampling, "_extract_group", lambda *a: calls.append(a) or real(*a))
+    report = sample_points(cube, points, str(tmp_path / "s.zarr"), PATCH, fold_block_size=1000, folds=2)
+    ds = open_sampleset(report.url)
+    grid = group_grid(open_cube(cube)["imagery"].to_dataset())
+    chunks = {(r // 32, c // 32) for r, c in zip(rows, cols)}
+    assert len(calls) == len(chunks)  # one window read per chunk group
+    kept = {str(i): k for k, i in enumerate(ds["sample_id"].values)}
+    for i, (r, c) in enumerate(zip(rows, cols)):
+        want = padded_window(cube, r, c)
+        if f"p{i}" not in kept:
+            assert np.isnan(want).any(axis=0).mean() > 0.5 or np.isnan(want[:, PATCH // 2, PATCH // 2]).any()
+            continue
+        np.testing.assert_array_equal(ds["patch"].values[kept[f"p{i}"]], want)
+        rr, cc = grid.rowcol(ds.x.values[kept[f"p{i}"]], ds.y.values[kept[f"p{i}"]])
+        assert (rr, cc) == (r, c)
+    assert ds.attrs["patch_size"] == PATCH and ds.attrs["has_climate"]
+    assert list(ds["band"].values)[:2] == ["SR_B1", "SR_B2"]
+    assert ds["target"].attrs["units"] == "g/kg"
+
+
+def test_climate_series_of_the_cell(cube: str, tmp_path: Path) -> None:
+    points = at_pixels(cube, [10, 70], [10, 80])
+    ds = open_sampleset(sample_points(cube, points, str(tmp_path / "s.zarr"), PATCH, fold_block_size=1000,
+                                      folds=2).url)
+    climate = open_cube(cube)["climate"].to_dataset()["data"]
+    grid = group_grid(open_cube(cube)["climate"].to_dataset())
+    for k in range(ds.sizes["sample"]):
+        r, c = grid.rowcol(ds.x.values[k : k + 1], ds.y.values[k : k + 1])
+        np.testing.assert_array_equal(ds["climate"].values[k], climate.values[:, :, r[0], c[0]])
+    assert list(ds["variable"].values) == ["pr", "tmmx", "swe"] and ds.sizes["time"] == 4
+
+
+def test_mostly_nodata_patches_are_dropped(cube: str, tmp_path: Path) -> None:
+    data = open_cube(cube)["imagery"].to_dataset()["data"].values
+    lake = np.argwhere(np.isnan(data[0]))
+    r, c = map(int, lake[len(lake) // 2])
+    report = sample_points(cube, at_pixels(cube, [r, 40], [c, 40]), str(tmp_path / "s.zarr"), PATCH,
+                           fold_block_size=1000, folds=2)
+    assert report.samples == 1 and len(report.dropped) == 1 and "point p0" in report.dropped[0]
+
+
+def test_random_locations_reproducible_and_on_data(cube: str) -> None:
+    a = random_points(cube, 40, PATCH, seed=3, min_spacing=120)
+    b = random_points(cube, 40, PATCH, seed=3, min_spacing=120)
+    c = random_points(cube, 40, PATCH, seed=4, min_spacing=120)
+    np.testing.assert_array_equal(a.x, b.x)
+    assert not np.array_equal(a.x, c.x)
+    grid = group_grid(open_cube(cube)["imagery"].to_dataset())
+    data = open_cube(cube)["imagery"].to_dataset()["data"].values
+    rows, cols = grid.rowcol(a.x, a.y)
+    assert not np.isnan(data[:, rows, cols]).any()  # never on nodata
+    distances = np.hypot(a.x[:, None] - a.x[None], a.y[:, None] - a.y[None]) + np.eye(40) * 1e9
+    assert distances.min() >= 120
+
+
+def test_too_many_random_locations(cube: str) -> None:
+    with pytest.raises(GeosocError, match="found only .* valid locations"):
+        random_points(cube, 500, PATCH, seed=0, min_spacing=400)
+
+
+def test_spatial_folds_are_blocks_and_balanced() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 100_000, 5000), rng.uniform(0, 100_000, 5000)
+    fold = spatial_folds(x, y, 10_000, 5)
+    blocks = np.floor(x / 10_000) * 1000 + np.floor(y / 10_000)
+    for block in np.unique(blocks):
+        assert len(np.unique(fold[blocks == block])) == 1  # a block never straddles folds
+    counts = np.bincount(fold)
+    assert len(counts) == 5 and counts.max() - counts.min() < 0.1 * counts.mean()
+
+
+def test_failed_run_leaves_nothing(cube: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sampling, "climate_at", boom)
+    with pytest.raises(RuntimeError):
+        sample_points(cube, at_pixels(cube, [40], [40]), str(tmp_path / "s.zarr"), PATCH, fold_block_size=1000,
+                      folds=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_sample_labelled_and_unlabelled(tmp_path: Path, write_catalog) -> None:
+    catalog = write_catalog()
+    root = tmp_path / "root"
+    build_cube(load_catalog(path=catalog), str(root), progress=False)
+    points = tmp_path / "pts.csv"
+    grid = load_catalog(path=catalog).config.imagery_grid
+    xs, ys = grid.x_of(np.array([20, 50, 70])), grid.y_of(np.array([20, 50, 70]))
+    points.write_text("site,x,y,soc\n" + "".join(f"s{i},{x},{y},{10 + i}\n" for i, (x, y) in enumerate(zip(xs, ys))))
+    runner = CliRunner()
+    result = runner.invoke(app, ["sample", "--catalog", str(catalog), "--root", str(root), "--points", str(points),
+                                 "--id-col", "site", "--x-col", "x", "--y-col", "y", "--target-col", "soc",
+                                 "--points-crs", "EPSG:3035", "-q"])
+    assert result.exit_code == 0, result.output
+    labelled = open_sampleset(str(root / "samples" / "labelled.zarr"))
+    assert labelled.sizes["sample"] == 3 and labelled.attrs["kind"] == "labelled"
+    result = runner.invoke(app, ["sample", "--catalog", str(catalog), "--root", str(root), "--random", "25",
+                                 "--seed", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    unlabelled = open_sampleset(str(root / "samples" / "unlabelled.zarr"))
+    assert unlabelled.sizes["sample"] == 25 and np.isnan(unlabelled["target"].values).all()
+    result = runner.invoke(app, ["sample", "--catalog", str(catalog), "--root", str(root)])
+    assert result.exit_code == 1 and "give either --points FILE or --random N" in result.output
+
+
+def test_edgeroi_samples_have_no_climate(tmp_path: Path) -> None:
+    root = tmp_path / "edgeroi"
+    build_cube("edgeroi", str(root), progress=False)
+    result = CliRunner().invoke(app, ["sample", "--region", "edgeroi", "--root", str(root), "--points",
+                                      str(EDGEROI / "edgeroi_topsoil_first_horizon.csv"), "--format", "edgeroi",
+                                      "--on-error", "drop", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "holds patches only" in result.output
+    ds = open_sampleset(str(root / "samples" / "labelled.zarr"))
+    assert "climate" not in ds and not ds.attrs["has_climate"]
+    assert ds.sizes["sample"] > 300 and ds["patch"].shape[1:] == (13, 16, 16)
+    assert set(np.unique(ds["fold"].values)) == set(range(5))
+
+
+def test_sampleset_from_table_with_climate_columns(tmp_path: Path) -> None:
+    months = ["2010-01", "2010-02", "2010-03"]
+    header = "id,lon,lat,soc," + ",".join(f"{v}_{m}" for v in ("pr", "tmmx") for m in months)
+    rows = [f"p{i},{11 + i * 0.1},{48 + i * 0.1},{10 + i}," + ",".join(str(i + k) for k in range(6)) for i in range(4)]
+    table = tmp_path / "series.csv"
+    table.write_text("\n".join([header, *rows]) + "\n")
+    patches = np.random.default_rng(0).random((4, 2, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "patches.npy", patches)
+    runner = CliRunner()
+    result = runner.invoke(app, ["sample-table", "--table", str(table), "--out", str(tmp_path / "s.zarr"),
+                                 "--crs", "EPSG:3035", "--id-col", "id", "--x-col", "lon", "--y-col", "lat",
+                                 "--target-col", "soc", "--patches", str(tmp_path / "patches.npy"),
+                                 "--bands", "red,nir"])
+    assert result.exit_code == 0, result.output
+    ds = open_sampleset(str(tmp_path / "s.zarr"))
+    assert list(ds["variable"].values) == ["pr", "tmmx"] and ds.sizes["time"] == 3
+    np.testing.assert_array_equal(ds["climate"].values[1, :, 1], [4, 5, 6])  # p1: tmmx over three months
+    np.testing.assert_array_equal(ds["patch"].values, patches)
+    assert list(ds["band"].values) == ["red", "nir"]
+
+
+def test_table_with_incomplete_climate_columns(tmp_path: Path) -> None:
+    from geosoc.points import Columns
+
+    table = tmp_path / "t.csv"
+    table.write_text("id,lon,lat,soc,pr_2010-01,pr_2010-02,tmmx_2010-01\np,11,48,10,1,2,3\n")
+    with pytest.raises(GeosocError, match=r"climate columns incomplete, missing \['tmmx_2010-02'\]"):
+        sampleset_from_table(table, str(tmp_path / "s.zarr"), "EPSG:3035", "csv",
+                             Columns("id", ("lon",), ("lat",), "soc"), fold_block_size=1000, folds=2)
