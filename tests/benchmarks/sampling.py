@@ -1,0 +1,126 @@
+"""Patch extraction at points: geosoc versus the loop a user would write, in one run (not a timed test).
+
+    python tests/benchmarks/sampling.py [--points 20000] [--size-px 4480] [--patch 64] [--naive-subset 300]
+
+Builds a synthetic cube (14 bands, 4480 x 4480 px = 1.05 GiB uncompressed, 512 px chunks), draws random
+points, and times:
+- geosoc: `extract_patches` (points grouped by chunk, one window read per group, vectorised gather, Dask
+  threads), and, for context, `sample_points` (the same plus writing the SampleSet to Zarr);
+- naive: `cube.isel(y=..., x=...).values` per point. It is slow, so it runs on a random subset of
+  `--naive-subset` points and its time is scaled to all points (stated in the output).
+Peak memory of the geosoc extraction is measured in a fresh process. Last line: `sampling_speedup=<x>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+X0, Y0 = 4_000_020, 2_800_020
+
+
+def build(folder: Path, size_px: int) -> str:
+    from geosoc.catalog import load_catalog
+    from geosoc.cube import build_cube
+
+    side = size_px * 30
+    catalog = folder / "bench.yaml"
+    catalog.write_text(yaml.safe_dump({
+        "region": {"name": "bench", "crs": "EPSG:3035", "bounds": [X0, Y0, X0 + side, Y0 + side]},
+        "imagery": {"resolution": 30, "chunk": 512, "source": {"kind": "synthetic", "seed": 0}},
+    }))
+    return build_cube(load_catalog(path=catalog), str(folder / "root"), progress=False)
+
+
+def random_xy(grid, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(0, grid.height, n), rng.integers(0, grid.width, n)
+    return grid.x_of(cols), grid.y_of(rows)
+
+
+def geosoc_extract(url: str, n: int, patch: int, workers: int) -> tuple[float, int]:
+    from geosoc.cube import group_grid, open_cube
+    from geosoc.sampling import extract_patches
+
+    grid = group_grid(open_cube(url)["imagery"].to_dataset())
+    x, y = random_xy(grid, n)
+    start = time.perf_counter()
+    count = sum(len(part.indices) for part in extract_patches(url, grid, x, y, patch, workers=workers))
+    return time.perf_counter() - start, count
+
+
+def memory_child(url: str, n: int, patch: int, workers: int) -> None:
+    seconds, count = geosoc_extract(url, n, patch, workers)
+    print(json.dumps({"seconds": seconds, "count": count,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, default=20_000)
+    parser.add_argument("--size-px", type=int, default=4480)
+    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("--naive-subset", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        memory_child(args.child, args.points, args.patch, args.workers)
+        return
+
+    from geosoc.cube import group_grid, open_cube
+    from geosoc.points import Points
+    from geosoc.sampling import sample_points
+
+    folder = Path(tempfile.mkdtemp(prefix="geosoc-sampling-bench-"))
+    try:
+        url = build(folder, args.size_px)
+        data = open_cube(url)["imagery"].to_dataset()["data"]
+        print(f"cube: {data.shape} float32 = {data.nbytes / 2**30:.3f} GiB uncompressed, chunks {data.data.chunksize}; "
+              f"{args.points:,} random points, {args.patch} px patches")
+
+        out = subprocess.run([sys.executable, __file__, "--child", url, "--points", str(args.points), "--patch",
+                              str(args.patch), "--workers", str(args.workers)], check=True, capture_output=True,
+                             text=True)
+        child = json.loads(out.stdout.strip().splitlines()[-1])
+        geosoc_s = child["seconds"]
+        print(f"geosoc extract_patches:  {geosoc_s:8.2f} s for {child['count']:,} points "
+              f"({child['count'] / geosoc_s:,.0f} points/s); peak RSS {child['peak_rss_mib']:,.0f} MiB")
+
+        grid = group_grid(open_cube(url)["imagery"].to_dataset())
+        x, y = random_xy(grid, args.points)
+        ids = np.array([str(i) for i in range(args.points)], dtype=object)
+        points = Points(ids, x, y, x * 0, y * 0, np.full(args.points, 10.0), "g/kg", "bench")
+        start = time.perf_counter()
+        sample_points(url, points, str(folder / "samples.zarr"), args.patch, fold_block_size=50_000, folds=5,
+                      workers=args.workers)
+        print(f"geosoc sample_points:    {time.perf_counter() - start:8.2f} s (extraction + writing the SampleSet)")
+
+        half = args.patch // 2
+        rows, cols = grid.rowcol(x, y)
+        subset = np.random.default_rng(1).choice(args.points, args.naive_subset, replace=False)
+        start = time.perf_counter()
+        for i in subset:
+            data.isel(y=slice(max(rows[i] - half, 0), rows[i] - half + args.patch),
+                      x=slice(max(cols[i] - half, 0), cols[i] - half + args.patch)).values
+        naive_subset_s = time.perf_counter() - start
+        naive_s = naive_subset_s * args.points / args.naive_subset
+        print(f"naive isel loop:         {naive_subset_s:8.2f} s for {args.naive_subset} points, "
+              f"scaled to {args.points:,}: {naive_s:,.0f} s (timed on a subset, scaled linearly)")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"sampling_speedup={naive_s / geosoc_s:.1f}")
+
+
+if __name__ == "__main__":
+    main()
