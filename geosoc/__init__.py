@@ -10,5 +10,21 @@ except PackageNotFoundError:  # running from a source tree without installation
 from geosoc.catalog import load_catalog  # noqa: E402
 from geosoc.cube import build_cube, open_cube, plan_cube  # noqa: E402
 from geosoc.errors import GeosocError  # noqa: E402
+from geosoc.sampling import open_sampleset  # noqa: E402
 
-__all__ = ["GeosocError", "__version__", "build_cube", "load_catalog", "open_cube", "plan_cube"]
+
+
+def load_model(url: str, device: str = "cpu"):  # type: ignore[no-untyped-def]
+    """A fine-tuned (or pretrained) model and its metadata from a checkpoint URL, without pickle.
+
+    Imports torch on first use only, so the cube and sampling commands start fast.
+    """
+    from geosoc.checkpoint import load_model as load
+
+    return load(url, device)
+
+
+__all__ = [
+    "GeosocError", "__version__", "build_cube", "load_catalog", "load_model", "open_cube", "open_sampleset",
+    "plan_cube",
+]

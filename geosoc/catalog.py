@@ -236,6 +236,7 @@ class PretrainConfig(StageConfig):
 class FinetuneConfig(StageConfig):
     log_target: bool = True
     validation_fraction: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(20, ge=1, description="epochs without validation improvement before stopping")
 
 
 class TrainingConfig(_Section):

@@ -82,16 +82,17 @@ def build_cube_command(
 @user_errors
 def demo(
     root: Optional[str] = RootOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Run the pipeline on the embedded demo region (synthetic, offline) and print a summary."""
+    """The whole pipeline on the embedded demo region (synthetic, offline): cube, samples, pretraining,
+    fine-tuning; prints the cube and the validation accuracy."""
     from geosoc.catalog import load_catalog
-    from geosoc.cube import build_cube, cube_summary, describe, open_cube
+    from geosoc.cube import cube_summary, describe, open_cube
+    from geosoc.demo import TEST_FOLD, run_demo
 
-    loaded = load_catalog("demo")
-    url = build_cube(loaded, root, progress=not quiet)
-    tree = open_cube(url)
-    console.print(f"demo cube: {url}")
+    result = run_demo(load_catalog("demo"), root, progress=not quiet)
+    tree = open_cube(result.cube)
+    console.print(f"demo cube: {result.cube}")
     console.print(describe(tree), highlight=False)
     table = Table(title="imagery bands")
     for column in ("band", "min", "mean", "max", "nodata"):
@@ -99,6 +100,74 @@ def demo(
     for band, stats in cube_summary(tree).items():
         table.add_row(band, *(f"{stats[k]:.4g}" for k in ("min", "mean", "max")), f"{stats['nodata']:.1%}")
     console.print(table)
+    console.print(f"samples: {result.unlabelled:,} unlabelled, {result.labelled:,} labelled "
+                  f"(simulated lab values; fold {TEST_FOLD} held out)")
+    console.print(f"pretraining: best validation NT-Xent {result.pretrain['best_val_loss']:.4f}")
+    best = min(result.finetune["history"], key=lambda m: m["val_loss"])
+    console.print(_metrics_line("fine-tuned, validation", best))
+
+
+EpochsOpt = typer.Option(None, "--epochs", help="Override the catalog's epochs.")
+BatchOpt = typer.Option(None, "--batch-size", help="Override the catalog's batch size.")
+FreshOpt = typer.Option(False, "--fresh", help="Start over instead of resuming from the last checkpoint.")
+
+
+@app.command()
+@user_errors
+def pretrain(
+    region: Optional[str] = RegionOpt,
+    catalog: Optional[Path] = CatalogOpt,
+    root: Optional[str] = RootOpt,
+    epochs: Optional[int] = EpochsOpt,
+    batch_size: Optional[int] = BatchOpt,
+    samples: Optional[str] = typer.Option(None, "--samples", help="SampleSet URL (default samples/unlabelled.zarr)."),
+    fresh: bool = FreshOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Contrastive pretraining of both encoders on unlabelled samples (-> models/pretrain)."""
+    from geosoc.catalog import load_catalog
+    from geosoc.storage import default_root
+    from geosoc.training import Context, pretrain_region
+
+    loaded = load_catalog(region, catalog).config
+    root = root or default_root(loaded.region.name)
+    result = pretrain_region(loaded, root, epochs=epochs, batch_size=batch_size, samples=samples, resume=not fresh,
+                             ctx=Context(progress=not quiet))
+    console.print(f"pretrained: best validation loss {result['best_val_loss']:.4f} -> {result['checkpoint']}")
+
+
+@app.command()
+@user_errors
+def finetune(
+    region: Optional[str] = RegionOpt,
+    catalog: Optional[Path] = CatalogOpt,
+    root: Optional[str] = RootOpt,
+    epochs: Optional[int] = EpochsOpt,
+    batch_size: Optional[int] = BatchOpt,
+    samples: Optional[str] = typer.Option(None, "--samples", help="SampleSet URL (default samples/labelled.zarr)."),
+    test_fold: Optional[int] = typer.Option(None, "--test-fold", help="Fold held out entirely (for evaluation)."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Ignore models/pretrain (supervised only)."),
+    fresh: bool = FreshOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Fine-tune encoders and head on labelled samples, quantile outputs (-> models/finetune)."""
+    from geosoc.catalog import load_catalog
+    from geosoc.storage import default_root
+    from geosoc.training import Context, finetune_region
+
+    loaded = load_catalog(region, catalog).config
+    root = root or default_root(loaded.region.name)
+    result = finetune_region(loaded, root, epochs=epochs, batch_size=batch_size, samples=samples,
+                             test_fold=test_fold, pretrained=not from_scratch, resume=not fresh,
+                             ctx=Context(progress=not quiet))
+    best = min(result["history"], key=lambda m: m["val_loss"])
+    console.print(_metrics_line("best validation", best))
+    console.print(f"fine-tuned -> {result['checkpoint']}")
+
+
+def _metrics_line(title: str, metrics: dict[str, Any]) -> str:
+    keys = [k for k in ("val_rmse", "val_mae", "val_r2", "val_ccc", "val_picp") if k in metrics]
+    return f"{title} (epoch {metrics['epoch']}): " + ", ".join(f"{k[4:].upper()} {metrics[k]:.3f}" for k in keys)
 
 
 def _columns(fmt: str, id_col: str | None, x_col: str | None, y_col: str | None, target_col: str | None,

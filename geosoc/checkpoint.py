@@ -1,0 +1,91 @@
+"""Checkpoints at any fsspec URL: `model.safetensors` + `config.json`, and a resumable `last/` state.
+
+Nothing is pickled: weights and optimizer tensors are safetensors, everything else JSON, so loading an
+untrusted checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from geosoc.errors import GeosocError
+from geosoc.models import ModelConfig, SoilNet
+from geosoc.storage import filesystem, join
+
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+STATE_TENSORS, STATE_FILE = "state.safetensors", "state.json"
+
+
+def _write(url: str, name: str, data: bytes) -> None:
+    fs, path = filesystem(join(url, name))
+    fs.pipe_file(path, data)
+
+
+def _read(url: str, name: str) -> bytes:
+    fs, path = filesystem(join(url, name))
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise GeosocError(f"{url}: no {name} here (is this a geosoc checkpoint?)") from None
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(join(url, CONFIG_FILE))
+    return fs.exists(path)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    module = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_model(url: str, model: torch.nn.Module, config: ModelConfig, meta: dict[str, Any]) -> None:
+    """Weights, then config.json last: a checkpoint with a config.json is complete."""
+    _write(url, MODEL_FILE, save_tensors(_weights(model)))
+    _write(url, CONFIG_FILE, json.dumps({"model": config.to_dict(), **meta}, indent=2).encode())
+
+
+def load_model(url: str, device: str | torch.device = "cpu") -> tuple[SoilNet, dict[str, Any]]:
+    """The model (eval mode) and the rest of config.json (normalisation, target transform, metrics)."""
+    meta = json.loads(_read(url, CONFIG_FILE))
+    config = ModelConfig.from_dict(meta.pop("model"))
+    model = SoilNet(config)
+    model.load_state_dict(load_tensors(_read(url, MODEL_FILE)))
+    return model.to(device).eval(), meta
+
+
+def load_weights(url: str) -> dict[str, torch.Tensor]:
+    return load_tensors(_read(url, MODEL_FILE))
+
+
+def save_state(url: str, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
+    """Optimizer tensors flattened into safetensors, its structure and `info` (epoch, history) as JSON."""
+    state = optimizer.state_dict()
+    tensors, structure = {}, {}
+    for param, values in state["state"].items():
+        structure[str(param)] = {}
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{param}.{name}"] = value.detach().cpu().contiguous()
+                structure[str(param)][name] = None
+            else:
+                structure[str(param)][name] = value
+    _write(url, STATE_TENSORS, save_tensors(tensors))
+    _write(url, STATE_FILE, json.dumps({"param_groups": state["param_groups"], "state": structure, **info}).encode())
+
+
+def load_state(url: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the optimizer; return the saved `info`."""
+    info = json.loads(_read(url, STATE_FILE))
+    tensors = load_tensors(_read(url, STATE_TENSORS))
+    state = {
+        int(param): {name: tensors[f"{param}.{name}"] if value is None else value for name, value in values.items()}
+        for param, values in info.pop("state").items()
+    }
+    optimizer.load_state_dict({"state": state, "param_groups": info.pop("param_groups")})
+    return info

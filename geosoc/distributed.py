@@ -1,0 +1,95 @@
+"""Ray Train around the same pretraining and fine-tuning loops, and the entry point of the Ray jobs.
+
+    ray job submit --working-dir . -- python jobs/pretrain.py --region demo --workers 2
+    ray job submit --working-dir . -- python jobs/finetune.py --region demo --workers 1 --gpus-per-worker 1
+
+Each worker runs `pretrain_region`/`finetune_region` with a `Context` from Ray: its rank, its device, the
+model wrapped for DistributedDataParallel, metrics reported to Ray. Rank 0 writes checkpoints under the
+region root, so a resubmitted job resumes from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from geosoc.catalog import load_catalog
+from geosoc.errors import GeosocError
+from geosoc.storage import default_root
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from geosoc.training import Context, finetune_region, pretrain_region
+
+    context = ray.train.get_context()
+    ctx = Context(
+        rank=context.get_world_rank(),
+        world=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
+        report=lambda metrics: ray.train.report(metrics),
+        progress=False,
+    )
+    catalog = load_catalog(config["region"], config["catalog"]).config
+    run = pretrain_region if config["stage"] == "pretrain" else finetune_region
+    kwargs = {k: config[k] for k in ("epochs", "batch_size", "samples") if config.get(k) is not None}
+    if config["stage"] == "finetune" and config.get("test_fold") is not None:
+        kwargs["test_fold"] = config["test_fold"]
+    run(catalog, config["root"], ctx=ctx, **kwargs)
+
+
+def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str | None, *, workers: int = 1,
+                 gpus_per_worker: float = 0, **options: Any) -> Any:
+    """Run a stage under Ray Train's TorchTrainer on the cluster this process is connected to."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise blocks ~2 s
+    loaded = load_catalog(region, catalog)
+    root = root or default_root(loaded.config.region.name)
+    if "://" not in root and not os.path.isabs(root):
+        raise GeosocError(
+            f"--root {root!r} is relative: a Ray job runs in a temporary copy of the working dir, so give an "
+            "absolute path or a URL (e.g. s3://bucket/geosoc/demo) that every worker can reach"
+        )
+    if not ray.is_initialized():
+        ray.init()
+    config = {"stage": stage, "region": region, "catalog": str(loaded.path), "root": root, **options}
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                                     resources_per_worker={"GPU": gpus_per_worker} if gpus_per_worker else None),
+        run_config=RunConfig(name=f"geosoc-{loaded.config.region.name}-{stage}"),
+    )
+    return trainer.fit()
+
+
+def job_main(stage: str, argv: list[str] | None = None) -> None:
+    """Arguments of jobs/pretrain.py and jobs/finetune.py."""
+    parser = argparse.ArgumentParser(description=f"geosoc {stage} on a Ray cluster (Ray Train TorchTrainer)")
+    parser.add_argument("--region", help="catalog name in catalogs/")
+    parser.add_argument("--catalog", help="catalog file (instead of --region)")
+    parser.add_argument("--root", help="region root URL (default $GEOSOC_ROOT or ./geosoc-data/<region>)")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU)")
+    parser.add_argument("--epochs", type=int, help="override the catalog's epochs")
+    parser.add_argument("--batch-size", type=int, help="override the catalog's batch size (per worker)")
+    parser.add_argument("--samples", help="SampleSet URL (default: the region's)")
+    if stage == "finetune":
+        parser.add_argument("--test-fold", type=int, help="fold held out for evaluation")
+    args = parser.parse_args(argv)
+    if not (args.region or args.catalog):
+        parser.error("give --region or --catalog")
+    options = {k: v for k, v in vars(args).items() if k not in ("region", "catalog", "root", "workers", "gpus_per_worker")}
+    try:
+        result = train_on_ray(stage, args.region, args.catalog, args.root, workers=args.workers,
+                              gpus_per_worker=args.gpus_per_worker, **options)
+    except GeosocError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"{stage} finished: {result.metrics}")

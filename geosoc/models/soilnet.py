@@ -1,0 +1,77 @@
+"""SSL-SoilNet: either or both branches, a shared embedding, and a head predicting SOC quantiles."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from geosoc.models.climate import ClimateEncoder
+from geosoc.models.image import ImageEncoder
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network (stored in a checkpoint's config.json)."""
+
+    bands: list[str] = field(default_factory=list)  # empty: no image branch
+    variables: list[str] = field(default_factory=list)  # empty: no climate branch
+    patch_size: int = 64
+    months: int = 61
+    image_patch: int = 8
+    image_dim: int = 768
+    image_depth: int = 12
+    image_heads: int = 12
+    climate_dim: int = 512
+    climate_layers: int = 6
+    climate_heads: int = 8
+    climate_feedforward: int = 2048
+    embedding: int = 128
+    head_hidden: int = 128
+    quantiles: list[float] = field(default_factory=lambda: [0.05, 0.5, 0.95])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class SoilNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not config.bands and not config.variables:
+            raise ValueError("a model needs image bands, climate variables, or both")
+        self.config = config
+        self.image = (
+            ImageEncoder(len(config.bands), config.patch_size, config.image_patch, config.image_dim,
+                         config.image_depth, config.image_heads, config.embedding)
+            if config.bands else None
+        )
+        self.climate = (
+            ClimateEncoder(len(config.variables), config.months, config.climate_dim, config.climate_layers,
+                           config.climate_heads, config.climate_feedforward, config.embedding)
+            if config.variables else None
+        )
+        branches = int(self.image is not None) + int(self.climate is not None)
+        self.head = nn.Sequential(
+            nn.Linear(branches * config.embedding, config.head_hidden), nn.ReLU(),
+            nn.Linear(config.head_hidden, len(config.quantiles)),
+        )
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.image is not None:
+            out["image"] = self.image(batch["patch"])
+        if self.climate is not None:
+            out["climate"] = self.climate(batch["climate"])
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch, quantiles) predictions in the normalised target space, sorted so they never cross."""
+        embeddings = self.embed(batch)
+        raw = self.head(torch.cat([embeddings[k] for k in ("image", "climate") if k in embeddings], dim=1))
+        return torch.sort(raw, dim=1).values

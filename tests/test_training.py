@@ -1,0 +1,193 @@
+"""Training loops: overfitting a tiny SampleSet, one-modality runs, checkpoints without pickle, resume, no
+peeking at the test fold, and the Ray job path on a real local Ray head."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from geosoc import checkpoint
+from geosoc.catalog import FinetuneConfig, PretrainConfig
+from geosoc.models import ModelConfig
+from geosoc.points import Points
+from geosoc.sampling import SampleSetWriter, _dataset, open_sampleset
+from geosoc.training import Context, SampleData, augment_patches, finetune, pretrain, split
+from tests.conftest import REPO
+
+TINY = dict(patch_size=8, months=4, image_patch=4, image_dim=32, image_depth=1, image_heads=2, climate_dim=32,
+            climate_layers=1, climate_heads=2, climate_feedforward=64, embedding=16, head_hidden=32)
+CPU = Context(device=torch.device("cpu"), progress=False)
+
+
+def tiny_sampleset(url: str, n: int = 48, patches: bool = True, climate: bool = True, seed: int = 0) -> str:
+    """Samples whose SOC is a known function of both modalities."""
+    rng = np.random.default_rng(seed)
+    patch = rng.normal(size=(n, 3, 8, 8)).astype(np.float32)
+    series = rng.normal(size=(n, 4, 2)).astype(np.float32)
+    soc = np.exp(2.5 + 0.5 * patch[:, 0].mean(axis=(1, 2)) * 4 + 0.3 * series[:, :, 0].mean(axis=1))
+    x, y = rng.uniform(0, 10_000, n), rng.uniform(0, 10_000, n)
+    points = Points(np.array([f"s{i}" for i in range(n)], dtype=object), x, y, x, y, soc, "g/kg", "test")
+    writer = SampleSetWriter(url, ["b0", "b1", "b2"] if patches else None, 8 if patches else None)
+    if patches:
+        writer.append(patch)
+    months = [np.datetime64(f"2010-0{m}-01") for m in range(1, 5)]
+    fold = (np.arange(n) % 4).astype(np.int8)
+    ds = _dataset(points, fold, series if climate else None, months if climate else None,
+                  ["pr", "tmmx"] if climate else None, ["b0", "b1", "b2"] if patches else None, {"patch_size": 8})
+    return writer.finish(ds)
+
+
+def config_for(url: str) -> ModelConfig:
+    data = SampleData(url)
+    return ModelConfig(bands=data.bands, variables=data.variables, **TINY)
+
+
+def test_augmentation_rotates_and_flips() -> None:
+    patch = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).reshape(2, 1, 3, 3)
+    out = augment_patches(patch, torch.Generator().manual_seed(0))
+    for i in range(2):
+        variants = [torch.rot90(patch[i], k, dims=(1, 2)) for k in range(4)]
+        variants += [torch.flip(v, dims=(2,)) for v in variants]
+        assert any(torch.equal(out[i], v) for v in variants)
+
+
+def test_finetune_overfits_a_tiny_sampleset(tmp_path: Path) -> None:
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    stage = FinetuneConfig(epochs=60, batch_size=16, learning_rate=3e-3, validation_fraction=0.1, patience=100)
+    result = finetune(url, str(tmp_path / "ft"), config_for(url), stage, ctx=CPU)
+    history = result["history"]
+    assert history[-1]["train_loss"] < 0.25 * history[0]["train_loss"]
+    model, meta = checkpoint.load_model(str(tmp_path / "ft"))
+    assert meta["stage"] == "finetune" and meta["normalisation"]["log_target"] is True
+
+
+@pytest.mark.parametrize("patches,climate", [(True, False), (False, True)])
+def test_one_modality_pretrain_and_finetune(tmp_path: Path, patches: bool, climate: bool) -> None:
+    url = tiny_sampleset(str(tmp_path / "s.zarr"), patches=patches, climate=climate)
+    config = config_for(url)
+    assert bool(config.bands) == patches and bool(config.variables) == climate
+    pre = pretrain(url, str(tmp_path / "pre"), config, PretrainConfig(epochs=2, batch_size=8), ctx=CPU)
+    assert np.isfinite(pre["best_val_loss"])
+    ft = finetune(url, str(tmp_path / "ft"), config, FinetuneConfig(epochs=2, batch_size=8),
+                  pretrained_url=str(tmp_path / "pre"), ctx=CPU)
+    assert len(ft["history"]) == 2 and "val_rmse" in ft["history"][-1]
+
+
+def test_pretrained_encoders_are_loaded(tmp_path: Path) -> None:
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    config = config_for(url)
+    pretrain(url, str(tmp_path / "pre"), config, PretrainConfig(epochs=1, batch_size=8), ctx=CPU)
+    ft = finetune(url, str(tmp_path / "ft"), config, FinetuneConfig(epochs=1, batch_size=8, learning_rate=1e-12),
+                  pretrained_url=str(tmp_path / "pre"), ctx=CPU)
+    pre_w, ft_w = checkpoint.load_weights(str(tmp_path / "pre")), checkpoint.load_weights(ft["checkpoint"])
+    key = next(k for k in pre_w if k.startswith("image."))
+    torch.testing.assert_close(pre_w[key], ft_w[key], atol=1e-6, rtol=0)  # ~zero lr: encoders as pretrained
+    meta = json.loads((tmp_path / "ft" / "config.json").read_text())
+    pre_meta = json.loads((tmp_path / "pre" / "config.json").read_text())
+    assert meta["normalisation"]["band_mean"] == pre_meta["normalisation"]["band_mean"]
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path: Path) -> None:
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    finetune(url, str(tmp_path / "ft"), config_for(url), FinetuneConfig(epochs=1, batch_size=8), ctx=CPU)
+    files = {p.name for p in (tmp_path / "ft").iterdir()}
+    assert {"model.safetensors", "config.json", "last"} <= files
+    assert not any(p.suffix in (".pt", ".pth", ".pkl") for p in (tmp_path / "ft").rglob("*"))
+    import geosoc
+
+    model, meta = geosoc.load_model(str(tmp_path / "ft"))
+    again, meta2 = checkpoint.load_model(str(tmp_path / "ft"))
+    for (k, v), (_, w) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(v, w), k
+    data = SampleData(url)
+    train, _ = split(data, 0.1, 0, None, labelled=True)
+    assert meta["normalisation"] == meta2["normalisation"]
+    assert np.isclose(meta["normalisation"]["target_mean"], np.log1p(data.target[train]).mean(), rtol=1e-6)
+
+
+def test_resume_continues_from_last_epoch(tmp_path: Path) -> None:
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    config, out = config_for(url), str(tmp_path / "ft")
+    finetune(url, out, config, FinetuneConfig(epochs=2, batch_size=8, patience=100), ctx=CPU)
+    state = json.loads((tmp_path / "ft" / "last" / "state.json").read_text())
+    assert state["epoch"] == 2
+    result = finetune(url, out, config, FinetuneConfig(epochs=4, batch_size=8, patience=100), ctx=CPU)
+    assert [m["epoch"] for m in result["history"]] == [1, 2, 3, 4]  # epochs 1-2 not redone
+    assert json.loads((tmp_path / "ft" / "last" / "state.json").read_text())["epoch"] == 4
+
+
+def test_test_fold_is_never_used(tmp_path: Path) -> None:
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    data = SampleData(url)
+    train, val = split(data, 0.2, 0, test_fold=1, labelled=True)
+    assert not (data.fold[np.concatenate([train, val])] == 1).any()
+    assert not set(train) & set(val)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    """A real local Ray head on loopback, with auth mode set explicitly."""
+    pytest.importorskip("ray")
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp = Path("/tmp") / f"geosoc-ray-{os.getpid()}"
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is the venv's
+    started = subprocess.run(
+        [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    if started.returncode != 0:
+        pytest.fail(f"ray start failed: {started.stderr[-2000:]}")
+    yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "ray": str(ray_bin)}
+    subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_pretrain_and_resume(ray_head, tmp_path: Path) -> None:
+    """`ray job submit` of jobs/pretrain.py on the demo region leaves a checkpoint; resubmission resumes."""
+    import yaml
+
+    root = tmp_path / "demo"
+    samples = root / "samples" / "unlabelled.zarr"
+    tiny_sampleset(str(samples), n=40, patches=True, climate=True)
+    catalog = yaml.safe_load((REPO / "catalogs" / "demo.yaml").read_text())
+    catalog["model"] = {"image": {"patch": 4, "dim": 16, "depth": 1, "heads": 2},
+                        "climate": {"dim": 16, "layers": 1, "heads": 2, "feedforward": 32}, "embedding": 8}
+    catalog_path = tmp_path / "demo-tiny.yaml"
+    catalog_path.write_text(yaml.safe_dump(catalog))
+
+    def submit(epochs: int) -> str:
+        command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
+                   "--", "python", "jobs/pretrain.py", "--catalog", str(catalog_path), "--root", str(root),
+                   "--epochs", str(epochs), "--batch-size", "8"]
+        done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    submit(1)
+    checkpoint_dir = root / "models" / "pretrain"
+    assert (checkpoint_dir / "model.safetensors").exists() and (checkpoint_dir / "config.json").exists()
+    assert json.loads((checkpoint_dir / "last" / "state.json").read_text())["epoch"] == 1
+    output = submit(2)
+    state = json.loads((checkpoint_dir / "last" / "state.json").read_text())
+    assert state["epoch"] == 2 and [m["epoch"] for m in state["history"]] == [1, 2]
+    assert "pretrain finished" in output
