@@ -29,6 +29,7 @@ test-all: install
 bench: install
 	$(PY) tests/benchmarks/cube_write.py
 	$(PY) tests/benchmarks/sampling.py
+	$(PY) tests/benchmarks/training.py
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:
