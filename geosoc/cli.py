@@ -31,6 +31,18 @@ RootOpt = typer.Option(
 )
 
 
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def _region(region: str | None, catalog: Path | None, root: str | None) -> tuple[Any, str]:
+    """The loaded catalog and the region root (--root, $GEOSOC_ROOT or ./geosoc-data/<region>)."""
+    from geosoc.catalog import load_catalog
+    from geosoc.storage import default_root
+
+    loaded = load_catalog(region, catalog)
+    return loaded, root or default_root(loaded.config.region.name)
+
+
 def user_errors(command: F) -> F:
     """Print a GeosocError as one clear line and exit 1, with no traceback."""
 
@@ -62,7 +74,7 @@ def build_cube_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (size, chunks); write nothing."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Threads (default: one per core)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Build (or resume building) the region's covariate cube as Zarr v3 under --root."""
     from geosoc.catalog import load_catalog
@@ -82,7 +94,7 @@ def build_cube_command(
 @user_errors
 def demo(
     root: Optional[str] = RootOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """The whole pipeline on the embedded demo region (synthetic, offline): cube, samples, pretraining,
     fine-tuning; prints the cube and the validation accuracy."""
@@ -122,16 +134,13 @@ def pretrain(
     batch_size: Optional[int] = BatchOpt,
     samples: Optional[str] = typer.Option(None, "--samples", help="SampleSet URL (default samples/unlabelled.zarr)."),
     fresh: bool = FreshOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Contrastive pretraining of both encoders on unlabelled samples (-> models/pretrain)."""
-    from geosoc.catalog import load_catalog
-    from geosoc.storage import default_root
     from geosoc.training import Context, pretrain_region
 
-    loaded = load_catalog(region, catalog).config
-    root = root or default_root(loaded.region.name)
-    result = pretrain_region(loaded, root, epochs=epochs, batch_size=batch_size, samples=samples, resume=not fresh,
+    loaded, root = _region(region, catalog, root)
+    result = pretrain_region(loaded.config, root, epochs=epochs, batch_size=batch_size, samples=samples, resume=not fresh,
                              ctx=Context(progress=not quiet))
     console.print(f"pretrained: best validation loss {result['best_val_loss']:.4f} -> {result['checkpoint']}")
 
@@ -148,16 +157,13 @@ def finetune(
     test_fold: Optional[int] = typer.Option(None, "--test-fold", help="Fold held out entirely (for evaluation)."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Ignore models/pretrain (supervised only)."),
     fresh: bool = FreshOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Fine-tune encoders and head on labelled samples, quantile outputs (-> models/finetune)."""
-    from geosoc.catalog import load_catalog
-    from geosoc.storage import default_root
     from geosoc.training import Context, finetune_region
 
-    loaded = load_catalog(region, catalog).config
-    root = root or default_root(loaded.region.name)
-    result = finetune_region(loaded, root, epochs=epochs, batch_size=batch_size, samples=samples,
+    loaded, root = _region(region, catalog, root)
+    result = finetune_region(loaded.config, root, epochs=epochs, batch_size=batch_size, samples=samples,
                              test_fold=test_fold, pretrained=not from_scratch, resume=not fresh,
                              ctx=Context(progress=not quiet))
     best = min(result["history"], key=lambda m: m["val_loss"])
@@ -216,23 +222,20 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Seed of --random and of fold assignment."),
     min_spacing: float = typer.Option(0.0, "--min-spacing", help="--random: minimum distance (CRS units)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Threads (default: one per core)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Extract patches and climate series at soil points (samples/labelled.zarr) or at random valid
     locations (samples/unlabelled.zarr), with spatial cross-validation folds."""
-    from geosoc.catalog import load_catalog
     from geosoc.cube import cube_url
     from geosoc.points import read_points, report
     from geosoc.sampling import random_points, sample_points, samples_url
-    from geosoc.storage import default_root
 
     if (points is None) == (random is None):
         raise GeosocError("give either --points FILE or --random N")
     if on_error not in ("drop", "fail"):
         raise GeosocError(f"--on-error must be drop or fail, got {on_error!r}")
-    loaded = load_catalog(region, catalog)
+    loaded, root = _region(region, catalog, root)
     config = loaded.config
-    root = root or default_root(config.region.name)
     cube = cube_url(loaded, root)
     patch = config.sampling.patch_size
     if points is not None:
