@@ -87,15 +87,7 @@ def plan_cube(catalog: LoadedCatalog, root: str | None = None) -> CubePlan:
 
 
 def _plan_layer(layer: Layer) -> LayerPlan:
-    remote: dict[str, Any] = {}
-    if hasattr(layer.reader, "requests"):
-        source = layer.reader.source  # type: ignore[attr-defined]
-        remote = {
-            "requests": layer.reader.requests(),
-            "request_bytes": layer.reader.tile.nbytes,  # type: ignore[attr-defined]
-            "concurrency": source.max_concurrency,
-            "seconds_per_request": source.seconds_per_request,
-        }
+    remote = layer.reader.plan() if hasattr(layer.reader, "plan") else {}
     grid = layer.grid
     return LayerPlan(layer.group, layer.shape, layer.chunk_shape, grid.n_chunks, layer.nbytes, grid.resolution,
                      **remote)

@@ -23,7 +23,8 @@ class WindowReader(Protocol):
     """Reads one window of a layer: array (*leading axes, rows, cols), float32, NaN where no data.
 
     Readers may also offer `prepare()` (checked before a build writes anything, e.g. credentials) and
-    `requests()` (how many remote requests a whole build sends, for `--dry-run`).
+    `plan()` (the remote requests a whole build sends: `requests`, `request_bytes`, `concurrency`,
+    `seconds_per_request`; shown by `--dry-run`).
     """
 
     def read(self, rows: slice, cols: slice) -> np.ndarray: ...

@@ -261,6 +261,15 @@ class EarthEngineReader:
     def requests(self) -> int:
         return count_requests(self.grid, self.variables, len(self.times), self.tile)
 
+    def plan(self) -> dict[str, Any]:
+        """What `--dry-run` shows: requests, their largest size, concurrency and assumed time each."""
+        return {
+            "requests": self.requests(),
+            "request_bytes": self.tile.nbytes,
+            "concurrency": self.source.max_concurrency,
+            "seconds_per_request": self.source.seconds_per_request,
+        }
+
     def prepare(self) -> None:
         """Fail fast on credentials before a build starts (skipped when a fetcher is injected)."""
         if self.fetch is None:
