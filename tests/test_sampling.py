@@ -205,3 +205,28 @@ def test_table_with_incomplete_climate_columns(tmp_path: Path) -> None:
     with pytest.raises(GeosocError, match=r"climate columns incomplete, missing \['tmmx_2010-02'\]"):
         sampleset_from_table(table, str(tmp_path / "s.zarr"), "EPSG:3035", "csv",
                              Columns("id", ("lon",), ("lat",), "soc"), fold_block_size=1000, folds=2)
+
+
+def test_region_mask_blanks_imagery_and_random_sampling_respects_it(tmp_path: Path, write_catalog) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from tests.conftest import tiny_catalog_dict
+
+    data = tiny_catalog_dict(climate=False)
+    x0, y0, x1, y1 = data["region"]["bounds"]
+    mask_path = tmp_path / "mask.tif"  # inside = western half, in another CRS-aligned grid of 60 m
+    width, height = int((x1 - x0) / 60), int((y1 - y0) / 60)
+    values = np.zeros((height, width), np.uint8)
+    values[:, : width // 2] = 1
+    with rasterio.open(mask_path, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8",
+                       crs="EPSG:3035", transform=from_origin(x0, y1, 60, 60)) as dst:
+        dst.write(values, 1)
+    data["region"]["mask"] = str(mask_path)
+    catalog = load_catalog(path=write_catalog(data))
+    url = build_cube(catalog, str(tmp_path / "root"), progress=False)
+    image = open_cube(url)["imagery"].to_dataset()["data"].values
+    assert np.isnan(image[:, :, 48:]).all() and np.isfinite(image[:, :, :40]).mean() > 0.8
+    points = random_points(url, 20, PATCH, seed=0)
+    grid = group_grid(open_cube(url)["imagery"].to_dataset())
+    assert (grid.rowcol(points.x, points.y)[1] < 48).all()  # never outside the mask

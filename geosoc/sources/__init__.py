@@ -85,7 +85,12 @@ class _WindowArray:
 def open_layers(catalog: LoadedCatalog) -> list[Layer]:
     """The catalog's imagery layer and, when it has climate, its climate layer."""
     config = catalog.config
-    layers = [_imagery_layer(catalog)]
+    imagery = _imagery_layer(catalog)
+    if config.region.mask is not None:
+        from geosoc.sources.raster import masked
+
+        imagery = masked(imagery, catalog.resolve(config.region.mask))
+    layers = [imagery]
     if config.climate is not None:
         layers.append(_climate_layer(catalog))
     return layers

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rioxarray  # noqa: F401 - registers the .rio accessor
@@ -52,16 +53,18 @@ def _open(url: str) -> xr.DataArray:
 
 
 def inspect_raster(url: str, where: str, bands: list[str] | None, crs: str | None, nodata: float | None,
-                   resampling: str) -> RasterInput:
+                   resampling: str, path_key: str | None = None) -> RasterInput:
     """Read a file's metadata and check it against the catalog entry `where` (errors name both)."""
+    path_key = path_key or f"{where}.path"
     try:
         src = _open(url)
     except Exception as err:  # noqa: BLE001 - rasterio/GDAL raise many types for unreadable input
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise GeosocError(f"{url}: cannot read raster ({reason}); check {where}.path") from None
+        raise GeosocError(f"{url}: cannot read raster ({reason}); check {path_key}") from None
     found_crs = src.rio.crs
     if found_crs is None and crs is None:
-        raise GeosocError(f"{url}: raster has no CRS; state it in the catalog as {where}.crs (e.g. 'EPSG:28355')")
+        hint = f"state it in the catalog as {where}.crs (e.g. 'EPSG:28355')" if where != path_key else "give it one"
+        raise GeosocError(f"{url}: raster has no CRS; {hint}")
     names = _band_names(src, url)
     if bands is not None and len(bands) != len(names):
         raise GeosocError(f"{url}: has {len(names)} bands but {where}.bands lists {len(bands)}: {bands}")
@@ -137,3 +140,30 @@ def raster_imagery(catalog: LoadedCatalog, grid: Grid) -> Layer:
     select = tuple(available.index(b) for b in wanted)
     attrs = {"source": "raster", "files": [item.url for item in inputs]}
     return Layer("imagery", grid, {"band": list(wanted)}, RasterReader(inputs, grid, select), attrs)
+
+
+@dataclass(frozen=True)
+class MaskedReader:
+    """Imagery with no data outside the region mask (mask raster: non-zero inside, 0 or nodata outside)."""
+
+    reader: Any
+    mask: RasterReader
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        values = self.reader.read(rows, cols)
+        inside = self.mask.read(rows, cols)[0]
+        values[:, ~(np.isfinite(inside) & (inside != 0))] = np.nan
+        return values
+
+    def __getattr__(self, name: str) -> Any:  # prepare(), plan() of the wrapped reader
+        if name == "reader":
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+
+def masked(layer: Layer, mask_url: str) -> Layer:
+    """The layer with `region.mask` applied: the mask is resampled onto the grid (nearest) window by window."""
+    item = inspect_raster(mask_url, "region.mask", None, None, None, "nearest", path_key="region.mask")
+    mask = RasterReader((item,), layer.grid, (0,))
+    return Layer(layer.group, layer.grid, layer.axes, MaskedReader(layer.reader, mask),
+                 {**layer.attrs, "mask": mask_url})
