@@ -50,10 +50,15 @@ def save_model(url: str, model: torch.nn.Module, config: ModelConfig, meta: dict
     _write(url, CONFIG_FILE, json.dumps({"model": config.to_dict(), **meta}, indent=2).encode())
 
 
+def load_config(url: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and the rest of config.json, without reading the weights."""
+    meta = json.loads(_read(url, CONFIG_FILE))
+    return ModelConfig.from_dict(meta.pop("model")), meta
+
+
 def load_model(url: str, device: str | torch.device = "cpu") -> tuple[SoilNet, dict[str, Any]]:
     """The model (eval mode) and the rest of config.json (normalisation, target transform, metrics)."""
-    meta = json.loads(_read(url, CONFIG_FILE))
-    config = ModelConfig.from_dict(meta.pop("model"))
+    config, meta = load_config(url)
     model = SoilNet(config)
     model.load_state_dict(load_tensors(_read(url, MODEL_FILE)))
     return model.to(device).eval(), meta

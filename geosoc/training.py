@@ -86,13 +86,15 @@ class SampleData:
         self.patch_size = ds.sizes.get("py", 0)
         self.fold = ds["fold"].values.astype(np.int64)
         self.target = ds["target"].values.astype(np.float64)
-        self.arrays: dict[str, Any] = {}
-        for name, present in (("patch", self.bands), ("climate", self.variables)):
-            if present:
-                array = ds[name].data
-                self.arrays[name] = array.compute() if array.nbytes < IN_MEMORY_LIMIT else array
+        self.arrays: dict[str, Any] = {
+            name: ds[name].data for name, present in (("patch", self.bands), ("climate", self.variables)) if present
+        }
+        self._loaded = False
 
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        if not self._loaded:  # on first use, so that describing a SampleSet reads no pixels
+            self.arrays = {k: a.compute() if a.nbytes < IN_MEMORY_LIMIT else a for k, a in self.arrays.items()}
+            self._loaded = True
         order = np.sort(indices)  # contiguous reads from Zarr; the order within a batch does not matter
         out = {name: np.asarray(array[order], dtype=np.float32) for name, array in self.arrays.items()}
         out["target"] = self.target[order]
@@ -230,8 +232,7 @@ def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: Finetun
     norm = fit_normalisation(data, train, stage.log_target, seed)
     initial = None
     if pretrained_url is not None:
-        pretrained_meta = checkpoint.load_model(pretrained_url)[1]
-        saved = Normalisation.from_dict(pretrained_meta["normalisation"])
+        saved = Normalisation.from_dict(checkpoint.load_config(pretrained_url)[1]["normalisation"])
         norm.band_mean, norm.band_std = saved.band_mean, saved.band_std  # the encoders learned these inputs
         norm.climate_mean, norm.climate_std = saved.climate_mean, saved.climate_std
         initial = {k: v for k, v in checkpoint.load_weights(pretrained_url).items() if not k.startswith("head.")}
@@ -371,7 +372,7 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     if pretrained is True:
         pretrained = urls["pretrain"] if checkpoint.exists(urls["pretrain"]) else None
     if pretrained:
-        config = ModelConfig.from_dict(checkpoint.load_model(pretrained)[0].config.to_dict())
+        config = checkpoint.load_config(pretrained)[0]
         config.quantiles = list(catalog.model.quantiles)
         data = SampleData(samples)
         if (config.bands, config.variables) != (data.bands, data.variables):
