@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from geosoc import checkpoint
 from geosoc.catalog import FinetuneConfig, PretrainConfig
 from geosoc.models import ModelConfig
 from geosoc.points import Points
-from geosoc.sampling import SampleSetWriter, _dataset, open_sampleset
+from geosoc.sampling import SampleSetWriter, _dataset
 from geosoc.training import Context, SampleData, augment_patches, finetune, pretrain, split
 from tests.conftest import REPO
 

@@ -111,7 +111,7 @@ def main() -> None:
         subset = np.random.default_rng(1).choice(args.points, args.naive_subset, replace=False)
         start = time.perf_counter()
         for i in subset:
-            data.isel(y=slice(max(rows[i] - half, 0), rows[i] - half + args.patch),
+            _ = data.isel(y=slice(max(rows[i] - half, 0), rows[i] - half + args.patch),
                       x=slice(max(cols[i] - half, 0), cols[i] - half + args.patch)).values
         naive_subset_s = time.perf_counter() - start
         naive_s = naive_subset_s * args.points / args.naive_subset
