@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.geosoc-installed
 
-.PHONY: install demo test test-all bench lock clean
+.PHONY: install demo test bench lock clean
 
 install: $(STAMP)
 
@@ -22,9 +22,6 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
-
-test-all: install
-	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: install
 	$(PY) tests/benchmarks/cube_write.py

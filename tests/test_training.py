@@ -190,3 +190,14 @@ def test_ray_job_submit_pretrain_and_resume(ray_head, tmp_path: Path) -> None:
     state = json.loads((checkpoint_dir / "last" / "state.json").read_text())
     assert state["epoch"] == 2 and [m["epoch"] for m in state["history"]] == [1, 2]
     assert "pretrain finished" in output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_finetune_on_cuda_in_bf16(tmp_path: Path) -> None:
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    ctx = Context(device=torch.device("cuda"), progress=False)
+    result = finetune(url, str(tmp_path / "ft"), config_for(url), FinetuneConfig(epochs=3, batch_size=16), ctx=ctx)
+    assert np.isfinite(result["history"][-1]["val_loss"])
+    model, _ = checkpoint.load_model(str(tmp_path / "ft"), device="cpu")  # CUDA-trained weights load on CPU
+    assert next(model.parameters()).device.type == "cpu"
