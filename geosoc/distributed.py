@@ -14,7 +14,9 @@ import argparse
 import os
 from typing import Any
 
-from geosoc.catalog import load_catalog
+import yaml
+
+from geosoc.catalog import Catalog, load_catalog
 from geosoc.errors import GeosocError
 from geosoc.storage import default_root
 
@@ -34,7 +36,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         report=lambda metrics: ray.train.report(metrics),
         progress=False,
     )
-    catalog = load_catalog(config["region"], config["catalog"]).config
+    catalog = Catalog.model_validate(yaml.safe_load(config["catalog_text"]))  # validated by the driver already
     run = pretrain_region if config["stage"] == "pretrain" else finetune_region
     kwargs = {k: config[k] for k in ("epochs", "batch_size", "samples") if config.get(k) is not None}
     if config["stage"] == "finetune" and config.get("test_fold") is not None:
@@ -59,7 +61,8 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
         )
     if not ray.is_initialized():
         ray.init()
-    config = {"stage": stage, "region": region, "catalog": str(loaded.path), "root": root, **options}
+    # Workers get the catalog's text: on other nodes the driver's file path does not exist.
+    config = {"stage": stage, "catalog_text": loaded.text, "root": root, **options}
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=config,
