@@ -227,6 +227,7 @@ class StageConfig(_Section):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=2)
     learning_rate: float = Field(1e-4, gt=0)
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="held out to pick the best epoch")
 
 
 class PretrainConfig(StageConfig):
@@ -235,7 +236,6 @@ class PretrainConfig(StageConfig):
 
 class FinetuneConfig(StageConfig):
     log_target: bool = True
-    validation_fraction: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(20, ge=1, description="epochs without validation improvement before stopping")
 
 

@@ -232,8 +232,6 @@ def sample(
 
     if (points is None) == (random is None):
         raise GeosocError("give either --points FILE or --random N")
-    if on_error not in ("drop", "fail"):
-        raise GeosocError(f"--on-error must be drop or fail, got {on_error!r}")
     loaded, root = _region(region, catalog, root)
     config = loaded.config
     cube = cube_url(loaded, root)
@@ -282,9 +280,8 @@ def sample_table(
         table, out, crs, fmt, _columns(fmt, id_col, x_col, y_col, target_col, points_crs, units), patches,
         bands.split(",") if bands else None, fold_block_size=fold_block_size, folds=folds, on_error=on_error,
     )
-    what = "climate" if result.has_climate else ""
-    what += (" and " if what and patches else "") + ("patches" if patches else "")
-    console.print(f"{result.samples:,} samples with {what} -> {result.url}")
+    what = [name for name, present in (("climate", result.has_climate), ("patches", patches is not None)) if present]
+    console.print(f"{result.samples:,} samples with {' and '.join(what)} -> {result.url}")
 
 
 def print_plan(plan: Any) -> None:

@@ -181,11 +181,21 @@ def _open_data_array(url: str, group: str, build: str) -> zarr.Array:
     return zarr.open_array(zarr_store(url), path=f"{group}/data", mode="r+", zarr_format=3)
 
 
+def _progress_url(cube: str) -> str:
+    return cube.rstrip("/") + ".progress"
+
+
+def _remove(url: str) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 class _Markers:
-    """Per-chunk completion markers beside the cube: one small object per finished chunk."""
+    """Per-chunk completion markers beside the cube: one small object per finished chunk of one build."""
 
     def __init__(self, url: str, build_id: str) -> None:
-        self.url = join(url + ".progress", build_id)
+        self.url = join(_progress_url(url), build_id)
 
     def mark(self, key: str) -> None:
         fs, path = filesystem(self.url)
@@ -197,10 +207,6 @@ class _Markers:
             return set()
         return {found[len(path) + 1 :] for found in fs.find(path)}
 
-    def clear(self) -> None:
-        fs, path = filesystem(self.url.rsplit("/", 1)[0])
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
 
 
 def _fingerprint(catalog: LoadedCatalog) -> str:
@@ -216,7 +222,7 @@ def _read_root_attrs(url: str) -> dict[str, Any] | None:
 
 def _write_template(url: str, catalog: LoadedCatalog, layers: list[Layer], fingerprint: str) -> dict[str, Any]:
     """Metadata and coordinates only; the root's `geosoc_template_complete` flag is written last."""
-    _Markers(url, "-").clear()
+    _remove(_progress_url(url))  # markers of an earlier, abandoned template
     store = zarr_store(url)
     attrs: dict[str, Any] = {
         "region": catalog.config.region.name,
@@ -244,17 +250,26 @@ def _write_template(url: str, catalog: LoadedCatalog, layers: list[Layer], finge
     return attrs
 
 
+def axis_coordinate(axis: str, values: list[Any]) -> tuple[Any, ...]:
+    """How cubes and SampleSets store a named axis: integer positions with the names in a `names` attribute
+    (Zarr v3 has no specified string dtype); `time` stays datetime. `with_axis_names` reverses it."""
+    if axis == "time":
+        return (axis, np.array(values, dtype="datetime64[ns]"))
+    return (axis, np.arange(len(values)), {_NAMES_ATTR: [str(v) for v in values]})
+
+
+def with_axis_names(ds: xr.Dataset) -> xr.Dataset:
+    """Opened cube group or SampleSet with string coordinates for its named axes (in memory only)."""
+    named = {axis: ds[axis].attrs[_NAMES_ATTR] for axis in ds.coords if _NAMES_ATTR in ds[axis].attrs}
+    return ds.assign_coords(named)
+
+
 def _template_dataset(layer: Layer) -> xr.Dataset:
-    """The layer as a Dataset with integer axis coordinates (names in attrs: zarr v3 has no string coords)."""
+    """The layer as a Dataset of its coordinates and a lazy `data` variable that is never computed."""
     data = dask.array.zeros(layer.shape, chunks=layer.chunk_shape, dtype=np.float32)
     coords: dict[str, Any] = {"y": ("y", layer.grid.y), "x": ("x", layer.grid.x)}
-    for axis, values in layer.axes.items():
-        if axis == "time":
-            coords[axis] = (axis, np.array(values, dtype="datetime64[ns]"))
-        else:
-            coords[axis] = (axis, np.arange(len(values)), {_NAMES_ATTR: [str(v) for v in values]})
-    attrs = {**layer.attrs, **{f"{a}_names": [str(v) for v in vals] for a, vals in layer.axes.items() if a != "time"}}
-    ds = xr.Dataset({"data": (layer.dims, data, attrs)}, coords=coords)
+    coords.update({axis: axis_coordinate(axis, values) for axis, values in layer.axes.items()})
+    ds = xr.Dataset({"data": (layer.dims, data, dict(layer.attrs))}, coords=coords)
     ds = ds.rio.write_crs(layer.grid.crs).rio.write_transform(layer.grid.transform)
     ds["data"].attrs["grid_mapping"] = "spatial_ref"
     ds.attrs.update(group=layer.group, resolution=layer.grid.resolution)
@@ -275,7 +290,7 @@ def _finish(url: str, layers: list[Layer], markers: _Markers) -> None:
         raise GeosocError(f"{url}: chunks still missing after the build: {missing}; run the build again")
     group = zarr.open_group(zarr_store(url), mode="r+", zarr_format=3)
     group.attrs.update({"geosoc_status": "complete", "geosoc_chunks": record})
-    markers.clear()
+    _remove(_progress_url(url))
 
 
 def open_cube(url: str) -> xr.DataTree:
@@ -291,10 +306,7 @@ def open_cube(url: str) -> xr.DataTree:
         ds = node.to_dataset()
         if "spatial_ref" in ds.data_vars:
             ds = ds.set_coords("spatial_ref")
-        named = {
-            axis: ds[axis].attrs[_NAMES_ATTR] for axis in ds.coords if _NAMES_ATTR in ds[axis].attrs
-        }
-        tree[name] = xr.DataTree(ds.assign_coords(named))
+        tree[name] = xr.DataTree(with_axis_names(ds))
     return tree
 
 

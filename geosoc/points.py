@@ -79,6 +79,12 @@ class Points:
                       self.target[keep], self.units, self.source, self.problems, self.index[keep])
 
 
+def lonlat(x: np.ndarray, y: np.ndarray, crs: str) -> tuple[np.ndarray, np.ndarray]:
+    """Longitude and latitude (EPSG:4326) of points given in `crs`."""
+    lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
+    return np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
+
+
 def report(problems: list[Problem], limit: int = 50) -> str:
     lines = [str(p) for p in problems[:limit]]
     if len(problems) > limit:
@@ -93,15 +99,16 @@ def read_points(
     columns: Columns | None = None,
     bounds: tuple[float, float, float, float] | None = None,
     on_error: OnError = "fail",
+    table: Table | None = None,
 ) -> Points:
-    """Read and validate a point table; coordinates are returned in `grid_crs` (and as lon/lat)."""
+    """Read and validate a point table; coordinates are returned in `grid_crs` (and as lon/lat).
+
+    `table` is the file already read with `read_table` (to read it once when other columns are needed)."""
     path = Path(path)
-    if fmt not in FORMATS:
-        raise GeosocError(f"{path}: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    spec = columns or PRESETS.get(fmt)
-    if spec is None:
-        raise GeosocError(f"{path}: format 'csv' needs a column mapping (id, x, y, target and CRS)")
-    table, first_row, crs = _read_table(path, spec)
+    if on_error not in ("drop", "fail"):
+        raise GeosocError(f"on_error (--on-error) must be 'drop' or 'fail', got {on_error!r}")
+    spec = point_columns(path, fmt, columns)
+    table, first_row, crs = table or read_table(path, spec)
     problems: list[Problem] = []
 
     def need(names: tuple[str, ...] | str | None, role: str) -> str | None:
@@ -163,8 +170,8 @@ def read_points(
         target = np.full(len(table), np.nan)
 
     gx, gy = Transformer.from_crs(crs, grid_crs, always_xy=True).transform(x, y)
-    lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
     gx, gy = np.asarray(gx, dtype=np.float64), np.asarray(gy, dtype=np.float64)
+    lon, lat = lonlat(x, y, crs)
     if bounds is not None:
         xmin, ymin, xmax, ymax = bounds
         outside = ~bad & ~((gx >= xmin) & (gx < xmax) & (gy > ymin) & (gy <= ymax))
@@ -180,11 +187,24 @@ def read_points(
     keep = ~bad
     if not keep.any():
         raise GeosocError(f"{path}: no valid points among {len(table)} rows:\n{report(problems)}")
-    points = Points(ids, gx, gy, np.asarray(lon), np.asarray(lat), target, spec.units, str(path), problems)
+    points = Points(ids, gx, gy, lon, lat, target, spec.units, str(path), problems)
     return points.subset(keep)
 
 
-def _read_table(path: Path, spec: Columns) -> tuple[pd.DataFrame, int, str]:
+Table = tuple[pd.DataFrame, int, str]  # rows as text, number of the first data row, CRS of the coordinates
+
+
+def point_columns(path: Path, fmt: str, columns: Columns | None) -> Columns:
+    """The column mapping: the one given, or the format's preset."""
+    if fmt not in FORMATS:
+        raise GeosocError(f"{path}: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    spec = columns or PRESETS.get(fmt)
+    if spec is None:
+        raise GeosocError(f"{path}: format 'csv' needs a column mapping (id, x, y, target and CRS)")
+    return spec
+
+
+def read_table(path: Path, spec: Columns) -> Table:
     """The table as text-preserving columns, the number of its first data row, and the coordinates' CRS."""
     try:
         if path.suffix.lower() in (".parquet", ".geoparquet"):
@@ -196,7 +216,7 @@ def _read_table(path: Path, spec: Columns) -> tuple[pd.DataFrame, int, str]:
         raise GeosocError(f"{path}: cannot read table: {str(err).splitlines()[0]}") from None
 
 
-def _read_geoparquet(path: Path, spec: Columns) -> tuple[pd.DataFrame, int, str]:
+def _read_geoparquet(path: Path, spec: Columns) -> Table:
     """Parquet; with GeoParquet metadata the point geometry gives x/y and its CRS."""
     import pyarrow.parquet as pq
 

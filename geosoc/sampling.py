@@ -22,16 +22,15 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-from geosoc.cube import group_grid, open_cube
+from geosoc.cube import axis_coordinate, group_grid, open_cube, with_axis_names
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid
-from geosoc.points import Points
+from geosoc.points import Points, lonlat
 from geosoc.storage import filesystem, join, zarr_store
 
 MAX_NODATA_FRACTION = 0.5  # a patch with more pixels without data than this is dropped
 ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
 TARGET_CHUNK_BYTES = 8 * 2**20
-_NAMES_ATTR = "names"
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ class SampleSetWriter:
             fs.rm(tmp, recursive=True)
 
 
-def _dataset(
+def sampleset_dataset(
     points: Points, fold: np.ndarray, climate: np.ndarray | None, months: list[Any] | None,
     variables: list[str] | None, bands: list[str] | None, attrs: dict[str, Any],
 ) -> xr.Dataset:
@@ -199,11 +198,11 @@ def _dataset(
     }
     data: dict[str, Any] = {"target": ("sample", points.target.astype(np.float32), {"units": points.units})}
     if bands is not None:
-        coords["band"] = ("band", np.arange(len(bands)), {_NAMES_ATTR: list(bands)})
+        coords["band"] = axis_coordinate("band", bands)
     if climate is not None:
         data["climate"] = (("sample", "time", "variable"), climate.astype(np.float32))
-        coords["time"] = ("time", np.array(months, dtype="datetime64[ns]"))
-        coords["variable"] = ("variable", np.arange(len(variables)), {_NAMES_ATTR: list(variables)})
+        coords["time"] = axis_coordinate("time", months)
+        coords["variable"] = axis_coordinate("variable", variables)
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(
         attrs,
@@ -259,7 +258,7 @@ def sample_points(
         fold = spatial_folds(chosen.x, chosen.y, fold_block_size, folds, seed)
         attrs = {"cube": cube_url, "patch_size": patch, "crs": grid.crs, "kind": kind, "source": points.source,
                  "fold_block_size": fold_block_size}
-        url = writer.finish(_dataset(chosen, fold, series, months, variables, bands, attrs))
+        url = writer.finish(sampleset_dataset(chosen, fold, series, months, variables, bands, attrs))
     except BaseException:
         writer.abort()
         raise
@@ -287,56 +286,52 @@ def random_points(
         cx, cy = rng.uniform(xmin, xmax, size), rng.uniform(ymin, ymax, size)
         rows, cols = grid.rowcol(cx, cy)
         cx, cy = grid.x_of(cols), grid.y_of(rows)  # pixel centres: a location is a pixel
-        candidates = [i for i in range(size) if spacing.free(cx[i], cy[i], tentative=True)]
-        spacing.clear_tentative()
+        candidates = np.array([i for i in range(size) if spacing.free(cx[i], cy[i])], dtype=np.int64)
         valid = np.zeros(size, dtype=bool)
-        for part in extract_patches(cube_url, grid, cx[candidates], cy[candidates], patch, workers=workers):
-            valid[np.asarray(candidates)[part.indices[part.valid]]] = True
+        for part in extract_patches(cube_url, grid, cx[candidates], cy[candidates], patch, workers=workers,
+                                    progress=progress):
+            valid[candidates[part.indices[part.valid]]] = True
         rate = max(valid.sum() / size, 0.01)
         for i in np.flatnonzero(valid):
             if len(accepted_x) == n:
                 break
             if spacing.free(cx[i], cy[i]):
+                spacing.add(cx[i], cy[i])
                 accepted_x.append(float(cx[i]))
                 accepted_y.append(float(cy[i]))
     if len(accepted_x) < n:
         raise GeosocError(f"found only {len(accepted_x)} of {n} valid locations; lower --min-spacing or N")
     x, y = np.array(accepted_x), np.array(accepted_y)
-    from pyproj import Transformer
-
-    lon, lat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(x, y)
     ids = np.array([f"random-{seed}-{i}" for i in range(n)], dtype=object)
-    return Points(ids, x, y, np.asarray(lon), np.asarray(lat), np.full(n, np.nan), "", f"random(seed={seed})")
+    return Points(ids, x, y, *lonlat(x, y, grid.crs), np.full(n, np.nan), "", f"random(seed={seed})")
 
 
 class _SpacingIndex:
-    """Greedy minimum spacing with a grid hash of accepted points (3x3 neighbour cells)."""
+    """Minimum spacing between accepted points, with a grid hash (3x3 neighbour cells)."""
 
     def __init__(self, spacing: float) -> None:
         self.spacing = spacing
         self.cells: dict[tuple[int, int], list[tuple[float, float]]] = {}
-        self.tentative: list[tuple[int, int]] = []
 
-    def free(self, x: float, y: float, tentative: bool = False) -> bool:
+    def _cell(self, x: float, y: float) -> tuple[int, int]:
+        return int(x // self.spacing), int(y // self.spacing)
+
+    def free(self, x: float, y: float) -> bool:
+        """Whether (x, y) is at least `spacing` from every accepted point (candidates are pre-filtered
+        against earlier rounds with it, so points that could never be accepted are not extracted)."""
         if self.spacing <= 0:
             return True
-        cx, cy = int(x // self.spacing), int(y // self.spacing)
-        for dx in (-1, 0, 1):
-            for dy in (-1, 0, 1):
-                for px, py in self.cells.get((cx + dx, cy + dy), ()):
-                    if (px - x) ** 2 + (py - y) ** 2 < self.spacing**2:
-                        return False
-        self.cells.setdefault((cx, cy), []).append((x, y))
-        if tentative:
-            self.tentative.append((cx, cy))
-        return True
+        cx, cy = self._cell(x, y)
+        return all(
+            (px - x) ** 2 + (py - y) ** 2 >= self.spacing**2
+            for dx in (-1, 0, 1)
+            for dy in (-1, 0, 1)
+            for px, py in self.cells.get((cx + dx, cy + dy), ())
+        )
 
-    def clear_tentative(self) -> None:
-        for cell in self.tentative:
-            self.cells[cell].pop()
-            if not self.cells[cell]:
-                del self.cells[cell]
-        self.tentative = []
+    def add(self, x: float, y: float) -> None:
+        if self.spacing > 0:
+            self.cells.setdefault(self._cell(x, y), []).append((x, y))
 
 
 def open_sampleset(url: str) -> xr.Dataset:
@@ -345,8 +340,7 @@ def open_sampleset(url: str) -> xr.Dataset:
         ds = xr.open_zarr(zarr_store(url, read_only=True), consolidated=False, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise GeosocError(f"{url}: no SampleSet here; create one with `geosoc sample`") from None
-    named = {axis: ds[axis].attrs[_NAMES_ATTR] for axis in ("band", "variable") if axis in ds.coords}
-    return ds.assign_coords(named)
+    return with_axis_names(ds)
 
 
 def samples_url(root: str, kind: str) -> str:

@@ -37,10 +37,6 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def is_local(url: str) -> bool:
-    return isinstance(filesystem(url)[0], LocalFileSystem)
-
-
 def zarr_store(url: str, read_only: bool = False) -> zarr.abc.store.Store:
     """A Zarr v3 store for any fsspec URL (LocalStore for local paths: faster and atomic renames)."""
     fs, path = filesystem(url)

@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 
 from geosoc.errors import GeosocError
-from geosoc.points import Columns, Points, read_points
-from geosoc.sampling import SampleReport, SampleSetWriter, _dataset, spatial_folds
+from geosoc.points import Columns, Points, point_columns, read_points, read_table
+from geosoc.sampling import SampleReport, SampleSetWriter, sampleset_dataset, spatial_folds
 
 CLIMATE_COLUMN = re.compile(r"^(?P<variable>[A-Za-z][A-Za-z0-9]*)_(?P<month>\d{4}-\d{2})$")
 
 
-def climate_from_columns(table: pd.DataFrame, path: Path) -> tuple[np.ndarray, list[dt.date], list[str]] | None:
+def climate_from_columns(table: pd.DataFrame, path: Path,
+                         first_row: int = 2) -> tuple[np.ndarray, list[dt.date], list[str]] | None:
     """(rows, time, variable) from `<variable>_<YYYY-MM>` columns, or None when the table has none."""
     found = [(m["variable"], m["month"], name) for name in table.columns if (m := CLIMATE_COLUMN.match(str(name)))]
     if not found:
@@ -39,8 +40,10 @@ def climate_from_columns(table: pd.DataFrame, path: Path) -> tuple[np.ndarray, l
             numbers = pd.to_numeric(table[column], errors="coerce")
             unparsed = numbers.isna() & table[column].notna()
             if unparsed.any():
-                row = int(np.flatnonzero(unparsed.to_numpy())[0]) + 2
-                raise GeosocError(f"{path}: row {row}: {column}: not a number: {table[column].iloc[row - 2]!r}")
+                index = int(np.flatnonzero(unparsed.to_numpy())[0])
+                raise GeosocError(
+                    f"{path}: row {index + first_row}: {column}: not a number: {table[column].iloc[index]!r}"
+                )
             values[:, t, j] = numbers.to_numpy(dtype=np.float32)
     dates = [dt.date(int(m[:4]), int(m[5:]), 1) for m in months]
     return values, dates, variables
@@ -53,9 +56,10 @@ def sampleset_from_table(
 ) -> SampleReport:
     """Write a SampleSet from a table with climate columns and/or a (rows, band, py, px) .npy of patches."""
     table_path = Path(table_path)
-    points: Points = read_points(table_path, grid_crs, fmt, columns, on_error=on_error)  # type: ignore[arg-type]
-    table = pd.read_csv(table_path, dtype=str, keep_default_na=False, na_values=[""])
-    climate = climate_from_columns(table, table_path)
+    read = read_table(table_path, point_columns(table_path, fmt, columns))
+    points: Points = read_points(table_path, grid_crs, fmt, columns, on_error=on_error, table=read)  # type: ignore[arg-type]
+    table = read[0]
+    climate = climate_from_columns(table, table_path, first_row=read[1])
     patches = None
     if patches_path is not None:
         patches = np.load(patches_path, allow_pickle=False, mmap_mode="r")
@@ -80,7 +84,7 @@ def sampleset_from_table(
         fold = spatial_folds(points.x, points.y, fold_block_size, folds, seed)
         attrs = {"cube": "", "patch_size": int(patches.shape[2]) if patches is not None else 0, "crs": grid_crs,
                  "kind": "labelled", "source": str(table_path), "fold_block_size": fold_block_size}
-        url = writer.finish(_dataset(points, fold, series, months, variables,
+        url = writer.finish(sampleset_dataset(points, fold, series, months, variables,
                                      bands if patches is not None else None, attrs))
     except BaseException:
         writer.abort()

@@ -206,13 +206,12 @@ def _contrastive_loss(model: SoilNet, inputs: dict[str, torch.Tensor], temperatu
                    module.climate(augment_climate(inputs["climate"], generator)), temperature)
 
 
-def pretrain(samples_url: str, out_url: str, config: ModelConfig, stage: PretrainConfig, *,
-             validation_fraction: float = 0.1, seed: int = 0, resume: bool = True,
-             ctx: Context | None = None) -> dict[str, Any]:
+def pretrain(samples_url: str, out_url: str, config: ModelConfig, stage: PretrainConfig, *, seed: int = 0,
+             resume: bool = True, ctx: Context | None = None) -> dict[str, Any]:
     """Contrastive pretraining on (unlabelled) samples; checkpoints under `out_url`."""
     ctx = ctx or Context()
     data = SampleData(samples_url, _modalities(config))
-    train, val = split(data, validation_fraction, seed, None, labelled=False)
+    train, val = split(data, stage.validation_fraction, seed, None, labelled=False)
     norm = fit_normalisation(data, train, log_target=False, seed=seed)
 
     def loss_fn(model: SoilNet, batch: dict[str, np.ndarray], is_train: bool, gen: torch.Generator) -> tuple:
@@ -359,8 +358,7 @@ def pretrain_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     samples = samples or urls["unlabelled"]
     config = model_config(catalog, SampleData(samples))
     stage = _override(catalog.training.pretrain, epochs, batch_size)
-    return pretrain(samples, urls["pretrain"], config, stage, validation_fraction=catalog.training.finetune.validation_fraction,
-                    seed=catalog.training.seed, resume=resume, ctx=ctx)
+    return pretrain(samples, urls["pretrain"], config, stage, seed=catalog.training.seed, resume=resume, ctx=ctx)
 
 
 def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, batch_size: int | None = None,

@@ -20,10 +20,18 @@ from ee import apitestcase
 from googleapiclient.errors import HttpError
 
 from geosoc.grid import Grid
-from geosoc.sources.ee_fetch import describe_request, structured
+from geosoc.sources.ee_fetch import describe_request
 from geosoc.sources.synthetic import Landscape
 
 MASK_VALUE = float(np.iinfo(np.int32).max)  # xee's default unmask value
+
+
+def structured(array: np.ndarray) -> np.ndarray:
+    """(bands, h, w) -> the structured (h, w) array computePixels returns for NUMPY_NDARRAY."""
+    out = np.empty(array.shape[1:], dtype=[(f"b{i}", "<f4") for i in range(array.shape[0])])
+    for i in range(array.shape[0]):
+        out[f"b{i}"] = array[i]
+    return out
 
 
 def initialize_offline() -> None:

@@ -19,7 +19,7 @@ from geosoc import checkpoint
 from geosoc.catalog import FinetuneConfig, PretrainConfig
 from geosoc.models import ModelConfig
 from geosoc.points import Points
-from geosoc.sampling import SampleSetWriter, _dataset
+from geosoc.sampling import SampleSetWriter, sampleset_dataset
 from geosoc.training import Context, SampleData, augment_patches, finetune, pretrain, split
 from tests.conftest import REPO
 
@@ -41,7 +41,7 @@ def tiny_sampleset(url: str, n: int = 48, patches: bool = True, climate: bool = 
         writer.append(patch)
     months = [np.datetime64(f"2010-0{m}-01") for m in range(1, 5)]
     fold = (np.arange(n) % 4).astype(np.int8)
-    ds = _dataset(points, fold, series if climate else None, months if climate else None,
+    ds = sampleset_dataset(points, fold, series if climate else None, months if climate else None,
                   ["pr", "tmmx"] if climate else None, ["b0", "b1", "b2"] if patches else None, {"patch_size": 8})
     return writer.finish(ds)
 

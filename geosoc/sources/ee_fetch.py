@@ -218,13 +218,3 @@ def _walk(values: dict[str, Any], resolve: Callable[[Any], Any]) -> Any:
         elif isinstance(node, list):
             stack.extend(node)
 
-
-def structured(array: np.ndarray) -> np.ndarray:
-    """(bands, h, w) -> the structured (h, w) array computePixels returns for NUMPY_NDARRAY."""
-    bands = array.shape[0]
-    out = np.empty(array.shape[1:], dtype=[(f"b{i}", "<f4") for i in range(bands)])
-    for i in range(bands):
-        out[f"b{i}"] = array[i]
-    return out
-
-

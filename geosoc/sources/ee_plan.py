@@ -21,9 +21,6 @@ VALUE_BYTES = 4  # float32
 MASK_BYTES = 1
 MIN_TILE_SIDE = 64  # below this, shrink the index range instead of the tile
 
-DEFAULT_CONCURRENCY = 40  # Earth Engine allows about 40 concurrent requests per project
-DEFAULT_SECONDS_PER_REQUEST = 2.0  # stated assumption for duration estimates
-
 
 @dataclass(frozen=True)
 class TileShape:

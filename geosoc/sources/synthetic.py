@@ -25,8 +25,7 @@ from geosoc.grid import Grid
 from geosoc.sources import Layer
 from geosoc.sources.noise import fbm, hash_uniform, key_of, lattice_interp, value_noise
 
-WATER, WETLAND, FOREST, GRASSLAND, CROPLAND, BARE = range(6)
-LAND_COVER = ("water", "wetland", "forest", "grassland", "cropland", "bare")
+WATER, WETLAND, FOREST, GRASSLAND, CROPLAND, BARE = range(6)  # land-cover codes
 
 _SOC_MEDIAN_OFFSET = 0.11  # centres log SOC so that the median over a continent is about 20 g/kg
 _LC_SOC_EFFECT = np.array([np.nan, 1.7, 0.45, 0.25, -0.35, -0.9])

@@ -24,22 +24,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
-
-X0, Y0 = 4_000_020, 2_800_020
 
 
 def build(folder: Path, size_px: int) -> str:
+    from cube_write import write_catalog  # the same synthetic benchmark region (this folder is on sys.path)
+
     from geosoc.catalog import load_catalog
     from geosoc.cube import build_cube
 
-    side = size_px * 30
-    catalog = folder / "bench.yaml"
-    catalog.write_text(yaml.safe_dump({
-        "region": {"name": "bench", "crs": "EPSG:3035", "bounds": [X0, Y0, X0 + side, Y0 + side]},
-        "imagery": {"resolution": 30, "chunk": 512, "source": {"kind": "synthetic", "seed": 0}},
-    }))
-    return build_cube(load_catalog(path=catalog), str(folder / "root"), progress=False)
+    return build_cube(load_catalog(path=write_catalog(folder, size_px, 512)), str(folder / "root"), progress=False)
 
 
 def random_xy(grid, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

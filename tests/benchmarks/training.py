@@ -25,7 +25,7 @@ import torch
 from geosoc.models import ModelConfig, SoilNet
 from geosoc.models.losses import nt_xent
 from geosoc.points import Points
-from geosoc.sampling import SampleSetWriter, _dataset
+from geosoc.sampling import SampleSetWriter, sampleset_dataset
 from geosoc.training import SampleData, _contrastive_loss, fit_normalisation
 
 BANDS, PATCH, MONTHS, VARIABLES = 14, 64, 61, 14
@@ -40,7 +40,7 @@ def make_sampleset(url: str, n: int) -> str:
     writer.append(rng.normal(size=(n, BANDS, PATCH, PATCH)).astype(np.float32))
     months = [np.datetime64("2010-01-01") + np.timedelta64(31 * m, "D") for m in range(MONTHS)]
     series = rng.normal(size=(n, MONTHS, VARIABLES)).astype(np.float32)
-    return writer.finish(_dataset(points, np.zeros(n, np.int8), series, months, [f"v{i}" for i in range(VARIABLES)],
+    return writer.finish(sampleset_dataset(points, np.zeros(n, np.int8), series, months, [f"v{i}" for i in range(VARIABLES)],
                                   bands, {"patch_size": PATCH}))
 
 
