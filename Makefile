@@ -9,7 +9,7 @@ STAMP := $(VENV)/.geosoc-installed
 install: $(STAMP)
 
 # torch and torchvision go in together first: other pairs fail to import or download several GB
-# (DESIGN.md pitfalls). Everything else comes pinned from requirements.lock.
+# (see docs/architecture.md). Everything else comes pinned from requirements.lock.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1

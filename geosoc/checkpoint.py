@@ -13,12 +13,14 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from geosoc.aoa import Reference
 from geosoc.errors import GeosocError
 from geosoc.models import ModelConfig, SoilNet
 from geosoc.storage import filesystem, join
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 STATE_TENSORS, STATE_FILE = "state.safetensors", "state.json"
+AOA_FILE = "aoa.safetensors"  # training embeddings for the area of applicability (fine-tuned models)
 
 
 def _write(url: str, name: str, data: bytes) -> None:
@@ -48,6 +50,25 @@ def save_model(url: str, model: torch.nn.Module, config: ModelConfig, meta: dict
     """Weights, then config.json last: a checkpoint with a config.json is complete."""
     _write(url, MODEL_FILE, save_tensors(_weights(model)))
     _write(url, CONFIG_FILE, json.dumps({"model": config.to_dict(), **meta}, indent=2).encode())
+
+
+def update_meta(url: str, updates: dict[str, Any]) -> None:
+    """Add entries to a saved checkpoint's config.json (e.g. the calibration fitted after training)."""
+    meta = json.loads(_read(url, CONFIG_FILE))
+    meta.update(updates)
+    _write(url, CONFIG_FILE, json.dumps(meta, indent=2).encode())
+
+
+def save_aoa(url: str, reference: Reference) -> None:
+    _write(url, AOA_FILE, reference.to_bytes())
+
+
+def load_aoa(url: str) -> Reference | None:
+    """The area-of-applicability reference stored with a fine-tuned model, or None if it has none."""
+    fs, path = filesystem(join(url, AOA_FILE))
+    if not fs.exists(path):
+        return None
+    return Reference.from_bytes(fs.cat_file(path))
 
 
 def load_config(url: str) -> tuple[ModelConfig, dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Assemble a region's sources into a Zarr v3 cube, chunk by chunk, resumably; open cubes lazily.
 
-Layout (see DESIGN.md): groups `imagery` (band, y, x) and `climate` (time, variable, y, x), each with one
+Layout (docs/architecture.md): groups `imagery` (band, y, x) and `climate` (time, variable, y, x), each with one
 `data` variable on the region's CRS. The build follows the xarray-beam pattern: a metadata-only template is
 written first, then every chunk is computed and written by exactly one task into its own Zarr chunk, so
 parallel writers never share a chunk. After a chunk is written, a marker object is put beside the cube
@@ -15,7 +15,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,8 +31,9 @@ import geosoc
 from geosoc.catalog import LoadedCatalog, load_catalog
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid, Window
+from geosoc.progress import Markers, progress_url, remove, run_tasks
 from geosoc.sources import Layer, WindowReader, open_layers
-from geosoc.storage import check_writable, default_root, filesystem, join, zarr_store
+from geosoc.storage import check_writable, default_root, join, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def build_cube(
         log.info("%s is already complete", url)
         return url
 
-    markers = _Markers(url, attrs["geosoc_build_id"])
+    markers = Markers(url, attrs["geosoc_build_id"])
     done = markers.completed()
     todo = [
         (layer.group, window)
@@ -144,32 +144,12 @@ def build_cube(
         for group, window in todo
     ]
     with tqdm(total=total, initial=total - len(todo), desc="build-cube", unit="chunk", disable=not progress) as bar:
-        _run(tasks, client, workers, bar)
+        run_tasks(tasks, client, workers, bar)
     _finish(url, layers, markers)
     return url
 
 
-def _run(tasks: list[Any], client: Any, workers: int | None, bar: tqdm) -> None:
-    if not tasks:
-        return
-    if client is not None:
-        from distributed import as_completed
-
-        for future in as_completed(client.compute(tasks)):
-            future.result()
-            bar.update(1)
-        return
-    from dask.callbacks import Callback
-
-    class _Tick(Callback):
-        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
-            bar.update(1)
-
-    with _Tick():
-        dask.compute(*tasks, scheduler="threads", num_workers=workers or os.cpu_count())
-
-
-def _write_chunk(url: str, group: str, reader: WindowReader, window: Window, markers: _Markers) -> None:
+def _write_chunk(url: str, group: str, reader: WindowReader, window: Window, markers: Markers) -> None:
     block = reader.read(window.rows, window.cols)
     _open_data_array(url, group, markers.url)[..., window.rows, window.cols] = block
     markers.mark(f"{group}/{window.key}")
@@ -179,34 +159,6 @@ def _write_chunk(url: str, group: str, reader: WindowReader, window: Window, mar
 def _open_data_array(url: str, group: str, build: str) -> zarr.Array:
     """Opened once per process and build (the build id in `build` keeps a rebuilt cube from reusing it)."""
     return zarr.open_array(zarr_store(url), path=f"{group}/data", mode="r+", zarr_format=3)
-
-
-def _progress_url(cube: str) -> str:
-    return cube.rstrip("/") + ".progress"
-
-
-def _remove(url: str) -> None:
-    fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
-class _Markers:
-    """Per-chunk completion markers beside the cube: one small object per finished chunk of one build."""
-
-    def __init__(self, url: str, build_id: str) -> None:
-        self.url = join(_progress_url(url), build_id)
-
-    def mark(self, key: str) -> None:
-        fs, path = filesystem(self.url)
-        fs.pipe_file(f"{path}/{key}", b"")
-
-    def completed(self) -> set[str]:
-        fs, path = filesystem(self.url)
-        if not fs.exists(path):
-            return set()
-        return {found[len(path) + 1 :] for found in fs.find(path)}
-
 
 
 def _fingerprint(catalog: LoadedCatalog) -> str:
@@ -222,7 +174,7 @@ def _read_root_attrs(url: str) -> dict[str, Any] | None:
 
 def _write_template(url: str, catalog: LoadedCatalog, layers: list[Layer], fingerprint: str) -> dict[str, Any]:
     """Metadata and coordinates only; the root's `geosoc_template_complete` flag is written last."""
-    _remove(_progress_url(url))  # markers of an earlier, abandoned template
+    remove(progress_url(url))  # markers of an earlier, abandoned template
     store = zarr_store(url)
     attrs: dict[str, Any] = {
         "region": catalog.config.region.name,
@@ -276,7 +228,7 @@ def _template_dataset(layer: Layer) -> xr.Dataset:
     return ds
 
 
-def _finish(url: str, layers: list[Layer], markers: _Markers) -> None:
+def _finish(url: str, layers: list[Layer], markers: Markers) -> None:
     done = markers.completed()
     record = {
         layer.group: {
@@ -290,7 +242,7 @@ def _finish(url: str, layers: list[Layer], markers: _Markers) -> None:
         raise GeosocError(f"{url}: chunks still missing after the build: {missing}; run the build again")
     group = zarr.open_group(zarr_store(url), mode="r+", zarr_format=3)
     group.attrs.update({"geosoc_status": "complete", "geosoc_chunks": record})
-    _remove(_progress_url(url))
+    remove(progress_url(url))
 
 
 def open_cube(url: str) -> xr.DataTree:
@@ -307,6 +259,7 @@ def open_cube(url: str) -> xr.DataTree:
         if "spatial_ref" in ds.data_vars:
             ds = ds.set_coords("spatial_ref")
         tree[name] = xr.DataTree(with_axis_names(ds))
+    tree.encoding["source"] = url  # so that later steps (predict) can find the cube's store and region root
     return tree
 
 

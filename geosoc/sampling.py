@@ -52,16 +52,22 @@ def _cube_array(url: str, group: str) -> zarr.Array:
     return zarr.open_array(zarr_store(url, read_only=True), path=f"{group}/data", mode="r", zarr_format=3)
 
 
+def read_imagery(url: str, shape: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """(band, r1 - r0, c1 - c0) pixels of the cube's imagery, NaN beyond the grid (patches at the edge)."""
+    rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, shape[0]), min(c1, shape[1])
+    array = _cube_array(url, "imagery")
+    window = np.full((array.shape[0], r1 - r0, c1 - c0), np.nan, dtype=np.float32)
+    if rr1 > rr0 and cc1 > cc0:
+        window[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = array[:, rr0:rr1, cc0:cc1]
+    return window
+
+
 def _extract_group(url: str, shape: tuple[int, int], indices: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                    patch: int) -> Extracted:
     """Read the group's window once (padded with NaN beyond the grid) and gather every patch from it."""
     half = patch // 2
     r0, c0 = int(rows.min()) - half, int(cols.min()) - half
-    r1, c1 = int(rows.max()) - half + patch, int(cols.max()) - half + patch
-    rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, shape[0]), min(c1, shape[1])
-    data = _cube_array(url, "imagery")[:, rr0:rr1, cc0:cc1]
-    window = np.full((data.shape[0], r1 - r0, c1 - c0), np.nan, dtype=np.float32)
-    window[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = data
+    window = read_imagery(url, shape, r0, int(rows.max()) - half + patch, c0, int(cols.max()) - half + patch)
     offsets = np.arange(patch)
     ri = (rows - half - r0)[:, None] + offsets[None, :]
     ci = (cols - half - c0)[:, None] + offsets[None, :]

@@ -7,6 +7,7 @@ Cloud options (endpoint, credentials) come from the environment through fsspec's
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -58,3 +59,23 @@ def check_writable(url: str) -> None:
     except Exception as err:  # noqa: BLE001 - any backend error means the same thing here
         reason = getattr(err, "strerror", None) or type(err).__name__
         raise GeosocError(f"{url}: cannot write here ({reason}); choose another --root or fix its permissions") from None
+
+
+def publish_file(local: str | os.PathLike[str], url: str) -> None:
+    """Put a finished local file at `url` in one step: readers see the old file or the new, never a part.
+
+    Local disks: copied beside the target, then renamed over it. Object stores: one upload, which the store
+    makes visible only when complete (multipart uploads included).
+    """
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    fs.put_file(str(local), path)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geosoc import checkpoint
+from geosoc import aoa, checkpoint
+from geosoc.calibration import conformal_offset
 from geosoc.catalog import Catalog, FinetuneConfig, PretrainConfig
 from geosoc.errors import GeosocError
 from geosoc.metrics import regression_metrics
@@ -250,8 +251,46 @@ def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: Finetun
         median = decoded[:, config.quantiles.index(0.5)] if 0.5 in config.quantiles else decoded.mean(axis=1)
         return regression_metrics(batch_targets, median, decoded[:, 0], decoded[:, -1])
 
-    return _fit("finetune", data, train, val, norm, config, stage, out_url, loss_fn, evaluate, seed, resume, ctx,
-                patience=stage.patience, initial=initial, extra={"test_fold": test_fold, "pretrained": pretrained_url})
+    result = _fit("finetune", data, train, val, norm, config, stage, out_url, loss_fn, evaluate, seed, resume, ctx,
+                  patience=stage.patience, initial=initial,
+                  extra={"test_fold": test_fold, "pretrained": pretrained_url, "units": data.attrs.get("units", "")})
+    if ctx.is_main:
+        calibrate(out_url, data, train, val, norm, stage.batch_size, ctx.device, seed)
+    return result
+
+
+def forward_all(model: SoilNet, data: SampleData, indices: np.ndarray, norm: Normalisation, device: torch.device,
+                batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(quantiles in the normalised target space, embedding features) of samples, in the order of `indices`."""
+    outputs, features = [], []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            order = np.argsort(chunk)  # data.batch returns sorted rows
+            batch = norm.inputs(data.batch(chunk), device)
+            feats = model.features(batch)
+            quantiles = model.quantiles_of(feats)
+            restore = np.argsort(order)
+            outputs.append(quantiles.float().cpu().numpy()[restore])
+            features.append(feats.float().cpu().numpy()[restore])
+    return np.concatenate(outputs), np.concatenate(features)
+
+
+def calibrate(url: str, data: SampleData, train: np.ndarray, val: np.ndarray, norm: Normalisation, batch_size: int,
+              device: torch.device, seed: int) -> None:
+    """After fine-tuning, from the best checkpoint: the CQR offset of its interval, fitted on the validation part,
+    and the area-of-applicability reference of the samples it learned from (training and validation parts)."""
+    model, meta = checkpoint.load_model(url, device)
+    quantiles = model.config.quantiles
+    level = round(quantiles[-1] - quantiles[0], 6)
+    z_val, _ = forward_all(model, data, val, norm, device, batch_size)
+    offset = conformal_offset(z_val[:, 0], z_val[:, -1], norm.encode_target(data.target[val]), level)
+    fitted = np.sort(np.concatenate([train, val]))
+    _, features = forward_all(model, data, fitted, norm, device, batch_size)
+    checkpoint.save_aoa(url, aoa.fit(features, data.fold[fitted], seed))
+    checkpoint.update_meta(url, {"calibration": {"method": "cqr", "level": level, "offset": offset,
+                                                 "samples": len(val)}})
 
 
 def _modalities(config: ModelConfig) -> tuple[str, ...]:

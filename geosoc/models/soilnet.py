@@ -70,8 +70,14 @@ class SoilNet(nn.Module):
             out["climate"] = self.climate(batch["climate"])
         return out
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(batch, quantiles) predictions in the normalised target space, sorted so they never cross."""
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The embeddings the head reads, concatenated (image, then climate): also the space of the AOA."""
         embeddings = self.embed(batch)
-        raw = self.head(torch.cat([embeddings[k] for k in ("image", "climate") if k in embeddings], dim=1))
-        return torch.sort(raw, dim=1).values
+        return torch.cat([embeddings[k] for k in ("image", "climate") if k in embeddings], dim=1)
+
+    def quantiles_of(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, quantiles) in the normalised target space, sorted so they never cross."""
+        return torch.sort(self.head(features), dim=1).values
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.quantiles_of(self.features(batch))

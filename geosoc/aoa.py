@@ -1,0 +1,109 @@
+"""Area of applicability (Meyer & Pebesma 2021, as R's CAST computes it), in the model's embedding space.
+
+The dissimilarity index (DI) of a location is its distance to the nearest training sample divided by the mean
+distance between training samples, in a standardised feature space. The threshold is the upper whisker of the
+training samples' own cross-validated DI (distance to the nearest sample of *another* fold): the largest
+training DI not above the 75th percentile + 1.5 IQR. A location is inside the AOA when its DI is at most that.
+
+The feature space is the fine-tuned network's embedding (what its regression head reads), standardised per
+dimension, unweighted. CAST weights raw covariates by variable importance; here the covariates are whole
+64 x 64 x 14 patches and 61-month series that the network has already reduced to the features it predicts
+from, and the head's input is exactly what decides whether the model has seen something similar.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+MEAN_DISTANCE_SAMPLES = 4000  # pairs for the mean training distance are taken among at most this many samples
+_CHUNK = 2048  # rows per distance block (bounds memory to _CHUNK x training samples)
+
+
+@dataclass
+class Reference:
+    """The training samples' standardised embeddings and what the DI and its threshold need."""
+
+    embeddings: np.ndarray  # (n, d), standardised
+    folds: np.ndarray  # (n,)
+    mean: np.ndarray  # (d,) of the raw embeddings
+    std: np.ndarray
+    mean_distance: float
+    training_di: np.ndarray
+    threshold: float
+
+    def to_bytes(self) -> bytes:
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name)))
+                   for name in ("embeddings", "folds", "mean", "std", "training_di")}
+        meta = {"mean_distance": repr(self.mean_distance), "threshold": repr(self.threshold)}
+        return save_tensors(tensors, metadata={"geosoc_aoa": json.dumps(meta)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Reference:
+        tensors = {k: v.numpy() for k, v in load_tensors(data).items()}
+        header_len = int.from_bytes(data[:8], "little")  # safetensors: 8-byte length, then a JSON header
+        meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["geosoc_aoa"])
+        return cls(tensors["embeddings"], tensors["folds"], tensors["mean"], tensors["std"],
+                   float(meta["mean_distance"]), tensors["training_di"], float(meta["threshold"]))
+
+
+def _nearest(queries: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None,
+             query_groups: torch.Tensor | None = None, reference_groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance from each query row to its nearest reference row, in blocks; rows of the same group skipped."""
+    out = []
+    for start in range(0, len(queries), _CHUNK):
+        block = torch.cdist(queries[start : start + _CHUNK], reference)
+        if query_groups is not None and reference_groups is not None:
+            same = query_groups[start : start + _CHUNK, None] == reference_groups[None, :]
+            block = block.masked_fill(same, float("inf"))
+        out.append(block.min(dim=1).values)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def fit(embeddings: np.ndarray, folds: np.ndarray, seed: int = 0) -> Reference:
+    """Reference of the training samples: standardisation, mean distance, cross-validated DI, threshold."""
+    raw = np.asarray(embeddings, dtype=np.float64)
+    if len(raw) < 2:
+        raise ValueError(f"the area of applicability needs at least 2 training samples, got {len(raw)}")
+    mean, std = raw.mean(axis=0), raw.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    scaled = torch.from_numpy((raw - mean) / std)
+    pick = np.random.default_rng(seed).permutation(len(raw))[:MEAN_DISTANCE_SAMPLES]
+    sub = scaled[torch.from_numpy(pick)]
+    pairwise = torch.cdist(sub, sub)
+    n = len(sub)
+    mean_distance = float(pairwise.sum() / (n * (n - 1)))  # the diagonal is zero; mean over pairs i != j
+    folds = np.asarray(folds, dtype=np.int64)
+    if len(np.unique(folds)) > 1:  # CV: nearest sample of another fold
+        groups = torch.from_numpy(folds)
+    else:  # one fold: nearest other sample
+        groups = torch.arange(len(raw))
+    nearest = _nearest(scaled, scaled, query_groups=groups, reference_groups=groups)
+    training_di = (nearest / mean_distance).numpy()
+    q25, q75 = np.percentile(training_di, [25, 75])
+    whisker = q75 + 1.5 * (q75 - q25)
+    threshold = float(training_di[training_di <= whisker].max())
+    return Reference(scaled.numpy().astype(np.float32), folds, mean.astype(np.float32), std.astype(np.float32),
+                     mean_distance, training_di.astype(np.float32), threshold)
+
+
+class Scorer:
+    """DI of new embeddings against a reference, on the device where the embeddings are."""
+
+    def __init__(self, reference: Reference, device: torch.device) -> None:
+        self.reference = reference
+        self.points = torch.from_numpy(reference.embeddings).to(device, torch.float32)
+        self.mean = torch.from_numpy(reference.mean).to(device, torch.float32)
+        self.std = torch.from_numpy(reference.std).to(device, torch.float32)
+
+    def di(self, embeddings: torch.Tensor) -> torch.Tensor:
+        scaled = (embeddings.float() - self.mean) / self.std
+        return _nearest(scaled, self.points) / self.reference.mean_distance
+
+    def inside(self, di: torch.Tensor) -> torch.Tensor:
+        return di <= self.reference.threshold

@@ -1,0 +1,166 @@
+"""Map exports beside `soc.zarr`: Cloud-Optimized GeoTIFFs, a quicklook PNG and a STAC item.
+
+Each file is made in a local temporary folder (a GeoTIFF is written window by window from the Zarr map, so
+memory stays at one chunk whatever the map's size), then published to its final URL in one step: a rename on
+a local disk, a single object upload on an object store. A reader sees the old file or the new, never a part.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from geosoc.storage import join, publish_file
+
+COG_NODATA = {"float32": float("nan"), "uint8": 255}
+QUICKLOOK_PIXELS = 1000  # longest side of the quicklook
+COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
+
+
+def cog_variables(ds: xr.Dataset) -> list[str]:
+    """The map's variables exported as COGs: every SOC layer and the AOA (DI stays in the Zarr)."""
+    return [name for name in ds.data_vars if str(name).startswith("soc_") or name == "aoa"]
+
+
+def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any) -> str:
+    """A COG (deflate, 512 px tiles, overviews) of a 2-D map variable; AOA as uint8 (1 in, 0 out, 255 none)."""
+    import rasterio
+    from rio_cogeo.cogeo import cog_translate
+    from rio_cogeo.profiles import cog_profiles
+
+    is_aoa = da.name == "aoa"
+    dtype = "uint8" if is_aoa else "float32"
+    height, width = da.shape
+    with tempfile.TemporaryDirectory(prefix="geosoc-cog-") as folder:
+        plain, cog = Path(folder) / "plain.tif", Path(folder) / "cog.tif"
+        profile = {"driver": "GTiff", "height": height, "width": width, "count": 1, "dtype": dtype, "crs": crs,
+                   "transform": transform, "nodata": COG_NODATA[dtype], "tiled": True, "blockxsize": 512,
+                   "blockysize": 512, "compress": "deflate"}
+        rows = da.chunksizes.get("y", (height,)) if da.chunks else (height,)
+        with rasterio.open(plain, "w", **profile) as dst:
+            start = 0
+            for size in rows:  # one row of chunks at a time
+                values = np.asarray(da.isel(y=slice(start, start + size)).values)
+                if is_aoa:
+                    values = np.where(np.isnan(values), 255, values).astype(np.uint8)
+                dst.write(values.astype(dtype), 1, window=rasterio.windows.Window(0, start, width, size))
+                start += size
+            dst.update_tags(1, **{k: str(v) for k, v in da.attrs.items() if k in ("units", "long_name")})
+        cog_translate(plain, cog, cog_profiles.get("deflate"), nodata=COG_NODATA[dtype],
+                      overview_resampling="nearest" if is_aoa else "average", quiet=True, in_memory=False,
+                      forward_band_tags=True)
+        publish_file(cog, url)
+    return url
+
+
+def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
+    """PNG of the median SOC with a colour bar in its units; cells outside the AOA greyed and hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    factor = max(1, math.ceil(max(ds.sizes["y"], ds.sizes["x"]) / QUICKLOOK_PIXELS))
+    small = ds[["soc_mean", "aoa"]]
+    if factor > 1:
+        small = small.coarsen(y=factor, x=factor, boundary="pad").mean()
+    small = small.compute()
+    soc, inside = small["soc_mean"].values, small["aoa"].values
+    x, y = small["x"].values, small["y"].values
+    half = float(ds["x"].values[1] - ds["x"].values[0]) * factor / 2 if ds.sizes["x"] > 1 else 0.5
+    extent = (x.min() - half, x.max() + half, y.min() - half, y.max() + half)
+    finite = soc[np.isfinite(soc)]
+    vmin, vmax = (np.percentile(finite, [2, 98]) if len(finite) else (0.0, 1.0))
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
+    image = ax.imshow(soc, extent=extent, cmap="YlOrBr", vmin=vmin, vmax=vmax, interpolation="nearest")
+    outside = np.where(np.isfinite(inside) & (inside < 0.5), 1.0, np.nan)
+    legend = []
+    if np.isfinite(outside).any():
+        ax.imshow(outside, extent=extent, cmap="Greys", vmin=0, vmax=1.6, alpha=0.75, interpolation="nearest")
+        ax.contourf(x, y, np.nan_to_num(outside), levels=[0.5, 1.5], colors="none", hatches=["////"])
+        legend.append(Patch(facecolor="0.6", hatch="////", label="outside the area of applicability"))
+    bar = fig.colorbar(image, ax=ax, shrink=0.8)
+    bar.set_label(f"SOC ({ds['soc_mean'].attrs.get('units', '')}), median")
+    ax.set_title(title)
+    crs = ds.rio.crs
+    ax.set_xlabel(f"x ({crs.to_string() if crs else ''})")
+    ax.set_ylabel("y")
+    if legend:
+        ax.legend(handles=legend, loc="lower left", fontsize=8)
+    with tempfile.TemporaryDirectory(prefix="geosoc-png-") as folder:
+        path = Path(folder) / "quicklook.png"
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        publish_file(path, url)
+    return url
+
+
+def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str) -> dict[str, Any]:
+    """A STAC item (projection extension) describing the map's assets; written as `item.json` in `folder`."""
+    import pystac
+    from pystac.extensions.projection import ProjectionExtension
+    from pyproj import Transformer
+
+    crs = ds.rio.crs
+    transform = ds.rio.transform()
+    height, width = ds.sizes["y"], ds.sizes["x"]
+    xmin, ymin, xmax, ymax = ds.rio.bounds()
+    to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    lon, lat = to_lonlat.transform([xmin, xmax, xmax, xmin, xmin], [ymin, ymin, ymax, ymax, ymin])
+    ring = [[float(a), float(b)] for a, b in zip(lon, lat)]
+    bbox = [min(lon), min(lat), max(lon), max(lat)]
+    start, end = ds.attrs.get("period", [None, None])
+    created = ds.attrs.get("created") or dt.datetime.now(dt.timezone.utc).isoformat()
+    item = pystac.Item(
+        id=item_id, geometry={"type": "Polygon", "coordinates": [ring]}, bbox=bbox,
+        datetime=None if start else dt.datetime.fromisoformat(created),
+        start_datetime=dt.datetime.fromisoformat(f"{start}T00:00:00+00:00") if start else None,
+        end_datetime=dt.datetime.fromisoformat(f"{end}T23:59:59+00:00") if end else None,
+        properties={"title": f"Soil organic carbon, {ds.attrs.get('region', '')}",
+                    "description": "SSL-SoilNet predictions: median and interval bounds of SOC, area of "
+                                   "applicability (Meyer & Pebesma 2021).",
+                    "created": created, "geosoc:model": ds.attrs.get("model", ""),
+                    "geosoc:cube": ds.attrs.get("cube", "")},
+    )
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    proj.code = crs.to_string()
+    proj.shape = [height, width]
+    proj.transform = list(transform)[:6]
+    proj.bbox = [xmin, ymin, xmax, ymax]
+    for key, href in assets.items():
+        roles, media, title = ["data"], COG_MEDIA_TYPE, key
+        if href.endswith(".zarr"):
+            media, title = "application/vnd+zarr", "all layers (Zarr)"
+        elif href.endswith(".png"):
+            roles, media, title = ["overview"], pystac.MediaType.PNG, "quicklook"
+        elif key in ds.data_vars:
+            title = ds[key].attrs.get("long_name", key)
+        item.add_asset(key, pystac.Asset(href=href, media_type=media, roles=roles, title=title))
+    data = item.to_dict(include_self_link=False, transform_hrefs=False)
+    with tempfile.TemporaryDirectory(prefix="geosoc-stac-") as tmp:
+        path = Path(tmp) / "item.json"
+        path.write_text(json.dumps(data, indent=2))
+        publish_file(path, join(folder, "item.json"))
+    return data
+
+
+def export_maps(ds: xr.Dataset, folder: str, zarr_name: str = "soc.zarr") -> dict[str, str]:
+    """COGs of every SOC layer and the AOA, `quicklook.png` and `item.json` in `folder` (beside the Zarr)."""
+    crs, transform = ds.rio.crs.to_string(), ds.rio.transform()
+    assets = {}
+    for name in cog_variables(ds):
+        assets[str(name)] = write_cog(ds[name], join(folder, f"{name}.tif"), crs, transform)
+    region = ds.attrs.get("region") or "map"
+    assets["quicklook"] = quicklook(ds, join(folder, "quicklook.png"), f"{region}: soil organic carbon")
+    assets["zarr"] = join(folder, zarr_name)
+    relative = {key: href.rsplit("/", 1)[1] for key, href in assets.items()}  # hrefs relative to item.json
+    stac_item(ds, folder, relative, f"geosoc-{region}-soc")
+    return {**assets, "stac": join(folder, "item.json")}

@@ -1,0 +1,551 @@
+"""Maps: the fine-tuned model applied to every cell of an output grid, window by window, on any device.
+
+An output cell is predicted from the cube patch centred on it (the pixel under its centre, exactly as a soil
+sample at that place is cut by `sampling`) and the climate series of its climate cell. Work is split into
+windows aligned with the output store's chunks. Each window reads its cube block once, plus the halo its
+patches need, moves it to the device, normalises it there, and cuts every patch as a view of it
+(`Tensor.unfold`: no per-cell Python, no per-cell reads); patches go through the network in large batches.
+
+The output store is written like the cube (`geosoc.progress`): a metadata-only template, one writer per
+window, a marker per finished window, so a run killed at any moment resumes without redoing finished
+windows, and a retried window is rewritten whole with the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401 - registers the .rio accessor
+import torch
+import xarray as xr
+import yaml
+import zarr
+from tqdm.auto import tqdm
+
+from geosoc import aoa, checkpoint
+from geosoc.calibration import widen
+from geosoc.catalog import Catalog, PredictConfig
+from geosoc.cube import open_cube
+from geosoc.errors import GeosocError
+from geosoc.grid import Grid, Window
+from geosoc.progress import Markers, progress_url, remove
+from geosoc.sampling import _cube_parts, climate_at, read_imagery
+from geosoc.storage import check_writable, filesystem, join, zarr_store
+
+log = logging.getLogger(__name__)
+
+MAP_NAME = "soc.zarr"
+WINDOW_BYTES = 256 * 2**20  # imagery read per window (sets the default output chunk); memory ~ this x workers
+DEFAULT_BATCH = 1024
+GPU_CELLS_PER_S = 17_500  # paper-size model, both branches, bf16, one H200 (measured 2026-11): --dry-run default
+
+Engine = Literal["local", "ray"]
+
+
+def quantile_name(q: float) -> str:
+    return f"soc_q{round(q * 100):02d}"
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """What a map is: the cube and model it comes from and its output grid (picklable, for Ray actors)."""
+
+    cube: str
+    model: str
+    grid: Grid
+    batch_size: int = DEFAULT_BATCH
+    region: str = ""
+
+    def fingerprint(self, model_config: bytes, cube_build: str) -> str:
+        text = json.dumps([self.cube, cube_build, self.model, model_config.decode(), self.grid.crs, self.grid.x0,
+                           self.grid.y0, self.grid.resolution, self.grid.shape, self.grid.chunks])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    spec: MapSpec
+    cube_grid: Grid
+    bands: int
+    patch: int
+
+    @property
+    def cells(self) -> int:
+        return self.spec.grid.height * self.spec.grid.width
+
+    @property
+    def windows(self) -> int:
+        return self.spec.grid.n_chunks
+
+    @property
+    def window_bytes(self) -> int:
+        """Imagery read for one full window, halo included."""
+        cy, cx = self.spec.grid.chunks
+        ratio = self.spec.grid.resolution / self.cube_grid.resolution
+        return int((cy * ratio + self.patch) * (cx * ratio + self.patch) * self.bands * 4)
+
+    def seconds(self, cells_per_s: float) -> float:
+        return self.cells / cells_per_s
+
+
+# ------------------------------------------------------------------------------------------------ the predictor
+
+
+class Predictor:
+    """A fine-tuned checkpoint loaded once on a device: normalisation, calibration and AOA reference with it."""
+
+    def __init__(self, model_url: str, device: torch.device | str | None = None,
+                 batch_size: int = DEFAULT_BATCH) -> None:
+        from geosoc.training import Normalisation
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, meta = checkpoint.load_model(model_url, self.device)
+        if meta.get("stage") != "finetune":
+            raise GeosocError(f"{model_url}: a {meta.get('stage')!r} checkpoint has no regression head; "
+                              "predict needs a fine-tuned model (`geosoc finetune`)")
+        self.meta = meta
+        self.norm = Normalisation.from_dict(meta["normalisation"])
+        self.config = self.model.config
+        self.batch_size = batch_size
+        self.offset = float(meta.get("calibration", {}).get("offset", 0.0))
+        reference = checkpoint.load_aoa(model_url)
+        if reference is None:
+            log.warning("%s has no area-of-applicability reference (fine-tuned before geosoc had one): aoa and di "
+                        "are NaN; fine-tune again to get them", model_url)
+        self.scorer = aoa.Scorer(reference, self.device) if reference is not None else None
+        self.uses_patches = bool(self.config.bands)
+        self.uses_climate = bool(self.config.variables)
+        self.patch = self.config.patch_size if self.uses_patches else 1
+        self.outputs = self.output_names()
+        self._autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        band_mean = torch.tensor(self.norm.band_mean or [0.0], dtype=torch.float32, device=self.device)
+        band_std = torch.tensor(self.norm.band_std or [1.0], dtype=torch.float32, device=self.device)
+        self._band = (band_mean[:, None, None], band_std[:, None, None])
+
+    def output_names(self) -> list[str]:
+        """soc_mean (the median), one soc_qXX per other quantile, then aoa and di."""
+        names = ["soc_mean"] + [quantile_name(q) for q in self.config.quantiles if q != 0.5]
+        return names + ["aoa", "di"]
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        values = z * self.norm.target_std + self.norm.target_mean
+        return torch.expm1(values) if self.norm.log_target else values
+
+    def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray,
+                climate: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Outputs for cells whose patches start at (top, left) of the imagery `block` (band, h, w).
+
+        Cells whose centre pixel has no data get NaN. `climate` is (cells, time, variable) when the model uses it.
+        """
+        n = len(top)
+        out = {name: np.full(n, np.nan, dtype=np.float32) for name in self.outputs}
+        if n == 0:
+            return out
+        half = self.patch // 2
+        window = torch.from_numpy(block).to(self.device)
+        has_data = ~torch.isnan(window).any(dim=0)
+        top_t = torch.from_numpy(top).to(self.device)
+        left_t = torch.from_numpy(left).to(self.device)
+        valid = has_data[top_t + half, left_t + half]
+        cells = torch.nonzero(valid).flatten()
+        if len(cells) == 0:
+            return out
+        mean, std = self._band
+        window = torch.nan_to_num((window - mean) / std) if self.uses_patches else window
+        patches = window.unfold(1, self.patch, 1).unfold(2, self.patch, 1)  # (band, rows, cols, p, p), a view
+        series = None
+        if self.uses_climate and climate is not None:
+            mean_c = torch.tensor(self.norm.climate_mean, dtype=torch.float32, device=self.device)
+            std_c = torch.tensor(self.norm.climate_std, dtype=torch.float32, device=self.device)
+            series = torch.nan_to_num((torch.from_numpy(climate).to(self.device) - mean_c) / std_c)
+        results: dict[str, list[torch.Tensor]] = {name: [] for name in self.outputs}
+        with torch.no_grad(), self._autocast:
+            for start in range(0, len(cells), self.batch_size):
+                chosen = cells[start : start + self.batch_size]
+                inputs = {}
+                if self.uses_patches:
+                    inputs["patch"] = patches[:, top_t[chosen], left_t[chosen]].permute(1, 0, 2, 3)
+                if series is not None:
+                    inputs["climate"] = series[chosen]
+                features = self.model.features(inputs).float()
+                self._collect(results, self.model.quantiles_of(features).float(), features)
+        for name, parts in results.items():
+            out[name][valid.cpu().numpy()] = torch.cat(parts).cpu().numpy()
+        return out
+
+    def _collect(self, results: dict[str, list[torch.Tensor]], z: torch.Tensor, features: torch.Tensor) -> None:
+        quantiles = self.config.quantiles
+        median_index = quantiles.index(0.5) if 0.5 in quantiles else None
+        median = z[:, median_index] if median_index is not None else z.mean(dim=1)
+        lower, upper = widen(z[:, 0], z[:, -1], median, self.offset)
+        z = torch.cat([lower[:, None], z[:, 1:-1], upper[:, None]], dim=1) if z.shape[1] > 1 else z
+        decoded = self._decode(z)
+        results["soc_mean"].append(self._decode(median))
+        for i, q in enumerate(quantiles):
+            if q != 0.5:
+                results[quantile_name(q)].append(decoded[:, i])
+        if self.scorer is not None:
+            di = self.scorer.di(features)
+            results["di"].append(di)
+            results["aoa"].append(self.scorer.inside(di).float())
+        else:
+            nan = torch.full((len(z),), float("nan"), device=z.device)
+            results["di"].append(nan)
+            results["aoa"].append(nan)
+
+
+# ------------------------------------------------------------------------------------------------ windows
+
+
+@dataclass
+class WindowInput:
+    """What one window needs from the cube, read on the host (so the next can be read while one computes)."""
+
+    window: Window
+    block: np.ndarray
+    top: np.ndarray
+    left: np.ndarray
+    climate: np.ndarray | None
+
+
+@dataclass
+class CubeAccess:
+    """The cube's grids, opened once per process; reads go straight to its Zarr arrays."""
+
+    url: str
+    imagery: Grid
+    climate: Grid | None
+    bands: list[str] = field(default_factory=list)
+    variables: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, url: str) -> CubeAccess:
+        imagery, grid, climate, climate_grid = _cube_parts(url)
+        variables = [str(v) for v in climate["variable"].values] if climate is not None else []
+        return cls(url, grid, climate_grid, [str(b) for b in imagery["band"].values], variables)
+
+
+def read_window(cube: CubeAccess, grid: Grid, window: Window, patch: int, climate: bool) -> WindowInput:
+    """The imagery block under a window's cells plus the halo of their patches, and their climate series."""
+    xs, ys = grid.x_of(np.arange(window.cols.start, window.cols.stop)), grid.y_of(np.arange(window.rows.start,
+                                                                                          window.rows.stop))
+    x, y = np.meshgrid(xs, ys)
+    rows, cols = cube.imagery.rowcol(x.ravel(), y.ravel())
+    half = patch // 2
+    r0, c0 = int(rows.min()) - half, int(cols.min()) - half
+    block = read_imagery(cube.url, cube.imagery.shape, r0, int(rows.max()) - half + patch, c0,
+                         int(cols.max()) - half + patch)
+    series = None
+    if climate and cube.climate is not None:
+        series = climate_at(cube.url, cube.climate, x.ravel(), y.ravel())
+    return WindowInput(window, block, rows - half - r0, cols - half - c0, series)
+
+
+def predict_window(predictor: Predictor, data: WindowInput) -> dict[str, np.ndarray]:
+    """(h, w) arrays of every output of one window."""
+    flat = predictor.predict(data.block, data.top, data.left, data.climate)
+    return {name: values.reshape(data.window.shape) for name, values in flat.items()}
+
+
+def _check_compatible(predictor: Predictor, cube: CubeAccess, model_url: str) -> None:
+    config = predictor.config
+    if config.bands and config.bands != cube.bands:
+        raise GeosocError(f"{model_url} was trained on bands {config.bands}, but {cube.url} has {cube.bands}")
+    if config.variables and config.variables != cube.variables:
+        raise GeosocError(
+            f"{model_url} was trained on climate variables {config.variables}, but {cube.url} has "
+            f"{cube.variables or 'no climate'}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ the store
+
+
+def _catalog_of(tree: xr.DataTree) -> Catalog | None:
+    text = tree.attrs.get("catalog")
+    return Catalog.model_validate(yaml.safe_load(text)) if text else None
+
+
+def output_grid(cube_grid: Grid, resolution: float, bands: int, patch: int,
+                bounds: tuple[float, float, float, float] | None = None, chunk: int | None = None) -> Grid:
+    """The map's grid: `resolution` cells over the cube (or `bounds`), chunked so a window reads ~WINDOW_BYTES."""
+    if resolution < cube_grid.resolution:
+        raise GeosocError(f"output resolution {resolution:g} is finer than the cube's {cube_grid.resolution:g}; "
+                          "choose a resolution at least as coarse as the cube's")
+    area = cube_grid.bounds
+    if bounds is not None:
+        xmin, ymin, xmax, ymax = bounds
+        area = (max(xmin, area[0]), max(ymin, area[1]), min(xmax, area[2]), min(ymax, area[3]))
+        if not (area[0] < area[2] and area[1] < area[3]):
+            raise GeosocError(f"bounds {list(bounds)} do not overlap the cube ({list(cube_grid.bounds)})")
+    if chunk is None:
+        side_px = math.sqrt(WINDOW_BYTES / (4 * max(bands, 1))) - patch
+        chunk = max(16, int(side_px * cube_grid.resolution / resolution))
+    return Grid.from_bounds(cube_grid.crs, area, resolution, chunk)
+
+
+def _template(spec: MapSpec, outputs: list[str], units: str, attrs: dict[str, Any]) -> xr.Dataset:
+    grid = spec.grid
+    coords = {"y": ("y", grid.y), "x": ("x", grid.x)}
+    long_names = {"soc_mean": "soil organic carbon, median prediction", "aoa": "inside the area of applicability "
+                  "(1) or not (0)", "di": "dissimilarity index (Meyer & Pebesma 2021)"}
+    data = {}
+    for name in outputs:
+        lazy = da.zeros(grid.shape, chunks=grid.chunks, dtype=np.float32)
+        meta = {"long_name": long_names.get(name, f"soil organic carbon, quantile {name[5:]} %"),
+                "grid_mapping": "spatial_ref"}
+        if name.startswith("soc_"):
+            meta["units"] = units
+        data[name] = (("y", "x"), lazy, meta)
+    ds = xr.Dataset(data, coords=coords).rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+    ds.attrs.update(attrs)
+    return ds
+
+
+def _read_attrs(url: str) -> dict[str, Any] | None:
+    try:
+        return dict(zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3).attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+
+
+def open_map(url: str) -> xr.Dataset:
+    """A written map, lazily (dask), with its CRS."""
+    try:
+        ds = xr.open_zarr(zarr_store(url, read_only=True), consolidated=False, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise GeosocError(f"{url}: no map here; make one with `geosoc predict`") from None
+    if ds.attrs.get("geosoc_status") != "complete":
+        log.warning("%s is not complete: windows not yet written read as NaN; run predict again", url)
+    return ds.set_coords("spatial_ref") if "spatial_ref" in ds.data_vars else ds
+
+
+# ------------------------------------------------------------------------------------------------ engines
+
+
+def _write_window(url: str, window: Window, values: dict[str, np.ndarray]) -> None:
+    group = zarr.open_group(zarr_store(url), mode="r+", zarr_format=3)
+    for name, array in values.items():
+        group[name][window.rows, window.cols] = array
+
+
+def _process(predictor: Predictor, data: WindowInput, out: str, markers: Markers) -> str:
+    _write_window(out, data.window, predict_window(predictor, data))
+    markers.mark(data.window.key)
+    return data.window.key
+
+
+def _run_local(spec: MapSpec, windows: list[Window], out: str, markers: Markers, device: str | None,
+               bar: tqdm) -> None:
+    """One process: the next window is read on a thread while the device computes the current one."""
+    predictor = Predictor(spec.model, device, spec.batch_size)
+    cube = CubeAccess.open(spec.cube)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = [reader.submit(read_window, cube, spec.grid, w, predictor.patch, predictor.uses_climate)
+                   for w in windows[:1]]
+        for i in range(len(windows)):
+            data = pending.pop(0).result()
+            if i + 1 < len(windows):
+                pending.append(reader.submit(read_window, cube, spec.grid, windows[i + 1], predictor.patch,
+                                             predictor.uses_climate))
+            _process(predictor, data, out, markers)
+            bar.update(1)
+
+
+class WindowWorker:
+    """A Ray actor: loads the model once (on its GPU when it has one), then predicts and writes windows."""
+
+    def __init__(self, spec: MapSpec, out: str, build_id: str, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        self.spec, self.out = spec, out
+        self.markers = Markers(out, build_id)
+        self.predictor = Predictor(spec.model, None, spec.batch_size)
+        self.cube = CubeAccess.open(spec.cube)
+
+    def run(self, window: Window) -> str:
+        data = read_window(self.cube, self.spec.grid, window, self.predictor.patch, self.predictor.uses_climate)
+        return _process(self.predictor, data, self.out, self.markers)
+
+
+def _run_ray(spec: MapSpec, windows: list[Window], out: str, build_id: str, bar: tqdm, actors: int | None,
+             gpus_per_actor: float | None, max_retries: int) -> None:
+    """A pool of actors; an actor that dies is restarted and its window retried (rewritten whole)."""
+    import ray
+    from ray.util import ActorPool
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    resources = ray.cluster_resources()
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    if actors is None:
+        actors = int(resources.get("GPU", 0) // gpus_per_actor) if gpus_per_actor else int(resources.get("CPU", 1))
+    actors = max(1, min(actors, len(windows)))
+    threads = max(1, int(resources.get("CPU", 1) // actors))
+    remote = ray.remote(WindowWorker).options(num_gpus=gpus_per_actor, num_cpus=1 if gpus_per_actor else threads,
+                                              max_restarts=max_retries, max_task_retries=max_retries)
+    pool = ActorPool([remote.remote(spec, out, build_id, threads) for _ in range(actors)])
+    for _key in pool.map_unordered(lambda actor, window: actor.run.remote(window), windows):
+        bar.update(1)
+
+
+# ------------------------------------------------------------------------------------------------ the API
+
+
+def _resolve(cube: str | xr.DataTree, model: str | None) -> tuple[str, xr.DataTree, str]:
+    tree = open_cube(cube) if isinstance(cube, str) else cube
+    url = cube if isinstance(cube, str) else tree.encoding.get("source")
+    if url is None:
+        raise GeosocError("this cube was not opened with geosoc.open_cube: pass its URL instead")
+    root = url.rstrip("/").rsplit("/", 1)[0]
+    model = model or join(root, "models", "finetune")
+    if not checkpoint.exists(model):
+        raise GeosocError(f"{model}: no fine-tuned model here; run `geosoc finetune` or pass a model URL")
+    return url, tree, model
+
+
+def plan_map(cube: str | xr.DataTree, model: str | None = None, *, resolution: float | None = None,
+             bounds: tuple[float, float, float, float] | None = None, chunk: int | None = None,
+             batch_size: int = DEFAULT_BATCH) -> MapPlan:
+    """The output grid and windows of a map, from the cube and the model's config; reads no pixels."""
+    url, tree, model = _resolve(cube, model)
+    catalog = _catalog_of(tree)
+    predict_config = catalog.predict if catalog is not None else PredictConfig()
+    resolution = resolution or predict_config.resolution
+    config = checkpoint.load_config(model)[0]
+    imagery = tree["imagery"].to_dataset()
+    from geosoc.cube import group_grid
+
+    cube_grid = group_grid(imagery)
+    patch = config.patch_size if config.bands else 1
+    bands = imagery.sizes["band"]
+    grid = output_grid(cube_grid, resolution, bands, patch, bounds, chunk)
+    region = catalog.region.name if catalog is not None else ""
+    return MapPlan(MapSpec(url, model, grid, batch_size, region), cube_grid, bands, patch)
+
+
+def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: float | None = None,
+            bounds: tuple[float, float, float, float] | None = None, out: str | None = None,
+            engine: Engine = "local", batch_size: int = DEFAULT_BATCH, chunk: int | None = None,
+            device: str | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
+            max_retries: int = 3, fresh: bool = False, progress: bool = True) -> xr.Dataset:
+    """SOC map of a cube: `soc_mean` (the median), `soc_qXX` (calibrated interval bounds), `aoa` and `di`.
+
+    `cube` is a URL or a tree from `geosoc.open_cube`; `model=None` uses `<root>/models/finetune` beside the
+    cube. Without `out` the result is lazy (dask: each window is computed when asked for). With `out` the
+    map is written there as Zarr, by this process (`engine="local"`) or by a pool of Ray actors
+    (`engine="ray"`), resumably; the opened store is returned.
+    """
+    plan = plan_map(cube, model, resolution=resolution, bounds=bounds, chunk=chunk, batch_size=batch_size)
+    spec = plan.spec
+    if out is None:
+        if engine != "local":
+            raise GeosocError("engine='ray' writes the map from several processes: give out=URL")
+        return _lazy(spec, device)
+    build(spec, out, engine=engine, device=device, actors=actors, gpus_per_actor=gpus_per_actor,
+          max_retries=max_retries, fresh=fresh, progress=progress)
+    return open_map(out)
+
+
+def _lazy(spec: MapSpec, device: str | None) -> xr.Dataset:
+    predictor = Predictor(spec.model, device, spec.batch_size)
+    cube = CubeAccess.open(spec.cube)
+    _check_compatible(predictor, cube, spec.model)
+
+    def compute(window: Window) -> dict[str, np.ndarray]:
+        return predict_window(predictor, read_window(cube, spec.grid, window, predictor.patch,
+                                                     predictor.uses_climate))
+
+    ny, nx = spec.grid.chunk_counts
+    tasks = {w.index: dask.delayed(compute, pure=True)(w, dask_key_name=f"geosoc-predict-{uuid.uuid4().hex}-{w.key}")
+             for w in spec.grid.windows()}
+    windows = {w.index: w for w in spec.grid.windows()}
+    arrays = {
+        name: da.block([[da.from_delayed(tasks[(iy, ix)][name], windows[(iy, ix)].shape, dtype=np.float32)
+                         for ix in range(nx)] for iy in range(ny)])
+        for name in predictor.outputs
+    }
+    template = _template(spec, predictor.outputs, predictor.meta.get("units", ""), {"region": spec.region})
+    return template.copy(data={name: arrays[name] for name in predictor.outputs})
+
+
+def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | None = None,
+          actors: int | None = None, gpus_per_actor: float | None = None, max_retries: int = 3,
+          fresh: bool = False, progress: bool = True) -> str:
+    """Write (or finish writing) the map of `spec` at `out`; windows already written are not redone."""
+    check_writable(out.rstrip("/").rsplit("/", 1)[0])
+    predictor_meta = checkpoint.load_config(spec.model)[1]
+    if predictor_meta.get("stage") != "finetune":
+        raise GeosocError(f"{spec.model}: predict needs a fine-tuned model (this is a {predictor_meta.get('stage')!r} "
+                          "checkpoint)")
+    config_bytes = _config_bytes(spec.model)
+    cube_attrs = _read_attrs(spec.cube) or {}
+    fingerprint = spec.fingerprint(config_bytes, str(cube_attrs.get("geosoc_build_id", "")))
+    attrs = None if fresh else _read_attrs(out)
+    if attrs is not None and attrs.get("geosoc_fingerprint") not in (None, fingerprint):
+        raise GeosocError(f"{out} holds a map of another model, cube or grid; pass --fresh (fresh=True) to replace "
+                          "it, or choose another output")
+    if attrs is None or not attrs.get("geosoc_template_complete"):
+        attrs = _write_store_template(spec, out, fingerprint)
+    if attrs.get("geosoc_status") == "complete":
+        log.info("%s is already complete", out)
+        return out
+    markers = Markers(out, attrs["geosoc_build_id"])
+    done = markers.completed()
+    todo = [w for w in spec.grid.windows() if w.key not in done]
+    with tqdm(total=spec.grid.n_chunks, initial=spec.grid.n_chunks - len(todo), desc="predict", unit="window",
+              disable=not progress) as bar:
+        if todo and engine == "ray":
+            _run_ray(spec, todo, out, attrs["geosoc_build_id"], bar, actors, gpus_per_actor, max_retries)
+        elif todo:
+            _run_local(spec, todo, out, markers, device, bar)
+    missing = [w.key for w in spec.grid.windows() if w.key not in markers.completed()]
+    if missing:
+        raise GeosocError(f"{out}: windows still missing after the run: {missing[:10]}; run predict again")
+    group = zarr.open_group(zarr_store(out), mode="r+", zarr_format=3)
+    group.attrs.update({"geosoc_status": "complete", "geosoc_windows": spec.grid.n_chunks})
+    remove(progress_url(out))
+    return out
+
+
+def _config_bytes(model: str) -> bytes:
+    fs, path = filesystem(join(model, checkpoint.CONFIG_FILE))
+    return fs.cat_file(path)
+
+
+def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str, Any]:
+    """Metadata only; the root's `geosoc_template_complete` flag is written last."""
+    remove(progress_url(out))
+    predictor = Predictor(spec.model, "cpu", spec.batch_size)
+    _check_compatible(predictor, CubeAccess.open(spec.cube), spec.model)
+    import datetime as dt
+
+    import geosoc
+
+    attrs: dict[str, Any] = {
+        "region": spec.region, "cube": spec.cube, "model": spec.model,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "geosoc_version": geosoc.__version__, "geosoc_fingerprint": fingerprint,
+        "geosoc_build_id": uuid.uuid4().hex, "geosoc_status": "writing", "geosoc_template_complete": False,
+        "calibration": json.dumps(predictor.meta.get("calibration", {})),
+        "aoa_threshold": predictor.scorer.reference.threshold if predictor.scorer is not None else None,
+    }
+    store = zarr_store(out)
+    template = _template(spec, predictor.outputs, predictor.meta.get("units", ""), attrs)
+    template.to_zarr(store, mode="w", compute=False, zarr_format=3, consolidated=False,
+                     encoding={name: {"chunks": spec.grid.chunks} for name in predictor.outputs})
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
+    group.attrs.update({"geosoc_template_complete": True})
+    attrs["geosoc_template_complete"] = True
+    return attrs
+
