@@ -52,16 +52,21 @@ class Reference:
                    float(meta["mean_distance"]), tensors["training_di"], float(meta["threshold"]))
 
 
-def _nearest(queries: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None,
+def _nearest(queries: torch.Tensor, reference: torch.Tensor,
              query_groups: torch.Tensor | None = None, reference_groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Distance from each query row to its nearest reference row, in blocks; rows of the same group skipped."""
+    """Distance from each query row to its nearest reference row, in blocks; rows of the same group skipped.
+
+    The nearest row is found with the fast matrix-product distance, then its distance recomputed directly:
+    the matrix form loses precision near zero, exactly where training samples sit."""
     out = []
     for start in range(0, len(queries), _CHUNK):
-        block = torch.cdist(queries[start : start + _CHUNK], reference)
+        chunk = queries[start : start + _CHUNK]
+        block = torch.cdist(chunk, reference)
         if query_groups is not None and reference_groups is not None:
             same = query_groups[start : start + _CHUNK, None] == reference_groups[None, :]
             block = block.masked_fill(same, float("inf"))
-        out.append(block.min(dim=1).values)
+        nearest = reference[block.argmin(dim=1)]
+        out.append(torch.linalg.vector_norm(chunk - nearest, dim=1))
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -97,7 +97,7 @@ def demo(
     quiet: bool = QuietOpt,
 ) -> None:
     """The whole pipeline on the embedded demo region (synthetic, offline): cube, samples, pretraining,
-    fine-tuning; prints the cube and the validation accuracy."""
+    fine-tuning, the map and its exports; prints the cube, the validation accuracy and where the map is."""
     from geosoc.catalog import load_catalog
     from geosoc.cube import cube_summary, describe, open_cube
     from geosoc.demo import TEST_FOLD, run_demo
@@ -117,6 +117,22 @@ def demo(
     console.print(f"pretraining: best validation NT-Xent {result.pretrain['best_val_loss']:.4f}")
     best = min(result.finetune["history"], key=lambda m: m["val_loss"])
     console.print(_metrics_line("fine-tuned, validation", best))
+    console.print(map_summary(result.maps["zarr"]), highlight=False)
+    for name, url in result.maps.items():
+        console.print(f"{name:>10}: {url}", highlight=False)
+
+
+def map_summary(url: str) -> str:
+    """One line on a written map: size, median SOC, share inside the area of applicability."""
+    from geosoc.inference import open_map
+
+    ds = open_map(url)
+    soc = ds["soc_mean"]
+    stats = {k: float(v) for k, v in (("median", soc.quantile(0.5, dim=("y", "x"), skipna=True)), ("aoa", ds["aoa"].mean()),
+                                      ("data", soc.notnull().mean()))}
+    return (f"map: {ds.sizes['y']} x {ds.sizes['x']} cells of {float(ds.x[1] - ds.x[0]):g} m, median SOC "
+            f"{stats['median']:.1f} {soc.attrs.get('units', '')}, {stats['data']:.0%} of cells with data, "
+            f"{stats['aoa']:.0%} of those inside the area of applicability")
 
 
 EpochsOpt = typer.Option(None, "--epochs", help="Override the catalog's epochs.")
@@ -169,6 +185,60 @@ def finetune(
     best = min(result["history"], key=lambda m: m["val_loss"])
     console.print(_metrics_line("best validation", best))
     console.print(f"fine-tuned -> {result['checkpoint']}")
+
+
+@app.command()
+@user_errors
+def predict(
+    region: Optional[str] = RegionOpt,
+    catalog: Optional[Path] = CatalogOpt,
+    root: Optional[str] = RootOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint URL (default <root>/models/finetune)."),
+    resolution: Optional[float] = typer.Option(None, "--resolution", help="Output cell size (default: catalog predict.resolution)."),
+    bounds: Optional[tuple[float, float, float, float]] = typer.Option(
+        None, "--bounds", help="xmin ymin xmax ymax in the region's CRS: map only this part."
+    ),
+    engine: str = typer.Option("local", "--engine", help="local: this process; ray: a pool of Ray actors."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="ray: actors (default one per GPU, else per CPU)."),
+    gpus_per_actor: Optional[float] = typer.Option(None, "--gpus-per-actor", help="ray: GPUs per actor (default 1 if the cluster has GPUs)."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Cells per forward pass."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="Output cells per window side (default: ~256 MiB of imagery per window)."),
+    device: Optional[str] = typer.Option(None, "--device", help="local: cpu or cuda (default: cuda when present)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print cells, windows and a projected time; write nothing."),
+    rate: float = typer.Option(17_500, "--rate", help="--dry-run: cells/s per GPU assumed (17,500: paper-size model on one H200)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Replace an existing map instead of resuming it."),
+    no_export: bool = typer.Option(False, "--no-export", help="Only maps/soc.zarr (no COG, PNG, STAC)."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Map SOC over the region with the fine-tuned model (-> maps/soc.zarr, COGs, quicklook.png, item.json)."""
+    from geosoc.inference import map_region, plan_map
+    from geosoc.storage import join
+
+    if engine not in ("local", "ray"):
+        raise GeosocError(f"--engine must be 'local' or 'ray', got {engine!r}")
+    loaded, root = _region(region, catalog, root)
+    if dry_run:
+        plan = plan_map(join(root, "cube.zarr"), model, resolution=resolution or loaded.config.predict.resolution,
+                        bounds=bounds, chunk=chunk, batch_size=batch_size)
+        print_map_plan(plan, rate)
+        return
+    assets = map_region(loaded.config, root, model=model, resolution=resolution, bounds=bounds, engine=engine,  # type: ignore[arg-type]
+                        batch_size=batch_size, chunk=chunk, device=device, actors=actors,
+                        gpus_per_actor=gpus_per_actor, fresh=fresh, export=not no_export, progress=not quiet)
+    for name, url in assets.items():
+        console.print(f"{name:>10}: {url}", highlight=False)
+
+
+def print_map_plan(plan: Any, rate: float) -> None:
+    grid = plan.spec.grid
+    console.print(f"map of {plan.spec.cube} with {plan.spec.model}; nothing written", highlight=False)
+    console.print(f"output grid: {grid.height:,} x {grid.width:,} cells of {grid.resolution:g} ({grid.crs}), "
+                  f"{plan.cells:,} cells", highlight=False)
+    console.print(f"windows: {plan.windows:,} of {grid.chunks[0]} x {grid.chunks[1]} cells, each reading "
+                  f"{_size(plan.window_bytes)} of imagery (halo included)", highlight=False)
+    console.print(f"projected time at {rate:,.0f} cells/s per GPU (a projection, not a measurement): "
+                  f"{_duration(plan.seconds(rate))} on one GPU, {_duration(plan.seconds(rate) / 8)} on eight",
+                  highlight=False)
 
 
 def _metrics_line(title: str, metrics: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 
 from geosoc.catalog import LoadedCatalog, SyntheticSource
 from geosoc.cube import build_cube
+from geosoc.inference import map_region
 from geosoc.points import Points
 from geosoc.sampling import random_points, sample_points
 from geosoc.sources.synthetic import Landscape
@@ -42,6 +43,7 @@ class DemoResult:
     labelled: int
     pretrain: dict[str, Any]
     finetune: dict[str, Any]
+    maps: dict[str, str]
 
 
 def run_demo(catalog: LoadedCatalog, root: str | None = None, progress: bool = True) -> DemoResult:
@@ -59,4 +61,5 @@ def run_demo(catalog: LoadedCatalog, root: str | None = None, progress: bool = T
     ctx = Context(progress=progress)
     pretrained = pretrain_region(config, root, ctx=ctx)
     finetuned = finetune_region(config, root, test_fold=TEST_FOLD, ctx=ctx)
-    return DemoResult(cube, n_unlabelled, n_labelled, pretrained, finetuned)
+    maps = map_region(config, root, progress=progress)
+    return DemoResult(cube, n_unlabelled, n_labelled, pretrained, finetuned, maps)

@@ -2,6 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/pretrain.py --region demo --workers 2
     ray job submit --working-dir . -- python jobs/finetune.py --region demo --workers 1 --gpus-per-worker 1
+    ray job submit --working-dir . -- python jobs/predict.py --region demo --root /shared/geosoc/demo
 
 Each worker runs `pretrain_region`/`finetune_region` with a `Context` from Ray: its rank, its device, the
 model wrapped for DistributedDataParallel, metrics reported to Ray. Rank 0 writes checkpoints under the
@@ -44,6 +45,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
     run(catalog, config["root"], ctx=ctx, **kwargs)
 
 
+def _shared_root(root: str | None, region: str) -> str:
+    """The region root, which every worker must reach: absolute or a URL (a job runs in a temporary dir)."""
+    root = root or default_root(region)
+    if "://" not in root and not os.path.isabs(root):
+        raise GeosocError(
+            f"--root {root!r} is relative: a Ray job runs in a temporary copy of the working dir, so give an "
+            "absolute path or a URL (e.g. s3://bucket/geosoc/demo) that every worker can reach"
+        )
+    return root
+
+
 def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str | None, *, workers: int = 1,
                  gpus_per_worker: float = 0, **options: Any) -> Any:
     """Run a stage under Ray Train's TorchTrainer on the cluster this process is connected to."""
@@ -53,12 +65,7 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise blocks ~2 s
     loaded = load_catalog(region, catalog)
-    root = root or default_root(loaded.config.region.name)
-    if "://" not in root and not os.path.isabs(root):
-        raise GeosocError(
-            f"--root {root!r} is relative: a Ray job runs in a temporary copy of the working dir, so give an "
-            "absolute path or a URL (e.g. s3://bucket/geosoc/demo) that every worker can reach"
-        )
+    root = _shared_root(root, loaded.config.region.name)
     if not ray.is_initialized():
         ray.init()
     # Workers get the catalog's text: on other nodes the driver's file path does not exist.
@@ -96,3 +103,35 @@ def job_main(stage: str, argv: list[str] | None = None) -> None:
     except GeosocError as err:
         raise SystemExit(f"error: {err}") from None
     print(f"{stage} finished: {result.metrics}")
+
+
+def predict_job_main(argv: list[str] | None = None) -> None:
+    """Arguments of jobs/predict.py: the region's map by a pool of Ray actors (`geosoc.inference`)."""
+    parser = argparse.ArgumentParser(description="geosoc predict on a Ray cluster (a pool of Ray actors)")
+    parser.add_argument("--region", help="catalog name in catalogs/")
+    parser.add_argument("--catalog", help="catalog file (instead of --region)")
+    parser.add_argument("--root", help="region root URL every actor reaches (default $GEOSOC_ROOT or ./geosoc-data/<region>)")
+    parser.add_argument("--model", help="checkpoint URL (default <root>/models/finetune)")
+    parser.add_argument("--resolution", type=float, help="output cell size (default: the catalog's predict.resolution)")
+    parser.add_argument("--actors", type=int, help="actors (default: one per GPU, else one per CPU)")
+    parser.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="cells per forward pass")
+    parser.add_argument("--chunk", type=int, help="output cells per window side")
+    parser.add_argument("--max-retries", type=int, default=3, help="restarts of a dead actor and retries of its window")
+    parser.add_argument("--fresh", action="store_true", help="replace an existing map instead of resuming it")
+    parser.add_argument("--no-export", action="store_true", help="only maps/soc.zarr")
+    args = parser.parse_args(argv)
+    if not (args.region or args.catalog):
+        parser.error("give --region or --catalog")
+    from geosoc.inference import map_region
+
+    try:
+        loaded = load_catalog(args.region, args.catalog)
+        root = _shared_root(args.root, loaded.config.region.name)
+        assets = map_region(loaded.config, root, model=args.model, resolution=args.resolution, engine="ray",
+                            batch_size=args.batch_size, chunk=args.chunk, actors=args.actors,
+                            gpus_per_actor=args.gpus_per_actor, max_retries=args.max_retries, fresh=args.fresh,
+                            export=not args.no_export, progress=False)
+    except GeosocError as err:
+        raise SystemExit(f"error: {err}") from None
+    print("predict finished: " + ", ".join(f"{k}={v}" for k, v in assets.items()))

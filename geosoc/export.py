@@ -117,7 +117,7 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
     lon, lat = to_lonlat.transform([xmin, xmax, xmax, xmin, xmin], [ymin, ymin, ymax, ymax, ymin])
     ring = [[float(a), float(b)] for a, b in zip(lon, lat)]
     bbox = [min(lon), min(lat), max(lon), max(lat)]
-    start, end = ds.attrs.get("period", [None, None])
+    start, end = ds.attrs.get("period") or (None, None)
     created = ds.attrs.get("created") or dt.datetime.now(dt.timezone.utc).isoformat()
     item = pystac.Item(
         id=item_id, geometry={"type": "Polygon", "coordinates": [ring]}, bbox=bbox,

@@ -20,6 +20,7 @@ import math
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import dask
@@ -65,6 +66,7 @@ class MapSpec:
     grid: Grid
     batch_size: int = DEFAULT_BATCH
     region: str = ""
+    period: tuple[str, str] | None = None  # the imagery's dates, for the STAC item
 
     def fingerprint(self, model_config: bytes, cube_build: str) -> str:
         text = json.dumps([self.cube, cube_build, self.model, model_config.decode(), self.grid.crs, self.grid.x0,
@@ -333,14 +335,16 @@ def open_map(url: str) -> xr.Dataset:
 # ------------------------------------------------------------------------------------------------ engines
 
 
-def _write_window(url: str, window: Window, values: dict[str, np.ndarray]) -> None:
-    group = zarr.open_group(zarr_store(url), mode="r+", zarr_format=3)
-    for name, array in values.items():
-        group[name][window.rows, window.cols] = array
+@lru_cache(maxsize=64)
+def _output_array(url: str, name: str, build_id: str) -> zarr.Array:
+    """Opened once per process and build (the build id keeps a replaced map from reusing it)."""
+    return zarr.open_array(zarr_store(url), path=name, mode="r+", zarr_format=3)
 
 
 def _process(predictor: Predictor, data: WindowInput, out: str, markers: Markers) -> str:
-    _write_window(out, data.window, predict_window(predictor, data))
+    build_id = markers.url.rsplit("/", 1)[1]
+    for name, values in predict_window(predictor, data).items():
+        _output_array(out, name, build_id)[data.window.rows, data.window.cols] = values
     markers.mark(data.window.key)
     return data.window.key
 
@@ -431,7 +435,8 @@ def plan_map(cube: str | xr.DataTree, model: str | None = None, *, resolution: f
     bands = imagery.sizes["band"]
     grid = output_grid(cube_grid, resolution, bands, patch, bounds, chunk)
     region = catalog.region.name if catalog is not None else ""
-    return MapPlan(MapSpec(url, model, grid, batch_size, region), cube_grid, bands, patch)
+    period = (str(catalog.imagery.period[0]), str(catalog.imagery.period[1])) if catalog is not None else None
+    return MapPlan(MapSpec(url, model, grid, batch_size, region, period), cube_grid, bands, patch)
 
 
 def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: float | None = None,
@@ -509,7 +514,8 @@ def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | No
             _run_ray(spec, todo, out, attrs["geosoc_build_id"], bar, actors, gpus_per_actor, max_retries)
         elif todo:
             _run_local(spec, todo, out, markers, device, bar)
-    missing = [w.key for w in spec.grid.windows() if w.key not in markers.completed()]
+    done = markers.completed()
+    missing = [w.key for w in spec.grid.windows() if w.key not in done]
     if missing:
         raise GeosocError(f"{out}: windows still missing after the run: {missing[:10]}; run predict again")
     group = zarr.open_group(zarr_store(out), mode="r+", zarr_format=3)
@@ -533,7 +539,7 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
     import geosoc
 
     attrs: dict[str, Any] = {
-        "region": spec.region, "cube": spec.cube, "model": spec.model,
+        "region": spec.region, "cube": spec.cube, "model": spec.model, "period": list(spec.period or []),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "geosoc_version": geosoc.__version__, "geosoc_fingerprint": fingerprint,
         "geosoc_build_id": uuid.uuid4().hex, "geosoc_status": "writing", "geosoc_template_complete": False,
@@ -549,3 +555,21 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
     attrs["geosoc_template_complete"] = True
     return attrs
 
+
+
+def map_region(catalog: Catalog, root: str, *, model: str | None = None, resolution: float | None = None,
+               bounds: tuple[float, float, float, float] | None = None, engine: Engine = "local",
+               batch_size: int = DEFAULT_BATCH, chunk: int | None = None, device: str | None = None,
+               actors: int | None = None, gpus_per_actor: float | None = None, max_retries: int = 3,
+               fresh: bool = False, export: bool = True, progress: bool = True) -> dict[str, str]:
+    """`geosoc predict` and `jobs/predict.py`: the region's map under `<root>/maps/` and its exports."""
+    from geosoc.export import export_maps
+
+    cube = join(root, "cube.zarr")
+    out = join(root, "maps", MAP_NAME)
+    ds = predict(cube, model, resolution=resolution or catalog.predict.resolution, bounds=bounds, out=out,
+                 engine=engine, batch_size=batch_size, chunk=chunk, device=device, actors=actors,
+                 gpus_per_actor=gpus_per_actor, max_retries=max_retries, fresh=fresh, progress=progress)
+    if not export:
+        return {"zarr": out}
+    return export_maps(ds, join(root, "maps"), MAP_NAME)

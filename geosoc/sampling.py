@@ -26,7 +26,7 @@ from geosoc.cube import axis_coordinate, group_grid, open_cube, with_axis_names
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid
 from geosoc.points import Points, lonlat
-from geosoc.storage import filesystem, join, zarr_store
+from geosoc.storage import filesystem, join, publish_tree, zarr_store
 
 MAX_NODATA_FRACTION = 0.5  # a patch with more pixels without data than this is dropped
 ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
@@ -176,11 +176,7 @@ class SampleSetWriter:
 
     def finish(self, dataset: xr.Dataset) -> str:
         dataset.to_zarr(self.store, mode="a", zarr_format=3, consolidated=False)
-        fs, final = filesystem(self.url)
-        _, tmp = filesystem(self.tmp)
-        if fs.exists(final):
-            fs.rm(final, recursive=True)
-        fs.mv(tmp, final, recursive=True)
+        publish_tree(self.tmp, self.url)
         return self.url
 
     def abort(self) -> None:

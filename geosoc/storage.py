@@ -79,3 +79,31 @@ def publish_file(local: str | os.PathLike[str], url: str) -> None:
                 os.remove(tmp)
         return
     fs.put_file(str(local), path)
+
+
+def publish_tree(tmp_url: str, url: str, last: str = "zarr.json") -> None:
+    """Move a finished folder (a Zarr store written beside its place) to `url`, replacing what was there.
+
+    Local disks: two renames (old aside, new in), then the old removed. Object stores have no folder rename:
+    the old root `last` file goes first (readers then see no store rather than a mix), then the old objects,
+    then every new object is copied server-side with the root `last` file last, then the temporary prefix
+    is removed.
+    """
+    fs, tmp = filesystem(tmp_url)
+    _, final = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        aside = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        if os.path.exists(final):
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        if os.path.exists(aside):
+            shutil.rmtree(aside)
+        return
+    if fs.exists(f"{final}/{last}"):
+        fs.rm_file(f"{final}/{last}")
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
+    files = sorted(fs.find(tmp), key=lambda path: path == f"{tmp}/{last}")  # the root metadata last
+    for path in files:
+        fs.copy(path, final + path[len(tmp):])
+    fs.rm(tmp, recursive=True)

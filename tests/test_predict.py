@@ -1,0 +1,304 @@
+"""Maps: predict equals the model cell by cell, windows tile once, resume after kill -9, Ray actors that die,
+COG/STAC exports, the area of applicability, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+from geosoc import checkpoint
+from geosoc.catalog import load_catalog
+from geosoc.cube import build_cube
+from geosoc.inference import Predictor, open_map, plan_map, predict
+from geosoc.points import Points
+from geosoc.sampling import _extract_group, climate_at, open_sampleset, random_points, sample_points
+from geosoc.sources.synthetic import Landscape
+from geosoc.training import Context, Normalisation, finetune_region
+from tests.conftest import tiny_catalog_dict
+
+TINY_MODEL = {"image": {"patch": 4, "dim": 32, "depth": 1, "heads": 2},
+              "climate": {"dim": 32, "layers": 1, "heads": 2, "feedforward": 64}, "embedding": 16}
+
+
+def tiny_region(folder: Path, climate: bool = True) -> tuple[Path, str]:
+    """A 96 x 96 px synthetic region with a cube, 150 labelled samples and a fine-tuned tiny model."""
+    data = tiny_catalog_dict(size_px=96, chunk=32, climate=climate)
+    data.update(sampling={"patch_size": 8, "fold_block_size": 600, "folds": 3}, model=TINY_MODEL,
+                training={"finetune": {"epochs": 4, "batch_size": 16, "learning_rate": 0.001}},
+                predict={"resolution": 60})
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    catalog = load_catalog(path=path)
+    root = str(folder / "root")
+    cube = build_cube(catalog, root, progress=False)
+    points = random_points(cube, 150, 8, seed=1)
+    truth = Landscape(7).soc_at(points.x, points.y, "EPSG:3035")
+    lab = Points(points.ids, points.x, points.y, points.lon, points.lat, truth, "g/kg", "simulated")
+    sample_points(cube, lab, f"{root}/samples/labelled.zarr", 8, fold_block_size=600, folds=3)
+    finetune_region(catalog.config, root, test_fold=0, pretrained=False,
+                    ctx=Context(device=torch.device("cpu"), progress=False))
+    return path, root
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return tiny_region(tmp_path_factory.mktemp("predict"))
+
+
+def per_cell(root: str, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """The model applied to each cell's patch one at a time, through the training code's own normalisation."""
+    from geosoc.calibration import widen
+    from geosoc.cube import group_grid, open_cube
+
+    model, meta = checkpoint.load_model(f"{root}/models/finetune")
+    norm = Normalisation.from_dict(meta["normalisation"])
+    reference = checkpoint.load_aoa(f"{root}/models/finetune")
+    tree = open_cube(f"{root}/cube.zarr")
+    grid, cgrid = group_grid(tree["imagery"].to_dataset()), group_grid(tree["climate"].to_dataset())
+    url = f"{root}/cube.zarr"
+    out: dict[str, list[float]] = {"soc_mean": [], "soc_q05": [], "soc_q95": [], "di": []}
+    offset = meta["calibration"]["offset"]
+    for xi, yi in zip(x, y):
+        r, c = grid.rowcol(np.array([xi]), np.array([yi]))
+        part = _extract_group(url, grid.shape, np.array([0]), r, c, 8)
+        if not part.centre_valid[0]:
+            for values in out.values():
+                values.append(np.nan)
+            continue
+        batch = {"patch": part.patches, "climate": climate_at(url, cgrid, np.array([xi]), np.array([yi]))}
+        with torch.no_grad():
+            inputs = norm.inputs(batch, torch.device("cpu"))
+            features = model.features(inputs)
+            z = model.quantiles_of(features)[0].numpy()
+        lower, upper = widen(z[:1], z[2:], z[1:2], offset)
+        decoded = norm.decode_target(np.array([lower[0], z[1], upper[0]]))
+        scaled = (features[0].numpy() - reference.mean) / reference.std
+        di = np.sqrt(((reference.embeddings - scaled) ** 2).sum(axis=1)).min() / reference.mean_distance
+        for name, value in zip(out, (decoded[1], decoded[0], decoded[2], di)):
+            out[name].append(float(value))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def test_predict_equals_the_model_cell_by_cell(region: tuple[Path, str]) -> None:
+    _, root = region
+    ds = predict(f"{root}/cube.zarr", resolution=60, chunk=7).compute()  # lazy; 7-cell windows: ragged edges
+    assert set(ds.data_vars) == {"soc_mean", "soc_q05", "soc_q95", "aoa", "di"}
+    assert ds.rio.crs.to_epsg() == 3035 and ds["soc_mean"].attrs["units"] == "g/kg"
+    x, y = np.meshgrid(ds.x.values, ds.y.values)
+    rng = np.random.default_rng(0)
+    pick = rng.choice(x.size, 120, replace=False)
+    want = per_cell(root, x.ravel()[pick], y.ravel()[pick])
+    for name, values in want.items():
+        got = ds[name].values.ravel()[pick]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(values), err_msg=name)
+        atol = 1e-4 if name == "di" else 2e-5  # DI ~0 at training points: float32 noise of the embeddings
+        np.testing.assert_allclose(got, values, rtol=2e-4, atol=atol, equal_nan=True, err_msg=name)
+    assert np.isnan(want["soc_mean"]).any() and not np.isnan(want["soc_mean"]).all()  # the lake: no data
+    finite = np.isfinite(ds["soc_mean"].values)
+    assert (ds["soc_q05"].values[finite] <= ds["soc_mean"].values[finite]).all()
+    assert (ds["soc_mean"].values[finite] <= ds["soc_q95"].values[finite]).all()
+
+
+def test_windows_tile_the_output_exactly_once(region: tuple[Path, str]) -> None:
+    _, root = region
+    for chunk in (5, 7, 16, 64):
+        grid = plan_map(f"{root}/cube.zarr", resolution=60, chunk=chunk).spec.grid
+        hits = np.zeros(grid.shape, dtype=int)
+        for window in grid.windows():
+            hits[window.rows, window.cols] += 1
+        assert (hits == 1).all()
+
+
+def test_written_map_equals_lazy_map_and_reruns_do_nothing(region: tuple[Path, str], tmp_path: Path) -> None:
+    _, root = region
+    out = str(tmp_path / "soc.zarr")
+    lazy = predict(f"{root}/cube.zarr", resolution=60, chunk=9).compute()
+    written = predict(f"{root}/cube.zarr", resolution=60, chunk=9, out=out, progress=False)
+    for name in lazy.data_vars:
+        np.testing.assert_array_equal(written[name].values, lazy[name].values)
+    assert written.attrs["geosoc_status"] == "complete" and not Path(out + ".progress").exists()
+    stamp = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file()}
+    predict(f"{root}/cube.zarr", resolution=60, chunk=9, out=out, progress=False)
+    assert stamp == {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file()}
+    with pytest.raises(Exception, match="holds a map of another model, cube or grid"):
+        predict(f"{root}/cube.zarr", resolution=90, chunk=9, out=out, progress=False)
+
+
+def test_aoa_true_at_training_points_false_far_outside(region: tuple[Path, str], tmp_path: Path) -> None:
+    """A map at the cube's resolution: the cells of training samples have DI ~0; cells whose covariates were
+    pushed far outside the training range are outside the AOA."""
+    _, root = region
+    alien = tmp_path / "alien"
+    shutil.copytree(root, alien)
+    data = zarr.open_array(str(alien / "cube.zarr"), path="imagery/data", mode="r+")
+    data[:, :32, :32] = data[:, :32, :32] * 50 + 1000  # one chunk far outside anything seen in training
+    ds = predict(str(alien / "cube.zarr"), resolution=30, chunk=32).compute()
+    reference = checkpoint.load_aoa(f"{root}/models/finetune")
+    assert reference is not None and reference.threshold > 0
+    outside = ds["aoa"].values[4:28, 4:28]  # patches wholly inside the changed chunk
+    assert np.nanmax(outside) == 0 and np.nanmin(ds["di"].values[4:28, 4:28]) > reference.threshold
+    samples = open_sampleset(f"{root}/samples/labelled.zarr")
+    fold, xs, ys = samples.fold.values, samples.x.values, samples.y.values
+    keep = (fold != 0) & ~((xs < ds.x.values[36]) & (ys > ds.y.values[36]))  # trained on, away from the change
+    rows = np.searchsorted(-ds.y.values, -ys[keep])
+    cols = np.searchsorted(ds.x.values, xs[keep])
+    assert np.allclose(ds.x.values[cols], xs[keep]) and np.allclose(ds.y.values[rows], ys[keep])
+    at_points = ds["aoa"].values[rows, cols]
+    assert np.nanmin(at_points) == 1 and np.nanmax(ds["di"].values[rows, cols]) < 1e-3
+
+
+def _chunk_mtimes(url: str) -> dict[str, int]:
+    return {str(p.relative_to(url)): p.stat().st_mtime_ns for p in Path(url).rglob("c/*/*") if p.is_file()}
+
+
+def _marked(url: str) -> set[str]:
+    return {p.name for p in Path(url + ".progress").glob("*/*")}
+
+
+def test_kill_9_then_resume_gives_identical_map(region: tuple[Path, str], tmp_path: Path) -> None:
+    path, root = region
+    work = tmp_path / "root"
+    shutil.copytree(root, work, ignore=shutil.ignore_patterns("maps"))
+    out = str(work / "maps" / "soc.zarr")
+    command = [sys.executable, "-m", "geosoc.cli", "predict", "--catalog", str(path), "--root", str(work),
+               "--resolution", "30", "--chunk", "6", "--no-export", "-q"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(_marked(out)) < 40 and time.monotonic() < deadline:
+        assert proc.poll() is None, f"predict ended before it was killed: {proc.stderr.read().decode()}"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = _marked(out)
+    assert 40 <= len(done) < 16 * 16
+    assert zarr.open_group(out, mode="r").attrs["geosoc_status"] == "writing"
+    before = _chunk_mtimes(out)
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    after = _chunk_mtimes(out)
+    for key in done:
+        iy, ix = key.split(".")
+        for name in ("soc_mean", "aoa"):
+            chunk = f"{name}/c/{iy}/{ix}"
+            if chunk in before:
+                assert after[chunk] == before[chunk], f"{chunk} was rewritten"
+    reference = predict(str(work / "cube.zarr"), resolution=30, chunk=4).compute()
+    got = open_map(out)
+    assert got.attrs["geosoc_status"] == "complete"
+    for name in reference.data_vars:
+        np.testing.assert_array_equal(got[name].values, reference[name].values)
+
+
+def test_cog_and_stac_exports_validate(region: tuple[Path, str], tmp_path: Path) -> None:
+    from pystac.validation.stac_validator import JsonSchemaSTACValidator
+    from rio_cogeo.cogeo import cog_validate
+
+    import pystac
+    import rasterio
+    from geosoc.export import export_maps
+
+    _, root = region
+    ds = predict(f"{root}/cube.zarr", resolution=60, out=str(tmp_path / "maps" / "soc.zarr"), progress=False)
+    assets = export_maps(ds, str(tmp_path / "maps"))
+    for name in ("soc_mean", "soc_q05", "soc_q95", "aoa"):
+        valid, errors, _ = cog_validate(assets[name])
+        assert valid, (name, errors)
+        with rasterio.open(assets[name]) as src:
+            assert src.crs.to_epsg() == 3035 and src.overviews(1) == [] or src.crs.to_epsg() == 3035
+            values = src.read(1)
+            expected = ds[name].values
+            if name == "aoa":
+                expected = np.where(np.isnan(expected), 255, expected).astype(np.uint8)
+            np.testing.assert_array_equal(values, expected)
+            assert tuple(src.transform)[:6] == tuple(ds.rio.transform())[:6]
+    item = json.loads(Path(assets["stac"]).read_text())
+    JsonSchemaSTACValidator().validate_core(item, pystac.STACObjectType.ITEM, item["stac_version"])
+    assert item["properties"]["proj:code"] == "EPSG:3035"
+    assert item["properties"]["proj:shape"] == [ds.sizes["y"], ds.sizes["x"]]
+    assert set(item["assets"]) == {"soc_mean", "soc_q05", "soc_q95", "aoa", "quicklook", "zarr"}
+    assert all((tmp_path / "maps" / a["href"]).exists() for a in item["assets"].values())
+    png = Path(assets["quicklook"]).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_cli_dry_run_and_errors(region: tuple[Path, str], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from geosoc.cli import app
+
+    path, root = region
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", "--catalog", str(path), "--root", root, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "nothing written" in result.output and "projected time" in result.output
+    assert not Path(root, "maps").exists()
+    result = runner.invoke(app, ["predict", "--catalog", str(path), "--root", root, "--resolution", "10"])
+    assert result.exit_code == 1 and "finer than the cube's 30" in result.output
+    empty = tmp_path / "empty"
+    shutil.copytree(root, empty, ignore=shutil.ignore_patterns("models"))
+    result = runner.invoke(app, ["predict", "--catalog", str(path), "--root", str(empty)])
+    assert result.exit_code == 1 and "no fine-tuned model here" in result.output
+
+
+def _actor_pids() -> list[int]:
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.cmdline() and child.cmdline()[0].startswith("ray::WindowWorker"):
+                found.append(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_ray_actor_killed_mid_run_gives_identical_map(region: tuple[Path, str], tmp_path: Path) -> None:
+    """A real local Ray cluster (started and stopped by this test); one actor is SIGKILLed mid-run."""
+    ray = pytest.importorskip("ray")
+    _, root = region
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, address="local")
+    try:
+        options: dict[str, Any] = dict(resolution=30, chunk=8, engine="ray", actors=2, progress=False)
+        calm = predict(f"{root}/cube.zarr", out=str(tmp_path / "calm.zarr"), **options)
+        out = str(tmp_path / "killed.zarr")
+        killed: list[int] = []
+
+        def killer() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                pids = _actor_pids()
+                if pids and len(_marked(out)) >= 2:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+                time.sleep(0.002)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        got = predict(f"{root}/cube.zarr", out=out, **options)
+        thread.join()
+        assert killed, "no actor was killed"
+        assert got.attrs["geosoc_status"] == "complete"
+        for name in calm.data_vars:
+            np.testing.assert_array_equal(got[name].values, calm[name].values)
+    finally:
+        ray.shutdown()
+    local = predict(f"{root}/cube.zarr", resolution=30, chunk=8).compute()
+    for name in local.data_vars:
+        np.testing.assert_allclose(calm[name].values, local[name].values, rtol=1e-5, atol=1e-6)
