@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import yaml
+from memory import peak_rss_mib
 
 X0, Y0 = 4_000_020, 2_800_020  # multiples of 30 in EPSG:3035
 
@@ -84,7 +84,7 @@ def peak_memory_child(size_px: int, chunk: int, workers: int, folder: Path) -> N
 
     catalog = load_catalog(path=write_catalog(folder, size_px, chunk))
     build_cube(catalog, str(folder / f"mem-{size_px}"), workers=workers, progress=False)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
 
 
 def peak_memory(size_px: int, chunk: int, workers: int, folder: Path) -> float:

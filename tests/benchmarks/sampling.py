@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from memory import peak_rss_mib
 
 
 def build(folder: Path, size_px: int) -> str:
@@ -55,7 +55,7 @@ def geosoc_extract(url: str, n: int, patch: int, workers: int) -> tuple[float, i
 def memory_child(url: str, n: int, patch: int, workers: int) -> None:
     seconds, count = geosoc_extract(url, n, patch, workers)
     print(json.dumps({"seconds": seconds, "count": count,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mib": peak_rss_mib()}))
 
 
 def main() -> None:

@@ -1,0 +1,191 @@
+"""Map throughput and memory of `geosoc.predict`, against the bare model forward in the same run (not a test).
+
+    python tests/benchmarks/inference.py [--size-px 1024] [--resolution 60] [--device cpu|cuda] [--paper]
+
+1. Throughput. A synthetic cube (14 bands at 30 m, 61 months x 14 climate variables at 4 km) and a fine-tuned
+   checkpoint with random weights (the demo's small model, or with --paper the paper-size one: 105 M
+   parameters, 64 px patches). Two rates, in cells/s:
+   - geosoc: `geosoc.predict(cube, out=...)` end to end: reading windows from Zarr, cutting patches on the
+     device, the forward pass, CQR interval, AOA distances, writing the Zarr map and its markers;
+   - bare: the model's forward (both branches and head) on batches of the same size already in memory on the
+     device, as many cells as the map has.
+   The last line is `inference_efficiency=<geosoc rate / bare rate>` (goal >= 0.7 on CPU, >= 0.8 on a GPU).
+   With --device cuda the measured rate is also turned into a projection for Europe at 1 km and 250 m.
+2. Memory. Peak RSS of `predict` over two regions 4x apart in cells, each in a fresh process (goal: growth
+   < 1.3x, since nothing holds more than a window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from memory import peak_rss_mib
+
+X0, Y0 = 4_000_020, 2_800_020  # multiples of 30 in EPSG:3035
+EUROPE_CELLS = {"1 km": 8_000_000, "250 m": 130_000_000}  # land cells, midpoints of 6-10 M and 100-160 M
+SMALL = dict(patch_size=32, image_patch=8, image_dim=64, image_depth=2, image_heads=4, climate_dim=64,
+             climate_layers=2, climate_heads=4, climate_feedforward=128, embedding=32)
+PAPER = dict(patch_size=64)  # ModelConfig's defaults are the paper's
+
+
+def write_catalog(folder: Path, size_px: int) -> Path:
+    side = size_px * 30
+    data = {
+        "region": {"name": "bench", "crs": "EPSG:3035", "bounds": [X0, Y0, X0 + side, Y0 + side]},
+        "imagery": {"resolution": 30, "chunk": 512, "source": {"kind": "synthetic", "seed": 0}},
+        "climate": {"resolution": 4000, "chunk": 16, "source": {"kind": "synthetic", "seed": 0}},
+    }
+    path = folder / f"bench-{size_px}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def make_checkpoint(cube: str, url: str, paper: bool) -> None:
+    """A fine-tuned checkpoint with random weights, normalisation from the cube and an AOA reference."""
+    import torch
+
+    from geosoc import aoa, checkpoint
+    from geosoc.cube import open_cube
+    from geosoc.models import ModelConfig, SoilNet
+    from geosoc.training import Normalisation
+
+    tree = open_cube(cube)
+    imagery, climate = tree["imagery"].to_dataset()["data"], tree["climate"].to_dataset()["data"]
+    sample = imagery.isel(y=slice(0, 256), x=slice(0, 256)).values
+    series = climate.values
+    config = ModelConfig(bands=[str(b) for b in imagery["band"].values], variables=[str(v) for v in climate["variable"].values],
+                         months=climate.sizes["time"], **(PAPER if paper else SMALL))
+    torch.manual_seed(0)
+    model = SoilNet(config)
+    norm = Normalisation(band_mean=np.nanmean(sample, axis=(1, 2)).tolist(),
+                         band_std=(np.nanstd(sample, axis=(1, 2)) + 1e-6).tolist(),
+                         climate_mean=np.nanmean(series, axis=(0, 2, 3)).tolist(),
+                         climate_std=(np.nanstd(series, axis=(0, 2, 3)) + 1e-6).tolist(),
+                         target_mean=3.0, target_std=0.7)
+    checkpoint.save_model(url, model, config, {"stage": "finetune", "normalisation": norm.to_dict(), "units": "g/kg",
+                                               "calibration": {"method": "cqr", "level": 0.9, "offset": 0.1}})
+    rng = np.random.default_rng(0)
+    checkpoint.save_aoa(url, aoa.fit(rng.normal(size=(1000, 2 * config.embedding)), rng.integers(0, 5, 1000)))
+
+
+def build(folder: Path, size_px: int, paper: bool) -> tuple[str, str]:
+    from geosoc.catalog import load_catalog
+    from geosoc.cube import build_cube
+
+    root = folder / f"r{size_px}"
+    cube = build_cube(load_catalog(path=write_catalog(folder, size_px)), str(root), progress=False)
+    model = str(root / "models" / "finetune")
+    make_checkpoint(cube, model, paper)
+    return cube, model
+
+
+def bare_rate(model_url: str, cells: int, batch: int, device: str) -> float:
+    """The model alone on `cells` cells in batches already on the device (4 distinct batches, cycled)."""
+    import torch
+
+    from geosoc import checkpoint
+
+    model, _ = checkpoint.load_model(model_url, device)
+    config = model.config
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"patch": torch.randn(batch, len(config.bands), config.patch_size, config.patch_size, generator=gen).to(dev),
+                "climate": torch.randn(batch, config.months, len(config.variables), generator=gen).to(dev)}
+               for _ in range(4)]
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def run(n: int) -> None:
+        with torch.no_grad(), autocast:
+            for i in range(n):
+                model.quantiles_of(model.features(batches[i % 4]))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(2)  # warm-up
+    steps = max(1, round(cells / batch))
+    start = time.perf_counter()
+    run(steps)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def predict_rate(cube: str, model: str, resolution: float, batch: int, device: str, out: str,
+                 chunk: int | None = None) -> tuple[float, int]:
+    from geosoc.inference import predict
+
+    start = time.perf_counter()
+    ds = predict(cube, model, resolution=resolution, out=out, batch_size=batch, device=device, chunk=chunk,
+                 progress=False)
+    seconds = time.perf_counter() - start
+    cells = int(ds["soc_mean"].notnull().sum())
+    return cells / seconds, cells
+
+
+def peak_rss_child(args: list[str]) -> float:
+    """Peak RSS (MiB) of a fresh process running this script with `args`."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-px", type=int, default=1024, help="cube side in 30 m pixels")
+    parser.add_argument("--resolution", type=float, default=60.0, help="output cell size (m)")
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--paper", action="store_true", help="the paper-size model (64 px patches)")
+    parser.add_argument("--chunk", type=int, help="output cells per window side (default: geosoc's)")
+    parser.add_argument("--memory-run", nargs=2, metavar=("CUBE", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.memory_run:
+        folder = Path(tempfile.mkdtemp(prefix="geosoc-infer-mem-"))
+        try:
+            predict_rate(*args.memory_run, args.resolution, args.batch, device, str(folder / "soc.zarr"), args.chunk)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+        return
+
+    folder = Path(tempfile.mkdtemp(prefix="geosoc-infer-bench-"))
+    try:
+        cube, model = build(folder, args.size_px, args.paper)
+        ours, cells = predict_rate(cube, model, args.resolution, args.batch, device, str(folder / "soc.zarr"),
+                                   args.chunk)
+        bare = bare_rate(model, cells, args.batch, device)
+        print(f"model: {'paper-size' if args.paper else 'demo-size'} on {device}; cube {args.size_px} x "
+              f"{args.size_px} px; map at {args.resolution:g} m: {cells:,} cells with data; batch {args.batch}")
+        print(f"geosoc.predict:   {ours:10,.0f} cells/s  (read, cut, forward, interval, AOA, write)")
+        print(f"bare forward:     {bare:10,.0f} cells/s  (batches already on the device)")
+        if device == "cuda":
+            for name, n in EUROPE_CELLS.items():
+                print(f"projection (not a measurement): Europe at {name}, ~{n / 1e6:,.0f} M land cells: "
+                      f"{n / ours / 3600:.2f} h on one GPU at the measured rate, {n / ours / 3600 / 8:.2f} h on eight")
+        half = args.size_px // 2
+        small_cube, small_model = build(folder, half, args.paper)
+        # same windows (64 cells a side) for both: 4x the cells is 4x the windows, not bigger ones
+        coarse = ["--resolution", str(args.resolution * 2), "--batch", str(args.batch), "--device", device,
+                  "--chunk", "64"]
+        small = peak_rss_child([*coarse, "--memory-run", small_cube, small_model])
+        large = peak_rss_child([*coarse, "--memory-run", cube, model])
+        print(f"peak RSS: {half} px cube {small:,.0f} MiB; {args.size_px} px cube (4x cells) {large:,.0f} MiB; "
+              f"growth {large / small:.2f}x (goal < 1.3x)")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"inference_efficiency={ours / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()
