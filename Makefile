@@ -27,6 +27,7 @@ bench: install
 	$(PY) tests/benchmarks/cube_write.py
 	$(PY) tests/benchmarks/sampling.py
 	$(PY) tests/benchmarks/training.py
+	$(PY) tests/benchmarks/inference.py
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:

@@ -13,7 +13,6 @@ from geosoc.errors import GeosocError  # noqa: E402
 from geosoc.sampling import open_sampleset  # noqa: E402
 
 
-
 def load_model(url: str, device: str = "cpu"):  # type: ignore[no-untyped-def]
     """A fine-tuned (or pretrained) model and its metadata from a checkpoint URL, without pickle.
 
@@ -24,7 +23,28 @@ def load_model(url: str, device: str = "cpu"):  # type: ignore[no-untyped-def]
     return load(url, device)
 
 
+def predict(cube, model=None, **options):  # type: ignore[no-untyped-def]
+    """SOC map of a cube (`soc_mean`, interval bounds, `aoa`, `di`): see `geosoc.inference.predict`."""
+    from geosoc.inference import predict as run
+
+    return run(cube, model, **options)
+
+
+def open_map(url: str):  # type: ignore[no-untyped-def]
+    """A map written by `predict(..., out=url)` or `geosoc predict`, lazily, with its CRS."""
+    from geosoc.inference import open_map as open_
+
+    return open_(url)
+
+
+def export_maps(ds, folder: str):  # type: ignore[no-untyped-def]
+    """COGs, quicklook.png and a STAC item.json of a written map, in `folder`."""
+    from geosoc.export import export_maps as export
+
+    return export(ds, folder)
+
+
 __all__ = [
-    "GeosocError", "__version__", "build_cube", "load_catalog", "load_model", "open_cube", "open_sampleset",
-    "plan_cube",
+    "GeosocError", "__version__", "build_cube", "export_maps", "load_catalog", "load_model", "open_cube",
+    "open_map", "open_sampleset", "plan_cube", "predict",
 ]

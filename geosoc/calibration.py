@@ -33,3 +33,12 @@ def widen(lower: Any, upper: Any, median: Any, offset: float) -> tuple[Any, Any]
     import torch
 
     return torch.minimum(lower - offset, median), torch.maximum(upper + offset, median)
+
+
+def interval(z: Any, quantiles: list[float], offset: float) -> tuple[Any, Any, Any]:
+    """(lower, median, upper) from (n, quantiles) predictions (NumPy or torch), the CQR `offset` applied.
+
+    The median is the 0.5 quantile, or the mean of the quantiles when the model has none."""
+    median = z[:, quantiles.index(0.5)] if 0.5 in quantiles else z.mean(1)
+    lower, upper = widen(z[:, 0], z[:, -1], median, offset)
+    return lower, median, upper

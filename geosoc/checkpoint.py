@@ -105,6 +105,12 @@ def save_state(url: str, optimizer: torch.optim.Optimizer, info: dict[str, Any])
     _write(url, STATE_FILE, json.dumps({"param_groups": state["param_groups"], "state": structure, **info}).encode())
 
 
+def state_info(url: str) -> dict[str, Any]:
+    """The saved `info` of a resumable state (epoch, history, run), without touching an optimizer."""
+    info = json.loads(_read(url, STATE_FILE))
+    return {k: v for k, v in info.items() if k not in ("param_groups", "state")}
+
+
 def load_state(url: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the optimizer; return the saved `info`."""
     info = json.loads(_read(url, STATE_FILE))

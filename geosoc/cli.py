@@ -32,6 +32,7 @@ RootOpt = typer.Option(
 
 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch and the trees (default: the cores this process is given).")
 
 
 def _region(region: str | None, catalog: Path | None, root: str | None) -> tuple[Any, str]:
@@ -150,11 +151,14 @@ def pretrain(
     batch_size: Optional[int] = BatchOpt,
     samples: Optional[str] = typer.Option(None, "--samples", help="SampleSet URL (default samples/unlabelled.zarr)."),
     fresh: bool = FreshOpt,
+    threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Contrastive pretraining of both encoders on unlabelled samples (-> models/pretrain)."""
+    from geosoc.threads import use_threads
     from geosoc.training import Context, pretrain_region
 
+    use_threads(threads)
     loaded, root = _region(region, catalog, root)
     result = pretrain_region(loaded.config, root, epochs=epochs, batch_size=batch_size, samples=samples, resume=not fresh,
                              ctx=Context(progress=not quiet))
@@ -173,11 +177,14 @@ def finetune(
     test_fold: Optional[int] = typer.Option(None, "--test-fold", help="Fold held out entirely (for evaluation)."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Ignore models/pretrain (supervised only)."),
     fresh: bool = FreshOpt,
+    threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Fine-tune encoders and head on labelled samples, quantile outputs (-> models/finetune)."""
+    from geosoc.threads import use_threads
     from geosoc.training import Context, finetune_region
 
+    use_threads(threads)
     loaded, root = _region(region, catalog, root)
     result = finetune_region(loaded.config, root, epochs=epochs, batch_size=batch_size, samples=samples,
                              test_fold=test_fold, pretrained=not from_scratch, resume=not fresh,
@@ -208,12 +215,15 @@ def predict(
     rate: float = typer.Option(17_500, "--rate", help="--dry-run: cells/s per GPU assumed (17,500: paper-size model on one H200)."),
     fresh: bool = typer.Option(False, "--fresh", help="Replace an existing map instead of resuming it."),
     no_export: bool = typer.Option(False, "--no-export", help="Only maps/soc.zarr (no COG, PNG, STAC)."),
+    threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Map SOC over the region with the fine-tuned model (-> maps/soc.zarr, COGs, quicklook.png, item.json)."""
     from geosoc.inference import map_region, plan_map
     from geosoc.storage import join
+    from geosoc.threads import use_threads
 
+    use_threads(threads)
     if engine not in ("local", "ray"):
         raise GeosocError(f"--engine must be 'local' or 'ray', got {engine!r}")
     loaded, root = _region(region, catalog, root)
@@ -239,6 +249,56 @@ def print_map_plan(plan: Any, rate: float) -> None:
     console.print(f"projected time at {rate:,.0f} cells/s per GPU (a projection, not a measurement): "
                   f"{_duration(plan.seconds(rate))} on one GPU, {_duration(plan.seconds(rate) / 8)} on eight",
                   highlight=False)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    region: Optional[str] = RegionOpt,
+    catalog: Optional[Path] = CatalogOpt,
+    root: Optional[str] = RootOpt,
+    cv: str = typer.Option("spatial", "--cv", help="spatial: the SampleSet's block folds; random: seeded random folds."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Number of folds (default: the SampleSet's)."),
+    models: str = typer.Option(",".join(("ssl", "supervised", "hybrid", "rf", "gbm", "qrf")), "--models",
+                               help="Comma-separated: ssl, supervised, hybrid, rf, gbm, qrf."),
+    repeats: int = typer.Option(1, "--repeats", help="Repeat the cross-validation with other fold seeds."),
+    epochs: Optional[int] = EpochsOpt,
+    threads: Optional[int] = ThreadsOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Every model on the same held-out folds (-> evaluation/: metrics.csv, summary.json, predictions.parquet,
+    scatter.png). A re-run skips finished (model, fold) pairs."""
+    from geosoc.evaluation import evaluate_region
+    from geosoc.threads import use_threads
+
+    count = use_threads(threads)
+    loaded, root = _region(region, catalog, root)
+    result = evaluate_region(loaded.config, root, cv=cv, folds=folds,  # type: ignore[arg-type]
+                             models=tuple(m.strip() for m in models.split(",") if m.strip()), repeats=repeats,
+                             epochs=epochs, threads=count, progress=not quiet)
+    console.print(evaluation_table(result.summary))
+    for name, url in result.outputs.items():
+        console.print(f"{name:>20}: {url}", highlight=False)
+
+
+def evaluation_table(summary: dict[str, Any]) -> Table:
+    """Mean ± sd over the held-out folds, and the pooled R², per model."""
+    units = summary.get("units", "")
+    table = Table(title=f"{summary['cv']} cross-validation, held-out folds (mean ± sd; SOC in {units})")
+    for column in ("model", "RMSE", "R²", "CCC", "bias", "PICP90", "width", "pooled R²"):
+        table.add_column(column, justify="right", no_wrap=True)
+
+    def cell(stats: dict[str, Any], key: str) -> str:
+        mean, sd = stats["mean"].get(key), stats["sd"].get(key)
+        if mean is None:
+            return "-"
+        return f"{mean:.3g}±{sd:.2g}" if sd is not None else f"{mean:.3g}"
+
+    for model, stats in summary["models"].items():
+        pooled = stats["pooled"].get("r2")
+        table.add_row(model, *(cell(stats, k) for k in ("rmse", "r2", "ccc", "bias", "picp", "width")),
+                      f"{pooled:.3f}" if pooled is not None else "-")
+    return table
 
 
 def _metrics_line(title: str, metrics: dict[str, Any]) -> str:

@@ -162,7 +162,9 @@ def _open_data_array(url: str, group: str, build: str) -> zarr.Array:
 
 
 def _fingerprint(catalog: LoadedCatalog) -> str:
-    return hashlib.sha256(catalog.config.model_dump_json().encode()).hexdigest()[:16]
+    """What defines a cube's contents: the region and the imagery and climate sections (not training)."""
+    config = catalog.config
+    return hashlib.sha256(config.model_dump_json(include={"region", "imagery", "climate"}).encode()).hexdigest()[:16]
 
 
 def _read_root_attrs(url: str) -> dict[str, Any] | None:

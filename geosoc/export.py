@@ -74,8 +74,11 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
         small = small.coarsen(y=factor, x=factor, boundary="pad").mean()
     small = small.compute()
     soc, inside = small["soc_mean"].values, small["aoa"].values
-    x, y = small["x"].values, small["y"].values
-    half = float(ds["x"].values[1] - ds["x"].values[0]) * factor / 2 if ds.sizes["x"] > 1 else 0.5
+    crs = ds.rio.crs
+    metres = crs is not None and crs.is_projected and crs.linear_units in ("metre", "meter")
+    scale = 1000.0 if metres else 1.0  # axes in km
+    x, y = small["x"].values / scale, small["y"].values / scale
+    half = float(ds["x"].values[1] - ds["x"].values[0]) * factor / 2 / scale if ds.sizes["x"] > 1 else 0.5
     extent = (x.min() - half, x.max() + half, y.min() - half, y.max() + half)
     finite = soc[np.isfinite(soc)]
     vmin, vmax = (np.percentile(finite, [2, 98]) if len(finite) else (0.0, 1.0))
@@ -90,9 +93,10 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label(f"SOC ({ds['soc_mean'].attrs.get('units', '')}), median")
     ax.set_title(title)
-    crs = ds.rio.crs
-    ax.set_xlabel(f"x ({crs.to_string() if crs else ''})")
-    ax.set_ylabel("y")
+    unit = "km" if metres else (crs.linear_units if crs is not None else "")
+    ax.set_xlabel(f"x, {unit} ({crs.to_string() if crs is not None else 'no CRS'})")
+    ax.set_ylabel(f"y, {unit}")
+    ax.ticklabel_format(useOffset=False, style="plain")
     if legend:
         ax.legend(handles=legend, loc="lower left", fontsize=8)
     with tempfile.TemporaryDirectory(prefix="geosoc-png-") as folder:

@@ -34,7 +34,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from geosoc import aoa, checkpoint
-from geosoc.calibration import widen
+from geosoc.calibration import interval
 from geosoc.catalog import Catalog, PredictConfig
 from geosoc.cube import open_cube
 from geosoc.errors import GeosocError
@@ -187,9 +187,7 @@ class Predictor:
 
     def _collect(self, results: dict[str, list[torch.Tensor]], z: torch.Tensor, features: torch.Tensor) -> None:
         quantiles = self.config.quantiles
-        median_index = quantiles.index(0.5) if 0.5 in quantiles else None
-        median = z[:, median_index] if median_index is not None else z.mean(dim=1)
-        lower, upper = widen(z[:, 0], z[:, -1], median, self.offset)
+        lower, median, upper = interval(z, quantiles, self.offset)
         z = torch.cat([lower[:, None], z[:, 1:-1], upper[:, None]], dim=1) if z.shape[1] > 1 else z
         decoded = self._decode(z)
         results["soc_mean"].append(self._decode(median))

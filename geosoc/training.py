@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from geosoc import aoa, checkpoint
-from geosoc.calibration import conformal_offset
+from geosoc.calibration import conformal_offset, interval
 from geosoc.catalog import Catalog, FinetuneConfig, PretrainConfig
 from geosoc.errors import GeosocError
 from geosoc.metrics import regression_metrics
@@ -84,6 +84,7 @@ class SampleData:
         self.bands = [str(b) for b in ds["band"].values] if "patch" in ds and "patch" in modalities else []
         self.variables = [str(v) for v in ds["variable"].values] if "climate" in ds and "climate" in modalities else []
         self.months = ds.sizes.get("time", 0)
+        self.time = ds["time"].values if "time" in ds.coords and self.variables else None
         self.patch_size = ds.sizes.get("py", 0)
         self.fold = ds["fold"].values.astype(np.int64)
         self.target = ds["target"].values.astype(np.float64)
@@ -171,11 +172,17 @@ def model_config(catalog: Catalog, data: SampleData) -> ModelConfig:
 
 
 def split(data: SampleData, validation_fraction: float, seed: int, test_fold: int | None,
-          labelled: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation indices; the test fold (if any) and unlabelled rows (if labels needed) excluded."""
+          labelled: bool, folds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation indices; the test fold (if any) and unlabelled rows (if labels needed) excluded.
+
+    `folds` replaces the SampleSet's own (spatial) folds, e.g. a seeded random assignment."""
     usable = np.ones(data.size, dtype=bool)
+    folds = data.fold if folds is None else folds
     if test_fold is not None:
-        usable &= data.fold != test_fold
+        if test_fold not in set(folds[np.isfinite(data.target)].tolist() if labelled else folds.tolist()):
+            raise GeosocError(f"{data.url}: no fold {test_fold} to hold out; its folds are "
+                              f"{sorted(set(folds.tolist()))}")
+        usable &= folds != test_fold
     if labelled:
         usable &= np.isfinite(data.target)
     indices = np.random.default_rng(seed).permutation(np.flatnonzero(usable))
@@ -224,11 +231,15 @@ def pretrain(samples_url: str, out_url: str, config: ModelConfig, stage: Pretrai
 
 def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: FinetuneConfig, *,
              pretrained_url: str | None = None, test_fold: int | None = None, seed: int = 0,
-             resume: bool = True, ctx: Context | None = None) -> dict[str, Any]:
-    """Both branches and the head trained on labelled samples with a pinball loss over the quantiles."""
+             resume: bool = True, ctx: Context | None = None, folds: np.ndarray | None = None) -> dict[str, Any]:
+    """Both branches and the head trained on labelled samples with a pinball loss over the quantiles.
+
+    `folds` (default: the SampleSet's) decides what `test_fold` holds out; it is also the grouping of the
+    area-of-applicability reference."""
     ctx = ctx or Context()
     data = SampleData(samples_url, _modalities(config))
-    train, val = split(data, stage.validation_fraction, seed, test_fold, labelled=True)
+    folds = data.fold if folds is None else np.asarray(folds)
+    train, val = split(data, stage.validation_fraction, seed, test_fold, labelled=True, folds=folds)
     norm = fit_normalisation(data, train, stage.log_target, seed)
     initial = None
     if pretrained_url is not None:
@@ -253,10 +264,18 @@ def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: Finetun
 
     result = _fit("finetune", data, train, val, norm, config, stage, out_url, loss_fn, evaluate, seed, resume, ctx,
                   patience=stage.patience, initial=initial,
-                  extra={"test_fold": test_fold, "pretrained": pretrained_url, "units": data.attrs.get("units", "")})
+                  extra={"test_fold": test_fold, "pretrained": pretrained_url, "units": data.attrs.get("units", ""),
+                         "folds": _digest(folds)})
     if ctx.is_main:
-        calibrate(out_url, data, train, val, norm, stage.batch_size, ctx.device, seed)
+        calibrate(out_url, data, train, val, norm, stage.batch_size, ctx.device, seed, folds)
     return result
+
+
+def _digest(values: np.ndarray) -> str:
+    """A short fingerprint of an array (the fold assignment a run was made with)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def forward_all(model: SoilNet, data: SampleData, indices: np.ndarray, norm: Normalisation, device: torch.device,
@@ -277,8 +296,19 @@ def forward_all(model: SoilNet, data: SampleData, indices: np.ndarray, norm: Nor
     return np.concatenate(outputs), np.concatenate(features)
 
 
+def predict_samples(url: str, data: SampleData, indices: np.ndarray, device: torch.device,
+                    batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A fine-tuned checkpoint's (lower, median, upper) at samples, in the original units, calibrated."""
+    model, meta = checkpoint.load_model(url, device)
+    norm = Normalisation.from_dict(meta["normalisation"])
+    z, _ = forward_all(model, data, indices, norm, device, batch_size)
+    offset = float(meta.get("calibration", {}).get("offset", 0.0))
+    lower, median, upper = interval(z, model.config.quantiles, offset)
+    return norm.decode_target(lower), norm.decode_target(median), norm.decode_target(upper)
+
+
 def calibrate(url: str, data: SampleData, train: np.ndarray, val: np.ndarray, norm: Normalisation, batch_size: int,
-              device: torch.device, seed: int) -> None:
+              device: torch.device, seed: int, folds: np.ndarray) -> None:
     """After fine-tuning, from the best checkpoint: the CQR offset of its interval, fitted on the validation part,
     and the area-of-applicability reference of the samples it learned from (training and validation parts)."""
     model, meta = checkpoint.load_model(url, device)
@@ -288,7 +318,7 @@ def calibrate(url: str, data: SampleData, train: np.ndarray, val: np.ndarray, no
     offset = conformal_offset(z_val[:, 0], z_val[:, -1], norm.encode_target(data.target[val]), level)
     fitted = np.sort(np.concatenate([train, val]))
     _, features = forward_all(model, data, fitted, norm, device, batch_size)
-    checkpoint.save_aoa(url, aoa.fit(features, data.fold[fitted], seed))
+    checkpoint.save_aoa(url, aoa.fit(features, folds[fitted], seed))
     checkpoint.update_meta(url, {"calibration": {"method": "cqr", "level": level, "offset": offset,
                                                  "samples": len(val)}})
 
@@ -309,12 +339,19 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     optimizer = torch.optim.Adam(model.parameters(), lr=stage.learning_rate)
     last = join(out_url, "last")
     start, history, best = 0, [], math.inf
+    meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
+    run = {k: meta.get(k) for k in ("stage", "samples", "seed", "test_fold", "pretrained", "folds")}
     if resume and checkpoint.exists(last):
+        info = checkpoint.state_info(last)
+        if info.get("run") != run:
+            raise GeosocError(
+                f"{out_url} holds another run ({_describe_run(info.get('run'))}); this one is {_describe_run(run)}. "
+                "Pass --fresh to start over there, or write this run elsewhere"
+            )
         getattr(model, "module", model).load_state_dict(checkpoint.load_weights(last))
-        info = checkpoint.load_state(last, optimizer)
+        checkpoint.load_state(last, optimizer)
         start, history, best = info["epoch"], info["history"], info["best"]
         log.info("%s: resuming from %s at epoch %d", stage_name, last, start)
-    meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
     generator = torch.Generator().manual_seed(seed + ctx.rank)
     autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
     stale = 0
@@ -343,13 +380,21 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
             if improved:
                 checkpoint.save_model(out_url, model, config, {**meta, "epoch": epoch + 1, "metrics": metrics})
             checkpoint.save_model(last, model, config, meta)
-            checkpoint.save_state(last, optimizer, {"epoch": epoch + 1, "history": history, "best": best})
+            checkpoint.save_state(last, optimizer, {"epoch": epoch + 1, "history": history, "best": best, "run": run})
             tqdm.write(_format(stage_name, metrics)) if ctx.progress else log.info(_format(stage_name, metrics))
         ctx.report(metrics)
         if patience is not None and stale >= patience:
             log.info("%s: no validation improvement for %d epochs; stopping", stage_name, patience)
             break
     return {"best_val_loss": best, "history": history, "checkpoint": out_url}
+
+
+def _describe_run(run: dict[str, Any] | None) -> str:
+    if not run:
+        return "a run made by an older geosoc, without a record of what defines it"
+    held = "no test fold" if run.get("test_fold") is None else f"test fold {run['test_fold']} held out"
+    origin = "from pretrained encoders" if run.get("pretrained") else "from scratch"
+    return f"{run.get('stage')} of {run.get('samples')}, {held}, {origin}, seed {run.get('seed')}"
 
 
 def _validate(model: torch.nn.Module, data: SampleData, val: np.ndarray, batch_size: int, loss_fn: Callable,

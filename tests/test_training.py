@@ -201,3 +201,20 @@ def test_finetune_on_cuda_in_bf16(tmp_path: Path) -> None:
     assert np.isfinite(result["history"][-1]["val_loss"])
     model, _ = checkpoint.load_model(str(tmp_path / "ft"), device="cpu")  # CUDA-trained weights load on CPU
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_ray_job_submit_predict(ray_head, tmp_path: Path) -> None:
+    """`ray job submit` of jobs/predict.py: a pool of actors on the real head writes the map and its exports."""
+    from tests.test_predict import tiny_region
+
+    catalog, root = tiny_region(tmp_path)
+    command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
+               "--", "python", "jobs/predict.py", "--catalog", str(catalog), "--root", root, "--actors", "1"]
+    done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "predict finished: " in done.stdout
+    maps = Path(root) / "maps"
+    assert {"soc_mean.tif", "aoa.tif", "quicklook.png", "item.json"} <= {p.name for p in maps.iterdir()}
+    import zarr
+
+    assert zarr.open_group(str(maps / "soc.zarr"), mode="r").attrs["geosoc_status"] == "complete"

@@ -1,0 +1,128 @@
+"""What soil mappers use instead of SSL-SoilNet, on features from the same SampleSet: random forest, gradient
+boosting, quantile regression forest, and a hybrid (boosting on covariates plus the pretrained encoders'
+embeddings). Every model is fitted on log1p(SOC), like the network, and predicts the median and a 90 % interval
+(q05, q95) in the original units; the plain random forest has no interval (NaN).
+
+Covariate features, per sample: for every band the patch-centre value and the mean of the 5 x 5 px window
+around it; for every climate variable the mean, the seasonal amplitude (range of the monthly climatology) and
+the mean of each calendar month.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+WINDOW = 5  # px: the small window around the patch centre
+QUANTILES = (0.05, 0.5, 0.95)
+TREES = 300
+
+
+@dataclass
+class Features:
+    values: np.ndarray  # (n, features), NaN where a covariate is missing
+    names: list[str]
+
+
+def covariate_features(batch: dict[str, np.ndarray], bands: list[str], variables: list[str],
+                       months: np.ndarray | None) -> Features:
+    """Tabular features of samples (see the module docstring) from a batch of patches and/or climate series."""
+    columns: list[np.ndarray] = []
+    names: list[str] = []
+    if "patch" in batch and bands:
+        patch = batch["patch"]
+        c, h = patch.shape[-1] // 2, WINDOW // 2
+        columns.append(patch[:, :, c, c])
+        names += [f"{b}_centre" for b in bands]
+        with np.errstate(invalid="ignore"), _quiet():
+            columns.append(np.nanmean(patch[:, :, c - h : c + h + 1, c - h : c + h + 1], axis=(2, 3)))
+        names += [f"{b}_window{WINDOW}" for b in bands]
+    if "climate" in batch and variables:
+        series = batch["climate"]  # (n, time, variable)
+        calendar = (months.astype("datetime64[M]").astype(int) % 12) if months is not None else np.arange(
+            series.shape[1]) % 12
+        present = [m for m in range(12) if (calendar == m).any()]  # calendar months the series covers
+        with _quiet():
+            columns.append(np.nanmean(series, axis=1))
+            climatology = np.stack([np.nanmean(series[:, calendar == m], axis=1) for m in present], axis=1)
+            columns.append(np.nanmax(climatology, axis=1) - np.nanmin(climatology, axis=1))
+        names += [f"{v}_mean" for v in variables] + [f"{v}_amplitude" for v in variables]
+        columns.append(climatology.reshape(len(series), -1))
+        names += [f"{v}_m{m + 1:02d}" for m in present for v in variables]
+    return Features(np.concatenate(columns, axis=1).astype(np.float32), names)
+
+
+class _quiet:
+    """Mean of an all-NaN slice is NaN, which is what we want: silence NumPy's warning about it."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._catch.__exit__(*exc)
+
+
+Prediction = tuple[np.ndarray, np.ndarray, np.ndarray]  # q05, median, q95 in the original units
+
+
+def _imputed(model: Any) -> Any:
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), model)
+
+
+def random_forest(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int, threads: int) -> Prediction:
+    from sklearn.ensemble import RandomForestRegressor
+
+    model = _imputed(RandomForestRegressor(n_estimators=TREES, n_jobs=threads, random_state=seed))
+    model.fit(train_x, np.log1p(train_y))
+    median = np.expm1(model.predict(test_x))
+    nan = np.full(len(test_x), np.nan)
+    return nan, median, nan
+
+
+def gradient_boosting(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
+                      threads: int) -> Prediction:
+    """One histogram gradient boosting model per quantile (pinball loss), as the network's head has."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    out = []
+    for q in QUANTILES:
+        model = HistGradientBoostingRegressor(loss="quantile", quantile=q, max_iter=300, learning_rate=0.05,
+                                              random_state=seed)
+        model.fit(train_x, np.log1p(train_y))
+        out.append(np.expm1(model.predict(test_x)))
+    lower, median, upper = out
+    return np.minimum(lower, median), median, np.maximum(upper, median)
+
+
+def quantile_forest(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
+                    threads: int) -> Prediction:
+    from quantile_forest import RandomForestQuantileRegressor
+
+    model = _imputed(RandomForestQuantileRegressor(n_estimators=TREES, n_jobs=threads, random_state=seed))
+    model.fit(train_x, np.log1p(train_y))
+    predicted = np.expm1(np.asarray(model.predict(test_x, quantiles=list(QUANTILES))))
+    return predicted[:, 0], predicted[:, 1], predicted[:, 2]
+
+
+TABULAR: dict[str, Callable[..., Prediction]] = {
+    "rf": random_forest,
+    "gbm": gradient_boosting,
+    "qrf": quantile_forest,
+    "hybrid": gradient_boosting,  # on covariates + pretrained embeddings
+}
+
+
+def fit_predict(model: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
+                threads: int) -> Prediction:
+    """Fit a tabular model and predict; features without any value in the training part are left out."""
+    usable = ~np.isnan(train_x).all(axis=0)
+    return TABULAR[model](train_x[:, usable], train_y, test_x[:, usable], seed, threads)

@@ -1,0 +1,233 @@
+"""`geosoc evaluate`: SSL-SoilNet against what soil mappers would use instead, on the same held-out folds.
+
+Every model sees the same folds: the SampleSet's spatial blocks (`cv="spatial"`) or a seeded random assignment
+(`cv="random"`), repeated `repeats` times with other seeds. For each (model, repeat, fold) the fold is held out
+entirely: networks pick their checkpoint and conformal calibration on a validation part of the other folds;
+trees are fitted on the other folds. Pretraining runs once, on the unlabelled SampleSet (no targets).
+Each finished (model, repeat, fold) leaves its held-out predictions under `evaluation/runs/`, so a re-run
+skips it; the tables and the figure are then made from all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from geosoc import baselines, checkpoint
+from geosoc.catalog import Catalog
+from geosoc.errors import GeosocError
+from geosoc.metrics import METRICS, regression_metrics
+from geosoc.sampling import open_sampleset, spatial_folds
+from geosoc.storage import filesystem, join, publish_file
+from geosoc.training import (Context, Normalisation, SampleData, finetune, forward_all, model_config, pretrain_region,
+                             predict_samples, stage_urls)
+
+log = logging.getLogger(__name__)
+
+MODELS = ("ssl", "supervised", "hybrid", "rf", "gbm", "qrf")
+NETWORKS = ("ssl", "supervised")
+NEEDS_PRETRAINING = ("ssl", "hybrid")
+DESCRIPTIONS = {
+    "ssl": "SSL-SoilNet: pretrained encoders, fine-tuned",
+    "supervised": "the same network from scratch (no pretraining)",
+    "hybrid": "gradient boosting on covariates + pretrained embeddings",
+    "rf": "random forest on covariates",
+    "gbm": "gradient boosting on covariates (quantile loss)",
+    "qrf": "quantile regression forest on covariates",
+}
+CV = Literal["spatial", "random"]
+
+
+@dataclass
+class Evaluation:
+    metrics: pd.DataFrame  # one row per (model, repeat, fold)
+    summary: dict[str, Any]  # per model: mean and sd over folds, and pooled metrics
+    predictions: pd.DataFrame
+    outputs: dict[str, str]
+
+
+def fold_sets(x: np.ndarray, y: np.ndarray, own: np.ndarray, cv: CV, folds: int | None, repeats: int, seed: int,
+              block: float) -> list[np.ndarray]:
+    """Fold of every labelled sample, one array per repeat."""
+    out = []
+    for repeat in range(repeats):
+        if cv == "spatial":
+            if repeat == 0 and folds in (None, len(np.unique(own))):
+                out.append(own.astype(np.int64))
+            else:
+                out.append(spatial_folds(x, y, block, folds or len(np.unique(own)), seed + repeat).astype(np.int64))
+        else:
+            k = folds or len(np.unique(own))
+            order = np.random.default_rng(seed + repeat).permutation(len(x))
+            assignment = np.empty(len(x), dtype=np.int64)
+            assignment[order] = np.arange(len(x)) % k
+            out.append(assignment)
+    return out
+
+
+def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: int | None = None,
+                    models: tuple[str, ...] = MODELS, repeats: int = 1, epochs: int | None = None,
+                    threads: int = 1, progress: bool = True, device: torch.device | None = None) -> Evaluation:
+    """Every model on the same folds of `<root>/samples/labelled.zarr`; results under `<root>/evaluation/`."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise GeosocError(f"unknown model(s) {unknown}; choose among {', '.join(MODELS)}")
+    if cv not in ("spatial", "random"):
+        raise GeosocError(f"--cv must be 'spatial' or 'random', got {cv!r}")
+    if repeats < 1 or (folds is not None and folds < 2):
+        raise GeosocError(f"need --repeats >= 1 and --folds >= 2 (got {repeats} and {folds})")
+    urls = stage_urls(root)
+    out = join(root, "evaluation")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    samples = open_sampleset(urls["labelled"])
+    labelled = np.flatnonzero(np.isfinite(samples["target"].values))
+    if len(labelled) < 10:
+        raise GeosocError(f"{urls['labelled']}: only {len(labelled)} labelled samples; evaluation needs at least 10")
+    data = SampleData(urls["labelled"])
+    x, y = samples["x"].values[labelled], samples["y"].values[labelled]
+    sets = fold_sets(x, y, data.fold[labelled], cv, folds, repeats, catalog.training.seed,
+                     catalog.sampling.fold_block_size)
+    ctx = Context(device=device, progress=False)
+    pretrained = None
+    if any(m in NEEDS_PRETRAINING for m in models):
+        if not checkpoint.exists(urls["pretrain"]) and not filesystem(urls["unlabelled"])[0].exists(
+                filesystem(urls["unlabelled"])[1]):
+            raise GeosocError(f"models ssl and hybrid need pretrained encoders: create {urls['unlabelled']} "
+                              "(`geosoc sample --random N`) or leave them out with --models")
+        pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))  # resumes; no-op when done
+        pretrained = urls["pretrain"]
+    batch = data.batch(labelled)
+    features = baselines.covariate_features(batch, data.bands, data.variables, data.time).values
+    embeddings = _embeddings(pretrained, data, labelled, device) if "hybrid" in models else None
+    ids = samples["sample_id"].values[labelled]
+    observed = data.target[labelled]
+    tasks = [(m, r, int(k)) for r, fs in enumerate(sets) for k in np.unique(fs) for m in models]
+    parts = []
+    for model, repeat, fold in tqdm(tasks, desc="evaluate", unit="run", disable=not progress):
+        url = join(out, "runs", model, f"r{repeat}-f{fold}.parquet")
+        fs, path = filesystem(url)
+        if not fs.exists(path):
+            full = np.full(data.size, -1, dtype=np.int64)
+            full[labelled] = sets[repeat]
+            test = sets[repeat] == fold
+            if model in NETWORKS:
+                run = join(out, "runs", model, f"r{repeat}-f{fold}")
+                lower, median, upper = _network(catalog, urls, run, model, pretrained, fold, full, data,
+                                                labelled[test], epochs, catalog.training.seed + repeat, ctx)
+            else:
+                table = features if model != "hybrid" else np.concatenate([features, embeddings], axis=1)
+                lower, median, upper = baselines.fit_predict(model, table[~test], observed[~test], table[test],
+                                                             catalog.training.seed + repeat, threads)
+            frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": fold, "sample_id": [str(i) for i in ids[test]],
+                                  "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
+                                  "q50": median, "q95": upper})
+            _publish_frame(frame, url)
+        parts.append(pd.read_parquet(fs.open(path, "rb")))
+    predictions = pd.concat(parts, ignore_index=True)
+    return _report(predictions, out, models, samples["target"].attrs.get("units", ""), cv)
+
+
+def _embeddings(pretrained: str | None, data: SampleData, indices: np.ndarray, device: torch.device) -> np.ndarray:
+    """The pretrained encoders' embeddings of samples (their own input normalisation)."""
+    assert pretrained is not None
+    model, meta = checkpoint.load_model(pretrained, device)
+    norm = Normalisation.from_dict(meta["normalisation"])
+    return forward_all(model, data, indices, norm, device, 256)[1]
+
+
+def _network(catalog: Catalog, urls: dict[str, str], run: str, model: str, pretrained: str | None, fold: int,
+             folds: np.ndarray, data: SampleData, test: np.ndarray, epochs: int | None, seed: int,
+             ctx: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    stage = catalog.training.finetune
+    if epochs is not None:
+        stage = stage.model_copy(update={"epochs": epochs})
+    if model == "ssl":
+        config = checkpoint.load_config(pretrained)[0]  # type: ignore[arg-type]
+        config.quantiles = list(catalog.model.quantiles)
+    else:
+        config = model_config(catalog, data)
+    finetune(urls["labelled"], run, config, stage, pretrained_url=pretrained if model == "ssl" else None,
+             test_fold=fold, seed=seed, ctx=ctx, folds=folds)
+    return predict_samples(run, data, test, ctx.device)
+
+
+def _publish_frame(frame: pd.DataFrame, url: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="geosoc-eval-") as folder:
+        path = Path(folder) / "part.parquet"
+        frame.to_parquet(path, index=False)
+        publish_file(path, url)
+
+
+def _metrics(group: pd.DataFrame) -> dict[str, float]:
+    return regression_metrics(group["observed"].to_numpy(), group["q50"].to_numpy(), group["q05"].to_numpy(),
+                              group["q95"].to_numpy())
+
+
+def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units: str, cv: str) -> Evaluation:
+    rows = []
+    for (model, repeat, fold), group in predictions.groupby(["model", "repeat", "fold"], sort=False):
+        rows.append({"model": model, "repeat": repeat, "fold": fold, "n": len(group), **_metrics(group)})
+    metrics = pd.DataFrame(rows)
+    summary: dict[str, Any] = {"cv": cv, "units": units, "models": {}}
+    for model in models:
+        per_fold = metrics[metrics["model"] == model]
+        pooled = _metrics(predictions[predictions["model"] == model])
+        summary["models"][model] = {
+            "description": DESCRIPTIONS[model],
+            "folds": int(len(per_fold)),
+            "mean": {m: _finite(per_fold[m].mean()) for m in METRICS},
+            "sd": {m: _finite(per_fold[m].std(ddof=1)) for m in METRICS},
+            "pooled": {m: _finite(v) for m, v in pooled.items()},
+        }
+    outputs = {name: join(out, name) for name in ("metrics.csv", "summary.json", "predictions.parquet", "scatter.png")}
+    with tempfile.TemporaryDirectory(prefix="geosoc-eval-") as folder:
+        local = Path(folder)
+        metrics.to_csv(local / "metrics.csv", index=False)
+        (local / "summary.json").write_text(json.dumps(summary, indent=2))
+        predictions.to_parquet(local / "predictions.parquet", index=False)
+        _scatter(predictions, models, units, summary, local / "scatter.png")
+        for name, url in outputs.items():
+            publish_file(local / name, url)
+    return Evaluation(metrics, summary, predictions, outputs)
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _scatter(predictions: pd.DataFrame, models: tuple[str, ...], units: str, summary: dict[str, Any],
+             path: Path) -> None:
+    """Observed against predicted median, one panel per model, with the 1:1 line and the pooled R²."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(models))
+    rows = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False, dpi=110)
+    limit = float(np.nanpercentile(predictions[["observed", "q50"]].to_numpy(), 99.5)) * 1.05
+    for ax, model in zip(axes.ravel(), models):
+        part = predictions[predictions["model"] == model]
+        ax.scatter(part["observed"], part["q50"], s=6, alpha=0.5)
+        ax.plot([0, limit], [0, limit], color="k", linewidth=0.8)
+        ax.set_xlim(0, limit)
+        ax.set_ylim(0, limit)
+        r2 = summary["models"][model]["pooled"]["r2"]
+        ax.set_title(f"{model}: R² {r2:.3f}" if r2 is not None else model, fontsize=10)
+        ax.set_xlabel(f"observed SOC ({units})")
+        ax.set_ylabel(f"predicted median ({units})")
+    for ax in axes.ravel()[len(models):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
