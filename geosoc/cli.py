@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -98,11 +99,14 @@ def demo(
     quiet: bool = QuietOpt,
 ) -> None:
     """The whole pipeline on the embedded demo region (synthetic, offline): cube, samples, pretraining,
-    fine-tuning, the map and its exports; prints the cube, the validation accuracy and where the map is."""
+    fine-tuning, the map and its exports, and every model in spatial cross-validation; prints the cube, the
+    validation accuracy, where the map is and the evaluation table."""
     from geosoc.catalog import load_catalog
     from geosoc.cube import cube_summary, describe, open_cube
     from geosoc.demo import TEST_FOLD, run_demo
+    from geosoc.threads import use_threads
 
+    use_threads()
     result = run_demo(load_catalog("demo"), root, progress=not quiet)
     tree = open_cube(result.cube)
     console.print(f"demo cube: {result.cube}")
@@ -121,6 +125,9 @@ def demo(
     console.print(map_summary(result.maps["zarr"]), highlight=False)
     for name, url in result.maps.items():
         console.print(f"{name:>10}: {url}", highlight=False)
+    console.print(evaluation_table(result.evaluation.summary))
+    for name, url in result.evaluation.outputs.items():
+        console.print(f"{name:>20}: {url}", highlight=False)
 
 
 def map_summary(url: str) -> str:
@@ -284,20 +291,19 @@ def evaluate(
 def evaluation_table(summary: dict[str, Any]) -> Table:
     """Mean ± sd over the held-out folds, and the pooled R², per model."""
     units = summary.get("units", "")
-    table = Table(title=f"{summary['cv']} cross-validation, held-out folds (mean ± sd; SOC in {units})")
-    for column in ("model", "RMSE", "R²", "CCC", "bias", "PICP90", "width", "pooled R²"):
-        table.add_column(column, justify="right", no_wrap=True)
+    table = Table(title=f"{summary['cv']} cross-validation: means over held-out folds (SOC in {units})",
+                  box=box.SIMPLE_HEAD)
+    for column in ("model", "RMSE", "R² ± sd", "CCC", "bias", "PICP90", "width", "pooled R²"):
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
 
-    def cell(stats: dict[str, Any], key: str) -> str:
-        mean, sd = stats["mean"].get(key), stats["sd"].get(key)
-        if mean is None:
-            return "-"
-        return f"{mean:.3g}±{sd:.2g}" if sd is not None else f"{mean:.3g}"
+    def cell(value: float | None, digits: str = ".3g") -> str:
+        return "-" if value is None else format(value, digits)
 
     for model, stats in summary["models"].items():
-        pooled = stats["pooled"].get("r2")
-        table.add_row(model, *(cell(stats, k) for k in ("rmse", "r2", "ccc", "bias", "picp", "width")),
-                      f"{pooled:.3f}" if pooled is not None else "-")
+        mean, sd = stats["mean"], stats["sd"]
+        r2 = f"{cell(mean['r2'], '.3f')} ± {cell(sd['r2'], '.2f')}" if mean["r2"] is not None else "-"
+        table.add_row(model, cell(mean["rmse"]), r2, cell(mean["ccc"], ".3f"), cell(mean["bias"]),
+                      cell(mean["picp"], ".3f"), cell(mean["width"]), cell(stats["pooled"]["r2"], ".3f"))
     return table
 
 

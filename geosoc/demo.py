@@ -13,11 +13,13 @@ import numpy as np
 
 from geosoc.catalog import LoadedCatalog, SyntheticSource
 from geosoc.cube import build_cube
+from geosoc.evaluation import Evaluation, evaluate_region
 from geosoc.inference import map_region
 from geosoc.points import Points
 from geosoc.sampling import random_points, sample_points
 from geosoc.sources.synthetic import Landscape
 from geosoc.storage import default_root
+from geosoc.threads import available_cores
 from geosoc.training import Context, finetune_region, pretrain_region, stage_urls
 
 LABELLED_POINTS = 400
@@ -44,6 +46,7 @@ class DemoResult:
     pretrain: dict[str, Any]
     finetune: dict[str, Any]
     maps: dict[str, str]
+    evaluation: Evaluation
 
 
 def run_demo(catalog: LoadedCatalog, root: str | None = None, progress: bool = True) -> DemoResult:
@@ -62,4 +65,5 @@ def run_demo(catalog: LoadedCatalog, root: str | None = None, progress: bool = T
     pretrained = pretrain_region(config, root, ctx=ctx)
     finetuned = finetune_region(config, root, test_fold=TEST_FOLD, ctx=ctx)
     maps = map_region(config, root, progress=progress)
-    return DemoResult(cube, n_unlabelled, n_labelled, pretrained, finetuned, maps)
+    evaluation = evaluate_region(config, root, progress=progress, threads=available_cores())
+    return DemoResult(cube, n_unlabelled, n_labelled, pretrained, finetuned, maps, evaluation)

@@ -4,8 +4,9 @@ Every model sees the same folds: the SampleSet's spatial blocks (`cv="spatial"`)
 (`cv="random"`), repeated `repeats` times with other seeds. For each (model, repeat, fold) the fold is held out
 entirely: networks pick their checkpoint and conformal calibration on a validation part of the other folds;
 trees are fitted on the other folds. Pretraining runs once, on the unlabelled SampleSet (no targets).
-Each finished (model, repeat, fold) leaves its held-out predictions under `evaluation/runs/`, so a re-run
-skips it; the tables and the figure are then made from all of them.
+Each finished (model, repeat, fold) leaves its held-out predictions (and, for networks, its checkpoint) under
+`evaluation/runs/<cv>-k<folds>-<digest>/`, so a re-run skips it; the tables and the figure are then made from
+all of them.
 """
 
 from __future__ import annotations
@@ -111,16 +112,17 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
     ids = samples["sample_id"].values[labelled]
     observed = data.target[labelled]
     tasks = [(m, r, int(k)) for r, fs in enumerate(sets) for k in np.unique(fs) for m in models]
+    runs = join(out, "runs", _campaign(cv, sets, ids, observed))
     parts = []
     for model, repeat, fold in tqdm(tasks, desc="evaluate", unit="run", disable=not progress):
-        url = join(out, "runs", model, f"r{repeat}-f{fold}.parquet")
+        url = join(runs, model, f"r{repeat}-f{fold}.parquet")
         fs, path = filesystem(url)
         if not fs.exists(path):
             full = np.full(data.size, -1, dtype=np.int64)
             full[labelled] = sets[repeat]
             test = sets[repeat] == fold
             if model in NETWORKS:
-                run = join(out, "runs", model, f"r{repeat}-f{fold}")
+                run = join(runs, model, f"r{repeat}-f{fold}")
                 lower, median, upper = _network(catalog, urls, run, model, pretrained, fold, full, data,
                                                 labelled[test], epochs, catalog.training.seed + repeat, ctx)
             else:
@@ -134,6 +136,17 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
         parts.append(pd.read_parquet(fs.open(path, "rb")))
     predictions = pd.concat(parts, ignore_index=True)
     return _report(predictions, out, models, samples["target"].attrs.get("units", ""), cv)
+
+
+def _campaign(cv: str, sets: list[np.ndarray], ids: np.ndarray, observed: np.ndarray) -> str:
+    """Where a cross-validation's runs live: named by its kind and folds, and a digest of the fold assignment
+    and the samples, so that other folds or a re-sampled SampleSet never reuse finished runs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in (*sets, np.asarray([str(i) for i in ids]).astype("U"), observed):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return f"{cv}-k{len(np.unique(sets[0]))}-{digest.hexdigest()[:10]}"
 
 
 def _embeddings(pretrained: str | None, data: SampleData, indices: np.ndarray, device: torch.device) -> np.ndarray:

@@ -1,0 +1,198 @@
+"""Honest skill: metrics against scikit-learn and hand computations, no leakage of the test fold, conformal
+calibration, fold-safe fine-tuning runs, and `geosoc evaluate` with every model, resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+from geosoc import checkpoint
+from geosoc.calibration import conformal_offset, widen
+from geosoc.catalog import FinetuneConfig, PretrainConfig, load_catalog
+from geosoc.errors import GeosocError
+from geosoc.metrics import regression_metrics
+from geosoc.threads import available_cores
+from geosoc.training import Context, finetune, pretrain
+from tests.test_training import CPU, config_for, tiny_sampleset
+
+
+def test_metrics_against_sklearn_and_by_hand() -> None:
+    rng = np.random.default_rng(0)
+    observed = rng.lognormal(3, 0.5, 200)
+    predicted = observed * rng.normal(1, 0.2, 200) + 2
+    lower, upper = predicted * 0.7, predicted * 1.3
+    m = regression_metrics(observed, predicted, lower, upper)
+    assert m["rmse"] == pytest.approx(np.sqrt(mean_squared_error(observed, predicted)))
+    assert m["mae"] == pytest.approx(mean_absolute_error(observed, predicted))
+    assert m["r2"] == pytest.approx(r2_score(observed, predicted))
+    mo, mp = observed.mean(), predicted.mean()
+    ccc = 2 * np.mean((observed - mo) * (predicted - mp)) / (observed.var() + predicted.var() + (mo - mp) ** 2)
+    assert m["ccc"] == pytest.approx(ccc)
+    q1, q3 = np.percentile(observed, [25, 75])
+    assert m["rpiq"] == pytest.approx((q3 - q1) / m["rmse"])
+    assert m["bias"] == pytest.approx(np.mean(predicted - observed))
+    assert m["picp"] == pytest.approx(np.mean((observed >= lower) & (observed <= upper)))
+    assert m["width"] == pytest.approx(np.mean(upper - lower))
+
+
+def test_metrics_degenerate_cases() -> None:
+    constant = regression_metrics(np.full(5, 3.0), np.array([2.0, 3, 4, 3, 3]))
+    assert constant["r2"] == r2_score(np.full(5, 3.0), [2.0, 3, 4, 3, 3])  # scikit-learn's convention
+    assert constant["rpiq"] == 0.0 and constant["ccc"] == 0.0
+    exact = regression_metrics(np.full(3, 2.0), np.full(3, 2.0))
+    assert exact["rmse"] == 0 and np.isinf(exact["rpiq"]) and np.isnan(exact["ccc"])
+    one = regression_metrics(np.array([5.0]), np.array([4.0]), np.array([3.0]), np.array([6.0]))
+    assert np.isnan(one["r2"]) and one["rmse"] == 1.0 and one["picp"] == 1.0 and one["width"] == 3.0
+    no_interval = regression_metrics(np.arange(4.0), np.arange(4.0), np.full(4, np.nan), np.full(4, np.nan))
+    assert np.isnan(no_interval["picp"]) and np.isnan(no_interval["width"])
+    assert all(np.isnan(v) for v in regression_metrics(np.array([]), np.array([])).values())
+
+
+def test_conformal_calibration_fixes_an_overconfident_interval() -> None:
+    rng = np.random.default_rng(1)
+    truth = lambda n: rng.normal(0, 1, n)  # noqa: E731
+    calibration, test = truth(500), truth(5000)
+    median = np.zeros_like
+    narrow = 0.2  # a deliberately over-confident "90 %" interval: +-0.2 where the noise has sd 1
+    before = np.mean(np.abs(test) <= narrow)
+    offset = conformal_offset(np.full(500, -narrow), np.full(500, narrow), calibration, 0.9)
+    lower, upper = widen(np.full(5000, -narrow), np.full(5000, narrow), median(test), offset)
+    after = np.mean((test >= lower) & (test <= upper))
+    assert before < 0.25 and abs(after - 0.9) < 0.03
+    wide = conformal_offset(np.full(500, -5.0), np.full(500, 5.0), calibration, 0.9)  # too wide: narrowed
+    assert wide < 0
+
+
+def _poison(url: str, fold: int | None, value: float) -> None:
+    """Replace the targets of one fold (or all) in place: a run that never sees them must not change."""
+    import zarr
+
+    group = zarr.open_group(url, mode="r+")
+    target, folds = group["target"][:], group["fold"][:]
+    target[folds == fold if fold is not None else slice(None)] = value
+    group["target"][:] = target
+
+
+def test_the_test_fold_never_reaches_training_validation_normalisation_or_calibration(tmp_path: Path) -> None:
+    clean = tiny_sampleset(str(tmp_path / "clean.zarr"), n=64)
+    poisoned = str(tmp_path / "poisoned.zarr")
+    shutil.copytree(clean, poisoned)
+    _poison(poisoned, 2, 1e6)
+    stage = FinetuneConfig(epochs=2, batch_size=8, patience=100)
+    for url, out in ((clean, tmp_path / "a"), (poisoned, tmp_path / "b")):
+        finetune(url, str(out), config_for(clean), stage, test_fold=2, ctx=CPU)
+    meta_a = json.loads((tmp_path / "a" / "config.json").read_text())
+    meta_b = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert meta_a["normalisation"] == meta_b["normalisation"] and meta_a["calibration"] == meta_b["calibration"]
+    assert meta_a["test_fold"] == 2
+    for key, value in checkpoint.load_weights(str(tmp_path / "a")).items():
+        assert torch.equal(value, checkpoint.load_weights(str(tmp_path / "b"))[key]), key
+    ref_a, ref_b = checkpoint.load_aoa(str(tmp_path / "a")), checkpoint.load_aoa(str(tmp_path / "b"))
+    np.testing.assert_array_equal(ref_a.embeddings, ref_b.embeddings)
+    assert 2 not in set(ref_a.folds.tolist())
+
+
+def test_pretraining_reads_no_targets(tmp_path: Path) -> None:
+    clean = tiny_sampleset(str(tmp_path / "clean.zarr"), n=40)
+    poisoned = str(tmp_path / "poisoned.zarr")
+    shutil.copytree(clean, poisoned)
+    _poison(poisoned, None, 123.0)
+    for url, out in ((clean, tmp_path / "a"), (poisoned, tmp_path / "b")):
+        pretrain(url, str(out), config_for(clean), PretrainConfig(epochs=1, batch_size=8), ctx=CPU)
+    weights_b = checkpoint.load_weights(str(tmp_path / "b"))
+    for key, value in checkpoint.load_weights(str(tmp_path / "a")).items():
+        assert torch.equal(value, weights_b[key]), key
+
+
+def test_a_run_only_resumes_itself(tmp_path: Path) -> None:
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    out = str(tmp_path / "ft")
+    stage = FinetuneConfig(epochs=1, batch_size=8)
+    finetune(url, out, config_for(url), stage, test_fold=0, ctx=CPU)
+    with pytest.raises(GeosocError, match=r"holds another run \(finetune .* test fold 0 held out.*test fold 1 held out"):
+        finetune(url, out, config_for(url), stage.model_copy(update={"epochs": 2}), test_fold=1, ctx=CPU)
+    finetune(url, out, config_for(url), stage, test_fold=1, ctx=CPU, resume=False)  # --fresh
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["test_fold"] == 1
+    with pytest.raises(GeosocError, match="no fold 7 to hold out"):
+        finetune(url, str(tmp_path / "x"), config_for(url), stage, test_fold=7, ctx=CPU)
+
+
+def test_available_cores_is_within_the_affinity() -> None:
+    import os
+
+    assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
+
+
+@pytest.fixture(scope="module")
+def region_with_unlabelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    from geosoc.sampling import random_points, sample_points
+    from tests.test_predict import tiny_region
+
+    path, root = tiny_region(tmp_path_factory.mktemp("evaluate"))
+    points = random_points(f"{root}/cube.zarr", 200, 8, seed=5)
+    sample_points(f"{root}/cube.zarr", points, f"{root}/samples/unlabelled.zarr", 8, fold_block_size=600, folds=3,
+                  kind="unlabelled")
+    return path, root
+
+
+def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import geosoc.evaluation as evaluation
+    from geosoc.cli import app
+
+    path, root = region_with_unlabelled
+    result = CliRunner().invoke(app, ["evaluate", "--catalog", str(path), "--root", root, "--epochs", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    folder = Path(root) / "evaluation"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["models"]) == set(evaluation.MODELS)
+    import pandas as pd
+
+    metrics = pd.read_csv(folder / "metrics.csv")
+    assert len(metrics) == len(evaluation.MODELS) * 3 and set(metrics["fold"]) == {0, 1, 2}
+    predictions = pd.read_parquet(folder / "predictions.parquet")
+    labelled = int(np.isfinite(__import__("geosoc").open_sampleset(f"{root}/samples/labelled.zarr")["target"]).sum())
+    assert (predictions.groupby("model").size() == labelled).all()  # every labelled point held out exactly once
+    assert set(predictions.columns) >= {"sample_id", "x", "y", "fold", "observed", "q05", "q50", "q95"}
+    assert (folder / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+    assert np.isnan(metrics.loc[metrics["model"] == "rf", "picp"]).all()
+    ssl_runs = json.loads(next(folder.glob("runs/spatial-k3-*/ssl/r0-f1/config.json")).read_text())
+    assert ssl_runs["test_fold"] == 1 and ssl_runs["pretrained"].endswith("models/pretrain")
+
+    calls: list[str] = []
+    real_fit_predict = evaluation.baselines.fit_predict
+
+    def counting(*args, **kwargs):
+        calls.append("tree")
+        return real_fit_predict(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "finetune", lambda *a, **k: calls.append("finetune"))
+    monkeypatch.setattr(evaluation.baselines, "fit_predict", counting)
+    again = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=2, progress=False)
+    assert calls == [] and len(again.metrics) == len(metrics)  # every (model, fold) was already done
+    random = evaluation.evaluate_region(load_catalog(path=path).config, root, cv="random", folds=2,
+                                        models=("rf", "qrf"), progress=False)
+    assert random.summary["cv"] == "random" and len(random.metrics) == 4 and calls == ["tree"] * 4
+
+
+def test_evaluate_needs_unlabelled_samples_for_ssl(tmp_path: Path) -> None:
+    from geosoc.evaluation import evaluate_region
+    from tests.test_predict import tiny_region
+
+    path, root = tiny_region(tmp_path)
+    with pytest.raises(GeosocError, match="need pretrained encoders"):
+        evaluate_region(load_catalog(path=path).config, root, models=("ssl",), progress=False)
+    with pytest.raises(GeosocError, match="unknown model"):
+        evaluate_region(load_catalog(path=path).config, root, models=("svm",), progress=False)
+    result = evaluate_region(load_catalog(path=path).config, root, models=("supervised", "gbm"), epochs=1,
+                             progress=False, device=torch.device("cpu"))
+    assert set(result.summary["models"]) == {"supervised", "gbm"}
+    assert Context  # the loops run on the CPU here
