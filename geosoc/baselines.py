@@ -1,7 +1,8 @@
 """What soil mappers use instead of SSL-SoilNet, on features from the same SampleSet: random forest, gradient
 boosting, quantile regression forest, and a hybrid (boosting on covariates plus the pretrained encoders'
 embeddings). Every model is fitted on log1p(SOC), like the network, and predicts the median and a 90 % interval
-(q05, q95) in the original units; the plain random forest has no interval (NaN).
+(q05, q95) in the original units; the plain random forest has no interval (NaN). Boosting intervals are
+conformalized (CQR on out-of-fold predictions of the training part), like the network's.
 
 Covariate features, per sample: for every band the patch-centre value and the mean of the 5 x 5 px window
 around it; for every climate variable the mean, the seasonal amplitude (range of the monthly climatology) and
@@ -88,19 +89,33 @@ def random_forest(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, 
     return nan, median, nan
 
 
-def gradient_boosting(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
-                      threads: int) -> Prediction:
-    """One histogram gradient boosting model per quantile (pinball loss), as the network's head has."""
+def _boosted_quantiles(train_x: np.ndarray, train_z: np.ndarray, test_x: np.ndarray, seed: int) -> np.ndarray:
+    """(n, 3) log-space q05, q50, q95 of histogram gradient boosting, one model per quantile (pinball loss)."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     out = []
     for q in QUANTILES:
         model = HistGradientBoostingRegressor(loss="quantile", quantile=q, max_iter=300, learning_rate=0.05,
                                               random_state=seed)
-        model.fit(train_x, np.log1p(train_y))
-        out.append(np.expm1(model.predict(test_x)))
-    lower, median, upper = out
-    return np.minimum(lower, median), median, np.maximum(upper, median)
+        out.append(model.fit(train_x, train_z).predict(test_x))
+    return np.stack(out, axis=1)
+
+
+def gradient_boosting(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
+                      threads: int) -> Prediction:
+    """Quantile gradient boosting with a conformalized interval: the CQR offset comes from out-of-fold
+    predictions of an inner 3-fold split of the training part (quantile boosting alone under-covers)."""
+    from sklearn.model_selection import KFold
+
+    from geosoc.calibration import conformal_offset, interval
+
+    z = np.log1p(train_y)
+    oof = np.empty((len(z), len(QUANTILES)))
+    for fit, held in KFold(3, shuffle=True, random_state=seed).split(train_x):
+        oof[held] = _boosted_quantiles(train_x[fit], z[fit], train_x[held], seed)
+    offset = conformal_offset(oof[:, 0], oof[:, -1], z, QUANTILES[-1] - QUANTILES[0])
+    lower, median, upper = interval(_boosted_quantiles(train_x, z, test_x, seed), list(QUANTILES), offset)
+    return np.expm1(lower), np.expm1(median), np.expm1(upper)
 
 
 def quantile_forest(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from geosoc import aoa, checkpoint
 from geosoc.calibration import interval
 from geosoc.catalog import Catalog, PredictConfig
-from geosoc.cube import open_cube
+from geosoc.cube import group_grid, open_cube
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid, Window
 from geosoc.progress import Markers, progress_url, remove
@@ -426,8 +426,6 @@ def plan_map(cube: str | xr.DataTree, model: str | None = None, *, resolution: f
     resolution = resolution or predict_config.resolution
     config = checkpoint.load_config(model)[0]
     imagery = tree["imagery"].to_dataset()
-    from geosoc.cube import group_grid
-
     cube_grid = group_grid(imagery)
     patch = config.patch_size if config.bands else 1
     bands = imagery.sizes["band"]
@@ -487,10 +485,6 @@ def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | No
           fresh: bool = False, progress: bool = True) -> str:
     """Write (or finish writing) the map of `spec` at `out`; windows already written are not redone."""
     check_writable(out.rstrip("/").rsplit("/", 1)[0])
-    predictor_meta = checkpoint.load_config(spec.model)[1]
-    if predictor_meta.get("stage") != "finetune":
-        raise GeosocError(f"{spec.model}: predict needs a fine-tuned model (this is a {predictor_meta.get('stage')!r} "
-                          "checkpoint)")
     config_bytes = _config_bytes(spec.model)
     cube_attrs = _read_attrs(spec.cube) or {}
     fingerprint = spec.fingerprint(config_bytes, str(cube_attrs.get("geosoc_build_id", "")))
