@@ -65,13 +65,17 @@ def _cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.Comp
                           timeout=timeout)
 
 
-def _listing(env: dict[str, str], prefix: str) -> list[str]:
-    code = (f"import fsspec; fs = fsspec.filesystem({env['scheme']!r}); "
-            f"print('\\n'.join(fs.find({prefix!r})))")
+def _python(env: dict[str, str], code: str) -> str:
+    """Run `code` in a fresh interpreter with the bucket's settings (gcsfs reads some only when imported)."""
     full = {**os.environ, **{k: v for k, v in env.items() if k != "scheme"}}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
     assert done.returncode == 0, done.stderr
-    return done.stdout.split()
+    return done.stdout
+
+
+def _listing(env: dict[str, str], prefix: str) -> list[str]:
+    return _python(env, f"import fsspec; fs = fsspec.filesystem({env['scheme']!r}); "
+                        f"print('\\n'.join(fs.find({prefix!r})))").split()
 
 
 def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> None:
@@ -115,9 +119,7 @@ def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> N
         "assert m.attrs['geosoc_status'] == 'complete'; v = m['soc_mean'].values; "
         "assert np.isfinite(v).mean() > 0.5, v; print('ok', m.sizes['y'], m.sizes['x'])"
     )
-    full = {**os.environ, **{k: v for k, v in bucket.items() if k != "scheme"}}
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=full, timeout=120)
-    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr
+    assert _python(bucket, check).startswith("ok")
 
 
 def test_cube_on_a_bucket_equals_its_sources(bucket: dict[str, str], write_catalog) -> None:
@@ -134,9 +136,7 @@ def test_cube_on_a_bucket_equals_its_sources(bucket: dict[str, str], write_catal
         "[np.testing.assert_array_equal(tree[l.group].to_dataset()['data'].values, l.lazy().values) for l in layers]; "
         "print('ok')"
     )
-    full = {**os.environ, **{k: v for k, v in bucket.items() if k != "scheme"}}
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=full, timeout=120)
-    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr
+    assert _python(bucket, check).startswith("ok")
     assert not any(".progress" in name for name in _listing(bucket, f"{BUCKET}/values"))
 
 
