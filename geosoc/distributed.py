@@ -80,8 +80,10 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
     return trainer.fit()
 
 
-def job_main(stage: str, argv: list[str] | None = None) -> None:
-    """Arguments of jobs/pretrain.py and jobs/finetune.py."""
+def job_parser(stage: str) -> argparse.ArgumentParser:
+    """Arguments of jobs/pretrain.py, jobs/finetune.py and jobs/predict.py (also checked against infra/)."""
+    if stage == "predict":
+        return _predict_parser()
     parser = argparse.ArgumentParser(description=f"geosoc {stage} on a Ray cluster (Ray Train TorchTrainer)")
     parser.add_argument("--region", help="catalog name in catalogs/")
     parser.add_argument("--catalog", help="catalog file (instead of --region)")
@@ -93,6 +95,12 @@ def job_main(stage: str, argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", help="SampleSet URL (default: the region's)")
     if stage == "finetune":
         parser.add_argument("--test-fold", type=int, help="fold held out for evaluation")
+    return parser
+
+
+def job_main(stage: str, argv: list[str] | None = None) -> None:
+    """Entry point of jobs/pretrain.py and jobs/finetune.py."""
+    parser = job_parser(stage)
     args = parser.parse_args(argv)
     if not (args.region or args.catalog):
         parser.error("give --region or --catalog")
@@ -105,8 +113,7 @@ def job_main(stage: str, argv: list[str] | None = None) -> None:
     print(f"{stage} finished: {result.metrics}")
 
 
-def predict_job_main(argv: list[str] | None = None) -> None:
-    """Arguments of jobs/predict.py: the region's map by a pool of Ray actors (`geosoc.inference`)."""
+def _predict_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="geosoc predict on a Ray cluster (a pool of Ray actors)")
     parser.add_argument("--region", help="catalog name in catalogs/")
     parser.add_argument("--catalog", help="catalog file (instead of --region)")
@@ -120,6 +127,12 @@ def predict_job_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-retries", type=int, default=3, help="restarts of a dead actor and retries of its window")
     parser.add_argument("--fresh", action="store_true", help="replace an existing map instead of resuming it")
     parser.add_argument("--no-export", action="store_true", help="only maps/soc.zarr")
+    return parser
+
+
+def predict_job_main(argv: list[str] | None = None) -> None:
+    """Entry point of jobs/predict.py: the region's map by a pool of Ray actors (`geosoc.inference`)."""
+    parser = _predict_parser()
     args = parser.parse_args(argv)
     if not (args.region or args.catalog):
         parser.error("give --region or --catalog")

@@ -34,3 +34,17 @@ def test_dockerfile_installs_what_the_makefile_installs() -> None:
     assert "torch==2.14.1 torchvision==0.29.1" in dockerfile and "torch==2.14.1 torchvision==0.29.1" in makefile
     assert "requirements.lock" in dockerfile
     assert locked("torch") == "2.14.1"
+
+
+def test_every_rayjob_runs_an_existing_job_with_flags_it_accepts() -> None:
+    import shlex
+
+    from geosoc.distributed import job_parser
+
+    jobs = sorted((INFRA / "kuberay").glob("rayjob-*.yaml"))
+    assert {p.stem for p in jobs} >= {"rayjob-pretrain", "rayjob-predict"}
+    for path in jobs:
+        entry = shlex.split(yaml.safe_load(path.read_text())["spec"]["entrypoint"])
+        script = REPO / entry[1].removeprefix("/opt/geosoc/")
+        assert entry[0] == "python" and script.exists(), path
+        job_parser(script.stem).parse_args(entry[2:])  # exits (fails the test) on an unknown flag

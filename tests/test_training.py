@@ -157,8 +157,36 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     if started.returncode != 0:
         pytest.fail(f"ray start failed: {started.stderr[-2000:]}")
     yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "ray": str(ray_bin)}
-    subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stop_ray_processes_under(temp)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_ray_processes_under(temp: Path) -> None:
+    """Stop the head this test started, and only it: the processes whose command line names its --temp-dir
+    (GCS, raylet, dashboard, ...) and their descendants (workers). `ray stop` would stop every Ray on the machine."""
+    import psutil
+
+    own = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(temp) in part for part in proc.info["cmdline"] or []):
+            own.append(proc)
+    everything = {p.pid: p for p in own}
+    for proc in own:
+        try:
+            everything.update({c.pid: c for c in proc.children(recursive=True)})
+        except psutil.Error:
+            pass
+    for proc in everything.values():
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(everything.values()), timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 def test_ray_job_submit_pretrain_and_resume(ray_head, tmp_path: Path) -> None:
