@@ -11,6 +11,7 @@ the mean of each calendar month.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,6 +28,11 @@ class Features:
     names: list[str]
 
 
+def _all_nan_is_nan() -> warnings.catch_warnings:
+    """The mean of an all-NaN slice is NaN, which is what a missing covariate should be: no warning for it."""
+    return warnings.catch_warnings(action="ignore", category=RuntimeWarning)
+
+
 def covariate_features(batch: dict[str, np.ndarray], bands: list[str], variables: list[str],
                        months: np.ndarray | None) -> Features:
     """Tabular features of samples (see the module docstring) from a batch of patches and/or climate series."""
@@ -37,7 +43,7 @@ def covariate_features(batch: dict[str, np.ndarray], bands: list[str], variables
         c, h = patch.shape[-1] // 2, WINDOW // 2
         columns.append(patch[:, :, c, c])
         names += [f"{b}_centre" for b in bands]
-        with np.errstate(invalid="ignore"), _quiet():
+        with _all_nan_is_nan():
             columns.append(np.nanmean(patch[:, :, c - h : c + h + 1, c - h : c + h + 1], axis=(2, 3)))
         names += [f"{b}_window{WINDOW}" for b in bands]
     if "climate" in batch and variables:
@@ -45,7 +51,7 @@ def covariate_features(batch: dict[str, np.ndarray], bands: list[str], variables
         calendar = (months.astype("datetime64[M]").astype(int) % 12) if months is not None else np.arange(
             series.shape[1]) % 12
         present = [m for m in range(12) if (calendar == m).any()]  # calendar months the series covers
-        with _quiet():
+        with _all_nan_is_nan():
             columns.append(np.nanmean(series, axis=1))
             climatology = np.stack([np.nanmean(series[:, calendar == m], axis=1) for m in present], axis=1)
             columns.append(np.nanmax(climatology, axis=1) - np.nanmin(climatology, axis=1))
@@ -53,20 +59,6 @@ def covariate_features(batch: dict[str, np.ndarray], bands: list[str], variables
         columns.append(climatology.reshape(len(series), -1))
         names += [f"{v}_m{m + 1:02d}" for m in present for v in variables]
     return Features(np.concatenate(columns, axis=1).astype(np.float32), names)
-
-
-class _quiet:
-    """Mean of an all-NaN slice is NaN, which is what we want: silence NumPy's warning about it."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._catch.__exit__(*exc)
 
 
 Prediction = tuple[np.ndarray, np.ndarray, np.ndarray]  # q05, median, q95 in the original units

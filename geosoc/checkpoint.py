@@ -16,6 +16,7 @@ from safetensors.torch import save as save_tensors
 from geosoc.aoa import Reference
 from geosoc.errors import GeosocError
 from geosoc.models import ModelConfig, SoilNet
+from geosoc import storage
 from geosoc.storage import filesystem, join
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -37,8 +38,8 @@ def _read(url: str, name: str) -> bytes:
 
 
 def exists(url: str) -> bool:
-    fs, path = filesystem(join(url, CONFIG_FILE))
-    return fs.exists(path)
+    """Whether a (complete) checkpoint is at `url`: config.json is written last."""
+    return storage.exists(join(url, CONFIG_FILE))
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,10 +66,23 @@ def save_aoa(url: str, reference: Reference) -> None:
 
 def load_aoa(url: str) -> Reference | None:
     """The area-of-applicability reference stored with a fine-tuned model, or None if it has none."""
-    fs, path = filesystem(join(url, AOA_FILE))
-    if not fs.exists(path):
-        return None
-    return Reference.from_bytes(fs.cat_file(path))
+    return Reference.from_bytes(_read(url, AOA_FILE)) if storage.exists(join(url, AOA_FILE)) else None
+
+
+def config_bytes(url: str) -> bytes:
+    """config.json as stored (what identifies a checkpoint's contents, e.g. in a map's fingerprint)."""
+    return _read(url, CONFIG_FILE)
+
+
+def calibration_of(url_or_meta: str | dict[str, Any]) -> dict[str, Any]:
+    """The conformal calibration recorded in a checkpoint's config.json ({} when it has none)."""
+    meta = load_config(url_or_meta)[1] if isinstance(url_or_meta, str) else url_or_meta
+    return dict(meta.get("calibration") or {})
+
+
+def offset_of(meta: dict[str, Any]) -> float:
+    """The CQR offset to apply to a checkpoint's interval (0 when it was never calibrated)."""
+    return float(calibration_of(meta).get("offset", 0.0))
 
 
 def load_config(url: str) -> tuple[ModelConfig, dict[str, Any]]:

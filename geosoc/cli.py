@@ -33,7 +33,8 @@ RootOpt = typer.Option(
 
 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch and the trees (default: the cores this process is given).")
+BoundsOpt = typer.Option(None, "--bounds", help="xmin ymin xmax ymax in the region's CRS: only this part.")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch and the trees (default: the cores this process is given).")
 
 
 def _region(region: str | None, catalog: Path | None, root: str | None) -> tuple[Any, str]:
@@ -70,9 +71,7 @@ def build_cube_command(
     region: Optional[str] = RegionOpt,
     catalog: Optional[Path] = CatalogOpt,
     root: Optional[str] = RootOpt,
-    bounds: Optional[tuple[float, float, float, float]] = typer.Option(
-        None, "--bounds", help="xmin ymin xmax ymax in the region's CRS: build only this part."
-    ),
+    bounds: Optional[tuple[float, float, float, float]] = BoundsOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (size, chunks); write nothing."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Threads (default: one per core)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address."),
@@ -208,25 +207,23 @@ def predict(
     catalog: Optional[Path] = CatalogOpt,
     root: Optional[str] = RootOpt,
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint URL (default <root>/models/finetune)."),
-    resolution: Optional[float] = typer.Option(None, "--resolution", help="Output cell size (default: catalog predict.resolution)."),
-    bounds: Optional[tuple[float, float, float, float]] = typer.Option(
-        None, "--bounds", help="xmin ymin xmax ymax in the region's CRS: map only this part."
-    ),
+    resolution: Optional[float] = typer.Option(None, "--resolution", min=0, help="Output cell size (default: catalog predict.resolution)."),
+    bounds: Optional[tuple[float, float, float, float]] = BoundsOpt,
     engine: str = typer.Option("local", "--engine", help="local: this process; ray: a pool of Ray actors."),
-    actors: Optional[int] = typer.Option(None, "--actors", help="ray: actors (default one per GPU, else per CPU)."),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="ray: actors (default one per GPU, else per CPU)."),
     gpus_per_actor: Optional[float] = typer.Option(None, "--gpus-per-actor", help="ray: GPUs per actor (default 1 if the cluster has GPUs)."),
-    batch_size: int = typer.Option(1024, "--batch-size", help="Cells per forward pass."),
-    chunk: Optional[int] = typer.Option(None, "--chunk", help="Output cells per window side (default: ~256 MiB of imagery per window)."),
+    batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Cells per forward pass."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", min=1, help="Output cells per window side (default: ~256 MiB of imagery per window)."),
     device: Optional[str] = typer.Option(None, "--device", help="local: cpu or cuda (default: cuda when present)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print cells, windows and a projected time; write nothing."),
-    rate: float = typer.Option(17_500, "--rate", help="--dry-run: cells/s per GPU assumed (17,500: paper-size model on one H200)."),
+    rate: Optional[float] = typer.Option(None, "--rate", min=1, help="--dry-run: cells/s per GPU assumed (default 17,500: the paper-size model on one H200)."),
     fresh: bool = typer.Option(False, "--fresh", help="Replace an existing map instead of resuming it."),
     no_export: bool = typer.Option(False, "--no-export", help="Only maps/soc.zarr (no COG, PNG, STAC)."),
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Map SOC over the region with the fine-tuned model (-> maps/soc.zarr, COGs, quicklook.png, item.json)."""
-    from geosoc.inference import map_region, plan_map
+    from geosoc.inference import GPU_CELLS_PER_S, map_region, plan_map
     from geosoc.storage import join
     from geosoc.threads import use_threads
 
@@ -237,7 +234,7 @@ def predict(
     if dry_run:
         plan = plan_map(join(root, "cube.zarr"), model, resolution=resolution or loaded.config.predict.resolution,
                         bounds=bounds, chunk=chunk, batch_size=batch_size)
-        print_map_plan(plan, rate)
+        print_map_plan(plan, rate or GPU_CELLS_PER_S)
         return
     assets = map_region(loaded.config, root, model=model, resolution=resolution, bounds=bounds, engine=engine,  # type: ignore[arg-type]
                         batch_size=batch_size, chunk=chunk, device=device, actors=actors,
@@ -265,23 +262,23 @@ def evaluate(
     catalog: Optional[Path] = CatalogOpt,
     root: Optional[str] = RootOpt,
     cv: str = typer.Option("spatial", "--cv", help="spatial: the SampleSet's block folds; random: seeded random folds."),
-    folds: Optional[int] = typer.Option(None, "--folds", help="Number of folds (default: the SampleSet's)."),
-    models: str = typer.Option(",".join(("ssl", "supervised", "hybrid", "rf", "gbm", "qrf")), "--models",
-                               help="Comma-separated: ssl, supervised, hybrid, rf, gbm, qrf."),
-    repeats: int = typer.Option(1, "--repeats", help="Repeat the cross-validation with other fold seeds."),
+    folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Number of folds (default: the SampleSet's)."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf (default: all)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Repeat the cross-validation with other fold seeds."),
     epochs: Optional[int] = EpochsOpt,
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Every model on the same held-out folds (-> evaluation/: metrics.csv, summary.json, predictions.parquet,
     scatter.png). A re-run skips finished (model, fold) pairs."""
-    from geosoc.evaluation import evaluate_region
+    from geosoc.evaluation import MODELS, evaluate_region
     from geosoc.threads import use_threads
 
     count = use_threads(threads)
     loaded, root = _region(region, catalog, root)
+    chosen = tuple(m.strip() for m in models.split(",") if m.strip()) if models else MODELS
     result = evaluate_region(loaded.config, root, cv=cv, folds=folds,  # type: ignore[arg-type]
-                             models=tuple(m.strip() for m in models.split(",") if m.strip()), repeats=repeats,
+                             models=chosen, repeats=repeats,
                              epochs=epochs, threads=count, progress=not quiet)
     console.print(evaluation_table(result.summary))
     for name, url in result.outputs.items():

@@ -11,11 +11,9 @@ hierarchy (zarr warns about foreign objects inside it) and are folded into the r
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -27,11 +25,10 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-import geosoc
 from geosoc.catalog import LoadedCatalog, load_catalog
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid, Window
-from geosoc.progress import Markers, progress_url, remove, run_tasks
+from geosoc.progress import Markers, complete, new_build, resumable, run_tasks, template_written
 from geosoc.sources import Layer, WindowReader, open_layers
 from geosoc.storage import check_writable, default_root, join, zarr_store
 
@@ -119,12 +116,9 @@ def build_cube(
     check_writable(url.rsplit("/", 1)[0])
     fingerprint = _fingerprint(catalog)
 
-    attrs = _read_root_attrs(url)
-    if attrs is not None and attrs.get("geosoc_fingerprint") not in (None, fingerprint):
-        raise GeosocError(
-            f"{url} exists and was built from a different catalog or bounds; remove it or choose another --root"
-        )
-    if attrs is None or not attrs.get("geosoc_template_complete"):
+    attrs = resumable(url, fingerprint, "exists and was built from a different catalog or bounds; remove it or "
+                                        "choose another --root")
+    if attrs is None:
         attrs = _write_template(url, catalog, layers, fingerprint)
     if attrs.get("geosoc_status") == "complete":
         log.info("%s is already complete", url)
@@ -151,7 +145,7 @@ def build_cube(
 
 def _write_chunk(url: str, group: str, reader: WindowReader, window: Window, markers: Markers) -> None:
     block = reader.read(window.rows, window.cols)
-    _open_data_array(url, group, markers.url)[..., window.rows, window.cols] = block
+    _open_data_array(url, group, markers.build_id)[..., window.rows, window.cols] = block
     markers.mark(f"{group}/{window.key}")
 
 
@@ -167,28 +161,11 @@ def _fingerprint(catalog: LoadedCatalog) -> str:
     return hashlib.sha256(config.model_dump_json(include={"region", "imagery", "climate"}).encode()).hexdigest()[:16]
 
 
-def _read_root_attrs(url: str) -> dict[str, Any] | None:
-    try:
-        return dict(zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3).attrs)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        return None
-
-
 def _write_template(url: str, catalog: LoadedCatalog, layers: list[Layer], fingerprint: str) -> dict[str, Any]:
     """Metadata and coordinates only; the root's `geosoc_template_complete` flag is written last."""
-    remove(progress_url(url))  # markers of an earlier, abandoned template
     store = zarr_store(url)
-    attrs: dict[str, Any] = {
-        "region": catalog.config.region.name,
-        "catalog": catalog.text,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "geosoc_version": geosoc.__version__,
-        "geosoc_fingerprint": fingerprint,
-        "geosoc_build_id": uuid.uuid4().hex,
-        "geosoc_status": "building",
-        "geosoc_template_complete": False,
-    }
-    root = zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
+    attrs = new_build(url, fingerprint, "building", region=catalog.config.region.name, catalog=catalog.text)
+    zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
     for layer in layers:
         _template_dataset(layer).to_zarr(
             store,
@@ -199,9 +176,7 @@ def _write_template(url: str, catalog: LoadedCatalog, layers: list[Layer], finge
             consolidated=False,
             encoding={"data": {"chunks": layer.chunk_shape}},
         )
-    attrs["geosoc_template_complete"] = True
-    root.attrs.update({"geosoc_template_complete": True})
-    return attrs
+    return template_written(url, attrs)
 
 
 def axis_coordinate(axis: str, values: list[Any]) -> tuple[Any, ...]:
@@ -242,9 +217,7 @@ def _finish(url: str, layers: list[Layer], markers: Markers) -> None:
     missing = {g: r for g, r in record.items() if r["complete"] != r["chunks"]}
     if missing:
         raise GeosocError(f"{url}: chunks still missing after the build: {missing}; run the build again")
-    group = zarr.open_group(zarr_store(url), mode="r+", zarr_format=3)
-    group.attrs.update({"geosoc_status": "complete", "geosoc_chunks": record})
-    remove(progress_url(url))
+    complete(url, {"geosoc_chunks": record})
 
 
 def open_cube(url: str) -> xr.DataTree:

@@ -82,12 +82,25 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
 
 def job_parser(stage: str) -> argparse.ArgumentParser:
     """Arguments of jobs/pretrain.py, jobs/finetune.py and jobs/predict.py (also checked against infra/)."""
-    if stage == "predict":
-        return _predict_parser()
-    parser = argparse.ArgumentParser(description=f"geosoc {stage} on a Ray cluster (Ray Train TorchTrainer)")
+    how = "a pool of Ray actors" if stage == "predict" else "Ray Train TorchTrainer"
+    parser = argparse.ArgumentParser(description=f"geosoc {stage} on a Ray cluster ({how})")
     parser.add_argument("--region", help="catalog name in catalogs/")
     parser.add_argument("--catalog", help="catalog file (instead of --region)")
-    parser.add_argument("--root", help="region root URL (default $GEOSOC_ROOT or ./geosoc-data/<region>)")
+    parser.add_argument("--root", help="region root URL every worker reaches (default $GEOSOC_ROOT or "
+                                       "./geosoc-data/<region>)")
+    if stage == "predict":
+        parser.add_argument("--model", help="checkpoint URL (default <root>/models/finetune)")
+        parser.add_argument("--resolution", type=float, help="output cell size (default: the catalog's "
+                                                             "predict.resolution)")
+        parser.add_argument("--actors", type=int, help="actors (default: one per GPU, else one per CPU)")
+        parser.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
+        parser.add_argument("--batch-size", type=int, default=1024, help="cells per forward pass")
+        parser.add_argument("--chunk", type=int, help="output cells per window side")
+        parser.add_argument("--max-retries", type=int, default=3, help="restarts of a dead actor and retries of its "
+                                                                       "window")
+        parser.add_argument("--fresh", action="store_true", help="replace an existing map instead of resuming it")
+        parser.add_argument("--no-export", action="store_true", help="only maps/soc.zarr")
+        return parser
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU)")
     parser.add_argument("--epochs", type=int, help="override the catalog's epochs")
@@ -99,52 +112,32 @@ def job_parser(stage: str) -> argparse.ArgumentParser:
 
 
 def job_main(stage: str, argv: list[str] | None = None) -> None:
-    """Entry point of jobs/pretrain.py and jobs/finetune.py."""
+    """Entry point of jobs/pretrain.py, jobs/finetune.py and jobs/predict.py: a user's mistake ends the job
+    with one `error:` line; the last line says what finished."""
     parser = job_parser(stage)
     args = parser.parse_args(argv)
     if not (args.region or args.catalog):
         parser.error("give --region or --catalog")
-    options = {k: v for k, v in vars(args).items() if k not in ("region", "catalog", "root", "workers", "gpus_per_worker")}
     try:
-        result = train_on_ray(stage, args.region, args.catalog, args.root, workers=args.workers,
-                              gpus_per_worker=args.gpus_per_worker, **options)
+        done = _predict_on_ray(args) if stage == "predict" else _train_on_ray(stage, args)
     except GeosocError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"{stage} finished: {result.metrics}")
+    print(f"{stage} finished: {done}")
 
 
-def _predict_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="geosoc predict on a Ray cluster (a pool of Ray actors)")
-    parser.add_argument("--region", help="catalog name in catalogs/")
-    parser.add_argument("--catalog", help="catalog file (instead of --region)")
-    parser.add_argument("--root", help="region root URL every actor reaches (default $GEOSOC_ROOT or ./geosoc-data/<region>)")
-    parser.add_argument("--model", help="checkpoint URL (default <root>/models/finetune)")
-    parser.add_argument("--resolution", type=float, help="output cell size (default: the catalog's predict.resolution)")
-    parser.add_argument("--actors", type=int, help="actors (default: one per GPU, else one per CPU)")
-    parser.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="cells per forward pass")
-    parser.add_argument("--chunk", type=int, help="output cells per window side")
-    parser.add_argument("--max-retries", type=int, default=3, help="restarts of a dead actor and retries of its window")
-    parser.add_argument("--fresh", action="store_true", help="replace an existing map instead of resuming it")
-    parser.add_argument("--no-export", action="store_true", help="only maps/soc.zarr")
-    return parser
+def _train_on_ray(stage: str, args: argparse.Namespace) -> Any:
+    options = {k: v for k, v in vars(args).items() if k not in ("region", "catalog", "root", "workers", "gpus_per_worker")}
+    return train_on_ray(stage, args.region, args.catalog, args.root, workers=args.workers,
+                        gpus_per_worker=args.gpus_per_worker, **options).metrics
 
 
-def predict_job_main(argv: list[str] | None = None) -> None:
-    """Entry point of jobs/predict.py: the region's map by a pool of Ray actors (`geosoc.inference`)."""
-    parser = _predict_parser()
-    args = parser.parse_args(argv)
-    if not (args.region or args.catalog):
-        parser.error("give --region or --catalog")
+def _predict_on_ray(args: argparse.Namespace) -> str:
     from geosoc.inference import map_region
 
-    try:
-        loaded = load_catalog(args.region, args.catalog)
-        root = _shared_root(args.root, loaded.config.region.name)
-        assets = map_region(loaded.config, root, model=args.model, resolution=args.resolution, engine="ray",
-                            batch_size=args.batch_size, chunk=args.chunk, actors=args.actors,
-                            gpus_per_actor=args.gpus_per_actor, max_retries=args.max_retries, fresh=args.fresh,
-                            export=not args.no_export, progress=False)
-    except GeosocError as err:
-        raise SystemExit(f"error: {err}") from None
-    print("predict finished: " + ", ".join(f"{k}={v}" for k, v in assets.items()))
+    loaded = load_catalog(args.region, args.catalog)
+    root = _shared_root(args.root, loaded.config.region.name)
+    assets = map_region(loaded.config, root, model=args.model, resolution=args.resolution, engine="ray",
+                        batch_size=args.batch_size, chunk=args.chunk, actors=args.actors,
+                        gpus_per_actor=args.gpus_per_actor, max_retries=args.max_retries, fresh=args.fresh,
+                        export=not args.no_export, progress=False)
+    return ", ".join(f"{k}={v}" for k, v in assets.items())

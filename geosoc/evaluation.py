@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +27,8 @@ from geosoc.catalog import Catalog
 from geosoc.errors import GeosocError
 from geosoc.metrics import METRICS, regression_metrics
 from geosoc.sampling import open_sampleset, spatial_folds
-from geosoc.storage import filesystem, join, publish_file
-from geosoc.training import (Context, Normalisation, SampleData, finetune, forward_all, model_config, pretrain_region,
+from geosoc.storage import exists, filesystem, join, published
+from geosoc.training import (Context, Normalisation, SampleData, finetune_region, forward_all, pretrain_region,
                              predict_samples, stage_urls)
 
 log = logging.getLogger(__name__)
@@ -59,15 +58,13 @@ class Evaluation:
 def fold_sets(x: np.ndarray, y: np.ndarray, own: np.ndarray, cv: CV, folds: int | None, repeats: int, seed: int,
               block: float) -> list[np.ndarray]:
     """Fold of every labelled sample, one array per repeat."""
+    k = folds or len(np.unique(own))
     out = []
     for repeat in range(repeats):
         if cv == "spatial":
-            if repeat == 0 and folds in (None, len(np.unique(own))):
-                out.append(own.astype(np.int64))
-            else:
-                out.append(spatial_folds(x, y, block, folds or len(np.unique(own)), seed + repeat).astype(np.int64))
+            same = repeat == 0 and k == len(np.unique(own))  # the SampleSet's own folds first
+            out.append(own.astype(np.int64) if same else spatial_folds(x, y, block, k, seed + repeat).astype(np.int64))
         else:
-            k = folds or len(np.unique(own))
             order = np.random.default_rng(seed + repeat).permutation(len(x))
             assignment = np.empty(len(x), dtype=np.int64)
             assignment[order] = np.arange(len(x)) % k
@@ -100,8 +97,7 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
     ctx = Context(device=device, progress=False)
     pretrained = None
     if any(m in NEEDS_PRETRAINING for m in models):
-        if not checkpoint.exists(urls["pretrain"]) and not filesystem(urls["unlabelled"])[0].exists(
-                filesystem(urls["unlabelled"])[1]):
+        if not checkpoint.exists(urls["pretrain"]) and not exists(urls["unlabelled"]):
             raise GeosocError(f"models ssl and hybrid need pretrained encoders: create {urls['unlabelled']} "
                               "(`geosoc sample --random N`) or leave them out with --models")
         pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))  # resumes; no-op when done
@@ -116,15 +112,16 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
     parts = []
     for model, repeat, fold in tqdm(tasks, desc="evaluate", unit="run", disable=not progress):
         url = join(runs, model, f"r{repeat}-f{fold}.parquet")
-        fs, path = filesystem(url)
-        if not fs.exists(path):
+        if not exists(url):
             full = np.full(data.size, -1, dtype=np.int64)
             full[labelled] = sets[repeat]
             test = sets[repeat] == fold
             if model in NETWORKS:
                 run = join(runs, model, f"r{repeat}-f{fold}")
-                lower, median, upper = _network(catalog, urls, run, model, pretrained, fold, full, data,
-                                                labelled[test], epochs, catalog.training.seed + repeat, ctx)
+                finetune_region(catalog, root, epochs=epochs, test_fold=fold, ctx=ctx, out=run, folds=full,
+                                pretrained=pretrained if model == "ssl" else False,
+                                seed=catalog.training.seed + repeat)
+                lower, median, upper = predict_samples(run, data, labelled[test], device)
             else:
                 table = features if model != "hybrid" else np.concatenate([features, embeddings], axis=1)
                 lower, median, upper = baselines.fit_predict(model, table[~test], observed[~test], table[test],
@@ -132,7 +129,9 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
             frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": fold, "sample_id": [str(i) for i in ids[test]],
                                   "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
                                   "q50": median, "q95": upper})
-            _publish_frame(frame, url)
+            with published(url) as path:
+                frame.to_parquet(path, index=False)
+        fs, path = filesystem(url)
         parts.append(pd.read_parquet(fs.open(path, "rb")))
     predictions = pd.concat(parts, ignore_index=True)
     return _report(predictions, out, models, samples["target"].attrs.get("units", ""), cv)
@@ -157,29 +156,6 @@ def _embeddings(pretrained: str | None, data: SampleData, indices: np.ndarray, d
     return forward_all(model, data, indices, norm, device, 256)[1]
 
 
-def _network(catalog: Catalog, urls: dict[str, str], run: str, model: str, pretrained: str | None, fold: int,
-             folds: np.ndarray, data: SampleData, test: np.ndarray, epochs: int | None, seed: int,
-             ctx: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    stage = catalog.training.finetune
-    if epochs is not None:
-        stage = stage.model_copy(update={"epochs": epochs})
-    if model == "ssl":
-        config = checkpoint.load_config(pretrained)[0]  # type: ignore[arg-type]
-        config.quantiles = list(catalog.model.quantiles)
-    else:
-        config = model_config(catalog, data)
-    finetune(urls["labelled"], run, config, stage, pretrained_url=pretrained if model == "ssl" else None,
-             test_fold=fold, seed=seed, ctx=ctx, folds=folds)
-    return predict_samples(run, data, test, ctx.device)
-
-
-def _publish_frame(frame: pd.DataFrame, url: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="geosoc-eval-") as folder:
-        path = Path(folder) / "part.parquet"
-        frame.to_parquet(path, index=False)
-        publish_file(path, url)
-
-
 def _metrics(group: pd.DataFrame) -> dict[str, float]:
     return regression_metrics(group["observed"].to_numpy(), group["q50"].to_numpy(), group["q05"].to_numpy(),
                               group["q95"].to_numpy())
@@ -202,14 +178,14 @@ def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units:
             "pooled": {m: _finite(v) for m, v in pooled.items()},
         }
     outputs = {name: join(out, name) for name in ("metrics.csv", "summary.json", "predictions.parquet", "scatter.png")}
-    with tempfile.TemporaryDirectory(prefix="geosoc-eval-") as folder:
-        local = Path(folder)
-        metrics.to_csv(local / "metrics.csv", index=False)
-        (local / "summary.json").write_text(json.dumps(summary, indent=2))
-        predictions.to_parquet(local / "predictions.parquet", index=False)
-        _scatter(predictions, models, units, summary, local / "scatter.png")
-        for name, url in outputs.items():
-            publish_file(local / name, url)
+    with published(outputs["metrics.csv"]) as path:
+        metrics.to_csv(path, index=False)
+    with published(outputs["summary.json"]) as path:
+        path.write_text(json.dumps(summary, indent=2))
+    with published(outputs["predictions.parquet"]) as path:
+        predictions.to_parquet(path, index=False)
+    with published(outputs["scatter.png"]) as path:
+        _scatter(predictions, models, units, summary, path)
     return Evaluation(metrics, summary, predictions, outputs)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from geosoc.storage import join, publish_file
+from geosoc.storage import join, published
 
 COG_NODATA = {"float32": float("nan"), "uint8": 255}
 QUICKLOOK_PIXELS = 1000  # longest side of the quicklook
@@ -26,7 +26,8 @@ COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 
 def cog_variables(ds: xr.Dataset) -> list[str]:
     """The map's variables exported as COGs: every SOC layer and the AOA (DI stays in the Zarr)."""
-    return [name for name in ds.data_vars if str(name).startswith("soc_") or name == "aoa"]
+    names = [str(name) for name in ds.data_vars if str(name).startswith("soc_") or name == "aoa"]
+    return sorted(names, key=lambda name: (name != "soc_mean", name == "aoa", name))  # median, bounds, AOA
 
 
 def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any) -> str:
@@ -38,8 +39,8 @@ def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any) -> str:
     is_aoa = da.name == "aoa"
     dtype = "uint8" if is_aoa else "float32"
     height, width = da.shape
-    with tempfile.TemporaryDirectory(prefix="geosoc-cog-") as folder:
-        plain, cog = Path(folder) / "plain.tif", Path(folder) / "cog.tif"
+    with tempfile.TemporaryDirectory(prefix="geosoc-cog-") as folder, published(url) as cog:
+        plain = Path(folder) / "plain.tif"
         profile = {"driver": "GTiff", "height": height, "width": width, "count": 1, "dtype": dtype, "crs": crs,
                    "transform": transform, "nodata": COG_NODATA[dtype], "tiled": True, "blockxsize": 512,
                    "blockysize": 512, "compress": "deflate"}
@@ -56,7 +57,6 @@ def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any) -> str:
         cog_translate(plain, cog, cog_profiles.get("deflate"), nodata=COG_NODATA[dtype],
                       overview_resampling="nearest" if is_aoa else "average", quiet=True, in_memory=False,
                       forward_band_tags=True)
-        publish_file(cog, url)
     return url
 
 
@@ -99,11 +99,9 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
     ax.ticklabel_format(useOffset=False, style="plain")
     if legend:
         ax.legend(handles=legend, loc="lower left", fontsize=8)
-    with tempfile.TemporaryDirectory(prefix="geosoc-png-") as folder:
-        path = Path(folder) / "quicklook.png"
+    with published(url) as path:
         fig.savefig(path, bbox_inches="tight")
-        plt.close(fig)
-        publish_file(path, url)
+    plt.close(fig)
     return url
 
 
@@ -149,10 +147,8 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
             title = ds[key].attrs.get("long_name", key)
         item.add_asset(key, pystac.Asset(href=href, media_type=media, roles=roles, title=title))
     data = item.to_dict(include_self_link=False, transform_hrefs=False)
-    with tempfile.TemporaryDirectory(prefix="geosoc-stac-") as tmp:
-        path = Path(tmp) / "item.json"
+    with published(join(folder, "item.json")) as path:
         path.write_text(json.dumps(data, indent=2))
-        publish_file(path, join(folder, "item.json"))
     return data
 
 
@@ -161,7 +157,7 @@ def export_maps(ds: xr.Dataset, folder: str, zarr_name: str = "soc.zarr") -> dic
     crs, transform = ds.rio.crs.to_string(), ds.rio.transform()
     assets = {}
     for name in cog_variables(ds):
-        assets[str(name)] = write_cog(ds[name], join(folder, f"{name}.tif"), crs, transform)
+        assets[name] = write_cog(ds[name], join(folder, f"{name}.tif"), crs, transform)
     region = ds.attrs.get("region") or "map"
     assets["quicklook"] = quicklook(ds, join(folder, "quicklook.png"), f"{region}: soil organic carbon")
     assets["zarr"] = join(folder, zarr_name)

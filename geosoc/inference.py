@@ -39,9 +39,10 @@ from geosoc.catalog import Catalog, PredictConfig
 from geosoc.cube import group_grid, open_cube
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid, Window
-from geosoc.progress import Markers, progress_url, remove
+from geosoc.models import ModelConfig
+from geosoc.progress import Markers, complete, new_build, resumable, template_written
 from geosoc.sampling import _cube_parts, climate_at, read_imagery
-from geosoc.storage import check_writable, filesystem, join, zarr_store
+from geosoc.storage import check_writable, join, read_group_attrs, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,17 @@ Engine = Literal["local", "ray"]
 
 def quantile_name(q: float) -> str:
     return f"soc_q{round(q * 100):02d}"
+
+
+def output_names(quantiles: list[float]) -> list[str]:
+    """A map's variables: soc_mean (the median), one soc_qXX per other quantile, then aoa and di."""
+    return ["soc_mean"] + [quantile_name(q) for q in quantiles if q != 0.5] + ["aoa", "di"]
+
+
+def _require_finetuned(url: str, meta: dict[str, Any]) -> None:
+    if meta.get("stage") != "finetune":
+        raise GeosocError(f"{url}: a {meta.get('stage')!r} checkpoint has no regression head; "
+                          "predict needs a fine-tuned model (`geosoc finetune`)")
 
 
 @dataclass(frozen=True)
@@ -112,14 +124,12 @@ class Predictor:
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, meta = checkpoint.load_model(model_url, self.device)
-        if meta.get("stage") != "finetune":
-            raise GeosocError(f"{model_url}: a {meta.get('stage')!r} checkpoint has no regression head; "
-                              "predict needs a fine-tuned model (`geosoc finetune`)")
+        _require_finetuned(model_url, meta)
         self.meta = meta
         self.norm = Normalisation.from_dict(meta["normalisation"])
         self.config = self.model.config
         self.batch_size = batch_size
-        self.offset = float(meta.get("calibration", {}).get("offset", 0.0))
+        self.offset = checkpoint.offset_of(meta)
         reference = checkpoint.load_aoa(model_url)
         if reference is None:
             log.warning("%s has no area-of-applicability reference (fine-tuned before geosoc had one): aoa and di "
@@ -128,16 +138,11 @@ class Predictor:
         self.uses_patches = bool(self.config.bands)
         self.uses_climate = bool(self.config.variables)
         self.patch = self.config.patch_size if self.uses_patches else 1
-        self.outputs = self.output_names()
+        self.outputs = output_names(self.config.quantiles)
         self._autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         band_mean = torch.tensor(self.norm.band_mean or [0.0], dtype=torch.float32, device=self.device)
         band_std = torch.tensor(self.norm.band_std or [1.0], dtype=torch.float32, device=self.device)
         self._band = (band_mean[:, None, None], band_std[:, None, None])
-
-    def output_names(self) -> list[str]:
-        """soc_mean (the median), one soc_qXX per other quantile, then aoa and di."""
-        names = ["soc_mean"] + [quantile_name(q) for q in self.config.quantiles if q != 0.5]
-        return names + ["aoa", "di"]
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         values = z * self.norm.target_std + self.norm.target_mean
@@ -235,18 +240,20 @@ class CubeAccess:
         return cls(url, grid, climate_grid, [str(b) for b in imagery["band"].values], variables)
 
 
-def read_window(cube: CubeAccess, grid: Grid, window: Window, patch: int, climate: bool) -> WindowInput:
-    """The imagery block under a window's cells plus the halo of their patches, and their climate series."""
+def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predictor) -> WindowInput:
+    """The imagery block under a window's cells plus the halo of their patches (the predictor's patch size),
+    and their climate series when the predictor uses climate."""
     xs, ys = grid.x_of(np.arange(window.cols.start, window.cols.stop)), grid.y_of(np.arange(window.rows.start,
                                                                                           window.rows.stop))
     x, y = np.meshgrid(xs, ys)
     rows, cols = cube.imagery.rowcol(x.ravel(), y.ravel())
+    patch = predictor.patch
     half = patch // 2
     r0, c0 = int(rows.min()) - half, int(cols.min()) - half
     block = read_imagery(cube.url, cube.imagery.shape, r0, int(rows.max()) - half + patch, c0,
                          int(cols.max()) - half + patch)
     series = None
-    if climate and cube.climate is not None:
+    if predictor.uses_climate and cube.climate is not None:
         series = climate_at(cube.url, cube.climate, x.ravel(), y.ravel())
     return WindowInput(window, block, rows - half - r0, cols - half - c0, series)
 
@@ -257,8 +264,7 @@ def predict_window(predictor: Predictor, data: WindowInput) -> dict[str, np.ndar
     return {name: values.reshape(data.window.shape) for name, values in flat.items()}
 
 
-def _check_compatible(predictor: Predictor, cube: CubeAccess, model_url: str) -> None:
-    config = predictor.config
+def _check_compatible(config: ModelConfig, cube: CubeAccess, model_url: str) -> None:
     if config.bands and config.bands != cube.bands:
         raise GeosocError(f"{model_url} was trained on bands {config.bands}, but {cube.url} has {cube.bands}")
     if config.variables and config.variables != cube.variables:
@@ -312,13 +318,6 @@ def _template(spec: MapSpec, outputs: list[str], units: str, attrs: dict[str, An
     return ds
 
 
-def _read_attrs(url: str) -> dict[str, Any] | None:
-    try:
-        return dict(zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3).attrs)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        return None
-
-
 def open_map(url: str) -> xr.Dataset:
     """A written map, lazily (dask), with its CRS."""
     try:
@@ -340,9 +339,8 @@ def _output_array(url: str, name: str, build_id: str) -> zarr.Array:
 
 
 def _process(predictor: Predictor, data: WindowInput, out: str, markers: Markers) -> str:
-    build_id = markers.url.rsplit("/", 1)[1]
     for name, values in predict_window(predictor, data).items():
-        _output_array(out, name, build_id)[data.window.rows, data.window.cols] = values
+        _output_array(out, name, markers.build_id)[data.window.rows, data.window.cols] = values
     markers.mark(data.window.key)
     return data.window.key
 
@@ -353,13 +351,11 @@ def _run_local(spec: MapSpec, windows: list[Window], out: str, markers: Markers,
     predictor = Predictor(spec.model, device, spec.batch_size)
     cube = CubeAccess.open(spec.cube)
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = [reader.submit(read_window, cube, spec.grid, w, predictor.patch, predictor.uses_climate)
-                   for w in windows[:1]]
-        for i in range(len(windows)):
-            data = pending.pop(0).result()
-            if i + 1 < len(windows):
-                pending.append(reader.submit(read_window, cube, spec.grid, windows[i + 1], predictor.patch,
-                                             predictor.uses_climate))
+        upcoming = reader.submit(read_window, cube, spec.grid, windows[0], predictor)
+        for following in [*windows[1:], None]:
+            data = upcoming.result()
+            if following is not None:
+                upcoming = reader.submit(read_window, cube, spec.grid, following, predictor)
             _process(predictor, data, out, markers)
             bar.update(1)
 
@@ -375,7 +371,7 @@ class WindowWorker:
         self.cube = CubeAccess.open(spec.cube)
 
     def run(self, window: Window) -> str:
-        data = read_window(self.cube, self.spec.grid, window, self.predictor.patch, self.predictor.uses_climate)
+        data = read_window(self.cube, self.spec.grid, window, self.predictor)
         return _process(self.predictor, data, self.out, self.markers)
 
 
@@ -461,19 +457,19 @@ def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: fl
 def _lazy(spec: MapSpec, device: str | None) -> xr.Dataset:
     predictor = Predictor(spec.model, device, spec.batch_size)
     cube = CubeAccess.open(spec.cube)
-    _check_compatible(predictor, cube, spec.model)
+    _check_compatible(predictor.config, cube, spec.model)
 
     def compute(window: Window) -> dict[str, np.ndarray]:
-        return predict_window(predictor, read_window(cube, spec.grid, window, predictor.patch,
-                                                     predictor.uses_climate))
+        return predict_window(predictor, read_window(cube, spec.grid, window, predictor))
 
-    ny, nx = spec.grid.chunk_counts
-    tasks = {w.index: dask.delayed(compute, pure=True)(w, dask_key_name=f"geosoc-predict-{uuid.uuid4().hex}-{w.key}")
-             for w in spec.grid.windows()}
-    windows = {w.index: w for w in spec.grid.windows()}
+    token = uuid.uuid4().hex
+    rows: dict[int, list[tuple[Window, Any]]] = {}
+    for w in spec.grid.windows():  # row-major: one delayed task per window, shared by every variable
+        rows.setdefault(w.index[0], []).append((w, dask.delayed(compute, pure=True)(
+            w, dask_key_name=f"geosoc-predict-{token}-{w.key}")))
     arrays = {
-        name: da.block([[da.from_delayed(tasks[(iy, ix)][name], windows[(iy, ix)].shape, dtype=np.float32)
-                         for ix in range(nx)] for iy in range(ny)])
+        name: da.block([[da.from_delayed(task[name], w.shape, dtype=np.float32) for w, task in row]
+                        for row in rows.values()])
         for name in predictor.outputs
     }
     template = _template(spec, predictor.outputs, predictor.meta.get("units", ""), {"region": spec.region})
@@ -485,14 +481,11 @@ def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | No
           fresh: bool = False, progress: bool = True) -> str:
     """Write (or finish writing) the map of `spec` at `out`; windows already written are not redone."""
     check_writable(out.rstrip("/").rsplit("/", 1)[0])
-    config_bytes = _config_bytes(spec.model)
-    cube_attrs = _read_attrs(spec.cube) or {}
-    fingerprint = spec.fingerprint(config_bytes, str(cube_attrs.get("geosoc_build_id", "")))
-    attrs = None if fresh else _read_attrs(out)
-    if attrs is not None and attrs.get("geosoc_fingerprint") not in (None, fingerprint):
-        raise GeosocError(f"{out} holds a map of another model, cube or grid; pass --fresh (fresh=True) to replace "
-                          "it, or choose another output")
-    if attrs is None or not attrs.get("geosoc_template_complete"):
+    cube_attrs = read_group_attrs(spec.cube) or {}
+    fingerprint = spec.fingerprint(checkpoint.config_bytes(spec.model), str(cube_attrs.get("geosoc_build_id", "")))
+    attrs = resumable(out, fingerprint, "holds a map of another model, cube or grid; pass --fresh (fresh=True) to "
+                                        "replace it, or choose another output", fresh)
+    if attrs is None:
         attrs = _write_store_template(spec, out, fingerprint)
     if attrs.get("geosoc_status") == "complete":
         log.info("%s is already complete", out)
@@ -510,43 +503,25 @@ def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | No
     missing = [w.key for w in spec.grid.windows() if w.key not in done]
     if missing:
         raise GeosocError(f"{out}: windows still missing after the run: {missing[:10]}; run predict again")
-    group = zarr.open_group(zarr_store(out), mode="r+", zarr_format=3)
-    group.attrs.update({"geosoc_status": "complete", "geosoc_windows": spec.grid.n_chunks})
-    remove(progress_url(out))
+    complete(out, {"geosoc_windows": spec.grid.n_chunks})
     return out
 
 
-def _config_bytes(model: str) -> bytes:
-    fs, path = filesystem(join(model, checkpoint.CONFIG_FILE))
-    return fs.cat_file(path)
-
-
 def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str, Any]:
-    """Metadata only; the root's `geosoc_template_complete` flag is written last."""
-    remove(progress_url(out))
-    predictor = Predictor(spec.model, "cpu", spec.batch_size)
-    _check_compatible(predictor, CubeAccess.open(spec.cube), spec.model)
-    import datetime as dt
-
-    import geosoc
-
-    attrs: dict[str, Any] = {
-        "region": spec.region, "cube": spec.cube, "model": spec.model, "period": list(spec.period or []),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "geosoc_version": geosoc.__version__, "geosoc_fingerprint": fingerprint,
-        "geosoc_build_id": uuid.uuid4().hex, "geosoc_status": "writing", "geosoc_template_complete": False,
-        "calibration": json.dumps(predictor.meta.get("calibration", {})),
-        "aoa_threshold": predictor.scorer.reference.threshold if predictor.scorer is not None else None,
-    }
-    store = zarr_store(out)
-    template = _template(spec, predictor.outputs, predictor.meta.get("units", ""), attrs)
-    template.to_zarr(store, mode="w", compute=False, zarr_format=3, consolidated=False,
-                     encoding={name: {"chunks": spec.grid.chunks} for name in predictor.outputs})
-    group = zarr.open_group(store, mode="r+", zarr_format=3)
-    group.attrs.update({"geosoc_template_complete": True})
-    attrs["geosoc_template_complete"] = True
-    return attrs
-
+    """Metadata only, from the checkpoint's config (the weights are not loaded here); the root's
+    `geosoc_template_complete` flag is written last."""
+    config, meta = checkpoint.load_config(spec.model)
+    _require_finetuned(spec.model, meta)
+    _check_compatible(config, CubeAccess.open(spec.cube), spec.model)
+    reference = checkpoint.load_aoa(spec.model)
+    attrs = new_build(out, fingerprint, "writing", region=spec.region, cube=spec.cube, model=spec.model,
+                      period=list(spec.period or []), calibration=json.dumps(checkpoint.calibration_of(meta)),
+                      aoa_threshold=reference.threshold if reference is not None else None)
+    outputs = output_names(config.quantiles)
+    _template(spec, outputs, meta.get("units", ""), attrs).to_zarr(
+        zarr_store(out), mode="w", compute=False, zarr_format=3, consolidated=False,
+        encoding={name: {"chunks": spec.grid.chunks} for name in outputs})
+    return template_written(out, attrs)
 
 
 def map_region(catalog: Catalog, root: str, *, model: str | None = None, resolution: float | None = None,

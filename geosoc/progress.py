@@ -1,20 +1,26 @@
-"""Resumable chunked writes: per-chunk completion markers beside a Zarr store, and the task runner.
+"""Resumable chunked writes: the life of a store written chunk by chunk (the cube, the maps).
 
-Used by every artefact written chunk by chunk (the cube, the maps). A chunk is written by exactly one task
-into its own Zarr chunk, then a marker object is put beside the store (`<store>.progress/<build id>/<key>`);
-a re-run skips chunks with a marker and so never rewrites finished work, whatever moment the previous run
-was killed at. Markers live outside the Zarr hierarchy (zarr warns about foreign objects inside it).
+A build writes a metadata-only template whose root attributes name the build (id, fingerprint of what it
+is made from, status) and end with `geosoc_template_complete`, written last. Then every chunk is written by
+exactly one task into its own Zarr chunk, and a marker object is put beside the store
+(`<store>.progress/<build id>/<key>`); a re-run skips chunks with a marker and so never rewrites finished
+work, whatever moment the previous run was killed at. Markers live outside the Zarr hierarchy (zarr warns
+about foreign objects inside it) and are removed when the store is complete.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import uuid
 from typing import Any
 
 import dask
+import zarr
 from tqdm.auto import tqdm
 
-from geosoc.storage import filesystem, join
+from geosoc.errors import GeosocError
+from geosoc.storage import filesystem, join, read_group_attrs, zarr_store
 
 
 def progress_url(store: str) -> str:
@@ -32,6 +38,7 @@ class Markers:
     """Per-chunk completion markers of one build of one store: one small object per finished chunk."""
 
     def __init__(self, store: str, build_id: str) -> None:
+        self.build_id = build_id
         self.url = join(progress_url(store), build_id)
 
     def mark(self, key: str) -> None:
@@ -43,6 +50,48 @@ class Markers:
         if not fs.exists(path):
             return set()
         return {found[len(path) + 1 :] for found in fs.find(path)}
+
+
+def resumable(url: str, fingerprint: str, refusal: str, fresh: bool = False) -> dict[str, Any] | None:
+    """The root attributes of an earlier build of the same thing to resume, or None: write a new template.
+
+    A store made from something else (another fingerprint) is refused with `f"{url} {refusal}"`."""
+    attrs = None if fresh else read_group_attrs(url)
+    if attrs is not None and attrs.get("geosoc_fingerprint") not in (None, fingerprint):
+        raise GeosocError(f"{url} {refusal}")
+    if attrs is None or not attrs.get("geosoc_template_complete"):
+        return None
+    return attrs
+
+
+def new_build(url: str, fingerprint: str, status: str, **attrs: Any) -> dict[str, Any]:
+    """Root attributes of a new build (its template not yet complete); markers of an abandoned one removed."""
+    import geosoc
+
+    remove(progress_url(url))
+    return {
+        **attrs,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "geosoc_version": geosoc.__version__,
+        "geosoc_fingerprint": fingerprint,
+        "geosoc_build_id": uuid.uuid4().hex,
+        "geosoc_status": status,
+        "geosoc_template_complete": False,
+    }
+
+
+def template_written(url: str, attrs: dict[str, Any]) -> dict[str, Any]:
+    """Flag the template complete, last: a store without the flag gets a new template on the next run."""
+    group = zarr.open_group(zarr_store(url), mode="r+", zarr_format=3)
+    group.attrs.update({"geosoc_template_complete": True})
+    return {**attrs, "geosoc_template_complete": True}
+
+
+def complete(url: str, attrs: dict[str, Any]) -> None:
+    """Mark the store complete (with `attrs`, e.g. the chunk record) and remove its markers."""
+    group = zarr.open_group(zarr_store(url), mode="r+", zarr_format=3)
+    group.attrs.update({"geosoc_status": "complete", **attrs})
+    remove(progress_url(url))
 
 
 def run_tasks(tasks: list[Any], client: Any, workers: int | None, bar: tqdm) -> None:

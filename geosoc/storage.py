@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import fsspec
 import zarr
@@ -46,6 +49,19 @@ def zarr_store(url: str, read_only: bool = False) -> zarr.abc.store.Store:
     return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
 
 
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))
+
+
+def read_group_attrs(url: str) -> dict[str, Any] | None:
+    """The root attributes of a Zarr v3 store, or None where there is none (yet)."""
+    try:
+        return dict(zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3).attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+
+
 def check_writable(url: str) -> None:
     """Fail before any work if `url` cannot take writes (missing bucket, read-only folder, no credentials).
 
@@ -79,6 +95,15 @@ def publish_file(local: str | os.PathLike[str], url: str) -> None:
                 os.remove(tmp)
         return
     fs.put_file(str(local), path)
+
+
+@contextmanager
+def published(url: str) -> Iterator[Path]:
+    """A local path to make a file at; when the block ends without an error it is published at `url`."""
+    with tempfile.TemporaryDirectory(prefix="geosoc-") as folder:
+        path = Path(folder) / url.rstrip("/").rsplit("/", 1)[-1]
+        yield path
+        publish_file(path, url)
 
 
 def publish_tree(tmp_url: str, url: str, last: str = "zarr.json") -> None:

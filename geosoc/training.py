@@ -26,7 +26,7 @@ from geosoc.metrics import regression_metrics
 from geosoc.models import ModelConfig, SoilNet
 from geosoc.models.losses import nt_xent, pinball
 from geosoc.sampling import open_sampleset
-from geosoc.storage import join
+from geosoc.storage import exists, join
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +258,8 @@ def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: Finetun
         return pinball(prediction.float(), target, quantiles), prediction.detach().float().cpu().numpy()
 
     def evaluate(predictions: np.ndarray, batch_targets: np.ndarray) -> dict[str, float]:
-        decoded = norm.decode_target(predictions)
-        median = decoded[:, config.quantiles.index(0.5)] if 0.5 in config.quantiles else decoded.mean(axis=1)
-        return regression_metrics(batch_targets, median, decoded[:, 0], decoded[:, -1])
+        lower, median, upper = (norm.decode_target(z) for z in interval(predictions, config.quantiles, 0.0))
+        return regression_metrics(batch_targets, median, lower, upper)
 
     result = _fit("finetune", data, train, val, norm, config, stage, out_url, loss_fn, evaluate, seed, resume, ctx,
                   patience=stage.patience, initial=initial,
@@ -302,15 +301,19 @@ def predict_samples(url: str, data: SampleData, indices: np.ndarray, device: tor
     model, meta = checkpoint.load_model(url, device)
     norm = Normalisation.from_dict(meta["normalisation"])
     z, _ = forward_all(model, data, indices, norm, device, batch_size)
-    offset = float(meta.get("calibration", {}).get("offset", 0.0))
-    lower, median, upper = interval(z, model.config.quantiles, offset)
+    lower, median, upper = interval(z, model.config.quantiles, checkpoint.offset_of(meta))
     return norm.decode_target(lower), norm.decode_target(median), norm.decode_target(upper)
 
 
 def calibrate(url: str, data: SampleData, train: np.ndarray, val: np.ndarray, norm: Normalisation, batch_size: int,
               device: torch.device, seed: int, folds: np.ndarray) -> None:
     """After fine-tuning, from the best checkpoint: the CQR offset of its interval, fitted on the validation part,
-    and the area-of-applicability reference of the samples it learned from (training and validation parts)."""
+    and the area-of-applicability reference of the samples it learned from (training and validation parts).
+    Nothing is redone when both are already there for the best epoch (a re-run that trained nothing)."""
+    saved = checkpoint.load_config(url)[1]
+    best_epoch = saved.get("epoch")
+    if checkpoint.calibration_of(saved).get("epoch") == best_epoch and exists(join(url, checkpoint.AOA_FILE)):
+        return
     model, meta = checkpoint.load_model(url, device)
     quantiles = model.config.quantiles
     level = round(quantiles[-1] - quantiles[0], 6)
@@ -320,7 +323,7 @@ def calibrate(url: str, data: SampleData, train: np.ndarray, val: np.ndarray, no
     _, features = forward_all(model, data, fitted, norm, device, batch_size)
     checkpoint.save_aoa(url, aoa.fit(features, folds[fitted], seed))
     checkpoint.update_meta(url, {"calibration": {"method": "cqr", "level": level, "offset": offset,
-                                                 "samples": len(val)}})
+                                                 "samples": len(val), "epoch": best_epoch}})
 
 
 def _modalities(config: ModelConfig) -> tuple[str, ...]:
@@ -447,8 +450,10 @@ def pretrain_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
 
 def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, batch_size: int | None = None,
                     samples: str | None = None, test_fold: int | None = None, pretrained: str | None | bool = True,
-                    resume: bool = True, ctx: Context | None = None) -> dict[str, Any]:
-    """`geosoc finetune`: from the region's pretrained encoders when there are any (`pretrained=False`: not)."""
+                    resume: bool = True, ctx: Context | None = None, out: str | None = None,
+                    folds: np.ndarray | None = None, seed: int | None = None) -> dict[str, Any]:
+    """`geosoc finetune` (and each network run of `geosoc evaluate`): from the region's pretrained encoders when
+    there are any (`pretrained=False`: not), into `out` (default models/finetune)."""
     urls = stage_urls(root)
     samples = samples or urls["labelled"]
     if pretrained is True:
@@ -465,8 +470,9 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     else:
         config = model_config(catalog, SampleData(samples))
     stage = _override(catalog.training.finetune, epochs, batch_size)
-    return finetune(samples, urls["finetune"], config, stage, pretrained_url=pretrained or None, test_fold=test_fold,
-                    seed=catalog.training.seed, resume=resume, ctx=ctx)
+    return finetune(samples, out or urls["finetune"], config, stage, pretrained_url=pretrained or None,
+                    test_fold=test_fold, seed=catalog.training.seed if seed is None else seed, resume=resume, ctx=ctx,
+                    folds=folds)
 
 
 def _override(stage: Any, epochs: int | None, batch_size: int | None) -> Any:

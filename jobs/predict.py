@@ -1,6 +1,6 @@
 """Ray job: the region's SOC map by a pool of Ray actors. `ray job submit --working-dir . -- python jobs/predict.py --region demo --root /abs/path`"""
 
-from geosoc.distributed import predict_job_main
+from geosoc.distributed import job_main
 
 if __name__ == "__main__":
-    predict_job_main()
+    job_main("predict")

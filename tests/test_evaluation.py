@@ -174,7 +174,7 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
         calls.append("tree")
         return real_fit_predict(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "finetune", lambda *a, **k: calls.append("finetune"))
+    monkeypatch.setattr(evaluation, "finetune_region", lambda *a, **k: calls.append("finetune"))
     monkeypatch.setattr(evaluation.baselines, "fit_predict", counting)
     again = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=2, progress=False)
     assert calls == [] and len(again.metrics) == len(metrics)  # every (model, fold) was already done

@@ -17,16 +17,13 @@ The last line is `cube_write_ratio=<geosoc throughput / raw throughput>` (goal >
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
-from memory import peak_rss_mib
+from memory import report, run_child
 
 X0, Y0 = 4_000_020, 2_800_020  # multiples of 30 in EPSG:3035
 
@@ -84,16 +81,13 @@ def peak_memory_child(size_px: int, chunk: int, workers: int, folder: Path) -> N
 
     catalog = load_catalog(path=write_catalog(folder, size_px, chunk))
     build_cube(catalog, str(folder / f"mem-{size_px}"), workers=workers, progress=False)
-    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+    report()
 
 
 def peak_memory(size_px: int, chunk: int, workers: int, folder: Path) -> float:
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", "--size-px", str(size_px), "--chunk", str(chunk),
-         "--workers", str(workers), "--folder", str(folder)],
-        check=True, capture_output=True, text=True,
-    )
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"])
+    child = run_child(__file__, ["--memory-child", "--size-px", str(size_px), "--chunk", str(chunk),
+                                 "--workers", str(workers), "--folder", str(folder)])
+    return float(child["peak_rss_mib"])
 
 
 def main() -> None:

@@ -18,17 +18,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from memory import peak_rss_mib
+from memory import report, run_child
 
 X0, Y0 = 4_000_020, 2_800_020  # multiples of 30 in EPSG:3035
 EUROPE_CELLS = {"1 km": 8_000_000, "250 m": 130_000_000}  # land cells, midpoints of 6-10 M and 100-160 M
@@ -129,14 +126,6 @@ def predict_rate(cube: str, model: str, resolution: float, batch: int, device: s
     return cells / seconds, cells
 
 
-def peak_rss_child(args: list[str]) -> float:
-    """Peak RSS (MiB) of a fresh process running this script with `args`."""
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-px", type=int, default=1024, help="cube side in 30 m pixels")
@@ -156,7 +145,7 @@ def main() -> None:
             predict_rate(*args.memory_run, args.resolution, args.batch, device, str(folder / "soc.zarr"), args.chunk)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+        report()
         return
 
     folder = Path(tempfile.mkdtemp(prefix="geosoc-infer-bench-"))
@@ -178,8 +167,8 @@ def main() -> None:
         # same windows (64 cells a side) for both: 4x the cells is 4x the windows, not bigger ones
         coarse = ["--resolution", str(args.resolution * 2), "--batch", str(args.batch), "--device", device,
                   "--chunk", "64"]
-        small = peak_rss_child([*coarse, "--memory-run", small_cube, small_model])
-        large = peak_rss_child([*coarse, "--memory-run", cube, model])
+        small = run_child(__file__, [*coarse, "--memory-run", small_cube, small_model])["peak_rss_mib"]
+        large = run_child(__file__, [*coarse, "--memory-run", cube, model])["peak_rss_mib"]
         print(f"peak RSS: {half} px cube {small:,.0f} MiB; {args.size_px} px cube (4x cells) {large:,.0f} MiB; "
               f"growth {large / small:.2f}x (goal < 1.3x)")
     finally:

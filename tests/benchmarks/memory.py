@@ -1,9 +1,14 @@
-"""Peak memory of a benchmark's child process."""
+"""Peak memory of a benchmark, measured in a fresh child process: the child prints `report(...)` last, the
+parent reads it with `run_child(...)`."""
 
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def peak_rss_mib() -> float:
@@ -15,3 +20,16 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(**values: Any) -> None:
+    """The child's last line: its values and its peak RSS, as JSON."""
+    print(json.dumps({**values, "peak_rss_mib": peak_rss_mib()}))
+
+
+def run_child(script: str, args: list[str]) -> dict[str, Any]:
+    """Run `script` with `args` in a fresh interpreter and return what its `report` printed."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])

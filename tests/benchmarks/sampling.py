@@ -14,16 +14,13 @@ Peak memory of the geosoc extraction is measured in a fresh process. Last line: 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from memory import peak_rss_mib
+from memory import report, run_child
 
 
 def build(folder: Path, size_px: int) -> str:
@@ -54,8 +51,7 @@ def geosoc_extract(url: str, n: int, patch: int, workers: int) -> tuple[float, i
 
 def memory_child(url: str, n: int, patch: int, workers: int) -> None:
     seconds, count = geosoc_extract(url, n, patch, workers)
-    print(json.dumps({"seconds": seconds, "count": count,
-                      "peak_rss_mib": peak_rss_mib()}))
+    report(seconds=seconds, count=count)
 
 
 def main() -> None:
@@ -82,10 +78,8 @@ def main() -> None:
         print(f"cube: {data.shape} float32 = {data.nbytes / 2**30:.3f} GiB uncompressed, chunks {data.data.chunksize}; "
               f"{args.points:,} random points, {args.patch} px patches")
 
-        out = subprocess.run([sys.executable, __file__, "--child", url, "--points", str(args.points), "--patch",
-                              str(args.patch), "--workers", str(args.workers)], check=True, capture_output=True,
-                             text=True)
-        child = json.loads(out.stdout.strip().splitlines()[-1])
+        child = run_child(__file__, ["--child", url, "--points", str(args.points), "--patch", str(args.patch),
+                                     "--workers", str(args.workers)])
         geosoc_s = child["seconds"]
         print(f"geosoc extract_patches:  {geosoc_s:8.2f} s for {child['count']:,} points "
               f"({child['count'] / geosoc_s:,.0f} points/s); peak RSS {child['peak_rss_mib']:,.0f} MiB")
