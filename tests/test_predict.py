@@ -23,7 +23,7 @@ import zarr
 from geosoc import checkpoint
 from geosoc.catalog import load_catalog
 from geosoc.cube import build_cube
-from geosoc.inference import Predictor, open_map, plan_map, predict
+from geosoc.inference import open_map, plan_map, predict
 from geosoc.points import Points
 from geosoc.sampling import _extract_group, climate_at, open_sampleset, random_points, sample_points
 from geosoc.sources.synthetic import Landscape
