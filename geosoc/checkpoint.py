@@ -133,5 +133,9 @@ def load_state(url: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         int(param): {name: tensors[f"{param}.{name}"] if value is None else value for name, value in values.items()}
         for param, values in info.pop("state").items()
     }
-    optimizer.load_state_dict({"state": state, "param_groups": info.pop("param_groups")})
+    # How the optimizer runs (fused on CUDA, or not) belongs to this process's device, not to the saved run.
+    how = ("fused", "foreach", "capturable", "differentiable")
+    groups = [{**saved, **{k: current[k] for k in how if k in current}}
+              for saved, current in zip(info.pop("param_groups"), optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     return info

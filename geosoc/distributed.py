@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -21,15 +21,20 @@ from geosoc.catalog import Catalog, load_catalog
 from geosoc.errors import GeosocError
 from geosoc.storage import default_root
 
+if TYPE_CHECKING:
+    from geosoc.training import Context
 
-def _worker_loop(config: dict[str, Any]) -> None:
+
+def ray_context() -> Context:
+    """This Ray Train worker's `training.Context`: its rank among the workers, its device, the model wrapped in
+    DistributedDataParallel (every loss comes from its forward, so gradients are averaged), metrics to Ray."""
     import ray.train
     import ray.train.torch
 
-    from geosoc.training import Context, finetune_region, pretrain_region
+    from geosoc.training import Context
 
     context = ray.train.get_context()
-    ctx = Context(
+    return Context(
         rank=context.get_world_rank(),
         world=context.get_world_size(),
         device=ray.train.torch.get_device(),
@@ -37,12 +42,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
         report=lambda metrics: ray.train.report(metrics),
         progress=False,
     )
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    from geosoc.training import finetune_region, pretrain_region
+
     catalog = Catalog.model_validate(yaml.safe_load(config["catalog_text"]))  # validated by the driver already
     run = pretrain_region if config["stage"] == "pretrain" else finetune_region
     kwargs = {k: config[k] for k in ("epochs", "batch_size", "samples") if config.get(k) is not None}
     if config["stage"] == "finetune" and config.get("test_fold") is not None:
         kwargs["test_fold"] = config["test_fold"]
-    run(catalog, config["root"], ctx=ctx, **kwargs)
+    run(catalog, config["root"], ctx=ray_context(), **kwargs)
 
 
 def _shared_root(root: str | None, region: str) -> str:

@@ -28,8 +28,9 @@ from geosoc.errors import GeosocError
 from geosoc.metrics import METRICS, regression_metrics
 from geosoc.sampling import open_sampleset, spatial_folds
 from geosoc.storage import exists, filesystem, join, published
-from geosoc.training import (Context, Normalisation, SampleData, finetune_region, forward_all, pretrain_region,
-                             predict_samples, stage_urls)
+from geosoc.streaming import SampleData
+from geosoc.training import (Context, Normalisation, finetune_region, forward_all, pretrain_region, predict_samples,
+                             stage_urls)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
                               "(`geosoc sample --random N`) or leave them out with --models")
         pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))  # resumes; no-op when done
         pretrained = urls["pretrain"]
-    batch = data.batch(labelled)
+    batch = data.rows(labelled)
     features = baselines.covariate_features(batch, data.bands, data.variables, data.time).values
     embeddings = _embeddings(pretrained, data, labelled, device) if "hybrid" in models else None
     ids = samples["sample_id"].values[labelled]

@@ -5,6 +5,10 @@ statistics on the training part only, and write checkpoints under one URL: the b
 loss at the top (`model.safetensors`, `config.json`) and a resumable `last/` (weights, optimizer, epoch,
 history). Running again resumes from `last/`. The test fold, when given, is never seen: checkpoints are
 chosen on the validation part. A `Context` lets Ray Train run the same loops on several workers.
+
+Batches come from `streaming.SampleStream` through a DataLoader (any SampleSet size, equal steps per rank);
+normalisation and augmentation run on the training device; every loss comes from a forward pass of the
+(possibly DistributedDataParallel-wrapped) model, so gradients are averaged over workers.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from functools import lru_cache
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,13 +30,13 @@ from geosoc.errors import GeosocError
 from geosoc.metrics import regression_metrics
 from geosoc.models import ModelConfig, SoilNet
 from geosoc.models.losses import nt_xent, pinball
-from geosoc.sampling import open_sampleset
+from geosoc.streaming import SampleData, SampleStream, data_loader, to_device
 from geosoc.storage import exists, join
 
 log = logging.getLogger(__name__)
 
-IN_MEMORY_LIMIT = 4 * 2**30  # SampleSets smaller than this are loaded whole; larger ones are read per batch
 STATS_SAMPLES = 4096  # training samples used to estimate normalisation statistics
+STATS_BATCH_BYTES = 16 * 2**20  # ... read this much at a time (bounded memory whatever the SampleSet)
 
 
 @dataclass
@@ -53,16 +58,26 @@ class Normalisation:
     def from_dict(cls, data: dict[str, Any]) -> Normalisation:
         return cls(**data)
 
-    def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    def apply(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model inputs, normalised and NaN-filled on the batch's own device: patches (..., band, h, w) and
+        climate series (..., time, variable)."""
         out = {}
         if "patch" in batch and self.band_mean:
-            mean = np.asarray(self.band_mean, np.float32)[None, :, None, None]
-            std = np.asarray(self.band_std, np.float32)[None, :, None, None]
-            out["patch"] = torch.from_numpy(np.nan_to_num((batch["patch"] - mean) / std)).to(device)
+            mean, std = _statistics(tuple(self.band_mean), tuple(self.band_std), (-1, 1, 1), batch["patch"].device)
+            out["patch"] = torch.nan_to_num((batch["patch"] - mean) / std)
         if "climate" in batch and self.climate_mean:
-            mean, std = np.asarray(self.climate_mean, np.float32), np.asarray(self.climate_std, np.float32)
-            out["climate"] = torch.from_numpy(np.nan_to_num((batch["climate"] - mean) / std)).to(device)
+            mean, std = _statistics(tuple(self.climate_mean), tuple(self.climate_std), (-1,), batch["climate"].device)
+            out["climate"] = torch.nan_to_num((batch["climate"] - mean) / std)
         return out
+
+    def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+        """`apply` for host arrays: moved to `device` first."""
+        return self.apply({k: torch.from_numpy(np.asarray(v, np.float32)).to(device) for k, v in batch.items()
+                           if k in ("patch", "climate")})
+
+    def encode_target_tensor(self, target: torch.Tensor) -> torch.Tensor:
+        values = torch.log1p(target) if self.log_target else target
+        return (values - self.target_mean) / self.target_std
 
     def encode_target(self, target: np.ndarray) -> np.ndarray:
         values = np.log1p(target) if self.log_target else target
@@ -73,47 +88,37 @@ class Normalisation:
         return np.expm1(values) if self.log_target else values
 
 
-class SampleData:
-    """A SampleSet's arrays for training: in memory when small, otherwise read from Zarr batch by batch."""
-
-    def __init__(self, url: str, modalities: tuple[str, ...] = ("patch", "climate")):
-        self.url = url
-        ds = open_sampleset(url)
-        self.attrs = dict(ds.attrs)
-        self.size = ds.sizes["sample"]
-        self.bands = [str(b) for b in ds["band"].values] if "patch" in ds and "patch" in modalities else []
-        self.variables = [str(v) for v in ds["variable"].values] if "climate" in ds and "climate" in modalities else []
-        self.months = ds.sizes.get("time", 0)
-        self.time = ds["time"].values if "time" in ds.coords and self.variables else None
-        self.patch_size = ds.sizes.get("py", 0)
-        self.fold = ds["fold"].values.astype(np.int64)
-        self.target = ds["target"].values.astype(np.float64)
-        self.arrays: dict[str, Any] = {
-            name: ds[name].data for name, present in (("patch", self.bands), ("climate", self.variables)) if present
-        }
-        self._loaded = False
-
-    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        if not self._loaded:  # on first use, so that describing a SampleSet reads no pixels
-            self.arrays = {k: a.compute() if a.nbytes < IN_MEMORY_LIMIT else a for k, a in self.arrays.items()}
-            self._loaded = True
-        order = np.sort(indices)  # contiguous reads from Zarr; the order within a batch does not matter
-        out = {name: np.asarray(array[order], dtype=np.float32) for name, array in self.arrays.items()}
-        out["target"] = self.target[order]
-        return out
+@lru_cache(maxsize=16)
+def _statistics(mean: tuple[float, ...], std: tuple[float, ...], shape: tuple[int, ...],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalisation statistics as tensors on a device, made once (not a host-to-device copy per batch)."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
+            torch.tensor(std, dtype=torch.float32, device=device).view(shape))
 
 
 def fit_normalisation(data: SampleData, train: np.ndarray, log_target: bool, seed: int) -> Normalisation:
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(train, min(len(train), STATS_SAMPLES), replace=False))
-    batch = data.batch(pick)
+    """Per-band and per-variable mean and standard deviation over up to STATS_SAMPLES training samples (whole
+    chunks of them when streamed), accumulated batch by batch so that memory stays bounded."""
+    pick = np.sort(data.chunk_order(train, np.random.default_rng(seed))[:STATS_SAMPLES])
+    sums: dict[str, np.ndarray] = {}
+    step = max(1, STATS_BATCH_BYTES // max(1, data.nbytes // max(1, data.size)))
+    for start in range(0, len(pick), step):
+        batch = data.rows(pick[start : start + step])
+        for name, axes in (("patch", (0, 2, 3)), ("climate", (0, 1))):
+            if name in batch:
+                values = batch[name].astype(np.float64)
+                finite = np.isfinite(values)
+                part = np.stack([finite.sum(axis=axes), np.where(finite, values, 0).sum(axis=axes),
+                                 np.where(finite, values**2, 0).sum(axis=axes)])
+                sums[name] = sums[name] + part if name in sums else part
     norm = Normalisation(log_target=log_target)
-    if "patch" in batch:
-        norm.band_mean = np.nanmean(batch["patch"], axis=(0, 2, 3)).tolist()
-        norm.band_std = (np.nanstd(batch["patch"], axis=(0, 2, 3)) + 1e-6).tolist()
-    if "climate" in batch:
-        norm.climate_mean = np.nanmean(batch["climate"], axis=(0, 1)).tolist()
-        norm.climate_std = (np.nanstd(batch["climate"], axis=(0, 1)) + 1e-6).tolist()
+    for name, (count, total, squares) in sums.items():
+        mean = total / np.maximum(count, 1)
+        std = np.sqrt(np.maximum(squares / np.maximum(count, 1) - mean**2, 0)) + 1e-6
+        if name == "patch":
+            norm.band_mean, norm.band_std = mean.tolist(), std.tolist()
+        else:
+            norm.climate_mean, norm.climate_std = mean.tolist(), std.tolist()
     target = data.target[train]
     target = target[np.isfinite(target)]
     if len(target):
@@ -123,25 +128,18 @@ def fit_normalisation(data: SampleData, train: np.ndarray, log_target: bool, see
 
 
 def augment_patches(patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 90-degree rotation and horizontal flip per sample (soil has no preferred orientation)."""
-    n = patch.shape[0]
-    turns = torch.randint(0, 4, (n,), generator=generator)
-    flips = torch.rand(n, generator=generator) < 0.5
-    out = patch.clone()
-    for k in range(1, 4):
-        chosen = (turns == k).nonzero().flatten().to(patch.device)
-        if len(chosen):
-            out[chosen] = torch.rot90(out[chosen], k, dims=(2, 3))
-    chosen = flips.nonzero().flatten().to(patch.device)
-    if len(chosen):
-        out[chosen] = torch.flip(out[chosen], dims=(3,))
-    return out
+    """One of the 8 symmetries of the square per sample (90-degree rotations and flips: soil has no preferred
+    orientation), as whole-batch tensor ops on the patch's device. `generator` lives on that device."""
+    flips = torch.rand((3, patch.shape[0], 1, 1, 1), generator=generator, device=patch.device) < 0.5
+    out = torch.where(flips[0], patch.transpose(2, 3), patch)
+    out = torch.where(flips[1], out.flip(3), out)
+    return torch.where(flips[2], out.flip(2), out)
 
 
 def augment_climate(series: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Jitter and per-variable scaling: a second view of a climate series for climate-only pretraining."""
-    noise = torch.randn(series.shape, generator=generator).to(series.device) * 0.1
-    scale = 1 + torch.randn((series.shape[0], 1, series.shape[2]), generator=generator).to(series.device) * 0.1
+    noise = torch.randn(series.shape, generator=generator, device=series.device) * 0.1
+    scale = 1 + torch.randn((series.shape[0], 1, series.shape[2]), generator=generator, device=series.device) * 0.1
     return series * scale + noise
 
 
@@ -155,6 +153,7 @@ class Context:
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
     report: Callable[[dict[str, Any]], None] = lambda metrics: None
     progress: bool = True
+    loader_workers: int | None = None  # DataLoader processes (default: streaming.loader_workers)
 
     @property
     def is_main(self) -> bool:
@@ -192,26 +191,24 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
     return np.sort(indices[n_val:]), np.sort(indices[:n_val])
 
 
-def _batches(indices: np.ndarray, size: int, rng: np.random.Generator | None, ctx: Context) -> Iterator[np.ndarray]:
-    order = rng.permutation(indices) if rng is not None else indices
-    order = order[ctx.rank :: ctx.world]  # each worker its own shard
-    for start in range(0, len(order), size):
-        chunk = order[start : start + size]
-        if len(chunk) >= 2:
-            yield chunk
+def contrastive_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], temperature: float, train: bool,
+                     generator: torch.Generator) -> torch.Tensor:
+    """NT-Xent between the two views of each location: image and climate, or (one modality) two augmentations.
 
-
-def _contrastive_loss(model: SoilNet, inputs: dict[str, torch.Tensor], temperature: float, train: bool,
-                      generator: torch.Generator) -> torch.Tensor:
-    module = getattr(model, "module", model)
-    if module.image is not None and module.climate is not None:
+    The forward goes through `model` itself, so that DistributedDataParallel arms its gradient all-reduce; in
+    training the negatives are gathered from every worker."""
+    config = getattr(model, "module", model).config
+    if config.bands and config.variables:
         patch = augment_patches(inputs["patch"], generator) if train else inputs["patch"]
-        return nt_xent(module.image(patch), module.climate(inputs["climate"]), temperature)
-    if module.image is not None:  # SimCLR: two augmented views of the same patch
-        return nt_xent(module.image(augment_patches(inputs["patch"], generator)),
-                       module.image(augment_patches(inputs["patch"], generator)), temperature)
-    return nt_xent(module.climate(augment_climate(inputs["climate"], generator)),
-                   module.climate(augment_climate(inputs["climate"], generator)), temperature)
+        embeddings = model({"patch": patch, "climate": inputs["climate"]}, output="embeddings")
+        a, b = embeddings["image"], embeddings["climate"]
+    elif config.bands:  # SimCLR: two augmented views of the same patch, in one forward pass
+        views = torch.cat([augment_patches(inputs["patch"], generator) for _ in range(2)])
+        a, b = model({"patch": views}, output="embeddings")["image"].chunk(2)
+    else:
+        views = torch.cat([augment_climate(inputs["climate"], generator) for _ in range(2)])
+        a, b = model({"climate": views}, output="embeddings")["climate"].chunk(2)
+    return nt_xent(a, b, temperature, gather=train)
 
 
 def pretrain(samples_url: str, out_url: str, config: ModelConfig, stage: PretrainConfig, *, seed: int = 0,
@@ -222,8 +219,9 @@ def pretrain(samples_url: str, out_url: str, config: ModelConfig, stage: Pretrai
     train, val = split(data, stage.validation_fraction, seed, None, labelled=False)
     norm = fit_normalisation(data, train, log_target=False, seed=seed)
 
-    def loss_fn(model: SoilNet, batch: dict[str, np.ndarray], is_train: bool, gen: torch.Generator) -> tuple:
-        return _contrastive_loss(model, norm.inputs(batch, ctx.device), stage.temperature, is_train, gen), None
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], is_train: bool,
+                gen: torch.Generator) -> tuple[torch.Tensor, None]:
+        return contrastive_loss(model, norm.apply(batch), stage.temperature, is_train, gen), None
 
     return _fit("pretrain", data, train, val, norm, config, stage, out_url, loss_fn, None, seed, resume, ctx,
                 patience=None)
@@ -249,13 +247,13 @@ def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: Finetun
         initial = {k: v for k, v in checkpoint.load_weights(pretrained_url).items() if not k.startswith("head.")}
     quantiles = torch.tensor(config.quantiles, dtype=torch.float32, device=ctx.device)
 
-    def loss_fn(model: SoilNet, batch: dict[str, np.ndarray], is_train: bool, gen: torch.Generator) -> tuple:
-        inputs = norm.inputs(batch, ctx.device)
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], is_train: bool,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = norm.apply(batch)
         if is_train and "patch" in inputs:
             inputs["patch"] = augment_patches(inputs["patch"], gen)
-        target = torch.from_numpy(norm.encode_target(batch["target"])).to(ctx.device)
-        prediction = model(inputs)
-        return pinball(prediction.float(), target, quantiles), prediction.detach().float().cpu().numpy()
+        prediction = model(inputs).float()
+        return pinball(prediction, norm.encode_target_tensor(batch["target"]), quantiles), prediction.detach()
 
     def evaluate(predictions: np.ndarray, batch_targets: np.ndarray) -> dict[str, float]:
         lower, median, upper = (norm.decode_target(z) for z in interval(predictions, config.quantiles, 0.0))
@@ -278,21 +276,24 @@ def _digest(values: np.ndarray) -> str:
 
 
 def forward_all(model: SoilNet, data: SampleData, indices: np.ndarray, norm: Normalisation, device: torch.device,
-                batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+                batch_size: int, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(quantiles in the normalised target space, embedding features) of samples, in the order of `indices`."""
-    outputs, features = [], []
+    unique, inverse = np.unique(indices, return_inverse=True)
+    stream = SampleStream(data, unique, batch_size, shuffle=False, min_batch=1)
+    outputs, features, order = [], [], []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            order = np.argsort(chunk)  # data.batch returns sorted rows
-            batch = norm.inputs(data.batch(chunk), device)
-            feats = model.features(batch)
-            quantiles = model.quantiles_of(feats)
-            restore = np.argsort(order)
-            outputs.append(quantiles.float().cpu().numpy()[restore])
-            features.append(feats.float().cpu().numpy()[restore])
-    return np.concatenate(outputs), np.concatenate(features)
+        for batch in data_loader(stream, device, workers):  # loader workers may interleave batches
+            feats = model.features(norm.apply(to_device(batch, device)))
+            outputs.append(model.quantiles_of(feats).float())
+            features.append(feats.float())
+            order.append(batch["index"])
+    if not outputs:
+        return np.empty((0, len(model.config.quantiles)), np.float32), np.empty((0, 0), np.float32)
+    rows = np.searchsorted(unique, torch.cat(order).numpy())
+    place = np.empty(len(rows), dtype=np.int64)
+    place[rows] = np.arange(len(rows))
+    return (torch.cat(outputs).cpu().numpy()[place][inverse], torch.cat(features).cpu().numpy()[place][inverse])
 
 
 def predict_samples(url: str, data: SampleData, indices: np.ndarray, device: torch.device,
@@ -338,8 +339,10 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     model = SoilNet(config)
     if initial is not None:
         model.load_state_dict(initial, strict=False)
+    if stage_name == "pretrain":  # the head is not trained by the contrastive loss (DDP needs every other
+        model.head.requires_grad_(False)  # parameter to get a gradient) and is dropped by fine-tuning
     model = ctx.wrap(model.to(ctx.device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=stage.learning_rate)
+    optimizer = make_optimizer(model, stage.learning_rate, ctx.device)
     last = join(out_url, "last")
     start, history, best = 0, [], math.inf
     meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
@@ -355,24 +358,20 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
         checkpoint.load_state(last, optimizer)
         start, history, best = info["epoch"], info["history"], info["best"]
         log.info("%s: resuming from %s at epoch %d", stage_name, last, start)
-    generator = torch.Generator().manual_seed(seed + ctx.rank)
+    stream = SampleStream(data, train, stage.batch_size, shuffle=True, seed=seed, rank=ctx.rank, world=ctx.world)
+    if not len(stream):
+        raise GeosocError(f"{data.url}: {len(train)} training samples over {ctx.world} worker(s) leave fewer than 2 "
+                          "per worker; use fewer workers or more samples")
+    loader = data_loader(stream, ctx.device, ctx.loader_workers)
+    generator = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
     autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
     stale = 0
     for epoch in range(start, stage.epochs):
-        rng = np.random.default_rng([seed, epoch])
-        model.train()
-        losses = []
-        batches = list(_batches(train, stage.batch_size, rng, ctx))
-        for indices in tqdm(batches, desc=f"{stage_name} {epoch + 1}/{stage.epochs}", leave=False,
-                            disable=not (ctx.progress and ctx.is_main)):
-            with autocast:
-                loss, _ = loss_fn(model, data.batch(indices), True, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
-        metrics.update(_validate(model, data, val, stage.batch_size, loss_fn, evaluate, generator, autocast))
+        stream.set_epoch(epoch)
+        train_loss, steps = train_epoch(model, optimizer, loader, loss_fn, ctx, generator, autocast,
+                                        desc=f"{stage_name} {epoch + 1}/{stage.epochs}")
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "steps": steps}
+        metrics.update(_validate(model, data, val, stage.batch_size, loss_fn, evaluate, generator, autocast, ctx))
         history.append(metrics)
         improved = metrics["val_loss"] < best
         if improved:
@@ -392,6 +391,35 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     return {"best_val_loss": best, "history": history, "checkpoint": out_url}
 
 
+def make_optimizer(model: torch.nn.Module, learning_rate: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam; fused into a few kernels on CUDA."""
+    return torch.optim.Adam(model.parameters(), lr=learning_rate, fused=device.type == "cuda")
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict[str, torch.Tensor]],
+                loss_fn: Callable, ctx: Context, generator: torch.Generator, autocast: Any,
+                desc: str = "") -> tuple[float, int]:
+    """One pass of optimisation steps over host batches: (mean training loss over all workers, steps).
+
+    The loss is summed on the device and read once at the end: no step waits for the host."""
+    model.train()
+    running = torch.zeros((), device=ctx.device)
+    steps = 0
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not (ctx.progress and ctx.is_main)):
+        with autocast:
+            loss, _ = loss_fn(model, to_device(batch, ctx.device), True, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.detach().float()
+        steps += 1
+    if ctx.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(running)  # every rank made the same number of steps
+        running /= ctx.world
+    return (running / steps).item() if steps else float("nan"), steps
+
+
 def _describe_run(run: dict[str, Any] | None) -> str:
     if not run:
         return "a run made by an older geosoc, without a record of what defines it"
@@ -401,22 +429,28 @@ def _describe_run(run: dict[str, Any] | None) -> str:
 
 
 def _validate(model: torch.nn.Module, data: SampleData, val: np.ndarray, batch_size: int, loss_fn: Callable,
-              evaluate: Callable | None, generator: torch.Generator, autocast: Any) -> dict[str, float]:
-    model.eval()
-    losses, weights, predictions, targets = [], [], [], []
-    single = Context()  # validation is not sharded: every worker sees the same numbers
+              evaluate: Callable | None, generator: torch.Generator, autocast: Any, ctx: Context) -> dict[str, float]:
+    """Loss (and metrics) on the whole validation part, on every worker alike: the unwrapped model, so that no
+    collective runs, and no sharding."""
+    module = getattr(model, "module", model)
+    module.eval()
+    total, count = torch.zeros((), device=ctx.device), 0
+    predictions, indices = [], []
+    stream = SampleStream(data, val, batch_size, shuffle=False)
     with torch.no_grad(), autocast:
-        for indices in _batches(val, batch_size, None, single) if len(val) >= 2 else []:
-            batch = data.batch(indices)
-            loss, prediction = loss_fn(model, batch, False, generator)
-            losses.append(loss.item())
-            weights.append(len(indices))
+        for batch in data_loader(stream, ctx.device, ctx.loader_workers) if len(stream) else []:
+            batch = to_device(batch, ctx.device)
+            loss, prediction = loss_fn(module, batch, False, generator)
+            total += loss.float() * len(batch["index"])
+            count += len(batch["index"])
             if prediction is not None:
                 predictions.append(prediction)
-                targets.append(batch["target"])
-    out = {"val_loss": float(np.average(losses, weights=weights)) if losses else float("nan")}
+                indices.append(batch["index"])
+    out = {"val_loss": (total / count).item() if count else float("nan")}
     if evaluate is not None and predictions:
-        out.update({f"val_{k}": v for k, v in evaluate(np.concatenate(predictions), np.concatenate(targets)).items()})
+        scored = torch.cat(indices).cpu().numpy()
+        out.update({f"val_{k}": v for k, v in evaluate(torch.cat(predictions).cpu().numpy(),
+                                                       data.target[scored]).items()})
     return out
 
 

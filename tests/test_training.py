@@ -4,11 +4,7 @@ peeking at the test fold, and the Ray job path on a real local Ray head."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +16,8 @@ from geosoc.catalog import FinetuneConfig, PretrainConfig
 from geosoc.models import ModelConfig
 from geosoc.points import Points
 from geosoc.sampling import SampleSetWriter, sampleset_dataset
-from geosoc.training import Context, SampleData, augment_patches, finetune, pretrain, split
+from geosoc.streaming import SampleData
+from geosoc.training import Context, augment_patches, finetune, pretrain, split
 from tests.conftest import REPO
 
 TINY = dict(patch_size=8, months=4, image_patch=4, image_dim=32, image_depth=1, image_heads=2, climate_dim=32,
@@ -131,62 +128,6 @@ def test_test_fold_is_never_used(tmp_path: Path) -> None:
     train, val = split(data, 0.2, 0, test_fold=1, labelled=True)
     assert not (data.fold[np.concatenate([train, val])] == 1).any()
     assert not set(train) & set(val)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory):
-    """A real local Ray head on loopback, with auth mode set explicitly."""
-    pytest.importorskip("ray")
-    ray_bin = Path(sys.executable).with_name("ray")
-    temp = Path("/tmp") / f"geosoc-ray-{os.getpid()}"
-    port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is the venv's
-    started = subprocess.run(
-        [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
-    if started.returncode != 0:
-        pytest.fail(f"ray start failed: {started.stderr[-2000:]}")
-    yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "ray": str(ray_bin)}
-    stop_ray_processes_under(temp)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-def stop_ray_processes_under(temp: Path) -> None:
-    """Stop the head this test started, and only it: the processes whose command line names its --temp-dir
-    (GCS, raylet, dashboard, ...) and their descendants (workers). `ray stop` would stop every Ray on the machine."""
-    import psutil
-
-    own = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(str(temp) in part for part in proc.info["cmdline"] or []):
-            own.append(proc)
-    everything = {p.pid: p for p in own}
-    for proc in own:
-        try:
-            everything.update({c.pid: c for c in proc.children(recursive=True)})
-        except psutil.Error:
-            pass
-    for proc in everything.values():
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(everything.values()), timeout=15)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
 
 
 def test_ray_job_submit_pretrain_and_resume(ray_head, tmp_path: Path) -> None:

@@ -79,5 +79,9 @@ class SoilNet(nn.Module):
         """(batch, quantiles) in the normalised target space, sorted so they never cross."""
         return torch.sort(self.head(features), dim=1).values
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], output: str = "quantiles") -> Any:
+        """Quantiles, or (`output="embeddings"`) each branch's embedding for contrastive pretraining: both go
+        through `forward`, which is what DistributedDataParallel synchronises."""
+        if output == "embeddings":
+            return self.embed(batch)
         return self.quantiles_of(self.features(batch))
