@@ -10,7 +10,9 @@ augmentation happen on the training device (`training.Normalisation.apply`, `tra
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,7 +23,10 @@ from geosoc.sampling import open_sampleset
 from geosoc.storage import zarr_store
 from geosoc.threads import available_cores
 
+log = logging.getLogger(__name__)
+
 DEFAULT_IN_MEMORY_MIB = 4096
+PREFETCH = 2  # batches each loader worker keeps ready
 WINDOW_CHUNKS = 8  # a shuffle window spans at least this many Zarr chunks
 
 
@@ -161,22 +166,31 @@ class SampleStream(torch.utils.data.IterableDataset):
                 yield batch
 
 
-def loader_workers(data: SampleData, device: torch.device) -> int:
+def loader_workers(data: SampleData, device: torch.device, batch_size: int = 0) -> int:
     """Loader processes per training process: none when batches come from memory to the CPU (nothing to
-    overlap), else up to 8 (`GEOSOC_LOADER_WORKERS` overrides)."""
+    overlap), else up to 8, as many as the shared memory that carries their batches (/dev/shm, small in some
+    containers) holds with room to spare. `GEOSOC_LOADER_WORKERS` overrides."""
     if "GEOSOC_LOADER_WORKERS" in os.environ:
         return max(0, int(os.environ["GEOSOC_LOADER_WORKERS"]))
     if data.in_memory and device.type == "cpu":
         return 0
-    return min(8, max(1, available_cores() // 2))
+    workers = min(8, max(1, available_cores() // 2))
+    batch_bytes = data.nbytes // max(1, data.size) * batch_size
+    if batch_bytes and os.path.isdir("/dev/shm"):
+        room = shutil.disk_usage("/dev/shm").free // (2 * PREFETCH * batch_bytes)
+        if room < workers:
+            log.warning("/dev/shm has room for %d loader worker(s) of batch %d, not %d; reading with %d",
+                        room, batch_size, workers, room)
+            workers = int(room)
+    return workers
 
 
 def data_loader(stream: SampleStream, device: torch.device, workers: int | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over a stream: worker processes read ahead, pinned host memory when the device is a GPU."""
-    workers = loader_workers(stream.data, device) if workers is None else workers
+    workers = loader_workers(stream.data, device, stream.batch_size) if workers is None else workers
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=PREFETCH if workers else None,
     )
 
 

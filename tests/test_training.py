@@ -163,13 +163,24 @@ def test_ray_job_submit_pretrain_and_resume(ray_head, tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_finetune_on_cuda_in_bf16(tmp_path: Path) -> None:
-    url = tiny_sampleset(str(tmp_path / "s.zarr"))
-    ctx = Context(device=torch.device("cuda"), progress=False)
-    result = finetune(url, str(tmp_path / "ft"), config_for(url), FinetuneConfig(epochs=3, batch_size=16), ctx=ctx)
+def test_pretrain_and_finetune_on_cuda_streamed_then_resume_on_cpu(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path end to end: a streamed SampleSet through loader workers into pinned memory, bf16 autocast,
+    fused Adam, device-side augmentation; the CUDA-trained state resumes on CPU."""
+    monkeypatch.setenv("GEOSOC_IN_MEMORY_MIB", "0")
+    url = tiny_sampleset(str(tmp_path / "s.zarr"), n=96)
+    config = config_for(url)
+    cuda = Context(device=torch.device("cuda"), progress=False, loader_workers=2)
+    pre = pretrain(url, str(tmp_path / "pre"), config, PretrainConfig(epochs=2, batch_size=16), ctx=cuda)
+    assert np.isfinite(pre["best_val_loss"]) and pre["history"][-1]["steps"] == 6
+    stage = FinetuneConfig(epochs=3, batch_size=16, patience=100)
+    result = finetune(url, str(tmp_path / "ft"), config, stage, pretrained_url=str(tmp_path / "pre"), ctx=cuda)
     assert np.isfinite(result["history"][-1]["val_loss"])
-    model, _ = checkpoint.load_model(str(tmp_path / "ft"), device="cpu")  # CUDA-trained weights load on CPU
-    assert next(model.parameters()).device.type == "cpu"
+    model, meta = checkpoint.load_model(str(tmp_path / "ft"), device="cpu")  # CUDA-trained weights load on CPU
+    assert next(model.parameters()).device.type == "cpu" and "calibration" in meta
+    more = finetune(url, str(tmp_path / "ft"), config, stage.model_copy(update={"epochs": 4}),
+                    pretrained_url=str(tmp_path / "pre"), ctx=CPU)  # fused CUDA optimizer state, resumed on CPU
+    assert [m["epoch"] for m in more["history"]] == [1, 2, 3, 4]
 
 
 def test_ray_job_submit_predict(ray_head, tmp_path: Path) -> None:
