@@ -30,7 +30,7 @@ from geosoc.errors import GeosocError
 from geosoc.metrics import regression_metrics
 from geosoc.models import ModelConfig, SoilNet
 from geosoc.models.losses import nt_xent, pinball
-from geosoc.streaming import SampleData, SampleStream, data_loader, to_device
+from geosoc.streaming import SampleData, SampleStream, data_loader, on_device, to_device
 from geosoc.storage import exists, join
 
 log = logging.getLogger(__name__)
@@ -406,9 +406,10 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
     running = torch.zeros((), device=ctx.device)
     steps = 0
     total = len(batches) if hasattr(batches, "__len__") else None
-    for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not (ctx.progress and ctx.is_main)):
+    for batch in tqdm(on_device(batches, ctx.device), total=total, desc=desc, leave=False,
+                      disable=not (ctx.progress and ctx.is_main)):
         with autocast:
-            loss, _ = loss_fn(model, to_device(batch, ctx.device), True, generator)
+            loss, _ = loss_fn(model, batch, True, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
