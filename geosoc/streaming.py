@@ -74,15 +74,29 @@ class SampleData:
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Patches, climate series and targets of `indices`, in that order (float32; NaN where no data)."""
-        arrays = self._open()
         indices = np.asarray(indices, dtype=np.int64)
-        if self.in_memory:
-            out = {name: np.asarray(a[indices], dtype=np.float32) for name, a in arrays.items()}
-        else:
-            unique, inverse = np.unique(indices, return_inverse=True)
-            out = {name: _read_rows(a, unique)[inverse] for name, a in arrays.items()}
-        out["target"] = self.target[indices]
-        return out
+        out = {name: np.empty((len(indices), *shape), np.float32) for name, shape in self.shapes().items()}
+        self.read_into(indices, out)
+        return {**out, "target": self.target[indices]}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of one sample of each array."""
+        return {name: tuple(array.shape[1:]) for name, array in self._open().items()}
+
+    def read_into(self, indices: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """Fill `out` (one float32 array per name, rows in the order of `indices`): from memory, or with one
+        contiguous Zarr read per chunk that `indices` touch, each row copied straight to its place."""
+        for name, array in self._open().items():
+            if self.in_memory:
+                np.take(array, indices, axis=0, out=out[name])
+                continue
+            order = np.argsort(indices, kind="stable")
+            rows = indices[order]
+            keys = rows // array.chunks[0]
+            for group in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(keys)) + 1) if len(rows) else []:
+                first, last = int(rows[group[0]]), int(rows[group[-1]])
+                block = array[first : last + 1]
+                out[name][order[group]] = block[rows[group] - first]
 
     def chunk_order(self, indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """`indices` grouped by chunk, the chunks in random order (rows within a chunk stay in order)."""
@@ -90,18 +104,6 @@ class SampleData:
         _, compact = np.unique(keys, return_inverse=True)
         rank = rng.permutation(compact.max() + 1)[compact] if len(keys) else compact
         return np.asarray(indices)[np.argsort(rank, kind="stable")]
-
-
-def _read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
-    """Sorted rows of a Zarr array, one contiguous read per chunk they fall in."""
-    if not len(rows):
-        return np.empty((0, *array.shape[1:]), dtype=np.float32)
-    keys = rows // array.chunks[0]
-    parts = []
-    for part in np.split(rows, np.flatnonzero(np.diff(keys)) + 1):
-        block = array[int(part[0]) : int(part[-1]) + 1]
-        parts.append(block[part - part[0]])
-    return np.concatenate(parts).astype(np.float32, copy=False)
 
 
 class SampleStream(torch.utils.data.IterableDataset):
@@ -155,26 +157,38 @@ class SampleStream(torch.utils.data.IterableDataset):
             if number % workers != worker:
                 continue
             part = order[start : start + self.window]
-            arrays = self.data.rows(part)
+            window = {name: _empty((len(part), *shape), shared=info is not None)
+                      for name, shape in self.data.shapes().items()}
+            self.data.read_into(part, {name: tensor.numpy() for name, tensor in window.items()})
+            target = torch.from_numpy(self.data.target[part].astype(np.float32))
             for first in range(0, len(part), self.batch_size):
                 last = min(first + self.batch_size, len(part))
                 if last - first < self.min_batch:
                     continue
-                batch = {name: torch.from_numpy(a[first:last]) for name, a in arrays.items() if name != "target"}
-                batch["target"] = torch.from_numpy(arrays["target"][first:last].astype(np.float32))
+                batch = {name: tensor[first:last] for name, tensor in window.items()}
+                batch["target"] = target[first:last]
                 batch["index"] = torch.from_numpy(part[first:last])
                 yield batch
 
 
+def _empty(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """A float32 tensor to fill; in a loader worker, made in shared memory from the start (as torch's own
+    collate does), so that handing its batches to the training process copies nothing."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.empty(0, dtype=torch.float32)._typed_storage()._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.float32).new(storage).view(shape)
+
+
 def loader_workers(data: SampleData, device: torch.device, batch_size: int = 0) -> int:
     """Loader processes per training process: none when batches come from memory to the CPU (nothing to
-    overlap), else up to 8, as many as the shared memory that carries their batches (/dev/shm, small in some
+    overlap), else up to 12, as many as the shared memory that carries their batches (/dev/shm, small in some
     containers) holds with room to spare. `GEOSOC_LOADER_WORKERS` overrides."""
     if "GEOSOC_LOADER_WORKERS" in os.environ:
         return max(0, int(os.environ["GEOSOC_LOADER_WORKERS"]))
     if data.in_memory and device.type == "cpu":
         return 0
-    workers = min(8, max(1, available_cores() // 2))
+    workers = min(12, max(1, available_cores() - 4))  # a few cores stay with the training process
     batch_bytes = data.nbytes // max(1, data.size) * batch_size
     if batch_bytes and os.path.isdir("/dev/shm"):
         room = shutil.disk_usage("/dev/shm").free // (2 * PREFETCH * batch_bytes)
