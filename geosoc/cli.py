@@ -216,7 +216,7 @@ def predict(
     chunk: Optional[int] = typer.Option(None, "--chunk", min=1, help="Output cells per window side (default: ~256 MiB of imagery per window)."),
     device: Optional[str] = typer.Option(None, "--device", help="local: cpu or cuda (default: cuda when present)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print cells, windows and a projected time; write nothing."),
-    rate: Optional[float] = typer.Option(None, "--rate", min=1, help="--dry-run: cells/s per GPU assumed (default 17,500: the paper-size model on one H200)."),
+    rate: Optional[float] = typer.Option(None, "--rate", min=1, help="--dry-run: cells/s per GPU assumed (default 12,500: geosoc.predict with the paper-size model, measured on one H200)."),
     fresh: bool = typer.Option(False, "--fresh", help="Replace an existing map instead of resuming it."),
     no_export: bool = typer.Option(False, "--no-export", help="Only maps/soc.zarr (no COG, PNG, STAC)."),
     threads: Optional[int] = ThreadsOpt,

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 MAP_NAME = "soc.zarr"
 WINDOW_BYTES = 256 * 2**20  # imagery read per window (sets the default output chunk); memory ~ this x workers
 DEFAULT_BATCH = 1024
-GPU_CELLS_PER_S = 17_500  # paper-size model, both branches, bf16, one H200 (measured 2026-11): --dry-run default
+GPU_CELLS_PER_S = 12_500  # geosoc.predict end to end, paper-size model, bf16, one H200 (measured 2026-11): --dry-run default
 
 Engine = Literal["local", "ray"]
 

@@ -124,7 +124,8 @@ class SampleStream(torch.utils.data.IterableDataset):
         wanted = window or WINDOW_CHUNKS * data.chunk_rows
         self.window = batch_size * max(1, -(-wanted // batch_size))  # whole batches per window
         self.epoch = 0
-        data.load() if data.in_memory else None
+        if data.in_memory:
+            data.load()  # before loader workers fork, so that they share it
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

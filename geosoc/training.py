@@ -290,10 +290,15 @@ def forward_all(model: SoilNet, data: SampleData, indices: np.ndarray, norm: Nor
             order.append(batch["index"])
     if not outputs:
         return np.empty((0, len(model.config.quantiles)), np.float32), np.empty((0, 0), np.float32)
-    rows = np.searchsorted(unique, torch.cat(order).numpy())
-    place = np.empty(len(rows), dtype=np.int64)
-    place[rows] = np.arange(len(rows))
-    return (torch.cat(outputs).cpu().numpy()[place][inverse], torch.cat(features).cpu().numpy()[place][inverse])
+    rows = np.searchsorted(unique, torch.cat(order).numpy())  # where each output row belongs among `unique`
+
+    def in_order(parts: list[torch.Tensor]) -> np.ndarray:
+        values = torch.cat(parts).cpu().numpy()
+        placed = np.empty_like(values)
+        placed[rows] = values
+        return placed[inverse]
+
+    return in_order(outputs), in_order(features)
 
 
 def predict_samples(url: str, data: SampleData, indices: np.ndarray, device: torch.device,

@@ -79,7 +79,7 @@ def _listing(env: dict[str, str], prefix: str) -> list[str]:
 
 
 def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> None:
-    """build-cube, sample, finetune and predict (with exports) with --root on the bucket, through the CLI."""
+    """build-cube, sample, finetune (streaming) and predict (with exports) with --root on the bucket, via the CLI."""
     data = tiny_catalog_dict(size_px=64, chunk=32)
     data.update(sampling={"patch_size": 8, "fold_block_size": 600, "folds": 3},
                 model={"image": {"patch": 4, "dim": 16, "depth": 1, "heads": 2},
@@ -102,8 +102,10 @@ def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> N
         ("finetune", "--catalog", str(catalog), "--root", root, "--test-fold", "0", "-q"),
         ("predict", "--catalog", str(catalog), "--root", root, "-q"),
     ]
+    # Fine-tuning streams the SampleSet from the bucket (nothing held in memory) through a forked loader worker.
+    streamed = {**bucket, "GEOSOC_IN_MEMORY_MIB": "0", "GEOSOC_LOADER_WORKERS": "1"}
     for step in steps:
-        done = _cli(bucket, *step)
+        done = _cli(streamed if step[0] == "finetune" else bucket, *step)
         assert done.returncode == 0, f"{step[0]}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
         assert "testing" not in done.stdout + done.stderr  # no secret in the output
     keys = _listing(bucket, f"{BUCKET}/tiny")
