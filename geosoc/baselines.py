@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +62,7 @@ def covariate_features(batch: dict[str, np.ndarray], bands: list[str], variables
 
 
 Prediction = tuple[np.ndarray, np.ndarray, np.ndarray]  # q05, median, q95 in the original units
+NAMES = ("rf", "gbm", "qrf", "hybrid")
 
 
 def _imputed(model: Any) -> Any:
@@ -71,65 +72,70 @@ def _imputed(model: Any) -> Any:
     return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), model)
 
 
-def random_forest(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int, threads: int) -> Prediction:
-    from sklearn.ensemble import RandomForestRegressor
+@dataclass
+class Fitted:
+    """A fitted tabular model: its estimators (one, or one per quantile for boosting), the features it uses and
+    the CQR offset of its interval (log space). Saved with `geosoc.tabular` (skops, no pickle)."""
 
-    model = _imputed(RandomForestRegressor(n_estimators=TREES, n_jobs=threads, random_state=seed))
-    model.fit(train_x, np.log1p(train_y))
-    median = np.expm1(model.predict(test_x))
-    nan = np.full(len(test_x), np.nan)
-    return nan, median, nan
+    name: str
+    estimators: list[Any]
+    usable: np.ndarray  # bool per feature: those with a value somewhere in the training part
+    offset: float = 0.0
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        x = x[:, self.usable]
+        if self.name == "rf":
+            median = np.expm1(self.estimators[0].predict(x))
+            nan = np.full(len(x), np.nan)
+            return nan, median, nan
+        if self.name == "qrf":
+            predicted = np.expm1(np.asarray(self.estimators[0].predict(x, quantiles=list(QUANTILES))))
+            return predicted[:, 0], predicted[:, 1], predicted[:, 2]
+        from geosoc.calibration import interval
+
+        z = np.stack([model.predict(x) for model in self.estimators], axis=1)
+        lower, median, upper = interval(z, list(QUANTILES), self.offset)
+        return np.expm1(lower), np.expm1(median), np.expm1(upper)
 
 
-def _boosted_quantiles(train_x: np.ndarray, train_z: np.ndarray, test_x: np.ndarray, seed: int) -> np.ndarray:
-    """(n, 3) log-space q05, q50, q95 of histogram gradient boosting, one model per quantile (pinball loss)."""
+def _boosted(train_x: np.ndarray, train_z: np.ndarray, seed: int) -> list[Any]:
+    """Histogram gradient boosting, one model per quantile (pinball loss), on log-space targets."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
-    out = []
-    for q in QUANTILES:
-        model = HistGradientBoostingRegressor(loss="quantile", quantile=q, max_iter=300, learning_rate=0.05,
-                                              random_state=seed)
-        out.append(model.fit(train_x, train_z).predict(test_x))
-    return np.stack(out, axis=1)
+    return [HistGradientBoostingRegressor(loss="quantile", quantile=q, max_iter=300, learning_rate=0.05,
+                                          random_state=seed).fit(train_x, train_z) for q in QUANTILES]
 
 
-def gradient_boosting(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
-                      threads: int) -> Prediction:
-    """Quantile gradient boosting with a conformalized interval: the CQR offset comes from out-of-fold
-    predictions of an inner 3-fold split of the training part (quantile boosting alone under-covers)."""
+def fit(name: str, train_x: np.ndarray, train_y: np.ndarray, seed: int, threads: int) -> Fitted:
+    """Fit a tabular model on log1p(SOC). Boosting (gbm, hybrid) gets a conformalized interval: the CQR offset
+    comes from out-of-fold predictions of an inner 3-fold split of the training part (quantile boosting alone
+    under-covers). The plain random forest has no interval."""
+    usable = ~np.isnan(train_x).all(axis=0)
+    x, z = train_x[:, usable], np.log1p(train_y)
+    if name == "rf":
+        from sklearn.ensemble import RandomForestRegressor
+
+        model = _imputed(RandomForestRegressor(n_estimators=TREES, n_jobs=threads, random_state=seed))
+        return Fitted(name, [model.fit(x, z)], usable)
+    if name == "qrf":
+        from quantile_forest import RandomForestQuantileRegressor
+
+        model = _imputed(RandomForestQuantileRegressor(n_estimators=TREES, n_jobs=threads, random_state=seed))
+        return Fitted(name, [model.fit(x, z)], usable)
+    if name not in ("gbm", "hybrid"):
+        raise ValueError(f"unknown tabular model {name!r}; one of {', '.join(NAMES)}")
     from sklearn.model_selection import KFold
 
-    from geosoc.calibration import conformal_offset, interval
+    from geosoc.calibration import conformal_offset
 
-    z = np.log1p(train_y)
     oof = np.empty((len(z), len(QUANTILES)))
-    for fit, held in KFold(3, shuffle=True, random_state=seed).split(train_x):
-        oof[held] = _boosted_quantiles(train_x[fit], z[fit], train_x[held], seed)
+    for part, held in KFold(3, shuffle=True, random_state=seed).split(x):
+        oof[held] = np.stack([m.predict(x[held]) for m in _boosted(x[part], z[part], seed)], axis=1)
     offset = conformal_offset(oof[:, 0], oof[:, -1], z, QUANTILES[-1] - QUANTILES[0])
-    lower, median, upper = interval(_boosted_quantiles(train_x, z, test_x, seed), list(QUANTILES), offset)
-    return np.expm1(lower), np.expm1(median), np.expm1(upper)
-
-
-def quantile_forest(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
-                    threads: int) -> Prediction:
-    from quantile_forest import RandomForestQuantileRegressor
-
-    model = _imputed(RandomForestQuantileRegressor(n_estimators=TREES, n_jobs=threads, random_state=seed))
-    model.fit(train_x, np.log1p(train_y))
-    predicted = np.expm1(np.asarray(model.predict(test_x, quantiles=list(QUANTILES))))
-    return predicted[:, 0], predicted[:, 1], predicted[:, 2]
-
-
-TABULAR: dict[str, Callable[..., Prediction]] = {
-    "rf": random_forest,
-    "gbm": gradient_boosting,
-    "qrf": quantile_forest,
-    "hybrid": gradient_boosting,  # on covariates + pretrained embeddings
-}
+    return Fitted(name, _boosted(x, z, seed), usable, float(offset))
 
 
 def fit_predict(model: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
                 threads: int) -> Prediction:
-    """Fit a tabular model and predict; features without any value in the training part are left out."""
-    usable = ~np.isnan(train_x).all(axis=0)
-    return TABULAR[model](train_x[:, usable], train_y, test_x[:, usable], seed, threads)
+    """Fit a tabular model (`hybrid`: boosting on covariates + pretrained embeddings) and predict."""
+    return fit(model, train_x, train_y, seed, threads).predict(test_x)

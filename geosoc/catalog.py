@@ -249,6 +249,8 @@ class TrainingConfig(_Section):
 
 class PredictConfig(_Section):
     resolution: float = Field(1000, gt=0)
+    model: str = Field("finetune", min_length=1, description="under the region's models/ (finetune, rf, gbm, qrf) "
+                                                             "or a URL")
     quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.95])
 
 

@@ -49,8 +49,19 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(url: str, model: torch.nn.Module, config: ModelConfig, meta: dict[str, Any]) -> None:
     """Weights, then config.json last: a checkpoint with a config.json is complete."""
-    _write(url, MODEL_FILE, save_tensors(_weights(model)))
+    save_files(url, {MODEL_FILE: save_tensors(_weights(model))}, config, meta)
+
+
+def save_files(url: str, files: dict[str, bytes], config: ModelConfig, meta: dict[str, Any]) -> None:
+    """A checkpoint's files, then its config.json last (e.g. a tree model's estimators instead of weights)."""
+    for name, data in files.items():
+        _write(url, name, data)
     _write(url, CONFIG_FILE, json.dumps({"model": config.to_dict(), **meta}, indent=2).encode())
+
+
+def read_file(url: str, name: str) -> bytes:
+    """One file of a checkpoint, with a clear error when it is not there."""
+    return _read(url, name)
 
 
 def update_meta(url: str, updates: dict[str, Any]) -> None:

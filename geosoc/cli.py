@@ -200,13 +200,31 @@ def finetune(
     console.print(f"fine-tuned -> {result['checkpoint']}")
 
 
+@app.command("fit-tabular")
+@user_errors
+def fit_tabular(
+    region: Optional[str] = RegionOpt,
+    catalog: Optional[Path] = CatalogOpt,
+    root: Optional[str] = RootOpt,
+    model: str = typer.Option(..., "--model", help="rf, gbm or qrf: the tree model to map with (see `geosoc evaluate`)."),
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Fit a tree model on all labelled samples, for maps (-> models/<model>; then `geosoc predict --model <model>`)."""
+    from geosoc.tabular import fit_region
+    from geosoc.threads import use_threads
+
+    loaded, root = _region(region, catalog, root)
+    out = fit_region(loaded.config, root, model, threads=use_threads(threads))
+    console.print(f"fitted {model} -> {out}", highlight=False)
+
+
 @app.command()
 @user_errors
 def predict(
     region: Optional[str] = RegionOpt,
     catalog: Optional[Path] = CatalogOpt,
     root: Optional[str] = RootOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint URL (default <root>/models/finetune)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A model under <root>/models/ (finetune, rf, gbm, qrf) or a URL (default: the catalog's predict.model, finetune)."),
     resolution: Optional[float] = typer.Option(None, "--resolution", min=0, help="Output cell size (default: catalog predict.resolution)."),
     bounds: Optional[tuple[float, float, float, float]] = BoundsOpt,
     engine: str = typer.Option("local", "--engine", help="local: this process; ray: a pool of Ray actors."),
@@ -222,7 +240,8 @@ def predict(
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Map SOC over the region with the fine-tuned model (-> maps/soc.zarr, COGs, quicklook.png, item.json)."""
+    """Map SOC over the region with the fine-tuned network or a tree model (-> maps/soc.zarr, COGs, quicklook.png,
+    item.json)."""
     from geosoc.inference import GPU_CELLS_PER_S, map_region, plan_map
     from geosoc.storage import join
     from geosoc.threads import use_threads
@@ -231,6 +250,7 @@ def predict(
     if engine not in ("local", "ray"):
         raise GeosocError(f"--engine must be 'local' or 'ray', got {engine!r}")
     loaded, root = _region(region, catalog, root)
+    model = model or loaded.config.predict.model
     if dry_run:
         plan = plan_map(join(root, "cube.zarr"), model, resolution=resolution or loaded.config.predict.resolution,
                         bounds=bounds, chunk=chunk, batch_size=batch_size)
@@ -281,8 +301,21 @@ def evaluate(
                              models=chosen, repeats=repeats,
                              epochs=epochs, threads=count, progress=not quiet)
     console.print(evaluation_table(result.summary))
+    pooled = {m: s["pooled"]["r2"] for m, s in result.summary["models"].items() if s["pooled"]["r2"] is not None}
+    if pooled:
+        best = max(pooled, key=pooled.__getitem__)
+        console.print(f"best by pooled R²: {best}; to map with it: {how_to_map(best)}", highlight=False)
     for name, url in result.outputs.items():
         console.print(f"{name:>20}: {url}", highlight=False)
+
+
+def how_to_map(model: str) -> str:
+    """The commands that make a map with an evaluated model."""
+    if model in ("rf", "gbm", "qrf"):
+        return f"geosoc fit-tabular --model {model}, then geosoc predict --model {model}"
+    if model == "hybrid":
+        return "not possible yet (maps need the encoders' embeddings at every cell); the best other model will do"
+    return "geosoc finetune" + (" --from-scratch" if model == "supervised" else "") + ", then geosoc predict"
 
 
 def evaluation_table(summary: dict[str, Any]) -> Table:

@@ -99,7 +99,8 @@ def job_parser(stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--root", help="region root URL every worker reaches (default $GEOSOC_ROOT or "
                                        "./geosoc-data/<region>)")
     if stage == "predict":
-        parser.add_argument("--model", help="checkpoint URL (default <root>/models/finetune)")
+        parser.add_argument("--model", help="a model under <root>/models/ (finetune, rf, gbm, qrf) or a URL "
+                                             "(default: the catalog's predict.model)")
         parser.add_argument("--resolution", type=float, help="output cell size (default: the catalog's "
                                                              "predict.resolution)")
         parser.add_argument("--actors", type=int, help="actors (default: one per GPU, else one per CPU)")

@@ -21,7 +21,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dask
 import dask.array as da
@@ -44,6 +44,9 @@ from geosoc.progress import Markers, complete, new_build, resumable, template_wr
 from geosoc.sampling import _cube_parts, climate_at, read_imagery
 from geosoc.storage import check_writable, join, read_group_attrs, zarr_store
 
+if TYPE_CHECKING:
+    from geosoc.tabular import TabularPredictor
+
 log = logging.getLogger(__name__)
 
 MAP_NAME = "soc.zarr"
@@ -61,6 +64,16 @@ def quantile_name(q: float) -> str:
 def output_names(quantiles: list[float]) -> list[str]:
     """A map's variables: soc_mean (the median), one soc_qXX per other quantile, then aoa and di."""
     return ["soc_mean"] + [quantile_name(q) for q in quantiles if q != 0.5] + ["aoa", "di"]
+
+
+def load_predictor(model_url: str, device: torch.device | str | None = None,
+                   batch_size: int = DEFAULT_BATCH) -> Predictor | TabularPredictor:
+    """The predictor of a checkpoint: the network's, or a tree model's (`geosoc fit-tabular`)."""
+    from geosoc.tabular import TabularPredictor, is_tabular
+
+    if is_tabular(checkpoint.load_config(model_url)[1]):
+        return TabularPredictor(model_url, device)
+    return Predictor(model_url, device, batch_size)
 
 
 def _require_finetuned(url: str, meta: dict[str, Any]) -> None:
@@ -240,7 +253,7 @@ class CubeAccess:
         return cls(url, grid, climate_grid, [str(b) for b in imagery["band"].values], variables)
 
 
-def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predictor) -> WindowInput:
+def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predictor | TabularPredictor) -> WindowInput:
     """The imagery block under a window's cells plus the halo of their patches (the predictor's patch size),
     and their climate series when the predictor uses climate."""
     xs, ys = grid.x_of(np.arange(window.cols.start, window.cols.stop)), grid.y_of(np.arange(window.rows.start,
@@ -258,7 +271,7 @@ def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predict
     return WindowInput(window, block, rows - half - r0, cols - half - c0, series)
 
 
-def predict_window(predictor: Predictor, data: WindowInput) -> dict[str, np.ndarray]:
+def predict_window(predictor: Predictor | TabularPredictor, data: WindowInput) -> dict[str, np.ndarray]:
     """(h, w) arrays of every output of one window."""
     flat = predictor.predict(data.block, data.top, data.left, data.climate)
     return {name: values.reshape(data.window.shape) for name, values in flat.items()}
@@ -338,7 +351,7 @@ def _output_array(url: str, name: str, build_id: str) -> zarr.Array:
     return zarr.open_array(zarr_store(url), path=name, mode="r+", zarr_format=3)
 
 
-def _process(predictor: Predictor, data: WindowInput, out: str, markers: Markers) -> str:
+def _process(predictor: Predictor | TabularPredictor, data: WindowInput, out: str, markers: Markers) -> str:
     for name, values in predict_window(predictor, data).items():
         _output_array(out, name, markers.build_id)[data.window.rows, data.window.cols] = values
     markers.mark(data.window.key)
@@ -348,7 +361,7 @@ def _process(predictor: Predictor, data: WindowInput, out: str, markers: Markers
 def _run_local(spec: MapSpec, windows: list[Window], out: str, markers: Markers, device: str | None,
                bar: tqdm) -> None:
     """One process: the next window is read on a thread while the device computes the current one."""
-    predictor = Predictor(spec.model, device, spec.batch_size)
+    predictor = load_predictor(spec.model, device, spec.batch_size)
     cube = CubeAccess.open(spec.cube)
     with ThreadPoolExecutor(max_workers=1) as reader:
         upcoming = reader.submit(read_window, cube, spec.grid, windows[0], predictor)
@@ -367,7 +380,7 @@ class WindowWorker:
         torch.set_num_threads(max(1, threads))
         self.spec, self.out = spec, out
         self.markers = Markers(out, build_id)
-        self.predictor = Predictor(spec.model, None, spec.batch_size)
+        self.predictor = load_predictor(spec.model, None, spec.batch_size)
         self.cube = CubeAccess.open(spec.cube)
 
     def run(self, window: Window) -> str:
@@ -401,14 +414,21 @@ def _run_ray(spec: MapSpec, windows: list[Window], out: str, build_id: str, bar:
 
 
 def _resolve(cube: str | xr.DataTree, model: str | None) -> tuple[str, xr.DataTree, str]:
+    """The cube's URL and tree, and the model's URL: `model` as given (a URL or path), a name under the region's
+    models/ (`finetune`, `qrf`, ...), or by default the catalog's `predict.model` (`finetune`)."""
     tree = open_cube(cube) if isinstance(cube, str) else cube
     url = cube if isinstance(cube, str) else tree.encoding.get("source")
     if url is None:
         raise GeosocError("this cube was not opened with geosoc.open_cube: pass its URL instead")
     root = url.rstrip("/").rsplit("/", 1)[0]
-    model = model or join(root, "models", "finetune")
+    catalog = _catalog_of(tree)
+    model = model or (catalog.predict.model if catalog is not None else "finetune")
+    if "/" not in model and ":" not in model:
+        model = join(root, "models", model)
     if not checkpoint.exists(model):
-        raise GeosocError(f"{model}: no fine-tuned model here; run `geosoc finetune` or pass a model URL")
+        name = model.rstrip("/").rsplit("/", 1)[-1]
+        how = f"`geosoc fit-tabular --model {name}`" if name in ("rf", "gbm", "qrf") else "`geosoc finetune`"
+        raise GeosocError(f"{model}: no model here; make it with {how} or pass a model URL")
     return url, tree, model
 
 
@@ -455,7 +475,7 @@ def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: fl
 
 
 def _lazy(spec: MapSpec, device: str | None) -> xr.Dataset:
-    predictor = Predictor(spec.model, device, spec.batch_size)
+    predictor = load_predictor(spec.model, device, spec.batch_size)
     cube = CubeAccess.open(spec.cube)
     _check_compatible(predictor.config, cube, spec.model)
 
@@ -534,7 +554,8 @@ def map_region(catalog: Catalog, root: str, *, model: str | None = None, resolut
 
     cube = join(root, "cube.zarr")
     out = join(root, "maps", MAP_NAME)
-    ds = predict(cube, model, resolution=resolution or catalog.predict.resolution, bounds=bounds, out=out,
+    ds = predict(cube, model or catalog.predict.model, resolution=resolution or catalog.predict.resolution,
+                 bounds=bounds, out=out,
                  engine=engine, batch_size=batch_size, chunk=chunk, device=device, actors=actors,
                  gpus_per_actor=gpus_per_actor, max_retries=max_retries, fresh=fresh, progress=progress)
     if not export:

@@ -257,7 +257,7 @@ def test_cli_dry_run_and_errors(region: tuple[Path, str], tmp_path: Path) -> Non
     empty = tmp_path / "empty"
     shutil.copytree(root, empty, ignore=shutil.ignore_patterns("models"))
     result = runner.invoke(app, ["predict", "--catalog", str(path), "--root", str(empty)])
-    assert result.exit_code == 1 and "no fine-tuned model here" in result.output
+    assert result.exit_code == 1 and "models/finetune: no model here; make it with `geosoc finetune`" in result.output
 
 
 def _actor_pids() -> list[int]:

@@ -1,0 +1,81 @@
+"""Tree models as map models: `geosoc fit-tabular` then `geosoc predict --model qrf`, the same features at a map
+cell as at a sample on it, no pickle, and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from geosoc import baselines, checkpoint
+from geosoc.errors import GeosocError
+from geosoc.inference import predict
+from geosoc.sampling import open_sampleset
+from geosoc.streaming import SampleData
+from geosoc.tabular import ESTIMATOR_FILE, load
+from tests.test_predict import tiny_region
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return tiny_region(tmp_path_factory.mktemp("tabular"))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "geosoc.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_fit_tabular_then_map_with_it(region: tuple[Path, str]) -> None:
+    catalog, root = region
+    done = _cli("fit-tabular", "--catalog", str(catalog), "--root", root, "--model", "qrf", "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    assert f"fitted qrf -> {root}/models/qrf" in done.stdout
+    url = f"{root}/models/qrf"
+    assert {p.name for p in Path(url).iterdir()} == {"config.json", "aoa.safetensors", ESTIMATOR_FILE}
+    done = _cli("predict", "--catalog", str(catalog), "--root", root, "--model", "qrf", "--resolution", "30", "-q")
+    assert done.returncode == 0, done.stderr
+    ds = predict(f"{root}/cube.zarr", model="qrf", resolution=30).compute()  # lazily, the same model
+    # At the cell of each labelled sample the map is the model applied to that sample's own features.
+    samples = open_sampleset(f"{root}/samples/labelled.zarr")
+    data = SampleData(f"{root}/samples/labelled.zarr")
+    features = baselines.covariate_features(data.rows(np.arange(data.size)), data.bands, data.variables, data.time)
+    lower, median, upper = load(url).predict(features.values)
+    rows = np.searchsorted(-ds.y.values, -samples.y.values)
+    cols = np.searchsorted(ds.x.values, samples.x.values)
+    np.testing.assert_allclose(ds["soc_mean"].values[rows, cols], median, rtol=1e-5)
+    np.testing.assert_allclose(ds["soc_q05"].values[rows, cols], lower, rtol=1e-5)
+    assert (ds["soc_q05"].values <= ds["soc_q95"].values)[np.isfinite(ds["soc_mean"].values)].all()
+    assert np.nanmin(ds["aoa"].values[rows, cols]) == 1  # training points are inside the AOA
+    written = Path(root) / "maps"
+    assert {"soc_mean.tif", "soc_q05.tif", "aoa.tif", "item.json"} <= {p.name for p in written.iterdir()}
+
+
+def test_catalog_predict_model_chooses_the_map_model(region: tuple[Path, str], tmp_path: Path) -> None:
+    catalog, root = region
+    data = yaml.safe_load(catalog.read_text())
+    data["predict"]["model"] = "gbm"
+    chosen = tmp_path / "gbm.yaml"
+    chosen.write_text(yaml.safe_dump(data))
+    done = _cli("predict", "--catalog", str(chosen), "--root", root, "--dry-run")
+    assert done.returncode == 1 and "fit-tabular --model gbm" in done.stderr  # not fitted yet: says how
+    assert _cli("fit-tabular", "--catalog", str(chosen), "--root", root, "--model", "gbm").returncode == 0
+    done = _cli("predict", "--catalog", str(chosen), "--root", root, "--dry-run")
+    assert done.returncode == 0 and f"{root}/models/gbm" in done.stdout
+
+
+def test_an_estimator_file_with_foreign_types_is_refused(region: tuple[Path, str], tmp_path: Path) -> None:
+    import skops.io
+
+    _, root = region
+    url = f"{root}/models/rf-tampered"
+    config, meta = checkpoint.load_config(f"{root}/models/finetune")
+    meta.update(kind="tabular", estimator="rf", usable=[True], medians=[0.0])
+    checkpoint.save_files(url, {ESTIMATOR_FILE: skops.io.dumps({"estimators": [np.sum]})}, config, meta)
+    with pytest.raises(GeosocError, match="refusing to load it"):
+        load(url)
+    done = _cli("fit-tabular", "--catalog", str(region[0]), "--root", root, "--model", "hybrid")
+    assert done.returncode == 1 and "maps can be made with rf, gbm, qrf" in done.stderr
