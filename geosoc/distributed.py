@@ -12,14 +12,17 @@ region root, so a resubmitted job resumes from them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from geosoc.catalog import Catalog, load_catalog
 from geosoc.errors import GeosocError
-from geosoc.storage import default_root
+from geosoc.storage import default_root, join
 
 if TYPE_CHECKING:
     from geosoc.training import Context
@@ -39,9 +42,22 @@ def ray_context() -> Context:
         world=context.get_world_size(),
         device=ray.train.torch.get_device(),
         wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
-        report=lambda metrics: ray.train.report(metrics),
+        report=_report_to_ray,
         progress=False,
     )
+
+
+def _report_to_ray(metrics: dict[str, Any], checkpoint_url: str | None) -> None:
+    """An epoch's metrics to Ray; from rank 0 with a Ray checkpoint that points at geosoc's own (which stays the
+    source of truth: it is what every worker resumes from after a failure)."""
+    import ray.train
+
+    if checkpoint_url is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="geosoc-ray-checkpoint-") as folder:
+        Path(folder, "geosoc.json").write_text(json.dumps({"checkpoint": checkpoint_url, **metrics}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -67,15 +83,26 @@ def _shared_root(root: str | None, region: str) -> str:
 
 
 def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str | None, *, workers: int = 1,
-                 gpus_per_worker: float = 0, **options: Any) -> Any:
-    """Run a stage under Ray Train's TorchTrainer on the cluster this process is connected to."""
+                 gpus_per_worker: float = 0, max_failures: int = 2, fresh: bool = False, **options: Any) -> Any:
+    """Run a stage under Ray Train's TorchTrainer on the cluster this process is connected to.
+
+    A failed worker (a killed process, a lost node) restarts the worker group up to `max_failures` times; the
+    loops then resume from the stage's last epoch under the root. `fresh` removes that checkpoint first, once,
+    so that a restart after a failure still resumes."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from geosoc.storage import filesystem
+    from geosoc.training import stage_urls
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise blocks ~2 s
     loaded = load_catalog(region, catalog)
     root = _shared_root(root, loaded.config.region.name)
+    if fresh:
+        fs, path = filesystem(stage_urls(root)[stage])
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
     if not ray.is_initialized():
         ray.init()
     # Workers get the catalog's text: on other nodes the driver's file path does not exist.
@@ -85,7 +112,9 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker={"GPU": gpus_per_worker} if gpus_per_worker else None),
-        run_config=RunConfig(name=f"geosoc-{loaded.config.region.name}-{stage}"),
+        run_config=RunConfig(name=f"geosoc-{loaded.config.region.name}-{stage}", storage_path=join(root, "ray"),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     return trainer.fit()
 
@@ -113,6 +142,9 @@ def job_parser(stage: str) -> argparse.ArgumentParser:
         parser.add_argument("--no-export", action="store_true", help="only maps/soc.zarr")
         return parser
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts after a failure (each "
+                                                                    "resumes from the last epoch)")
+    parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming it")
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU)")
     parser.add_argument("--epochs", type=int, help="override the catalog's epochs")
     parser.add_argument("--batch-size", type=int, help="override the catalog's batch size (per worker)")
@@ -137,9 +169,11 @@ def job_main(stage: str, argv: list[str] | None = None) -> None:
 
 
 def _train_on_ray(stage: str, args: argparse.Namespace) -> Any:
-    options = {k: v for k, v in vars(args).items() if k not in ("region", "catalog", "root", "workers", "gpus_per_worker")}
+    own = ("region", "catalog", "root", "workers", "gpus_per_worker", "max_failures", "fresh")
+    options = {k: v for k, v in vars(args).items() if k not in own}
     return train_on_ray(stage, args.region, args.catalog, args.root, workers=args.workers,
-                        gpus_per_worker=args.gpus_per_worker, **options).metrics
+                        gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures, fresh=args.fresh,
+                        **options).metrics
 
 
 def _predict_on_ray(args: argparse.Namespace) -> str:

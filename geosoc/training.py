@@ -151,7 +151,7 @@ class Context:
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
-    report: Callable[[dict[str, Any]], None] = lambda metrics: None
+    report: Callable[[dict[str, Any], str | None], None] = lambda metrics, checkpoint_url: None  # url: rank 0
     progress: bool = True
     loader_workers: int | None = None  # DataLoader processes (default: streaming.loader_workers)
 
@@ -370,6 +370,11 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     loader = data_loader(stream, ctx.device, ctx.loader_workers)
     generator = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
     autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
+    if start >= stage.epochs:
+        log.warning("%s: nothing left to train: %s holds %d epochs and %d were asked; ask for more (--epochs) or "
+                    "start over (--fresh)", stage_name, out_url, start, stage.epochs)
+        if history:
+            ctx.report(history[-1], out_url if ctx.is_main else None)
     stale = 0
     for epoch in range(start, stage.epochs):
         stream.set_epoch(epoch)
@@ -389,7 +394,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
             checkpoint.save_model(last, model, config, meta)
             checkpoint.save_state(last, optimizer, {"epoch": epoch + 1, "history": history, "best": best, "run": run})
             tqdm.write(_format(stage_name, metrics)) if ctx.progress else log.info(_format(stage_name, metrics))
-        ctx.report(metrics)
+        ctx.report(metrics, out_url if ctx.is_main else None)
         if patience is not None and stale >= patience:
             log.info("%s: no validation improvement for %d epochs; stopping", stage_name, patience)
             break

@@ -100,3 +100,68 @@ def test_two_ray_workers_train_as_one(ray_head: dict[str, Any], tmp_path: Path, 
     for name, full in (("grad_a", a.grad), ("grad_b", b.grad)):
         gathered = torch.tensor(np.concatenate([r[name] for r in ranks]), dtype=torch.float32) / 2
         torch.testing.assert_close(gathered, full, rtol=1e-4, atol=1e-6)
+
+
+def _tiny_catalog(tmp_path: Path) -> Path:
+    import yaml
+
+    from tests.conftest import REPO
+
+    catalog = yaml.safe_load((REPO / "catalogs" / "demo.yaml").read_text())
+    catalog["model"] = {"image": {"patch": 4, "dim": 16, "depth": 1, "heads": 2},
+                        "climate": {"dim": 16, "layers": 1, "heads": 2, "feedforward": 32}, "embedding": 8}
+    path = tmp_path / "demo-tiny.yaml"
+    path.write_text(yaml.safe_dump(catalog))
+    return path
+
+
+def _train_workers(temp: str) -> list[Any]:
+    """The Ray Train worker processes of the test's own head (descendants of its raylet)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "raylet" in cmdline and temp in cmdline:
+            found += [c for c in proc.children(recursive=True) if "RayTrainWorker" in " ".join(c.cmdline())]
+    return found
+
+
+def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_path: Path) -> None:
+    """Two workers; one is killed with SIGKILL after the first epochs: Ray restarts the group, the loops resume
+    from the last epoch, the job finishes every epoch and ends with the final metrics."""
+    import signal
+    import subprocess
+    import time
+    import uuid
+
+    from tests.conftest import REPO
+
+    root = tmp_path / "demo"
+    tiny_sampleset(str(root / "samples" / "unlabelled.zarr"), n=400)
+    job = f"geosoc-kill-{uuid.uuid4().hex[:8]}"
+    ray = [ray_head["ray"], "job"]
+    address = ["--address", ray_head["address"]]
+    submitted = subprocess.run(
+        [*ray, "submit", *address, "--no-wait", "--submission-id", job, "--working-dir", str(REPO), "--", "python",
+         "jobs/pretrain.py", "--catalog", str(_tiny_catalog(tmp_path)), "--root", str(root), "--workers", "2",
+         "--epochs", "6", "--batch-size", "8"], env=ray_head["env"], capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    state = root / "models" / "pretrain" / "last" / "state.json"
+    deadline = time.time() + 300
+    while not (state.exists() and json.loads(state.read_text())["epoch"] >= 2):
+        assert time.time() < deadline, "no epoch finished in time"
+        time.sleep(0.5)
+    workers = _train_workers(ray_head["temp"])
+    assert len(workers) == 2, workers
+    workers[1].send_signal(signal.SIGKILL)
+    logs = subprocess.run([*ray, "logs", *address, "--follow", job], env=ray_head["env"], capture_output=True,
+                          text=True, timeout=600).stdout
+    status = subprocess.run([*ray, "status", *address, job], env=ray_head["env"], capture_output=True, text=True)
+    assert "succeeded" in status.stdout, logs[-3000:]
+    history = json.loads(state.read_text())["history"]
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5, 6]
+    # The driver's own lines: less `ray job`'s and the workers' (streamed to the log in their own time).
+    own = [line for line in logs.strip().splitlines() if " cli.py:" not in line and "pid=" not in line]
+    last = own[-1]
+    assert last.startswith("pretrain finished: {") and "'epoch': 6" in last, "\n".join(own[-15:])

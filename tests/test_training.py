@@ -131,7 +131,8 @@ def test_test_fold_is_never_used(tmp_path: Path) -> None:
 
 
 def test_ray_job_submit_pretrain_and_resume(ray_head, tmp_path: Path) -> None:
-    """`ray job submit` of jobs/pretrain.py on the demo region leaves a checkpoint; resubmission resumes."""
+    """`ray job submit` of jobs/pretrain.py on the demo region leaves a checkpoint; resubmission resumes, says
+    when nothing is left to train, and `--fresh` starts over; the last line is the final metrics."""
     import yaml
 
     root = tmp_path / "demo"
@@ -143,10 +144,10 @@ def test_ray_job_submit_pretrain_and_resume(ray_head, tmp_path: Path) -> None:
     catalog_path = tmp_path / "demo-tiny.yaml"
     catalog_path.write_text(yaml.safe_dump(catalog))
 
-    def submit(epochs: int) -> str:
+    def submit(epochs: int, *more: str) -> str:
         command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
                    "--", "python", "jobs/pretrain.py", "--catalog", str(catalog_path), "--root", str(root),
-                   "--epochs", str(epochs), "--batch-size", "8"]
+                   "--epochs", str(epochs), "--batch-size", "8", *more]
         done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
@@ -158,7 +159,11 @@ def test_ray_job_submit_pretrain_and_resume(ray_head, tmp_path: Path) -> None:
     output = submit(2)
     state = json.loads((checkpoint_dir / "last" / "state.json").read_text())
     assert state["epoch"] == 2 and [m["epoch"] for m in state["history"]] == [1, 2]
-    assert "pretrain finished" in output
+    assert "pretrain finished: {'epoch': 2," in output  # the final metrics
+    output = submit(2)
+    assert "nothing left to train" in output and "pretrain finished: {'epoch': 2," in output
+    submit(1, "--fresh")
+    assert json.loads((checkpoint_dir / "last" / "state.json").read_text())["epoch"] == 1
 
 
 @pytest.mark.gpu
