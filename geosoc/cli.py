@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, TypeVar
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from geosoc.errors import GeosocError
@@ -54,7 +55,8 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except GeosocError as err:
-            errors.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+            # The message is text, not markup: "[xmin, ymin, xmax, ymax]" must not vanish as a style tag.
+            errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -142,8 +144,8 @@ def map_summary(url: str) -> str:
             f"{stats['aoa']:.0%} of those inside the area of applicability")
 
 
-EpochsOpt = typer.Option(None, "--epochs", help="Override the catalog's epochs.")
-BatchOpt = typer.Option(None, "--batch-size", help="Override the catalog's batch size.")
+EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override the catalog's epochs.")
+BatchOpt = typer.Option(None, "--batch-size", min=2, help="Override the catalog's batch size (per worker; at least 2).")
 FreshOpt = typer.Option(False, "--fresh", help="Start over instead of resuming from the last checkpoint.")
 
 
@@ -384,9 +386,9 @@ def sample(
     points_crs: str = PointsCrsOpt,
     units: str = UnitsOpt,
     on_error: str = OnErrorOpt,
-    random: Optional[int] = typer.Option(None, "--random", help="Instead of --points: N random valid locations."),
+    random: Optional[int] = typer.Option(None, "--random", min=1, help="Instead of --points: N random valid locations."),
     seed: int = typer.Option(0, "--seed", help="Seed of --random and of fold assignment."),
-    min_spacing: float = typer.Option(0.0, "--min-spacing", help="--random: minimum distance (CRS units)."),
+    min_spacing: float = typer.Option(0.0, "--min-spacing", min=0.0, help="--random: minimum distance (CRS units)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Threads (default: one per core)."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -436,11 +438,14 @@ def sample_table(
     patches: Optional[Path] = typer.Option(None, "--patches", help=".npy of (rows, band, py, px) patches."),
     bands: Optional[str] = typer.Option(None, "--bands", help="Comma-separated band names of --patches."),
     fold_block_size: float = typer.Option(50_000, "--fold-block-size", help="Spatial CV block side (CRS units of --crs)."),
-    folds: int = typer.Option(5, "--folds", help="Number of folds."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
     on_error: str = OnErrorOpt,
 ) -> None:
     """Build a SampleSet from data prepared elsewhere (climate series as columns and/or patches)."""
     from geosoc.tables import sampleset_from_table
+
+    if not fold_block_size > 0:
+        raise GeosocError(f"--fold-block-size must be > 0 (CRS units of --crs), got {fold_block_size:g}")
 
     result = sampleset_from_table(
         table, out, crs, fmt, _columns(fmt, id_col, x_col, y_col, target_col, points_crs, units), patches,

@@ -119,6 +119,18 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
     return trainer.fit()
 
 
+def _at_least(low: int) -> Any:
+    """An argparse type: an integer >= `low` (a usage error, before anything starts on the cluster)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def job_parser(stage: str) -> argparse.ArgumentParser:
     """Arguments of jobs/pretrain.py, jobs/finetune.py and jobs/predict.py (also checked against infra/)."""
     how = "a pool of Ray actors" if stage == "predict" else "Ray Train TorchTrainer"
@@ -132,22 +144,22 @@ def job_parser(stage: str) -> argparse.ArgumentParser:
                                              "(default: the catalog's predict.model)")
         parser.add_argument("--resolution", type=float, help="output cell size (default: the catalog's "
                                                              "predict.resolution)")
-        parser.add_argument("--actors", type=int, help="actors (default: one per GPU, else one per CPU)")
+        parser.add_argument("--actors", type=_at_least(1), help="actors (default: one per GPU, else one per CPU)")
         parser.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
-        parser.add_argument("--batch-size", type=int, default=1024, help="cells per forward pass")
-        parser.add_argument("--chunk", type=int, help="output cells per window side")
-        parser.add_argument("--max-retries", type=int, default=3, help="restarts of a dead actor and retries of its "
+        parser.add_argument("--batch-size", type=_at_least(1), default=1024, help="cells per forward pass")
+        parser.add_argument("--chunk", type=_at_least(1), help="output cells per window side")
+        parser.add_argument("--max-retries", type=_at_least(0), default=3, help="restarts of a dead actor and retries of its "
                                                                        "window")
         parser.add_argument("--fresh", action="store_true", help="replace an existing map instead of resuming it")
         parser.add_argument("--no-export", action="store_true", help="only maps/soc.zarr")
         return parser
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
-    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts after a failure (each "
+    parser.add_argument("--workers", type=_at_least(1), default=1, help="Ray Train workers")
+    parser.add_argument("--max-failures", type=_at_least(0), default=2, help="worker-group restarts after a failure (each "
                                                                     "resumes from the last epoch)")
     parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming it")
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU)")
-    parser.add_argument("--epochs", type=int, help="override the catalog's epochs")
-    parser.add_argument("--batch-size", type=int, help="override the catalog's batch size (per worker)")
+    parser.add_argument("--epochs", type=_at_least(1), help="override the catalog's epochs")
+    parser.add_argument("--batch-size", type=_at_least(2), help="override the catalog's batch size (per worker)")
     parser.add_argument("--samples", help="SampleSet URL (default: the region's)")
     if stage == "finetune":
         parser.add_argument("--test-fold", type=int, help="fold held out for evaluation")

@@ -165,7 +165,11 @@ def read_points(
         negative = target < 0
         for i in np.flatnonzero(negative):
             problems.append(Problem(int(rows[i]), target_col, f"negative SOC {target[i]}"))
-        bad |= missing | negative
+        too_large = ~np.isnan(target) & ~negative & ~(target <= np.finfo(np.float32).max)
+        for i in np.flatnonzero(too_large):
+            problems.append(Problem(int(rows[i]), target_col, f"SOC {target[i]} is not a finite number a SampleSet "
+                                                              "can hold (float32)"))
+        bad |= missing | negative | too_large
     else:
         target = np.full(len(table), np.nan)
 

@@ -64,7 +64,7 @@ class SampleData:
         if self._arrays is None or (not self.in_memory and self._pid != os.getpid()):
             group = zarr.open_group(zarr_store(self.url, read_only=True), mode="r", zarr_format=3)
             arrays = {name: group[name] for name in self.names}
-            self._arrays = {k: a[...] for k, a in arrays.items()} if self.in_memory else arrays
+            self._arrays = {k: np.asarray(a[...], np.float32) for k, a in arrays.items()} if self.in_memory else arrays
             self._pid = os.getpid()
         return self._arrays
 
@@ -112,8 +112,8 @@ class SampleStream(torch.utils.data.IterableDataset):
     Every rank gets the same number of samples (the epoch's order cut into `world` equal pieces, the few left
     over skipped that epoch), hence the same number of steps: DistributedDataParallel needs that, since every
     backward pass is a collective. Batches smaller than `min_batch` (only ever the last) are skipped.
-    Loader workers take turns by window, so the batches, their number and their order do not depend on how
-    many workers there are.
+    Loader workers take turns by window, so the batches and their number do not depend on how many workers
+    there are (their order does: the DataLoader interleaves the workers).
     """
 
     def __init__(self, data: SampleData, indices: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,

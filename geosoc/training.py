@@ -521,5 +521,10 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
 
 
 def _override(stage: Any, epochs: int | None, batch_size: int | None) -> Any:
+    """The catalog's stage with `epochs` / `batch_size` replaced, checked like the catalog's own values."""
+    if epochs is not None and epochs < 1:
+        raise GeosocError(f"epochs must be at least 1, got {epochs}")
+    if batch_size is not None and batch_size < 2:
+        raise GeosocError(f"the batch size must be at least 2 (a contrastive batch needs negatives), got {batch_size}")
     updates = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     return stage.model_copy(update=updates)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from geosoc.cli import app
@@ -76,3 +77,40 @@ def test_unreachable_scheduler(tmp_path: Path, write_catalog) -> None:
     result = run("build-cube", "--catalog", str(write_catalog()), "--root", str(tmp_path), "--scheduler",
                  "tcp://127.0.0.1:9")
     assert result.exit_code == 1 and "cannot reach the Dask scheduler" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (("pretrain", "--region", "demo", "--epochs", "0"), "--epochs"),
+    (("finetune", "--region", "demo", "--batch-size", "1"), "--batch-size"),
+    (("sample", "--region", "demo", "--random", "-5"), "--random"),
+    (("sample-table", "--table", "t.csv", "--out", "o.zarr", "--crs", "EPSG:3035", "--folds", "1"), "--folds"),
+    (("evaluate", "--region", "demo", "--folds", "1"), "--folds"),
+    (("predict", "--region", "demo", "--batch-size", "0"), "--batch-size"),
+])
+def test_out_of_range_options_are_usage_errors(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    result = run(*args, "--root", str(tmp_path / "r")) if args[0] != "sample-table" else run(*args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_error_messages_keep_their_brackets(tmp_path: Path) -> None:
+    """rich markup must not swallow "[xmin, ymin, xmax, ymax]" from a message."""
+    data = tiny_catalog_dict()
+    x0, y0, x1, y1 = data["region"]["bounds"]
+    data["region"]["bounds"] = [x1, y0, x0, y1]
+    path = tmp_path / "flipped.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    result = run("build-cube", "--catalog", str(path), "--root", str(tmp_path / "r"))
+    assert result.exit_code == 1 and "[xmin, ymin, xmax, ymax]" in result.output
+
+
+def test_a_job_refuses_out_of_range_flags_before_starting() -> None:
+    from geosoc.distributed import job_parser
+
+    for stage, args in (("pretrain", ["--epochs", "0"]), ("finetune", ["--batch-size", "1"]),
+                        ("pretrain", ["--workers", "0"]), ("predict", ["--actors", "0"])):
+        with pytest.raises(SystemExit) as exit_info:
+            job_parser(stage).parse_args(["--region", "demo", *args])
+        assert exit_info.value.code == 2
