@@ -126,7 +126,7 @@ def demo(
     console.print(map_summary(result.maps["zarr"]), highlight=False)
     for name, url in result.maps.items():
         console.print(f"{name:>10}: {url}", highlight=False)
-    console.print(evaluation_table(result.evaluation.summary))
+    print_evaluation(result.evaluation.summary)
     for name, url in result.evaluation.outputs.items():
         console.print(f"{name:>20}: {url}", highlight=False)
 
@@ -302,13 +302,18 @@ def evaluate(
     result = evaluate_region(loaded.config, root, cv=cv, folds=folds,  # type: ignore[arg-type]
                              models=chosen, repeats=repeats,
                              epochs=epochs, threads=count, progress=not quiet)
-    console.print(evaluation_table(result.summary))
-    pooled = {m: s["pooled"]["r2"] for m, s in result.summary["models"].items() if s["pooled"]["r2"] is not None}
+    print_evaluation(result.summary)
+    for name, url in result.outputs.items():
+        console.print(f"{name:>20}: {url}", highlight=False)
+
+
+def print_evaluation(summary: dict[str, Any]) -> None:
+    """The evaluation table, then the best model by pooled R² and how to map with it."""
+    console.print(evaluation_table(summary))
+    pooled = {m: s["pooled"]["r2"] for m, s in summary["models"].items() if s["pooled"]["r2"] is not None}
     if pooled:
         best = max(pooled, key=pooled.__getitem__)
         console.print(f"best by pooled R²: {best}; to map with it: {how_to_map(best)}", highlight=False)
-    for name, url in result.outputs.items():
-        console.print(f"{name:>20}: {url}", highlight=False)
 
 
 def how_to_map(model: str) -> str:

@@ -154,6 +154,8 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     folder = Path(root) / "evaluation"
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["models"]) == set(evaluation.MODELS)
+    best = max(summary["models"], key=lambda m: summary["models"][m]["pooled"]["r2"])
+    assert f"best by pooled R²: {best}; to map with it:" in " ".join(result.output.split())
     import pandas as pd
 
     metrics = pd.read_csv(folder / "metrics.csv")

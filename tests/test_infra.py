@@ -22,7 +22,8 @@ KUBERAY = {"RayCluster": "rayclusters", "RayJob": "rayjobs"}
 
 @lru_cache(maxsize=2)
 def crd_schema(kind: str) -> dict[str, Any]:
-    crd = yaml.safe_load(gzip.open(CRDS / f"{KUBERAY[kind]}.yaml.gz"))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser: the CRDs are large
+    crd = yaml.load(gzip.open(CRDS / f"{KUBERAY[kind]}.yaml.gz"), Loader=loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
 
