@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import dask
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
 from geosoc.errors import GeosocError
 from geosoc.storage import filesystem, join, read_group_attrs, zarr_store
+
+PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # a chunk write of Zarr's LocalStore, not finished
 
 
 def progress_url(store: str) -> str:
@@ -61,7 +66,20 @@ def resumable(url: str, fingerprint: str, refusal: str, fresh: bool = False) -> 
         raise GeosocError(f"{url} {refusal}")
     if attrs is None or not attrs.get("geosoc_template_complete"):
         return None
+    if attrs.get("geosoc_status") != "complete":
+        remove_partial_writes(url)
     return attrs
+
+
+def remove_partial_writes(url: str) -> None:
+    """Delete the temporary files of chunk writes a killed run left inside a local store (Zarr's LocalStore
+    writes `<chunk>.<hex>.partial`, then renames it); object stores write a chunk in one request and have none."""
+    fs, path = filesystem(url)
+    if not isinstance(fs, LocalFileSystem) or not fs.exists(path):
+        return
+    for leftover in Path(path).rglob("*.partial"):
+        if PARTIAL.fullmatch(leftover.name):
+            leftover.unlink(missing_ok=True)
 
 
 def new_build(url: str, fingerprint: str, status: str, **attrs: Any) -> dict[str, Any]:

@@ -133,6 +133,23 @@ def _markers(url: str) -> set[str]:
     return {"/".join(p.relative_to(progress).parts[1:]) for p in progress.glob("*/*/*")}
 
 
+def test_resume_removes_chunk_writes_a_kill_left_behind(tmp_path: Path, write_catalog) -> None:
+    """Zarr's LocalStore writes `<chunk>.<hex>.partial` and renames it; a kill in between leaves the file inside
+    the store. Resuming an unfinished build deletes such files (and only those)."""
+    from geosoc import progress
+
+    url = build_cube(load_catalog(path=write_catalog()), str(tmp_path), progress=False)
+    group = zarr.open_group(url, mode="r+")
+    group.attrs["geosoc_status"] = "building"  # as if killed before the end
+    chunks = Path(url) / "imagery" / "data" / "c" / "0" / "0"
+    leftover = chunks / "1.0123456789abcdef0123456789abcdef.partial"
+    leftover.write_bytes(b"half a chunk")
+    kept = chunks / "notes.partial"  # not a LocalStore temporary: left alone
+    kept.write_bytes(b"")
+    assert progress.resumable(url, group.attrs["geosoc_fingerprint"], "refused") is not None
+    assert not leftover.exists() and kept.exists()
+
+
 def test_kill_9_then_resume_gives_identical_cube(tmp_path: Path, write_catalog, monkeypatch) -> None:
     """SIGKILL the CLI build early, then twice mid-way; the re-run finishes without redoing finished work."""
     path = write_catalog(size_px=768, chunk=32, climate=True)
