@@ -93,16 +93,14 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from geosoc.storage import filesystem
+    from geosoc.progress import remove
     from geosoc.training import stage_urls
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise blocks ~2 s
     loaded = load_catalog(region, catalog)
     root = _shared_root(root, loaded.config.region.name)
     if fresh:
-        fs, path = filesystem(stage_urls(root)[stage])
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        remove(stage_urls(root)[stage])
     if not ray.is_initialized():
         ray.init()
     # Workers get the catalog's text: on other nodes the driver's file path does not exist.

@@ -23,6 +23,7 @@ from geosoc.models import ModelConfig
 from geosoc.storage import join
 
 ESTIMATOR_FILE = "estimator.skops"
+BATCH = 65536  # map cells per scikit-learn call: it is fastest on large batches
 MAP_MODELS = ("rf", "gbm", "qrf")
 # Types skops does not trust by default, and that these models legitimately contain.
 TRUSTED = frozenset({
@@ -103,13 +104,12 @@ class TabularPredictor:
     5 x 5 px window around the cell's pixel and the climate series), then the model, then the AOA distance in
     covariate space. Runs on the host (scikit-learn); `device` only places the AOA distances."""
 
-    def __init__(self, model_url: str, device: torch.device | str | None = None, batch_size: int = 65536) -> None:
+    def __init__(self, model_url: str, device: torch.device | str | None = None) -> None:
         from geosoc.inference import output_names
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config, self.meta = checkpoint.load_config(model_url)
         self.fitted = load(model_url)
-        self.batch_size = max(batch_size, 4096)  # scikit-learn is fastest on large batches
         reference = checkpoint.load_aoa(model_url)
         self.scorer = aoa.Scorer(reference, self.device) if reference is not None else None
         self.medians = np.asarray(self.meta["medians"], dtype=np.float64)
@@ -128,8 +128,8 @@ class TabularPredictor:
         valid = ~np.isnan(block[:, top + half, left + half]).any(axis=0)
         cells = np.flatnonzero(valid)
         offsets = np.arange(self.patch)
-        for start in range(0, len(cells), self.batch_size):
-            chosen = cells[start : start + self.batch_size]
+        for start in range(0, len(cells), BATCH):
+            chosen = cells[start : start + BATCH]
             rows = top[chosen][:, None, None] + offsets[None, :, None]
             cols = left[chosen][:, None, None] + offsets[None, None, :]
             batch = {"patch": np.moveaxis(block[:, rows, cols], 0, 1)}  # (n, band, 5, 5)
