@@ -1,88 +1,180 @@
-"""Checkpoints at any fsspec URL: `model.safetensors` + `config.json`, and a resumable `last/` state.
+"""Checkpoints at any fsspec URL, each published as one unit.
+
+A checkpoint is a folder whose `config.json` is its manifest: the model config, the run's metadata, and
+`files`, which names for each logical file (`model.safetensors`, `state.safetensors`, ...) the
+content-addressed object holding it and its SHA-256. A save writes its objects beside the old ones, then
+replaces config.json in one step, then deletes the objects nothing names any more. So a reader, or a run
+killed at any moment, sees the whole old checkpoint or the whole new one (never weights of one epoch with
+the optimizer state of another), and a changed or truncated file is caught by its checksum.
 
 Nothing is pickled: weights and optimizer tensors are safetensors, everything else JSON, so loading an
-untrusted checkpoint cannot run code.
+untrusted checkpoint cannot run code. A damaged checkpoint gives one GeosocError naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from geosoc import storage
 from geosoc.aoa import Reference
 from geosoc.errors import GeosocError
 from geosoc.models import ModelConfig, SoilNet
-from geosoc import storage
+from geosoc.normalisation import Normalisation
 from geosoc.storage import filesystem, join
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 STATE_TENSORS, STATE_FILE = "state.safetensors", "state.json"
 AOA_FILE = "aoa.safetensors"  # training embeddings for the area of applicability (fine-tuned models)
-
-
-def _write(url: str, name: str, data: bytes) -> None:
-    fs, path = filesystem(join(url, name))
-    fs.pipe_file(path, data)
-
-
-def _read(url: str, name: str) -> bytes:
-    fs, path = filesystem(join(url, name))
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        raise GeosocError(f"{url}: no {name} here (is this a geosoc checkpoint?)") from None
+_OBJECT = re.compile(r"[\w-]+\.[0-9a-f]{16}\.\w+")  # <stem>.<digest>.<ext>: what a save writes
+_TEMPORARY = re.compile(r".+\.tmp-[0-9a-f]{8}")  # a local write a killed run left (storage.put_bytes)
+FRESH_HINT = "train again with --fresh, or point at another checkpoint"
 
 
 def exists(url: str) -> bool:
-    """Whether a (complete) checkpoint is at `url`: config.json is written last."""
+    """Whether a checkpoint is at `url` (its config.json is published last)."""
     return storage.exists(join(url, CONFIG_FILE))
 
 
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _document(url: str) -> dict[str, Any]:
+    """config.json, parsed and checked for the entries every checkpoint has."""
+    where = join(url, CONFIG_FILE)
+    fs, path = filesystem(where)
+    try:
+        document = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise GeosocError(f"{url}: no {CONFIG_FILE} here (is this a geosoc checkpoint?)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GeosocError(f"{where}: not valid JSON ({err}); {FRESH_HINT}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
+        raise GeosocError(f"{where}: expected an object with a 'model' entry (the network's config); {FRESH_HINT}")
+    files = document.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("object"), str) and _OBJECT.fullmatch(entry["object"])
+        and isinstance(entry.get("sha256"), str) for entry in files.values()
+    ):
+        raise GeosocError(f"{where}: 'files' must map each file to its object and sha256; {FRESH_HINT}")
+    return document
+
+
+def _object_name(name: str, digest: str) -> str:
+    stem, _, extension = name.partition(".")
+    return f"{stem}.{digest[:16]}.{extension}"
+
+
+def _publish(url: str, document: dict[str, Any], new_files: dict[str, bytes]) -> None:
+    """Objects first, then the manifest in one step, then the objects it no longer names."""
+    files = dict(document.get("files", {}))
+    for name, data in new_files.items():
+        digest = hashlib.sha256(data).hexdigest()
+        files[name] = {"object": _object_name(name, digest), "sha256": digest, "bytes": len(data)}
+        storage.put_bytes(join(url, files[name]["object"]), data)
+    storage.put_bytes(join(url, CONFIG_FILE), json.dumps({**document, "files": files}, indent=2).encode())
+    keep = {entry["object"] for entry in files.values()}
+    fs, path = filesystem(url)
+    for found in fs.ls(path, detail=False):
+        name = found.rstrip("/").rsplit("/", 1)[-1]
+        if (_OBJECT.fullmatch(name) and name not in keep) or _TEMPORARY.fullmatch(name):
+            fs.rm_file(found)
+
+
+def _read(url: str, name: str, document: dict[str, Any] | None = None) -> bytes:
+    """One logical file, checked against the manifest's checksum."""
+    document = _document(url) if document is None else document
+    if "files" not in document:  # written before checkpoints had a manifest
+        fs, path = filesystem(join(url, name))
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise GeosocError(f"{url}: no {name} here; {FRESH_HINT}") from None
+    entry = document["files"].get(name)
+    if entry is None:
+        raise GeosocError(f"{join(url, CONFIG_FILE)}: the checkpoint has no {name}; {FRESH_HINT}")
+    where = join(url, entry["object"])
+    fs, path = filesystem(where)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise GeosocError(f"{where}: missing ({name} of this checkpoint); {FRESH_HINT}") from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise GeosocError(f"{where}: does not match its checksum in {CONFIG_FILE} (changed or truncated); "
+                          f"{FRESH_HINT}")
+    return data
+
+
+def _tensors(url: str, name: str, data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return load_tensors(data)
+    except SafetensorError as err:
+        raise GeosocError(f"{join(url, name)}: not a safetensors file ({err}); {FRESH_HINT}") from None
+
+
+def has_file(url: str, name: str) -> bool:
+    """Whether the checkpoint at `url` holds `name` (e.g. the area-of-applicability reference)."""
+    document = _document(url)
+    if "files" not in document:
+        return storage.exists(join(url, name))
+    return name in document["files"]
+
+
+def weights_bytes(model: torch.nn.Module) -> bytes:
     module = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return save_tensors({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
 
 
-def save_model(url: str, model: torch.nn.Module, config: ModelConfig, meta: dict[str, Any]) -> None:
-    """Weights, then config.json last: a checkpoint with a config.json is complete."""
-    save_files(url, {MODEL_FILE: save_tensors(_weights(model))}, config, meta)
+def save_model(url: str, model: torch.nn.Module, config: ModelConfig, meta: dict[str, Any],
+               optimizer: torch.optim.Optimizer | None = None, info: dict[str, Any] | None = None) -> None:
+    """The weights, and with `optimizer` a resumable state (its tensors and `info`: epoch, history), as one unit."""
+    files = {MODEL_FILE: weights_bytes(model)}
+    if optimizer is not None:
+        files.update(_state_files(optimizer, info or {}))
+    save_files(url, files, config, meta)
 
 
 def save_files(url: str, files: dict[str, bytes], config: ModelConfig, meta: dict[str, Any]) -> None:
-    """A checkpoint's files, then its config.json last (e.g. a tree model's estimators instead of weights)."""
-    for name, data in files.items():
-        _write(url, name, data)
-    _write(url, CONFIG_FILE, json.dumps({"model": config.to_dict(), **meta}, indent=2).encode())
+    """A whole new checkpoint of `files` (e.g. a tree model's estimators instead of weights), replacing any
+    earlier one at `url` as one unit."""
+    meta = {k: v for k, v in meta.items() if k not in ("model", "files")}
+    _publish(url, {"model": config.to_dict(), **meta, "files": {}}, files)
 
 
 def read_file(url: str, name: str) -> bytes:
-    """One file of a checkpoint, with a clear error when it is not there."""
+    """One file of a checkpoint, checked, with a clear error when it is not there."""
     return _read(url, name)
 
 
 def update_meta(url: str, updates: dict[str, Any]) -> None:
     """Add entries to a saved checkpoint's config.json (e.g. the calibration fitted after training)."""
-    meta = json.loads(_read(url, CONFIG_FILE))
-    meta.update(updates)
-    _write(url, CONFIG_FILE, json.dumps(meta, indent=2).encode())
+    _publish(url, {**_document(url), **updates}, {})
 
 
 def save_aoa(url: str, reference: Reference) -> None:
-    _write(url, AOA_FILE, reference.to_bytes())
+    _publish(url, _document(url), {AOA_FILE: reference.to_bytes()})
 
 
 def load_aoa(url: str) -> Reference | None:
     """The area-of-applicability reference stored with a fine-tuned model, or None if it has none."""
-    return Reference.from_bytes(_read(url, AOA_FILE)) if storage.exists(join(url, AOA_FILE)) else None
+    if not has_file(url, AOA_FILE):
+        return None
+    try:
+        return Reference.from_bytes(_read(url, AOA_FILE))
+    except (ValueError, KeyError, SafetensorError) as err:
+        raise GeosocError(f"{join(url, AOA_FILE)}: not an area-of-applicability reference ({err}); "
+                          f"{FRESH_HINT}") from None
 
 
 def config_bytes(url: str) -> bytes:
-    """config.json as stored (what identifies a checkpoint's contents, e.g. in a map's fingerprint)."""
-    return _read(url, CONFIG_FILE)
+    """config.json as stored (what identifies a checkpoint's contents and checksums, e.g. in a map's fingerprint)."""
+    _document(url)
+    fs, path = filesystem(join(url, CONFIG_FILE))
+    return fs.cat_file(path)
 
 
 def calibration_of(url_or_meta: str | dict[str, Any]) -> dict[str, Any]:
@@ -97,24 +189,60 @@ def offset_of(meta: dict[str, Any]) -> float:
 
 
 def load_config(url: str) -> tuple[ModelConfig, dict[str, Any]]:
-    """The model config and the rest of config.json, without reading the weights."""
-    meta = json.loads(_read(url, CONFIG_FILE))
+    """The model config and the rest of config.json (without its file list), without reading the weights."""
+    meta = _document(url)
+    meta.pop("files", None)
     return ModelConfig.from_dict(meta.pop("model")), meta
+
+
+def normalisation(url: str, meta: dict[str, Any]) -> Normalisation:
+    """The input and target scaling recorded in a checkpoint's config.json."""
+    try:
+        return Normalisation.from_dict(meta["normalisation"])
+    except (KeyError, ValueError) as err:
+        raise GeosocError(f"{join(url, CONFIG_FILE)}: 'normalisation' is missing or malformed ({err}); "
+                          f"{FRESH_HINT}") from None
+
+
+def build_model(url: str, config: ModelConfig) -> SoilNet:
+    """The network a checkpoint's config describes (untrained)."""
+    try:
+        return SoilNet(config)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+        raise GeosocError(f"{join(url, CONFIG_FILE)}: 'model' does not describe a network ({err}); "
+                          f"{FRESH_HINT}") from None
+
+
+def fit_weights(url: str, module: torch.nn.Module, weights: dict[str, torch.Tensor], skip: str | None = None) -> None:
+    """Load `weights` into `module`; every parameter must match by name and shape (those under `skip` apart)."""
+    if skip is not None:
+        weights = {k: v for k, v in weights.items() if not k.startswith(skip)}
+    try:
+        result = module.load_state_dict(weights, strict=skip is None)
+    except RuntimeError as err:
+        details = " ".join(str(err).split())[:400]
+        raise GeosocError(f"{join(url, MODEL_FILE)}: the weights do not fit the network in {CONFIG_FILE} "
+                          f"({details}); {FRESH_HINT}") from None
+    missing = [k for k in result.missing_keys if skip is None or not k.startswith(skip)]
+    if missing or result.unexpected_keys:
+        raise GeosocError(f"{join(url, MODEL_FILE)}: the weights do not fit the network in {CONFIG_FILE} "
+                          f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}); {FRESH_HINT}")
 
 
 def load_model(url: str, device: str | torch.device = "cpu") -> tuple[SoilNet, dict[str, Any]]:
     """The model (eval mode) and the rest of config.json (normalisation, target transform, metrics)."""
     config, meta = load_config(url)
-    model = SoilNet(config)
-    model.load_state_dict(load_tensors(_read(url, MODEL_FILE)))
+    normalisation(url, meta)
+    model = build_model(url, config)
+    fit_weights(url, model, load_weights(url))
     return model.to(device).eval(), meta
 
 
 def load_weights(url: str) -> dict[str, torch.Tensor]:
-    return load_tensors(_read(url, MODEL_FILE))
+    return _tensors(url, MODEL_FILE, _read(url, MODEL_FILE))
 
 
-def save_state(url: str, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
+def _state_files(optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> dict[str, bytes]:
     """Optimizer tensors flattened into safetensors, its structure and `info` (epoch, history) as JSON."""
     state = optimizer.state_dict()
     tensors, structure = {}, {}
@@ -126,27 +254,41 @@ def save_state(url: str, optimizer: torch.optim.Optimizer, info: dict[str, Any])
                 structure[str(param)][name] = None
             else:
                 structure[str(param)][name] = value
-    _write(url, STATE_TENSORS, save_tensors(tensors))
-    _write(url, STATE_FILE, json.dumps({"param_groups": state["param_groups"], "state": structure, **info}).encode())
+    return {STATE_TENSORS: save_tensors(tensors),
+            STATE_FILE: json.dumps({"param_groups": state["param_groups"], "state": structure, **info}).encode()}
+
+
+def _state(url: str) -> dict[str, Any]:
+    try:
+        state = json.loads(_read(url, STATE_FILE))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GeosocError(f"{join(url, STATE_FILE)}: not valid JSON ({err}); {FRESH_HINT}") from None
+    needed = {"param_groups": list, "state": dict, "epoch": int, "history": list}
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), kind) for k, kind in needed.items()):
+        raise GeosocError(f"{join(url, STATE_FILE)}: expected an object with {sorted(needed)}; {FRESH_HINT}")
+    return state
 
 
 def state_info(url: str) -> dict[str, Any]:
     """The saved `info` of a resumable state (epoch, history, run), without touching an optimizer."""
-    info = json.loads(_read(url, STATE_FILE))
-    return {k: v for k, v in info.items() if k not in ("param_groups", "state")}
+    return {k: v for k, v in _state(url).items() if k not in ("param_groups", "state")}
 
 
 def load_state(url: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the optimizer; return the saved `info`."""
-    info = json.loads(_read(url, STATE_FILE))
-    tensors = load_tensors(_read(url, STATE_TENSORS))
-    state = {
-        int(param): {name: tensors[f"{param}.{name}"] if value is None else value for name, value in values.items()}
-        for param, values in info.pop("state").items()
-    }
+    info = _state(url)
+    tensors = _tensors(url, STATE_TENSORS, _read(url, STATE_TENSORS))
     # How the optimizer runs (fused on CUDA, or not) belongs to this process's device, not to the saved run.
     how = ("fused", "foreach", "capturable", "differentiable")
-    groups = [{**saved, **{k: current[k] for k in how if k in current}}
-              for saved, current in zip(info.pop("param_groups"), optimizer.param_groups)]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        state = {
+            int(param): {name: tensors[f"{param}.{name}"] if value is None else value for name, value in values.items()}
+            for param, values in info.pop("state").items()
+        }
+        groups = [{**saved, **{k: current[k] for k in how if k in current}}
+                  for saved, current in zip(info.pop("param_groups"), optimizer.param_groups, strict=True)]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise GeosocError(f"{url}: the optimizer state does not fit this model ({type(err).__name__}: {err}); "
+                          f"{FRESH_HINT}") from None
     return info

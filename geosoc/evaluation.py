@@ -29,7 +29,7 @@ from geosoc.metrics import METRICS, regression_metrics
 from geosoc.sampling import open_sampleset, spatial_folds
 from geosoc.storage import exists, filesystem, join, published
 from geosoc.streaming import SampleData
-from geosoc.training import (Context, Normalisation, finetune_region, forward_all, pretrain_region, predict_samples,
+from geosoc.training import (Context, finetune_region, forward_all, pretrain_region, predict_samples,
                              stage_urls)
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _embeddings(pretrained: str | None, data: SampleData, indices: np.ndarray, d
     """The pretrained encoders' embeddings of samples (their own input normalisation)."""
     assert pretrained is not None
     model, meta = checkpoint.load_model(pretrained, device)
-    norm = Normalisation.from_dict(meta["normalisation"])
+    norm = checkpoint.normalisation(pretrained, meta)
     return forward_all(model, data, indices, norm, device, 256)[1]
 
 

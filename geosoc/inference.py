@@ -133,13 +133,11 @@ class Predictor:
 
     def __init__(self, model_url: str, device: torch.device | str | None = None,
                  batch_size: int = DEFAULT_BATCH) -> None:
-        from geosoc.training import Normalisation
-
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, meta = checkpoint.load_model(model_url, self.device)
         _require_finetuned(model_url, meta)
         self.meta = meta
-        self.norm = Normalisation.from_dict(meta["normalisation"])
+        self.norm = checkpoint.normalisation(model_url, meta)
         self.config = self.model.config
         self.batch_size = batch_size
         self.offset = checkpoint.offset_of(meta)
@@ -506,6 +504,7 @@ def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | No
     attrs = resumable(out, fingerprint, "holds a map of another model, cube or grid; pass --fresh (fresh=True) to "
                                         "replace it, or choose another output", fresh)
     if attrs is None:
+        load_predictor(spec.model, "cpu")  # a damaged checkpoint fails here, before anything is written
         attrs = _write_store_template(spec, out, fingerprint)
     if attrs.get("geosoc_status") == "complete":
         log.info("%s is already complete", out)

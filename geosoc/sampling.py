@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator
@@ -26,7 +25,7 @@ from geosoc.cube import axis_coordinate, group_grid, open_cube, with_axis_names
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid
 from geosoc.points import Points, lonlat
-from geosoc.storage import filesystem, join, publish_tree, zarr_store
+from geosoc.storage import beside, filesystem, join, publish_tree, tidy_beside, zarr_store
 
 MAX_NODATA_FRACTION = 0.5  # a patch with more pixels without data than this is dropped
 ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
@@ -169,7 +168,8 @@ class SampleSetWriter:
 
     def __init__(self, url: str, bands: list[str] | None, patch: int | None) -> None:
         self.url = url
-        self.tmp = f"{url.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
+        tidy_beside(url)
+        self.tmp = beside(url, "partial")
         self.store = zarr_store(self.tmp)
         self.group = zarr.open_group(self.store, mode="w", zarr_format=3)
         self.patch = None

@@ -7,12 +7,13 @@ Cloud options (endpoint, credentials) come from the environment through fsspec's
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import zarr
@@ -69,32 +70,62 @@ def check_writable(url: str) -> None:
     """
     fs, path = filesystem(url)
     probe = f"{path.rstrip('/')}/.geosoc-write-test-{uuid.uuid4().hex}"
+    created = _missing_folders(path) if isinstance(fs, LocalFileSystem) else []
     try:
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
     except Exception as err:  # noqa: BLE001 - any backend error means the same thing here
         reason = getattr(err, "strerror", None) or type(err).__name__
         raise GeosocError(f"{url}: cannot write here ({reason}); choose another --root or fix its permissions") from None
+    finally:
+        for folder in created:  # the probe leaves nothing behind: not even the folders it needed
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty: something else writes there now
 
 
-def publish_file(local: str | os.PathLike[str], url: str) -> None:
-    """Put a finished local file at `url` in one step: readers see the old file or the new, never a part.
+def _missing_folders(path: str) -> list[str]:
+    """The folders of `path` that do not exist yet, deepest first."""
+    missing = []
+    folder = Path(path).absolute()
+    while not folder.exists():
+        missing.append(str(folder))
+        folder = folder.parent
+    return missing
 
-    Local disks: copied beside the target, then renamed over it. Object stores: one upload, which the store
-    makes visible only when complete (multipart uploads included).
+
+def _replace_locally(path: str, write: Callable[[str], Any]) -> None:
+    """`write` a temporary file beside `path`, then rename it over `path` (one step on a local disk)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def put_bytes(url: str, data: bytes) -> None:
+    """Write `data` at `url` in one step: readers see the old object or the new, never a part.
+
+    Local disks: a temporary file beside it, renamed over it. Object stores: one request, visible when complete.
     """
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    fs.put_file(str(local), path)
+        _replace_locally(path, lambda tmp: Path(tmp).write_bytes(data))
+    else:
+        fs.pipe_file(path, data)
+
+
+def publish_file(local: str | os.PathLike[str], url: str) -> None:
+    """Put a finished local file at `url` in one step, like `put_bytes` (multipart uploads included)."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        _replace_locally(path, lambda tmp: shutil.copyfile(local, tmp))
+    else:
+        fs.put_file(str(local), path)
 
 
 @contextmanager
@@ -104,6 +135,29 @@ def published(url: str) -> Iterator[Path]:
         path = Path(folder) / url.rstrip("/").rsplit("/", 1)[-1]
         yield path
         publish_file(path, url)
+
+
+def beside(url: str, kind: str) -> str:
+    """A fresh name beside `url` for a tree being written (`partial`) or set aside (`old`)."""
+    return f"{url.rstrip('/')}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def tidy_beside(url: str) -> None:
+    """Before a tree is written at `url`: what killed runs left beside it is cleared. An old tree set aside
+    by a publish killed before its replacement moved in is put back; unfinished writes are deleted."""
+    fs, final = filesystem(url)
+    parent, _, name = final.rstrip("/").rpartition("/")
+    if not parent or not fs.exists(parent):
+        return
+    leftover = re.compile(rf"{re.escape(name)}\.(partial|old)-[0-9a-f]{{8}}")
+    for path in fs.ls(parent, detail=False):
+        found = leftover.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
+        if found is None:
+            continue
+        if found.group(1) == "old" and isinstance(fs, LocalFileSystem) and not os.path.exists(final):
+            os.replace(path, final)
+        else:
+            fs.rm(path, recursive=True)
 
 
 def publish_tree(tmp_url: str, url: str, last: str = "zarr.json") -> None:
@@ -117,7 +171,7 @@ def publish_tree(tmp_url: str, url: str, last: str = "zarr.json") -> None:
     fs, tmp = filesystem(tmp_url)
     _, final = filesystem(url)
     if isinstance(fs, LocalFileSystem):
-        aside = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        aside = beside(final, "old")
         if os.path.exists(final):
             os.replace(final, aside)
         os.replace(tmp, final)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -30,70 +29,14 @@ from geosoc.errors import GeosocError
 from geosoc.metrics import regression_metrics
 from geosoc.models import ModelConfig, SoilNet
 from geosoc.models.losses import nt_xent, pinball
+from geosoc.normalisation import Normalisation
 from geosoc.streaming import SampleData, SampleStream, data_loader, on_device, to_device
-from geosoc.storage import exists, join
+from geosoc.storage import join
 
 log = logging.getLogger(__name__)
 
 STATS_SAMPLES = 4096  # training samples used to estimate normalisation statistics
 STATS_BATCH_BYTES = 16 * 2**20  # ... read this much at a time (bounded memory whatever the SampleSet)
-
-
-@dataclass
-class Normalisation:
-    """Input and target scaling, estimated on the training split and stored in every checkpoint."""
-
-    band_mean: list[float] = field(default_factory=list)
-    band_std: list[float] = field(default_factory=list)
-    climate_mean: list[float] = field(default_factory=list)
-    climate_std: list[float] = field(default_factory=list)
-    log_target: bool = True
-    target_mean: float = 0.0
-    target_std: float = 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Normalisation:
-        return cls(**data)
-
-    def apply(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Model inputs, normalised and NaN-filled on the batch's own device: patches (..., band, h, w) and
-        climate series (..., time, variable)."""
-        out = {}
-        if "patch" in batch and self.band_mean:
-            mean, std = _statistics(tuple(self.band_mean), tuple(self.band_std), (-1, 1, 1), batch["patch"].device)
-            out["patch"] = torch.nan_to_num((batch["patch"] - mean) / std)
-        if "climate" in batch and self.climate_mean:
-            mean, std = _statistics(tuple(self.climate_mean), tuple(self.climate_std), (-1,), batch["climate"].device)
-            out["climate"] = torch.nan_to_num((batch["climate"] - mean) / std)
-        return out
-
-    def inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-        """`apply` for host arrays: moved to `device` first."""
-        return self.apply({k: torch.from_numpy(np.asarray(v, np.float32)).to(device) for k, v in batch.items()
-                           if k in ("patch", "climate")})
-
-    def encode_target_tensor(self, target: torch.Tensor) -> torch.Tensor:
-        values = torch.log1p(target) if self.log_target else target
-        return (values - self.target_mean) / self.target_std
-
-    def encode_target(self, target: np.ndarray) -> np.ndarray:
-        values = np.log1p(target) if self.log_target else target
-        return ((values - self.target_mean) / self.target_std).astype(np.float32)
-
-    def decode_target(self, z: np.ndarray) -> np.ndarray:
-        values = z * self.target_std + self.target_mean
-        return np.expm1(values) if self.log_target else values
-
-
-@lru_cache(maxsize=16)
-def _statistics(mean: tuple[float, ...], std: tuple[float, ...], shape: tuple[int, ...],
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalisation statistics as tensors on a device, made once (not a host-to-device copy per batch)."""
-    return (torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
-            torch.tensor(std, dtype=torch.float32, device=device).view(shape))
 
 
 def fit_normalisation(data: SampleData, train: np.ndarray, log_target: bool, seed: int) -> Normalisation:
@@ -239,12 +182,10 @@ def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: Finetun
     folds = data.fold if folds is None else np.asarray(folds)
     train, val = split(data, stage.validation_fraction, seed, test_fold, labelled=True, folds=folds)
     norm = fit_normalisation(data, train, stage.log_target, seed)
-    initial = None
     if pretrained_url is not None:
-        saved = Normalisation.from_dict(checkpoint.load_config(pretrained_url)[1]["normalisation"])
+        saved = checkpoint.normalisation(pretrained_url, checkpoint.load_config(pretrained_url)[1])
         norm.band_mean, norm.band_std = saved.band_mean, saved.band_std  # the encoders learned these inputs
         norm.climate_mean, norm.climate_std = saved.climate_mean, saved.climate_std
-        initial = {k: v for k, v in checkpoint.load_weights(pretrained_url).items() if not k.startswith("head.")}
     quantiles = torch.tensor(config.quantiles, dtype=torch.float32, device=ctx.device)
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], is_train: bool,
@@ -260,7 +201,7 @@ def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: Finetun
         return regression_metrics(batch_targets, median, lower, upper)
 
     result = _fit("finetune", data, train, val, norm, config, stage, out_url, loss_fn, evaluate, seed, resume, ctx,
-                  patience=stage.patience, initial=initial,
+                  patience=stage.patience, pretrained_url=pretrained_url,
                   extra={"test_fold": test_fold, "pretrained": pretrained_url, "units": data.attrs.get("units", ""),
                          "folds": _digest(folds)})
     if ctx.is_main:
@@ -305,7 +246,7 @@ def predict_samples(url: str, data: SampleData, indices: np.ndarray, device: tor
                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A fine-tuned checkpoint's (lower, median, upper) at samples, in the original units, calibrated."""
     model, meta = checkpoint.load_model(url, device)
-    norm = Normalisation.from_dict(meta["normalisation"])
+    norm = checkpoint.normalisation(url, meta)
     z, _ = forward_all(model, data, indices, norm, device, batch_size)
     lower, median, upper = interval(z, model.config.quantiles, checkpoint.offset_of(meta))
     return norm.decode_target(lower), norm.decode_target(median), norm.decode_target(upper)
@@ -318,7 +259,7 @@ def calibrate(url: str, data: SampleData, train: np.ndarray, val: np.ndarray, no
     Nothing is redone when both are already there for the best epoch (a re-run that trained nothing)."""
     saved = checkpoint.load_config(url)[1]
     best_epoch = saved.get("epoch")
-    if checkpoint.calibration_of(saved).get("epoch") == best_epoch and exists(join(url, checkpoint.AOA_FILE)):
+    if checkpoint.calibration_of(saved).get("epoch") == best_epoch and checkpoint.has_file(url, checkpoint.AOA_FILE):
         return
     model, meta = checkpoint.load_model(url, device)
     quantiles = model.config.quantiles
@@ -338,12 +279,12 @@ def _modalities(config: ModelConfig) -> tuple[str, ...]:
 
 def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, norm: Normalisation,
          config: ModelConfig, stage: Any, out_url: str, loss_fn: Callable, evaluate: Callable | None, seed: int,
-         resume: bool, ctx: Context, patience: int | None, initial: dict[str, torch.Tensor] | None = None,
+         resume: bool, ctx: Context, patience: int | None, pretrained_url: str | None = None,
          extra: dict[str, Any] | None = None) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = SoilNet(config)
-    if initial is not None:
-        model.load_state_dict(initial, strict=False)
+    if pretrained_url is not None:  # the pretrained encoders (the head is trained afresh)
+        checkpoint.fit_weights(pretrained_url, model, checkpoint.load_weights(pretrained_url), skip="head.")
     if stage_name == "pretrain":  # the head is not trained by the contrastive loss (DDP needs every other
         model.head.requires_grad_(False)  # parameter to get a gradient) and is dropped by fine-tuning
     model = ctx.wrap(model.to(ctx.device))
@@ -359,7 +300,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
                 f"{out_url} holds another run ({_describe_run(info.get('run'))}); this one is {_describe_run(run)}. "
                 "Pass --fresh to start over there, or write this run elsewhere"
             )
-        getattr(model, "module", model).load_state_dict(checkpoint.load_weights(last))
+        checkpoint.fit_weights(last, getattr(model, "module", model), checkpoint.load_weights(last))
         checkpoint.load_state(last, optimizer)
         start, history, best = info["epoch"], info["history"], info["best"]
         log.info("%s: resuming from %s at epoch %d", stage_name, last, start)
@@ -391,8 +332,8 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
         if ctx.is_main:
             if improved:
                 checkpoint.save_model(out_url, model, config, {**meta, "epoch": epoch + 1, "metrics": metrics})
-            checkpoint.save_model(last, model, config, meta)
-            checkpoint.save_state(last, optimizer, {"epoch": epoch + 1, "history": history, "best": best, "run": run})
+            checkpoint.save_model(last, model, config, meta, optimizer,
+                                  {"epoch": epoch + 1, "history": history, "best": best, "run": run})
             tqdm.write(_format(stage_name, metrics)) if ctx.progress else log.info(_format(stage_name, metrics))
         ctx.report(metrics, out_url if ctx.is_main else None)
         if patience is not None and stale >= patience:

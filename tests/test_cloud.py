@@ -4,6 +4,7 @@ reached through s3fs and gcsfs exactly as users configure them (environment vari
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -110,8 +111,10 @@ def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> N
         assert "testing" not in done.stdout + done.stderr  # no secret in the output
     keys = _listing(bucket, f"{BUCKET}/tiny")
     names = {key.split(f"{BUCKET}/tiny/", 1)[1] for key in keys}
-    for expected in ("cube.zarr/zarr.json", "samples/labelled.zarr/zarr.json", "models/finetune/model.safetensors",
-                     "models/finetune/aoa.safetensors", "maps/soc.zarr/zarr.json", "maps/soc_mean.tif",
+    for model_file in ("model", "aoa"):  # a checkpoint's files are named by their content: model.<digest>.safetensors
+        assert any(re.fullmatch(rf"models/finetune/{model_file}\.[0-9a-f]{{16}}\.safetensors", name) for name in names)
+    for expected in ("cube.zarr/zarr.json", "samples/labelled.zarr/zarr.json", "models/finetune/config.json",
+                     "maps/soc.zarr/zarr.json", "maps/soc_mean.tif",
                      "maps/soc_q05.tif", "maps/soc_q95.tif", "maps/aoa.tif", "maps/quicklook.png", "maps/item.json"):
         assert expected in names, expected
     assert not any(".partial" in name or ".progress" in name for name in names)

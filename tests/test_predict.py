@@ -27,7 +27,8 @@ from geosoc.inference import open_map, plan_map, predict
 from geosoc.points import Points
 from geosoc.sampling import _extract_group, climate_at, open_sampleset, random_points, sample_points
 from geosoc.sources.synthetic import Landscape
-from geosoc.training import Context, Normalisation, finetune_region
+from geosoc.normalisation import Normalisation
+from geosoc.training import Context, finetune_region
 from tests.conftest import tiny_catalog_dict
 
 TINY_MODEL = {"image": {"patch": 4, "dim": 32, "depth": 1, "heads": 2},
@@ -258,6 +259,29 @@ def test_cli_dry_run_and_errors(region: tuple[Path, str], tmp_path: Path) -> Non
     shutil.copytree(root, empty, ignore=shutil.ignore_patterns("models"))
     result = runner.invoke(app, ["predict", "--catalog", str(path), "--root", str(empty)])
     assert result.exit_code == 1 and "models/finetune: no model here; make it with `geosoc finetune`" in result.output
+
+
+@pytest.mark.parametrize("case", ["truncated weights", "config not JSON", "weights of another shape"])
+def test_a_damaged_checkpoint_stops_predict_and_finetune_before_they_write(case: str, region: tuple[Path, str],
+                                                                            tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from geosoc.cli import app
+    from tests.test_checkpoint import TAMPERING
+
+    path, root = region
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("maps"))
+    damage = TAMPERING[case][0]
+    damage(str(copy / "models" / "finetune"))
+    damage(str(copy / "models" / "finetune" / "last"))
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*")}
+    for command in (["predict", "-q"], ["finetune", "--test-fold", "0"]):
+        result = CliRunner().invoke(app, [*command, "--catalog", str(path), "--root", str(copy)])
+        assert result.exit_code == 1, result.output
+        message = result.output.strip().splitlines()[-1]
+        assert message.startswith("error: ") and "models/finetune" in message and "Traceback" not in result.output
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*")} == before  # nothing written, nothing changed
 
 
 def _actor_pids() -> list[int]:

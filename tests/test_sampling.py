@@ -230,3 +230,58 @@ def test_region_mask_blanks_imagery_and_random_sampling_respects_it(tmp_path: Pa
     points = random_points(url, 20, PATCH, seed=0)
     grid = group_grid(open_cube(url)["imagery"].to_dataset())
     assert (grid.rowcol(points.x, points.y)[1] < 48).all()  # never outside the mask
+
+
+RESAMPLER = """
+import sys
+from geosoc.sampling import sample_points
+from tests.test_sampling import PATCH, two_point_sets
+cube, url = sys.argv[1:3]
+sets = two_point_sets(cube)
+print("ready", flush=True)
+turn = 0
+while True:
+    sample_points(cube, sets[turn % 2], url, PATCH, fold_block_size=1000, folds=2)
+    turn += 1
+"""
+
+
+def two_point_sets(cube: str) -> list[Points]:
+    """Two point sets told apart by their size and their target."""
+    return [at_pixels(cube, [20, 40, 60], [20, 40, 60], target=5.0),
+            at_pixels(cube, [10, 30, 50, 70, 80], [10, 30, 50, 70, 80], target=7.0)]
+
+
+def test_killed_while_replacing_a_sampleset_leaves_the_old_or_the_new(cube: str, tmp_path: Path) -> None:
+    """A process re-sampling in a loop is killed with SIGKILL at random moments: what is at the SampleSet's
+    place is always one whole SampleSet (or, killed between its two renames, the old one set aside, which the
+    next run puts back); the next run leaves nothing beside it."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from geosoc.storage import tidy_beside
+    from tests.conftest import REPO
+
+    url = str(tmp_path / "samples" / "labelled.zarr")
+    sizes = {float(p.target[0]): sample_points(cube, p, url, PATCH, fold_block_size=1000, folds=2).samples
+             for p in two_point_sets(cube)}
+    rng = random.Random(1)
+    for _ in range(4):
+        resampler = subprocess.Popen([sys.executable, "-c", RESAMPLER, cube, url], cwd=REPO, stdout=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert resampler.stdout is not None and resampler.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.1, 1.5))
+        resampler.send_signal(signal.SIGKILL)
+        resampler.wait()
+        if not Path(url).exists():
+            assert [p.name for p in Path(url).parent.glob("labelled.zarr.old-*")], "neither old nor new"
+        tidy_beside(url)
+        assert sorted(p.name for p in Path(url).parent.iterdir()) == ["labelled.zarr"]
+        ds = open_sampleset(url)
+        targets = set(ds["target"].values.tolist())
+        assert len(targets) == 1 and ds.sizes["sample"] == sizes[targets.pop()]
+        assert ds["patch"].notnull().any(dim=("band", "py", "px")).all()

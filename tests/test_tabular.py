@@ -3,6 +3,7 @@ cell as at a sample on it, no pickle, and clear errors."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ def test_fit_tabular_then_map_with_it(region: tuple[Path, str]) -> None:
     assert done.returncode == 0, done.stderr
     assert f"fitted qrf -> {root}/models/qrf" in done.stdout
     url = f"{root}/models/qrf"
-    assert {p.name for p in Path(url).iterdir()} == {"config.json", "aoa.safetensors", ESTIMATOR_FILE}
+    assert set(json.loads(Path(url, "config.json").read_text())["files"]) == {"aoa.safetensors", ESTIMATOR_FILE}
+    assert len(list(Path(url).iterdir())) == 3  # config.json and the two files it names
     done = _cli("predict", "--catalog", str(catalog), "--root", root, "--model", "qrf", "--resolution", "30", "-q")
     assert done.returncode == 0, done.stderr
     ds = predict(f"{root}/cube.zarr", model="qrf", resolution=30).compute()  # lazily, the same model

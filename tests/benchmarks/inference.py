@@ -53,7 +53,7 @@ def make_checkpoint(cube: str, url: str, paper: bool) -> None:
     from geosoc import aoa, checkpoint
     from geosoc.cube import open_cube
     from geosoc.models import ModelConfig, SoilNet
-    from geosoc.training import Normalisation
+    from geosoc.normalisation import Normalisation
 
     tree = open_cube(cube)
     imagery, climate = tree["imagery"].to_dataset()["data"], tree["climate"].to_dataset()["data"]

@@ -1,0 +1,185 @@
+"""Checkpoints are published as one unit, and a damaged one is one clear error naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import save as save_tensors
+
+from geosoc import checkpoint, storage
+from geosoc.errors import GeosocError
+from geosoc.models import ModelConfig, SoilNet
+from geosoc.normalisation import Normalisation
+from tests.conftest import REPO
+from tests.test_training import TINY
+
+CONFIG = ModelConfig(bands=["b0"], variables=["v0"], **TINY)
+META = {"stage": "finetune", "normalisation": Normalisation(band_mean=[0.0], band_std=[1.0], climate_mean=[0.0],
+                                                           climate_std=[1.0]).to_dict()}
+
+
+def _epoch_model(epoch: int) -> tuple[SoilNet, torch.optim.Optimizer]:
+    """A model and Adam state whose every value is `epoch`: a mix of two saves shows as two values."""
+    model = SoilNet(CONFIG)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(dict(patch=torch.zeros(2, 1, 8, 8), climate=torch.zeros(2, 4, 1))).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(epoch)
+            for value in optimizer.state[param].values():
+                value.fill_(epoch)
+    return model, optimizer
+
+
+def _save(url: str, epoch: int) -> None:
+    model, optimizer = _epoch_model(epoch)
+    checkpoint.save_model(url, model, CONFIG, {**META, "epoch": epoch}, optimizer,
+                          {"epoch": epoch, "history": [], "best": 0.0, "run": {}})
+
+
+def _saved_epoch(url: str) -> int:
+    """The epoch of a checkpoint, after checking that its weights, optimizer state and info all agree."""
+    model, meta = checkpoint.load_model(url)
+    _, optimizer = _epoch_model(-1)
+    info = checkpoint.load_state(url, optimizer)
+    epoch = info["epoch"]
+    assert meta["epoch"] == epoch
+    assert all(torch.all(p == epoch) for p in model.parameters())
+    assert all(torch.all(v == epoch) for s in optimizer.state.values() for v in s.values() if v.dim())
+    return epoch
+
+
+def test_a_save_replaces_the_whole_checkpoint_and_leaves_only_what_it_names(tmp_path: Path) -> None:
+    url = str(tmp_path / "ckpt")
+    _save(url, 1)
+    _save(url, 2)
+    assert _saved_epoch(url) == 2
+    names = json.loads(Path(url, "config.json").read_text())["files"]
+    assert set(names) == {checkpoint.MODEL_FILE, checkpoint.STATE_TENSORS, checkpoint.STATE_FILE}
+    assert {p.name for p in Path(url).iterdir()} == {"config.json", *(e["object"] for e in names.values())}
+
+
+def test_a_save_that_fails_before_publishing_leaves_the_old_checkpoint(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    url = str(tmp_path / "ckpt")
+    _save(url, 1)
+    put = storage.put_bytes
+
+    def fail_on_manifest(target: str, data: bytes) -> None:
+        if target.endswith("config.json"):
+            raise OSError("disk full")
+        put(target, data)
+
+    monkeypatch.setattr(storage, "put_bytes", fail_on_manifest)
+    with pytest.raises(OSError):
+        _save(url, 2)
+    monkeypatch.undo()
+    assert _saved_epoch(url) == 1  # epoch 2's objects are there, but nothing names them
+    _save(url, 3)
+    assert _saved_epoch(url) == 3
+    assert len(list(Path(url).iterdir())) == 4  # and the next save removed them
+
+
+SAVER = textwrap.dedent("""
+    import sys
+    from tests.test_checkpoint import _save
+    url = sys.argv[1]
+    print("ready", flush=True)
+    epoch = int(sys.argv[2])
+    while True:
+        epoch += 1
+        _save(url, epoch)
+""")
+
+
+def test_killed_at_any_moment_a_checkpoint_is_the_old_one_or_the_new(tmp_path: Path) -> None:
+    """A process saving epoch after epoch is killed with SIGKILL at random moments: every time, what is there
+    loads, with weights, optimizer state and epoch from one save; the next save tidies what the kill left."""
+    url = str(tmp_path / "ckpt")
+    _save(url, 0)
+    rng, epoch = random.Random(0), 0
+    for _ in range(4):
+        saver = subprocess.Popen([sys.executable, "-c", SAVER, url, str(epoch)], cwd=REPO, stdout=subprocess.PIPE,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert saver.stdout is not None and saver.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.05, 0.6))
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+        epoch = _saved_epoch(url)
+    assert epoch > 0  # the savers got somewhere
+    _save(url, epoch + 1)
+    assert len(list(Path(url).iterdir())) == 4
+
+
+def _rewrite_config(url: str, change: Callable[[dict], None]) -> None:
+    path = Path(url, "config.json")
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+def _object(url: str, name: str) -> Path:
+    return Path(url, json.loads(Path(url, "config.json").read_text())["files"][name]["object"])
+
+
+def _other_shape_weights(url: str) -> None:
+    """Weights of a wider network, published consistently (checksums right) under this config."""
+    model = SoilNet(ModelConfig(bands=["b0"], variables=["v0"], **{**TINY, "embedding": 8}))
+    config, meta = checkpoint.load_config(url)
+    checkpoint.save_model(url, model, config, meta)
+
+
+TAMPERING: dict[str, tuple[Callable[[str], object], str]] = {
+    "truncated weights": (lambda url: _object(url, "model.safetensors").write_bytes(b"\0" * 4),
+                          "does not match its checksum"),
+    "missing weights": (lambda url: _object(url, "model.safetensors").unlink(), "missing"),
+    "weights of another shape": (_other_shape_weights, "the weights do not fit the network"),
+    "config not JSON": (lambda url: Path(url, "config.json").write_text("{ not json"), "not valid JSON"),
+    "config without model": (lambda url: _rewrite_config(url, lambda d: d.pop("model")), "'model' entry"),
+    "config with a bad model": (lambda url: _rewrite_config(url, lambda d: d["model"].update(image_heads=5)),
+                                "'model' does not describe a network"),
+    "config with a mistyped model": (lambda url: _rewrite_config(url, lambda d: d["model"].update(embedding="big")),
+                                     "'model' does not describe a network"),
+    "config without normalisation": (lambda url: _rewrite_config(url, lambda d: d.pop("normalisation")),
+                                     "'normalisation' is missing"),
+    "config with a bad file list": (lambda url: _rewrite_config(url, lambda d: d.update(files=["x"])), "'files'"),
+    "config naming no weights": (lambda url: _rewrite_config(url, lambda d: d["files"].pop("model.safetensors")),
+                                 "has no model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERING))
+def test_a_damaged_checkpoint_is_one_clear_error_naming_the_file(case: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "ckpt")
+    _save(url, 1)
+    damage, message = TAMPERING[case]
+    damage(url)
+    with pytest.raises(GeosocError, match=message) as raised:
+        model, _ = checkpoint.load_model(url)
+        _, optimizer = _epoch_model(-1)
+        checkpoint.load_state(url, optimizer)
+    assert url in str(raised.value) and "--fresh" in str(raised.value)
+
+
+@pytest.mark.parametrize("content,message", [(b"[1, 2", "not valid JSON"), (b'{"epoch": "two"}', "expected an object"),
+                                             (b'{"epoch": 1, "history": [], "param_groups": [], "state": {}}',
+                                              "does not fit this model")])
+def test_a_damaged_optimizer_state_is_one_clear_error(content: bytes, message: str, tmp_path: Path) -> None:
+    url = str(tmp_path / "ckpt")
+    model, optimizer = _epoch_model(1)
+    checkpoint.save_files(url, {checkpoint.MODEL_FILE: checkpoint.weights_bytes(model),
+                                checkpoint.STATE_TENSORS: save_tensors({}), checkpoint.STATE_FILE: content}, CONFIG, META)
+    with pytest.raises(GeosocError, match=message):
+        checkpoint.load_state(url, optimizer)
