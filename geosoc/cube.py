@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from geosoc.catalog import LoadedCatalog, load_catalog
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid, Window
+from geosoc.locks import exclusive
 from geosoc.progress import Markers, complete, new_build, resumable, run_tasks, template_written
 from geosoc.sources import Layer, WindowReader, open_layers
 from geosoc.storage import check_writable, default_root, join, zarr_store
@@ -114,8 +115,13 @@ def build_cube(
     readers = {layer.group: layer.reader for layer in layers}
     url = cube_url(catalog, root)
     check_writable(url.rsplit("/", 1)[0])
-    fingerprint = _fingerprint(catalog)
+    with exclusive(url, "build-cube"):
+        return _build(url, catalog, layers, readers, client, workers, progress)
 
+
+def _build(url: str, catalog: LoadedCatalog, layers: list[Layer], readers: dict[str, WindowReader], client: Any,
+           workers: int | None, progress: bool) -> str:
+    fingerprint = _fingerprint(catalog)
     attrs = resumable(url, fingerprint, "exists and was built from a different catalog or bounds; remove it or "
                                         "choose another --root")
     if attrs is None:

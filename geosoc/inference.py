@@ -39,6 +39,7 @@ from geosoc.catalog import Catalog, PredictConfig
 from geosoc.cube import group_grid, open_cube
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid, Window
+from geosoc.locks import exclusive
 from geosoc.models import ModelConfig
 from geosoc.progress import Markers, complete, new_build, resumable, template_written
 from geosoc.sampling import _cube_parts, climate_at, read_imagery
@@ -499,6 +500,12 @@ def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | No
           fresh: bool = False, progress: bool = True) -> str:
     """Write (or finish writing) the map of `spec` at `out`; windows already written are not redone."""
     check_writable(out.rstrip("/").rsplit("/", 1)[0])
+    with exclusive(out, "predict"):
+        return _build(spec, out, engine, device, actors, gpus_per_actor, max_retries, fresh, progress)
+
+
+def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, actors: int | None,
+           gpus_per_actor: float | None, max_retries: int, fresh: bool, progress: bool) -> str:
     cube_attrs = read_group_attrs(spec.cube) or {}
     fingerprint = spec.fingerprint(checkpoint.config_bytes(spec.model), str(cube_attrs.get("geosoc_build_id", "")))
     attrs = resumable(out, fingerprint, "holds a map of another model, cube or grid; pass --fresh (fresh=True) to "

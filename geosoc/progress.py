@@ -66,7 +66,9 @@ def resumable(url: str, fingerprint: str, refusal: str, fresh: bool = False) -> 
         raise GeosocError(f"{url} {refusal}")
     if attrs is None or not attrs.get("geosoc_template_complete"):
         return None
-    if attrs.get("geosoc_status") != "complete":
+    if attrs.get("geosoc_status") == "complete":
+        remove(progress_url(url))  # a run killed just after the status turned complete left its markers
+    else:
         remove_partial_writes(url)
     return attrs
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from geosoc.cube import axis_coordinate, group_grid, open_cube, with_axis_names
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid
+from geosoc.locks import exclusive
 from geosoc.points import Points, lonlat
 from geosoc.storage import beside, filesystem, join, publish_tree, tidy_beside, zarr_store
 
@@ -164,21 +166,31 @@ def sample_chunk_rows(bytes_per_sample: int) -> int:
 
 
 class SampleSetWriter:
-    """Writes a SampleSet to a temporary path, appending patches as they come; `finish` moves it into place."""
+    """Writes a SampleSet to a temporary path beside `url`, appending patches as they come; `finish` moves it
+    into place. A context manager: it holds the SampleSet's lock, and an error deletes what it wrote."""
 
     def __init__(self, url: str, bands: list[str] | None, patch: int | None) -> None:
-        self.url = url
-        tidy_beside(url)
-        self.tmp = beside(url, "partial")
-        self.store = zarr_store(self.tmp)
-        self.group = zarr.open_group(self.store, mode="w", zarr_format=3)
-        self.patch = None
-        if bands is not None and patch is not None:
-            chunk = sample_chunk_rows(len(bands) * patch * patch * 4)
-            self.patch = self.group.create_array(
-                "patch", shape=(0, len(bands), patch, patch), chunks=(chunk, len(bands), patch, patch),
-                dtype="float32", fill_value=np.nan, dimension_names=["sample", "band", "py", "px"],
-            )
+        self.url, self.bands, self.patch_size = url, bands, patch
+        self.exit = ExitStack()
+
+    def __enter__(self) -> SampleSetWriter:
+        with self.exit as on_error:
+            self.exit.enter_context(exclusive(self.url, "sample"))
+            tidy_beside(self.url)
+            self.tmp = beside(self.url, "partial")
+            self.exit.callback(self._remove_tmp)
+            self.store = zarr_store(self.tmp)
+            self.group = zarr.open_group(self.store, mode="w", zarr_format=3)
+            self.patch = None
+            bands, patch = self.bands, self.patch_size
+            if bands is not None and patch is not None:
+                chunk = sample_chunk_rows(len(bands) * patch * patch * 4)
+                self.patch = self.group.create_array(
+                    "patch", shape=(0, len(bands), patch, patch), chunks=(chunk, len(bands), patch, patch),
+                    dtype="float32", fill_value=np.nan, dimension_names=["sample", "band", "py", "px"],
+                )
+            self.exit = on_error.pop_all()  # set up: kept until __exit__
+        return self
 
     def append(self, patches: np.ndarray) -> None:
         if len(patches):
@@ -194,7 +206,11 @@ class SampleSetWriter:
         publish_tree(self.tmp, self.url)
         return self.url
 
-    def abort(self) -> None:
+    def __exit__(self, *exc: Any) -> None:
+        self.exit.close()
+
+    def _remove_tmp(self) -> None:
+        """What is left of the temporary SampleSet: all of it after an error, none after `finish`."""
         fs, tmp = filesystem(self.tmp)
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
@@ -255,10 +271,9 @@ def sample_points(
     """Write the SampleSet of `points`: patch and climate series at each, dropping mostly-nodata patches."""
     imagery, grid, climate, climate_grid = _cube_parts(cube_url)
     bands = [str(b) for b in imagery["band"].values]
-    writer = SampleSetWriter(out_url, bands, patch)
     kept: list[np.ndarray] = []
     dropped: list[str] = []
-    try:
+    with SampleSetWriter(out_url, bands, patch) as writer:
         for part in extract_patches(cube_url, grid, points.x, points.y, patch, client=client, workers=workers,
                                     progress=progress):
             writer.append(part.patches[part.valid])
@@ -276,9 +291,6 @@ def sample_points(
         attrs = {"cube": cube_url, "patch_size": patch, "crs": grid.crs, "kind": kind, "source": points.source,
                  "fold_block_size": fold_block_size}
         url = writer.finish(sampleset_dataset(chosen, fold, series, months, variables, bands, attrs))
-    except BaseException:
-        writer.abort()
-        raise
     return SampleReport(url, len(chosen), dropped, series is not None)
 
 

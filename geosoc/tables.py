@@ -75,9 +75,8 @@ def sampleset_from_table(
         raise GeosocError(
             f"{table_path}: no climate columns (<variable>_<YYYY-MM>) and no --patches: nothing to learn from"
         )
-    writer = SampleSetWriter(out_url, bands if patches is not None else None,
-                             patches.shape[2] if patches is not None else None)
-    try:
+    with SampleSetWriter(out_url, bands if patches is not None else None,
+                         patches.shape[2] if patches is not None else None) as writer:
         if patches is not None:
             writer.append(np.asarray(patches[points.index], dtype=np.float32))
         series, months, variables = (climate[0][points.index], climate[1], climate[2]) if climate else (None, None, None)
@@ -86,7 +85,4 @@ def sampleset_from_table(
                  "kind": "labelled", "source": str(table_path), "fold_block_size": fold_block_size}
         url = writer.finish(sampleset_dataset(points, fold, series, months, variables,
                                      bands if patches is not None else None, attrs))
-    except BaseException:
-        writer.abort()
-        raise
     return SampleReport(url, len(points), [], climate is not None)

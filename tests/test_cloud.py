@@ -96,10 +96,12 @@ def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> N
     points = tmp_path / "points.csv"
     pd.DataFrame({"site": range(80), "x": x, "y": y, "soc": soc}).to_csv(points, index=False)
     root = f"{bucket['scheme']}://{BUCKET}/tiny"
+    sample = ("sample", "--catalog", str(catalog), "--root", root, "--points", str(points), "--id-col", "site",
+              "--x-col", "x", "--y-col", "y", "--target-col", "soc", "--points-crs", "EPSG:3035", "-q")
     steps = [
         ("build-cube", "--catalog", str(catalog), "--root", root, "-q"),
-        ("sample", "--catalog", str(catalog), "--root", root, "--points", str(points), "--id-col", "site",
-         "--x-col", "x", "--y-col", "y", "--target-col", "soc", "--points-crs", "EPSG:3035", "-q"),
+        sample,
+        sample,  # the second replaces the first: a folder moved without a rename on an object store
         ("finetune", "--catalog", str(catalog), "--root", root, "--test-fold", "0", "-q"),
         ("predict", "--catalog", str(catalog), "--root", root, "-q"),
     ]
@@ -150,3 +152,16 @@ def test_missing_bucket_is_a_clear_error(bucket: dict[str, str], write_catalog) 
     done = _cli(bucket, "build-cube", "--catalog", str(write_catalog()), "--root", root, "-q", timeout=120)
     assert done.returncode == 1
     assert f"{root}: cannot write here" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_lock_on_s3_admits_one_writer(s3: dict[str, str]) -> None:
+    """S3's conditional put makes the lock exclusive on a bucket too (the GCS emulator ignores
+    `ifGenerationMatch`, which GCS itself honours, so only S3 is tested here)."""
+    url = f"s3://{BUCKET}/locked/cube.zarr"
+    out = _python(s3, "from geosoc.locks import exclusive\nfrom geosoc.errors import GeosocError\n"
+                      f"with exclusive({url!r}, 'build-cube'):\n"
+                      "    try:\n"
+                      f"        with exclusive({url!r}, 'build-cube'): print('admitted twice')\n"
+                      "    except GeosocError as err: print('refused:', err)\n"
+                      f"with exclusive({url!r}, 'build-cube'): print('free again')\n")
+    assert "refused:" in out and "is writing it" in out and "free again" in out and "twice" not in out

@@ -150,6 +150,16 @@ def test_resume_removes_chunk_writes_a_kill_left_behind(tmp_path: Path, write_ca
     assert not leftover.exists() and kept.exists()
 
 
+def test_a_rerun_removes_markers_a_kill_left_after_the_build_completed(tmp_path: Path, write_catalog) -> None:
+    url = build_cube(load_catalog(path=write_catalog()), str(tmp_path), progress=False)
+    stale = Path(url + ".progress") / "build" / "imagery" / "0.0"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")  # as if killed between the status turning complete and the markers' removal
+    before = (Path(url) / "zarr.json").read_bytes()
+    build_cube(load_catalog(path=write_catalog()), str(tmp_path), progress=False)
+    assert not Path(url + ".progress").exists() and (Path(url) / "zarr.json").read_bytes() == before
+
+
 def test_kill_9_then_resume_gives_identical_cube(tmp_path: Path, write_catalog, monkeypatch) -> None:
     """SIGKILL the CLI build early, then twice mid-way; the re-run finishes without redoing finished work."""
     path = write_catalog(size_px=768, chunk=32, climate=True)

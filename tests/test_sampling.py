@@ -279,9 +279,10 @@ def test_killed_while_replacing_a_sampleset_leaves_the_old_or_the_new(cube: str,
         resampler.wait()
         if not Path(url).exists():
             assert [p.name for p in Path(url).parent.glob("labelled.zarr.old-*")], "neither old nor new"
-        tidy_beside(url)
-        assert sorted(p.name for p in Path(url).parent.iterdir()) == ["labelled.zarr"]
+            tidy_beside(url)  # what the next run does first
         ds = open_sampleset(url)
         targets = set(ds["target"].values.tolist())
         assert len(targets) == 1 and ds.sizes["sample"] == sizes[targets.pop()]
         assert ds["patch"].notnull().any(dim=("band", "py", "px")).all()
+    sample_points(cube, two_point_sets(cube)[0], url, PATCH, fold_block_size=1000, folds=2)  # takes the lock over
+    assert sorted(p.name for p in Path(url).parent.iterdir()) == ["labelled.zarr"]

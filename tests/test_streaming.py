@@ -112,14 +112,14 @@ print(json.dumps({"in_memory": data.in_memory, "steps": result["history"][-1]["s
 def _sampleset_of(url: str, n: int) -> str:
     """`n` samples of 8 bands x 32 x 32 px (32 KiB each), written in parts."""
     rng = np.random.default_rng(0)
-    writer = SampleSetWriter(url, [f"b{i}" for i in range(8)], 32)
-    for start in range(0, n, 1024):
-        writer.append(rng.standard_normal((min(1024, n - start), 8, 32, 32), dtype=np.float32))
-    x, y = rng.uniform(0, 1e5, n), rng.uniform(0, 1e5, n)
-    points = Points(np.array([f"s{i}" for i in range(n)], dtype=object), x, y, x, y, np.full(n, np.nan), "", "t")
-    months = [np.datetime64(f"2010-0{m}-01") for m in range(1, 5)]
-    return writer.finish(sampleset_dataset(points, np.zeros(n, np.int8), rng.normal(size=(n, 4, 2)), months,
-                                           ["pr", "tmmx"], [f"b{i}" for i in range(8)], {"patch_size": 32}))
+    with SampleSetWriter(url, [f"b{i}" for i in range(8)], 32) as writer:
+        for start in range(0, n, 1024):
+            writer.append(rng.standard_normal((min(1024, n - start), 8, 32, 32), dtype=np.float32))
+        x, y = rng.uniform(0, 1e5, n), rng.uniform(0, 1e5, n)
+        points = Points(np.array([f"s{i}" for i in range(n)], dtype=object), x, y, x, y, np.full(n, np.nan), "", "t")
+        months = [np.datetime64(f"2010-0{m}-01") for m in range(1, 5)]
+        return writer.finish(sampleset_dataset(points, np.zeros(n, np.int8), rng.normal(size=(n, 4, 2)), months,
+                                               ["pr", "tmmx"], [f"b{i}" for i in range(8)], {"patch_size": 32}))
 
 
 def test_streaming_memory_does_not_grow_with_the_sampleset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

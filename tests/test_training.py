@@ -33,14 +33,14 @@ def tiny_sampleset(url: str, n: int = 48, patches: bool = True, climate: bool = 
     soc = np.exp(2.5 + 0.5 * patch[:, 0].mean(axis=(1, 2)) * 4 + 0.3 * series[:, :, 0].mean(axis=1))
     x, y = rng.uniform(0, 10_000, n), rng.uniform(0, 10_000, n)
     points = Points(np.array([f"s{i}" for i in range(n)], dtype=object), x, y, x, y, soc, "g/kg", "test")
-    writer = SampleSetWriter(url, ["b0", "b1", "b2"] if patches else None, 8 if patches else None)
-    if patches:
-        writer.append(patch)
     months = [np.datetime64(f"2010-0{m}-01") for m in range(1, 5)]
     fold = (np.arange(n) % 4).astype(np.int8)
     ds = sampleset_dataset(points, fold, series if climate else None, months if climate else None,
                   ["pr", "tmmx"] if climate else None, ["b0", "b1", "b2"] if patches else None, {"patch_size": 8})
-    return writer.finish(ds)
+    with SampleSetWriter(url, ["b0", "b1", "b2"] if patches else None, 8 if patches else None) as writer:
+        if patches:
+            writer.append(patch)
+        return writer.finish(ds)
 
 
 def config_for(url: str) -> ModelConfig:

@@ -42,15 +42,16 @@ BANDS, PATCH, MONTHS, VARIABLES = 14, 64, 61, 14
 def make_sampleset(url: str, n: int) -> str:
     rng = np.random.default_rng(0)
     bands = [f"b{i}" for i in range(BANDS)]
-    writer = SampleSetWriter(url, bands, PATCH)
-    for start in range(0, n, 512):
-        writer.append(rng.standard_normal((min(512, n - start), BANDS, PATCH, PATCH), dtype=np.float32))
-    x, y = rng.uniform(0, 1e5, n), rng.uniform(0, 1e5, n)
-    points = Points(np.array([str(i) for i in range(n)], dtype=object), x, y, x, y, np.full(n, np.nan), "", "bench")
-    months = [np.datetime64("2010-01-01") + np.timedelta64(31 * m, "D") for m in range(MONTHS)]
-    series = rng.standard_normal((n, MONTHS, VARIABLES), dtype=np.float32)
-    return writer.finish(sampleset_dataset(points, np.zeros(n, np.int8), series, months,
-                                           [f"v{i}" for i in range(VARIABLES)], bands, {"patch_size": PATCH}))
+    with SampleSetWriter(url, bands, PATCH) as writer:
+        for start in range(0, n, 512):
+            writer.append(rng.standard_normal((min(512, n - start), BANDS, PATCH, PATCH), dtype=np.float32))
+        x, y = rng.uniform(0, 1e5, n), rng.uniform(0, 1e5, n)
+        points = Points(np.array([str(i) for i in range(n)], dtype=object), x, y, x, y, np.full(n, np.nan), "",
+                        "bench")
+        months = [np.datetime64("2010-01-01") + np.timedelta64(31 * m, "D") for m in range(MONTHS)]
+        series = rng.standard_normal((n, MONTHS, VARIABLES), dtype=np.float32)
+        return writer.finish(sampleset_dataset(points, np.zeros(n, np.int8), series, months,
+                                               [f"v{i}" for i in range(VARIABLES)], bands, {"patch_size": PATCH}))
 
 
 def main() -> None:
