@@ -200,6 +200,8 @@ class SamplingConfig(_Section):
     unlabelled: int = Field(10_000, ge=0)
     fold_block_size: float = Field(50_000, gt=0, description="side of spatial CV blocks, CRS units")
     folds: int = Field(5, ge=2)
+    max_nodata: float = Field(0.5, ge=0, le=1, description="a patch with a larger fraction of pixels without data "
+                                                           "(or none at its centre) is dropped")
 
 
 class ImageEncoderConfig(_Section):

@@ -357,17 +357,17 @@ def _columns(fmt: str, id_col: str | None, x_col: str | None, y_col: str | None,
     if not any((id_col, x_col, y_col, target_col)):
         return None
     base = PRESETS.get(fmt)
-    if base is None and not (id_col and x_col and y_col):
-        raise GeosocError("--format csv needs at least --id-col, --x-col and --y-col (and usually --target-col)")
+    if base is None and not (x_col and y_col):
+        raise GeosocError("--format csv needs at least --x-col and --y-col (and usually --id-col and --target-col)")
     return Columns(
-        id_col or base.id, (x_col,) if x_col else base.x, (y_col,) if y_col else base.y,
+        id_col or (base.id if base else None), (x_col,) if x_col else base.x, (y_col,) if y_col else base.y,
         target_col or (base.target if base else None), points_crs if base is None or x_col else base.crs,
         units if base is None else base.units,
     )
 
 
 FormatOpt = typer.Option("csv", "--format", "-f", help="lucas2015, lucas2018, raca, edgeroi or csv (with the --*-col options).")
-IdOpt = typer.Option(None, "--id-col", help="csv: column with the point id.")
+IdOpt = typer.Option(None, "--id-col", help="csv: column with the point id (none: points are named row<N>, N the line).")
 XOpt = typer.Option(None, "--x-col", help="csv: column with x or longitude (in --points-crs).")
 YOpt = typer.Option(None, "--y-col", help="csv: column with y or latitude.")
 TargetOpt = typer.Option(None, "--target-col", help="csv: column with SOC.")
@@ -416,10 +416,12 @@ def sample(
             errors.print(f"{len(found.problems)} problem(s), rows dropped:\n{report(found.problems)}", highlight=False)
         kind = "labelled"
     else:
-        found = random_points(cube, random, patch, seed, min_spacing, workers=workers, progress=not quiet)
+        found = random_points(cube, random, patch, seed, min_spacing, workers=workers, progress=not quiet,
+                              max_nodata=config.sampling.max_nodata)
         kind = "unlabelled"
     result = sample_points(cube, found, samples_url(root, kind), patch, fold_block_size=config.sampling.fold_block_size,
-                           folds=config.sampling.folds, seed=seed, workers=workers, progress=not quiet, kind=kind)
+                           folds=config.sampling.folds, seed=seed, workers=workers, progress=not quiet, kind=kind,
+                           max_nodata=config.sampling.max_nodata)
     for line in result.dropped[:50]:
         errors.print(line, highlight=False)
     console.print(f"{result.samples:,} samples ({len(result.dropped)} dropped for missing data) -> {result.url}")
@@ -456,6 +458,8 @@ def sample_table(
         table, out, crs, fmt, _columns(fmt, id_col, x_col, y_col, target_col, points_crs, units), patches,
         bands.split(",") if bands else None, fold_block_size=fold_block_size, folds=folds, on_error=on_error,
     )
+    if result.dropped:
+        errors.print(f"{len(result.dropped)} problem(s), rows dropped:\n" + "\n".join(result.dropped[:50]), highlight=False)
     what = [name for name, present in (("climate", result.has_climate), ("patches", patches is not None)) if present]
     console.print(f"{result.samples:,} samples with {' and '.join(what)} -> {result.url}")
 

@@ -31,7 +31,7 @@ from geosoc.grid import Grid, Window
 from geosoc.locks import exclusive
 from geosoc.progress import Markers, complete, new_build, resumable, run_tasks, template_written
 from geosoc.sources import Layer, WindowReader, open_layers
-from geosoc.storage import check_writable, default_root, join, zarr_store
+from geosoc.storage import check_writable, damaged_metadata, default_root, join, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,8 @@ def open_cube(url: str) -> xr.DataTree:
         tree = xr.open_datatree(zarr_store(url, read_only=True), engine="zarr", consolidated=False, chunks={})
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
         raise GeosocError(f"{url}: no cube here ({type(err).__name__}); build one with `geosoc build-cube`") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise GeosocError(damaged_metadata(url, err)) from None
     status = tree.attrs.get("geosoc_status")
     if status != "complete":
         log.warning("%s is not complete (status %r): missing chunks read as NaN; re-run build-cube", url, status)

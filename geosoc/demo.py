@@ -31,7 +31,8 @@ def simulated_lab_points(cube_url: str, catalog: LoadedCatalog, n: int, seed: in
     """Random valid locations labelled with the true SOC times a log-normal lab error."""
     config = catalog.config
     assert isinstance(config.imagery.source, SyntheticSource)
-    points = random_points(cube_url, n, config.sampling.patch_size, seed=seed + 1000)
+    points = random_points(cube_url, n, config.sampling.patch_size, seed=seed + 1000,
+                           max_nodata=config.sampling.max_nodata)
     truth = Landscape(config.imagery.source.seed).soc_at(points.x, points.y, config.region.crs)
     error = np.exp(np.random.default_rng(seed).normal(0.0, LAB_ERROR, n))
     ids = np.array([f"lab-{i}" for i in range(n)], dtype=object)
@@ -55,8 +56,9 @@ def run_demo(catalog: LoadedCatalog, root: str | None = None, progress: bool = T
     urls = stage_urls(root)
     sampling, seed = config.sampling, config.training.seed
     cube = build_cube(catalog, root, progress=progress)
-    unlabelled = random_points(cube, sampling.unlabelled, sampling.patch_size, seed)
-    folds = {"fold_block_size": sampling.fold_block_size, "folds": sampling.folds, "seed": seed}
+    unlabelled = random_points(cube, sampling.unlabelled, sampling.patch_size, seed, max_nodata=sampling.max_nodata)
+    folds = {"fold_block_size": sampling.fold_block_size, "folds": sampling.folds, "seed": seed,
+             "max_nodata": sampling.max_nodata}
     n_unlabelled = sample_points(cube, unlabelled, urls["unlabelled"], sampling.patch_size, kind="unlabelled",
                                  **folds).samples
     lab = simulated_lab_points(cube, catalog, LABELLED_POINTS, seed)

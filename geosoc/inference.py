@@ -43,7 +43,7 @@ from geosoc.locks import exclusive
 from geosoc.models import ModelConfig
 from geosoc.progress import Markers, complete, new_build, resumable, template_written
 from geosoc.sampling import _cube_parts, climate_at, read_imagery
-from geosoc.storage import check_writable, join, read_group_attrs, zarr_store
+from geosoc.storage import check_writable, damaged_metadata, join, read_group_attrs, zarr_store
 
 if TYPE_CHECKING:
     from geosoc.tabular import TabularPredictor
@@ -336,6 +336,8 @@ def open_map(url: str) -> xr.Dataset:
         ds = xr.open_zarr(zarr_store(url, read_only=True), consolidated=False, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise GeosocError(f"{url}: no map here; make one with `geosoc predict`") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise GeosocError(damaged_metadata(url, err)) from None
     if ds.attrs.get("geosoc_status") != "complete":
         log.warning("%s is not complete: windows not yet written read as NaN; run predict again", url)
     return ds.set_coords("spatial_ref") if "spatial_ref" in ds.data_vars else ds

@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from pyproj import CRS, Transformer
+from pyproj.exceptions import CRSError
 
 from geosoc.errors import GeosocError
 
@@ -26,7 +27,7 @@ FORMATS = ("lucas2015", "lucas2018", "raca", "edgeroi", "csv")
 class Columns:
     """Which columns hold the id, the coordinates (x/lon, y/lat, in `crs`) and the target, in which units."""
 
-    id: str
+    id: str | None  # None: each point is named by its row ("row 2" is a CSV's first data line)
     x: tuple[str, ...]  # first one present is used (LUCAS 2015 files differ)
     y: tuple[str, ...]
     target: str | None
@@ -137,17 +138,22 @@ def read_points(
         bad[unparsed] = True
         return values
 
-    ids = table[id_col].astype(str).str.strip().to_numpy(dtype=object)
-    no_id = table[id_col].isna().to_numpy() | (ids == "")
-    for i in np.flatnonzero(no_id):
-        problems.append(Problem(int(rows[i]), id_col, "missing id"))
+    if id_col is None:
+        ids = np.array([f"row{row}" for row in rows], dtype=object)
+        no_id = np.zeros(len(table), dtype=bool)
+    else:
+        ids = table[id_col].astype(str).str.strip().to_numpy(dtype=object)
+        no_id = table[id_col].isna().to_numpy() | (ids == "")
+        for i in np.flatnonzero(no_id):
+            problems.append(Problem(int(rows[i]), id_col, "missing id"))
     bad |= no_id
     x, y = numbers(x_col), numbers(y_col)
     for i in np.flatnonzero(np.isnan(x) | np.isnan(y)):
         if not bad[i]:
             problems.append(Problem(int(rows[i]), f"{x_col}/{y_col}", "missing coordinate"))
     bad |= np.isnan(x) | np.isnan(y)
-    geographic = CRS.from_user_input(crs).is_geographic
+    geographic = known_crs(crs, f"{path}: the coordinates' CRS (--points-crs)").is_geographic
+    known_crs(grid_crs, "the SampleSet's CRS (--crs, or the region's)")
     if geographic:
         out = ~bad & ((np.abs(y) > 90) | (np.abs(x) > 180))
         for i in np.flatnonzero(out):
@@ -155,7 +161,7 @@ def read_points(
         bad |= out
     duplicated = pd.Series(ids).duplicated().to_numpy() & ~no_id
     for i in np.flatnonzero(duplicated):
-        problems.append(Problem(int(rows[i]), id_col, f"duplicate id {ids[i]!r}"))
+        problems.append(Problem(int(rows[i]), str(id_col), f"duplicate id {ids[i]!r}"))
     bad |= duplicated
     if target_col is not None:
         target = numbers(target_col)
@@ -193,6 +199,14 @@ def read_points(
         raise GeosocError(f"{path}: no valid points among {len(table)} rows:\n{report(problems)}")
     points = Points(ids, gx, gy, lon, lat, target, spec.units, str(path), problems)
     return points.subset(keep)
+
+
+def known_crs(value: str, what: str) -> CRS:
+    """`value` as a pyproj CRS, or an error naming `what` it was meant to be."""
+    try:
+        return CRS.from_user_input(value)
+    except CRSError as err:
+        raise GeosocError(f"{what}: {value!r} is not a CRS pyproj knows ({str(err).splitlines()[0]})") from None
 
 
 Table = tuple[pd.DataFrame, int, str]  # rows as text, number of the first data row, CRS of the coordinates

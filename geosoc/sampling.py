@@ -27,9 +27,9 @@ from geosoc.errors import GeosocError
 from geosoc.grid import Grid
 from geosoc.locks import exclusive
 from geosoc.points import Points, lonlat
-from geosoc.storage import beside, filesystem, join, publish_tree, tidy_beside, zarr_store
+from geosoc.storage import beside, check_writable, damaged_metadata, filesystem, join, publish_tree, tidy_beside, zarr_store
 
-MAX_NODATA_FRACTION = 0.5  # a patch with more pixels without data than this is dropped
+MAX_NODATA_FRACTION = 0.5  # default: a patch with a larger fraction of pixels without data is dropped
 ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
 TARGET_CHUNK_BYTES = 8 * 2**20
 
@@ -43,9 +43,14 @@ class Extracted:
     nodata: np.ndarray  # fraction of patch pixels without data
     centre_valid: np.ndarray
 
-    @property
-    def valid(self) -> np.ndarray:
-        return self.centre_valid & (self.nodata <= MAX_NODATA_FRACTION)
+    def valid(self, max_nodata: float) -> np.ndarray:
+        """Patches kept: data at the centre pixel, and at most `max_nodata` of the pixels without data."""
+        return self.centre_valid & (self.nodata <= max_nodata)
+
+    def why_dropped(self, i: int, max_nodata: float) -> str:
+        if not self.centre_valid[i]:
+            return "its centre pixel has no data"
+        return f"{self.nodata[i]:.0%} of its patch has no data (more than sampling.max_nodata, {max_nodata:.0%})"
 
 
 @lru_cache(maxsize=8)
@@ -174,6 +179,7 @@ class SampleSetWriter:
         self.exit = ExitStack()
 
     def __enter__(self) -> SampleSetWriter:
+        check_writable(self.url.rstrip("/").rsplit("/", 1)[0])
         with self.exit as on_error:
             self.exit.enter_context(exclusive(self.url, "sample"))
             tidy_beside(self.url)
@@ -267,8 +273,10 @@ def _cube_parts(cube_url: str) -> tuple[xr.Dataset, Grid, xr.Dataset | None, Gri
 def sample_points(
     cube_url: str, points: Points, out_url: str, patch: int, *, fold_block_size: float, folds: int,
     seed: int = 0, client: Any = None, workers: int | None = None, progress: bool = False, kind: str = "labelled",
+    max_nodata: float = MAX_NODATA_FRACTION,
 ) -> SampleReport:
-    """Write the SampleSet of `points`: patch and climate series at each, dropping mostly-nodata patches."""
+    """Write the SampleSet of `points`: patch and climate series at each, dropping patches without data at
+    their centre or with more than `max_nodata` of their pixels without data."""
     imagery, grid, climate, climate_grid = _cube_parts(cube_url)
     bands = [str(b) for b in imagery["band"].values]
     kept: list[np.ndarray] = []
@@ -276,10 +284,11 @@ def sample_points(
     with SampleSetWriter(out_url, bands, patch) as writer:
         for part in extract_patches(cube_url, grid, points.x, points.y, patch, client=client, workers=workers,
                                     progress=progress):
-            writer.append(part.patches[part.valid])
-            kept.append(part.indices[part.valid])
-            for i, frac in zip(part.indices[~part.valid], part.nodata[~part.valid]):
-                dropped.append(f"point {points.ids[i]}: {frac:.0%} of its patch has no data (or its centre); dropped")
+            valid = part.valid(max_nodata)
+            writer.append(part.patches[valid])
+            kept.append(part.indices[valid])
+            for j in np.flatnonzero(~valid):
+                dropped.append(f"point {points.ids[part.indices[j]]}: {part.why_dropped(j, max_nodata)}; dropped")
         order = np.concatenate(kept) if kept else np.array([], dtype=np.int64)
         if not len(order):
             raise GeosocError(f"{points.source}: no point has a patch with data in {cube_url}")
@@ -296,7 +305,7 @@ def sample_points(
 
 def random_points(
     cube_url: str, n: int, patch: int, seed: int, min_spacing: float = 0.0, *, workers: int | None = None,
-    progress: bool = False,
+    progress: bool = False, max_nodata: float = MAX_NODATA_FRACTION,
 ) -> Points:
     """`n` reproducible random locations whose patch has data (centre valid, mostly valid), `min_spacing`
     apart. Candidates are drawn in rounds, extracted, and the valid ones kept in candidate order."""
@@ -319,7 +328,7 @@ def random_points(
         valid = np.zeros(size, dtype=bool)
         for part in extract_patches(cube_url, grid, cx[candidates], cy[candidates], patch, workers=workers,
                                     progress=progress):
-            valid[candidates[part.indices[part.valid]]] = True
+            valid[candidates[part.indices[part.valid(max_nodata)]]] = True
         rate = max(valid.sum() / size, 0.01)
         for i in np.flatnonzero(valid):
             if len(accepted_x) == n:
@@ -369,6 +378,8 @@ def open_sampleset(url: str) -> xr.Dataset:
         ds = xr.open_zarr(zarr_store(url, read_only=True), consolidated=False, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise GeosocError(f"{url}: no SampleSet here; create one with `geosoc sample`") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise GeosocError(damaged_metadata(url, err)) from None
     return with_axis_names(ds)
 
 

@@ -61,6 +61,14 @@ def read_group_attrs(url: str) -> dict[str, Any] | None:
         return dict(zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3).attrs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return None
+    except (ValueError, KeyError, TypeError) as err:
+        raise GeosocError(damaged_metadata(url, err)) from None
+
+
+def damaged_metadata(url: str, err: Exception) -> str:
+    """The error for a Zarr store whose metadata cannot be read (a hand-edited or truncated zarr.json)."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{url}: its Zarr metadata is damaged ({reason}); remove the store and write it again"
 
 
 def check_writable(url: str) -> None:

@@ -62,7 +62,7 @@ def sampleset_from_table(
     climate = climate_from_columns(table, table_path, first_row=read[1])
     patches = None
     if patches_path is not None:
-        patches = np.load(patches_path, allow_pickle=False, mmap_mode="r")
+        patches = _load_patches(Path(patches_path))
         if patches.ndim != 4 or patches.shape[0] != len(table) or patches.shape[2] != patches.shape[3]:
             raise GeosocError(
                 f"{patches_path}: expected an array (rows={len(table)}, band, py, px) with square patches, "
@@ -81,8 +81,22 @@ def sampleset_from_table(
             writer.append(np.asarray(patches[points.index], dtype=np.float32))
         series, months, variables = (climate[0][points.index], climate[1], climate[2]) if climate else (None, None, None)
         fold = spatial_folds(points.x, points.y, fold_block_size, folds, seed)
+        kind = "labelled" if np.isfinite(points.target).any() else "unlabelled"  # a table without targets
         attrs = {"cube": "", "patch_size": int(patches.shape[2]) if patches is not None else 0, "crs": grid_crs,
-                 "kind": "labelled", "source": str(table_path), "fold_block_size": fold_block_size}
+                 "kind": kind, "source": str(table_path), "fold_block_size": fold_block_size}
         url = writer.finish(sampleset_dataset(points, fold, series, months, variables,
                                      bands if patches is not None else None, attrs))
-    return SampleReport(url, len(points), [], climate is not None)
+    return SampleReport(url, len(points), [str(problem) for problem in points.problems], climate is not None)
+
+
+def _load_patches(path: Path) -> np.ndarray:
+    """A .npy array of numbers, memory-mapped (never unpickled)."""
+    try:
+        patches = np.load(path, allow_pickle=False, mmap_mode="r")
+    except FileNotFoundError:
+        raise GeosocError(f"{path}: no such file (--patches)") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise GeosocError(f"{path}: not a NumPy .npy array (--patches): {str(err).splitlines()[0]}") from None
+    if not isinstance(patches, np.ndarray) or patches.dtype.kind not in "fiu":
+        raise GeosocError(f"{path}: expected an array of numbers (--patches), got {getattr(patches, 'dtype', '?')}")
+    return patches

@@ -31,7 +31,7 @@ from geosoc.models import ModelConfig, SoilNet
 from geosoc.models.losses import nt_xent, pinball
 from geosoc.normalisation import Normalisation
 from geosoc.streaming import SampleData, SampleStream, data_loader, on_device, to_device
-from geosoc.storage import join
+from geosoc.storage import check_writable, join
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def pretrain(samples_url: str, out_url: str, config: ModelConfig, stage: Pretrai
              resume: bool = True, ctx: Context | None = None) -> dict[str, Any]:
     """Contrastive pretraining on (unlabelled) samples; checkpoints under `out_url`."""
     ctx = ctx or Context()
+    check_writable(out_url)  # before any work: a read-only root fails now, not after an epoch
     data = SampleData(samples_url, _modalities(config))
     train, val = split(data, stage.validation_fraction, seed, None, labelled=False)
     norm = fit_normalisation(data, train, log_target=False, seed=seed)
@@ -178,6 +179,7 @@ def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: Finetun
     `folds` (default: the SampleSet's) decides what `test_fold` holds out; it is also the grouping of the
     area-of-applicability reference."""
     ctx = ctx or Context()
+    check_writable(out_url)  # before any work: a read-only root fails now, not after an epoch
     data = SampleData(samples_url, _modalities(config))
     folds = data.fold if folds is None else np.asarray(folds)
     train, val = split(data, stage.validation_fraction, seed, test_fold, labelled=True, folds=folds)

@@ -95,6 +95,20 @@ def test_mostly_nodata_patches_are_dropped(cube: str, tmp_path: Path) -> None:
     report = sample_points(cube, at_pixels(cube, [r, 40], [c, 40]), str(tmp_path / "s.zarr"), PATCH,
                            fold_block_size=1000, folds=2)
     assert report.samples == 1 and len(report.dropped) == 1 and "point p0" in report.dropped[0]
+    assert "its centre pixel has no data" in report.dropped[0]
+
+
+def test_the_nodata_threshold_is_a_setting_and_exactly_half_is_kept(cube: str, tmp_path: Path) -> None:
+    data = open_cube(cube)["imagery"].to_dataset()["data"].values
+    assert not np.isnan(data[:, :4, 36:44]).any()  # the patch at (0, 40) has data but for the rows above the grid
+    points = at_pixels(cube, [0], [40])  # half of its patch is beyond the grid's edge
+    assert sample_points(cube, points, str(tmp_path / "a.zarr"), PATCH, fold_block_size=1000, folds=2).samples == 1
+    with pytest.raises(GeosocError, match="no point has a patch"):
+        sample_points(cube, points, str(tmp_path / "b.zarr"), PATCH, fold_block_size=1000, folds=2, max_nodata=0.4)
+    two = at_pixels(cube, [0, 40], [40, 40])
+    report = sample_points(cube, two, str(tmp_path / "c.zarr"), PATCH, fold_block_size=1000, folds=2, max_nodata=0.4)
+    assert report.samples == 1 and report.dropped == [
+        "point p0: 50% of its patch has no data (more than sampling.max_nodata, 40%); dropped"]
 
 
 def test_random_locations_reproducible_and_on_data(cube: str) -> None:

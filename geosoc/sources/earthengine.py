@@ -147,10 +147,31 @@ def initialize(high_volume: bool = False) -> None:
         except Exception as err:  # noqa: BLE001 - every failure here means the same to the user
             ee.Reset()
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if _unreachable(err):
+                raise GeosocError(
+                    f"could not reach Earth Engine ({reason}): check this machine's network, DNS or proxy; the "
+                    "credentials were not checked"
+                ) from None
             raise GeosocError(
                 f"Earth Engine did not accept the credentials for project {project!r}: {reason}. "
                 f"Check {ENV_KEY_FILE} / `earthengine authenticate` and that the project has Earth Engine enabled"
             ) from None
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether a failure (or what caused it) is the network's: no name resolution, no connection, a timeout."""
+    import socket
+
+    from google.auth.exceptions import TransportError
+
+    network = (socket.gaierror, ConnectionError, TimeoutError, TransportError)
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, network) or type(err).__name__ in ("ServerNotFoundError", "NameResolutionError"):
+            return True
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return False
 
 
 def _credentials() -> tuple[Any, str | None]:
