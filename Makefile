@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml requirements.lock
 demo: install
 	$(VENV)/bin/geosoc demo
 
+# Lint and type checks first (seconds), then the tests.
 test: install
+	$(VENV)/bin/ruff check geosoc jobs tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 bench: install

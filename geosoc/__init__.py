@@ -7,13 +7,13 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-from geosoc.catalog import load_catalog  # noqa: E402
-from geosoc.cube import build_cube, open_cube, plan_cube  # noqa: E402
-from geosoc.errors import GeosocError  # noqa: E402
-from geosoc.sampling import open_sampleset  # noqa: E402
+from geosoc.catalog import load_catalog
+from geosoc.cube import build_cube, open_cube, plan_cube
+from geosoc.errors import GeosocError
+from geosoc.sampling import open_sampleset
 
 
-def load_model(url: str, device: str = "cpu"):  # type: ignore[no-untyped-def]
+def load_model(url: str, device: str = "cpu"):
     """A fine-tuned (or pretrained) model and its metadata from a checkpoint URL, without pickle.
 
     Imports torch on first use only, so the cube and sampling commands start fast.
@@ -23,21 +23,21 @@ def load_model(url: str, device: str = "cpu"):  # type: ignore[no-untyped-def]
     return load(url, device)
 
 
-def predict(cube, model=None, **options):  # type: ignore[no-untyped-def]
+def predict(cube, model=None, **options):
     """SOC map of a cube (`soc_mean`, interval bounds, `aoa`, `di`): see `geosoc.inference.predict`."""
     from geosoc.inference import predict as run
 
     return run(cube, model, **options)
 
 
-def open_map(url: str):  # type: ignore[no-untyped-def]
+def open_map(url: str):
     """A map written by `predict(..., out=url)` or `geosoc predict`, lazily, with its CRS."""
     from geosoc.inference import open_map as open_
 
     return open_(url)
 
 
-def export_maps(ds, folder: str):  # type: ignore[no-untyped-def]
+def export_maps(ds, folder: str):
     """COGs, quicklook.png and a STAC item.json of a written map, in `folder`."""
     from geosoc.export import export_maps as export
 

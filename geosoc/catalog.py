@@ -10,7 +10,7 @@ import datetime as dt
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -128,8 +128,8 @@ class RasterSource(_Section):
     files: list[RasterFile] = Field(min_length=1)
 
 
-ImagerySource = Annotated[Union[SyntheticSource, EarthEngineSource, RasterSource], Field(discriminator="kind")]
-ClimateSource = Annotated[Union[SyntheticSource, EarthEngineSource], Field(discriminator="kind")]
+ImagerySource = Annotated[SyntheticSource | EarthEngineSource | RasterSource, Field(discriminator="kind")]
+ClimateSource = Annotated[SyntheticSource | EarthEngineSource, Field(discriminator="kind")]
 
 
 class ImageryConfig(_Section):

@@ -245,7 +245,8 @@ def load_weights(url: str) -> dict[str, torch.Tensor]:
 def _state_files(optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> dict[str, bytes]:
     """Optimizer tensors flattened into safetensors, its structure and `info` (epoch, history) as JSON."""
     state = optimizer.state_dict()
-    tensors, structure = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    structure: dict[str, dict[str, Any]] = {}
     for param, values in state["state"].items():
         structure[str(param)] = {}
         for name, value in values.items():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich import box
@@ -70,13 +70,13 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log deta
 @app.command("build-cube")
 @user_errors
 def build_cube_command(
-    region: Optional[str] = RegionOpt,
-    catalog: Optional[Path] = CatalogOpt,
-    root: Optional[str] = RootOpt,
-    bounds: Optional[tuple[float, float, float, float]] = BoundsOpt,
+    region: str | None = RegionOpt,
+    catalog: Path | None = CatalogOpt,
+    root: str | None = RootOpt,
+    bounds: tuple[float, float, float, float] | None = BoundsOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (size, chunks); write nothing."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Threads (default: one per core)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address."),
+    workers: int | None = typer.Option(None, "--workers", help="Threads (default: one per core)."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="dask.distributed scheduler address."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Build (or resume building) the region's covariate cube as Zarr v3 under --root."""
@@ -96,7 +96,7 @@ def build_cube_command(
 @app.command()
 @user_errors
 def demo(
-    root: Optional[str] = RootOpt,
+    root: str | None = RootOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """The whole pipeline on the embedded demo region (synthetic, offline): cube, samples, pretraining,
@@ -152,14 +152,14 @@ FreshOpt = typer.Option(False, "--fresh", help="Start over instead of resuming f
 @app.command()
 @user_errors
 def pretrain(
-    region: Optional[str] = RegionOpt,
-    catalog: Optional[Path] = CatalogOpt,
-    root: Optional[str] = RootOpt,
-    epochs: Optional[int] = EpochsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    samples: Optional[str] = typer.Option(None, "--samples", help="SampleSet URL (default samples/unlabelled.zarr)."),
+    region: str | None = RegionOpt,
+    catalog: Path | None = CatalogOpt,
+    root: str | None = RootOpt,
+    epochs: int | None = EpochsOpt,
+    batch_size: int | None = BatchOpt,
+    samples: str | None = typer.Option(None, "--samples", help="SampleSet URL (default samples/unlabelled.zarr)."),
     fresh: bool = FreshOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Contrastive pretraining of both encoders on unlabelled samples (-> models/pretrain)."""
@@ -176,16 +176,16 @@ def pretrain(
 @app.command()
 @user_errors
 def finetune(
-    region: Optional[str] = RegionOpt,
-    catalog: Optional[Path] = CatalogOpt,
-    root: Optional[str] = RootOpt,
-    epochs: Optional[int] = EpochsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    samples: Optional[str] = typer.Option(None, "--samples", help="SampleSet URL (default samples/labelled.zarr)."),
-    test_fold: Optional[int] = typer.Option(None, "--test-fold", help="Fold held out entirely (for evaluation)."),
+    region: str | None = RegionOpt,
+    catalog: Path | None = CatalogOpt,
+    root: str | None = RootOpt,
+    epochs: int | None = EpochsOpt,
+    batch_size: int | None = BatchOpt,
+    samples: str | None = typer.Option(None, "--samples", help="SampleSet URL (default samples/labelled.zarr)."),
+    test_fold: int | None = typer.Option(None, "--test-fold", help="Fold held out entirely (for evaluation)."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Ignore models/pretrain (supervised only)."),
     fresh: bool = FreshOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Fine-tune encoders and head on labelled samples, quantile outputs (-> models/finetune)."""
@@ -205,11 +205,11 @@ def finetune(
 @app.command("fit-tabular")
 @user_errors
 def fit_tabular(
-    region: Optional[str] = RegionOpt,
-    catalog: Optional[Path] = CatalogOpt,
-    root: Optional[str] = RootOpt,
+    region: str | None = RegionOpt,
+    catalog: Path | None = CatalogOpt,
+    root: str | None = RootOpt,
     model: str = typer.Option(..., "--model", help="rf, gbm or qrf: the tree model to map with (see `geosoc evaluate`)."),
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Fit a tree model on all labelled samples, for maps (-> models/<model>; then `geosoc predict --model <model>`)."""
     from geosoc.tabular import fit_region
@@ -223,23 +223,23 @@ def fit_tabular(
 @app.command()
 @user_errors
 def predict(
-    region: Optional[str] = RegionOpt,
-    catalog: Optional[Path] = CatalogOpt,
-    root: Optional[str] = RootOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="A model under <root>/models/ (finetune, rf, gbm, qrf) or a URL (default: the catalog's predict.model, finetune)."),
-    resolution: Optional[float] = typer.Option(None, "--resolution", min=0, help="Output cell size (default: catalog predict.resolution)."),
-    bounds: Optional[tuple[float, float, float, float]] = BoundsOpt,
+    region: str | None = RegionOpt,
+    catalog: Path | None = CatalogOpt,
+    root: str | None = RootOpt,
+    model: str | None = typer.Option(None, "--model", help="A model under <root>/models/ (finetune, rf, gbm, qrf) or a URL (default: the catalog's predict.model, finetune)."),
+    resolution: float | None = typer.Option(None, "--resolution", min=0, help="Output cell size (default: catalog predict.resolution)."),
+    bounds: tuple[float, float, float, float] | None = BoundsOpt,
     engine: str = typer.Option("local", "--engine", help="local: this process; ray: a pool of Ray actors."),
-    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="ray: actors (default one per GPU, else per CPU)."),
-    gpus_per_actor: Optional[float] = typer.Option(None, "--gpus-per-actor", help="ray: GPUs per actor (default 1 if the cluster has GPUs)."),
+    actors: int | None = typer.Option(None, "--actors", min=1, help="ray: actors (default one per GPU, else per CPU)."),
+    gpus_per_actor: float | None = typer.Option(None, "--gpus-per-actor", help="ray: GPUs per actor (default 1 if the cluster has GPUs)."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Cells per forward pass."),
-    chunk: Optional[int] = typer.Option(None, "--chunk", min=1, help="Output cells per window side (default: ~256 MiB of imagery per window)."),
-    device: Optional[str] = typer.Option(None, "--device", help="local: cpu or cuda (default: cuda when present)."),
+    chunk: int | None = typer.Option(None, "--chunk", min=1, help="Output cells per window side (default: ~256 MiB of imagery per window)."),
+    device: str | None = typer.Option(None, "--device", help="local: cpu or cuda (default: cuda when present)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print cells, windows and a projected time; write nothing."),
-    rate: Optional[float] = typer.Option(None, "--rate", min=1, help="--dry-run: cells/s per GPU assumed (default 12,500: geosoc.predict with the paper-size model, measured on one H200)."),
+    rate: float | None = typer.Option(None, "--rate", min=1, help="--dry-run: cells/s per GPU assumed (default 12,500: geosoc.predict with the paper-size model, measured on one H200)."),
     fresh: bool = typer.Option(False, "--fresh", help="Replace an existing map instead of resuming it."),
     no_export: bool = typer.Option(False, "--no-export", help="Only maps/soc.zarr (no COG, PNG, STAC)."),
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Map SOC over the region with the fine-tuned network or a tree model (-> maps/soc.zarr, COGs, quicklook.png,
@@ -280,15 +280,15 @@ def print_map_plan(plan: Any, rate: float) -> None:
 @app.command()
 @user_errors
 def evaluate(
-    region: Optional[str] = RegionOpt,
-    catalog: Optional[Path] = CatalogOpt,
-    root: Optional[str] = RootOpt,
+    region: str | None = RegionOpt,
+    catalog: Path | None = CatalogOpt,
+    root: str | None = RootOpt,
     cv: str = typer.Option("spatial", "--cv", help="spatial: the SampleSet's block folds; random: seeded random folds."),
-    folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Number of folds (default: the SampleSet's)."),
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf (default: all)."),
+    folds: int | None = typer.Option(None, "--folds", min=2, help="Number of folds (default: the SampleSet's)."),
+    models: str | None = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf (default: all)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Repeat the cross-validation with other fold seeds."),
-    epochs: Optional[int] = EpochsOpt,
-    threads: Optional[int] = ThreadsOpt,
+    epochs: int | None = EpochsOpt,
+    threads: int | None = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Every model on the same held-out folds (-> evaluation/: metrics.csv, summary.json, predictions.parquet,
@@ -357,13 +357,12 @@ def _columns(fmt: str, id_col: str | None, x_col: str | None, y_col: str | None,
     if not any((id_col, x_col, y_col, target_col)):
         return None
     base = PRESETS.get(fmt)
-    if base is None and not (x_col and y_col):
-        raise GeosocError("--format csv needs at least --x-col and --y-col (and usually --id-col and --target-col)")
-    return Columns(
-        id_col or (base.id if base else None), (x_col,) if x_col else base.x, (y_col,) if y_col else base.y,
-        target_col or (base.target if base else None), points_crs if base is None or x_col else base.crs,
-        units if base is None else base.units,
-    )
+    if base is None:
+        if not (x_col and y_col):
+            raise GeosocError("--format csv needs at least --x-col and --y-col (and usually --id-col and --target-col)")
+        return Columns(id_col, (x_col,), (y_col,), target_col, points_crs, units)
+    return Columns(id_col or base.id, (x_col,) if x_col else base.x, (y_col,) if y_col else base.y,
+                   target_col or base.target, points_crs if x_col else base.crs, base.units)
 
 
 FormatOpt = typer.Option("csv", "--format", "-f", help="lucas2015, lucas2018, raca, edgeroi or csv (with the --*-col options).")
@@ -379,22 +378,22 @@ OnErrorOpt = typer.Option("fail", "--on-error", help="drop: skip bad rows (repor
 @app.command()
 @user_errors
 def sample(
-    region: Optional[str] = RegionOpt,
-    catalog: Optional[Path] = CatalogOpt,
-    root: Optional[str] = RootOpt,
-    points: Optional[Path] = typer.Option(None, "--points", help="Soil point table (CSV or GeoParquet)."),
+    region: str | None = RegionOpt,
+    catalog: Path | None = CatalogOpt,
+    root: str | None = RootOpt,
+    points: Path | None = typer.Option(None, "--points", help="Soil point table (CSV or GeoParquet)."),
     fmt: str = FormatOpt,
-    id_col: Optional[str] = IdOpt,
-    x_col: Optional[str] = XOpt,
-    y_col: Optional[str] = YOpt,
-    target_col: Optional[str] = TargetOpt,
+    id_col: str | None = IdOpt,
+    x_col: str | None = XOpt,
+    y_col: str | None = YOpt,
+    target_col: str | None = TargetOpt,
     points_crs: str = PointsCrsOpt,
     units: str = UnitsOpt,
     on_error: str = OnErrorOpt,
-    random: Optional[int] = typer.Option(None, "--random", min=1, help="Instead of --points: N random valid locations."),
+    random: int | None = typer.Option(None, "--random", min=1, help="Instead of --points: N random valid locations."),
     seed: int = typer.Option(0, "--seed", help="Seed of --random and of fold assignment."),
     min_spacing: float = typer.Option(0.0, "--min-spacing", min=0.0, help="--random: minimum distance (CRS units)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Threads (default: one per core)."),
+    workers: int | None = typer.Option(None, "--workers", help="Threads (default: one per core)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Extract patches and climate series at soil points (samples/labelled.zarr) or at random valid
@@ -416,6 +415,7 @@ def sample(
             errors.print(f"{len(found.problems)} problem(s), rows dropped:\n{report(found.problems)}", highlight=False)
         kind = "labelled"
     else:
+        assert random is not None  # one of the two was given (checked above)
         found = random_points(cube, random, patch, seed, min_spacing, workers=workers, progress=not quiet,
                               max_nodata=config.sampling.max_nodata)
         kind = "unlabelled"
@@ -436,14 +436,14 @@ def sample_table(
     out: str = typer.Option(..., "--out", help="URL of the SampleSet to write (e.g. ./samples/labelled.zarr)."),
     crs: str = typer.Option("EPSG:4326", "--crs", help="CRS for the SampleSet's x/y (e.g. the region's)."),
     fmt: str = FormatOpt,
-    id_col: Optional[str] = IdOpt,
-    x_col: Optional[str] = XOpt,
-    y_col: Optional[str] = YOpt,
-    target_col: Optional[str] = TargetOpt,
+    id_col: str | None = IdOpt,
+    x_col: str | None = XOpt,
+    y_col: str | None = YOpt,
+    target_col: str | None = TargetOpt,
     points_crs: str = PointsCrsOpt,
     units: str = UnitsOpt,
-    patches: Optional[Path] = typer.Option(None, "--patches", help=".npy of (rows, band, py, px) patches."),
-    bands: Optional[str] = typer.Option(None, "--bands", help="Comma-separated band names of --patches."),
+    patches: Path | None = typer.Option(None, "--patches", help=".npy of (rows, band, py, px) patches."),
+    bands: str | None = typer.Option(None, "--bands", help="Comma-separated band names of --patches."),
     fold_block_size: float = typer.Option(50_000, "--fold-block-size", help="Spatial CV block side (CRS units of --crs)."),
     folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
     on_error: str = OnErrorOpt,
@@ -529,4 +529,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

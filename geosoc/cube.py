@@ -229,7 +229,8 @@ def _finish(url: str, layers: list[Layer], markers: Markers) -> None:
 def open_cube(url: str) -> xr.DataTree:
     """Open a cube lazily: groups `imagery` and `climate`, dask-backed, axis names as coordinates."""
     try:
-        tree = xr.open_datatree(zarr_store(url, read_only=True), engine="zarr", consolidated=False, chunks={})
+        tree = xr.open_datatree(zarr_store(url, read_only=True),  # type: ignore[arg-type]  # the zarr engine takes
+                                engine="zarr", consolidated=False, chunks={})  # stores; xarray's hint omits them
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
         raise GeosocError(f"{url}: no cube here ({type(err).__name__}); build one with `geosoc build-cube`") from None
     except (ValueError, KeyError, TypeError) as err:

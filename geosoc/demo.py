@@ -57,8 +57,8 @@ def run_demo(catalog: LoadedCatalog, root: str | None = None, progress: bool = T
     sampling, seed = config.sampling, config.training.seed
     cube = build_cube(catalog, root, progress=progress)
     unlabelled = random_points(cube, sampling.unlabelled, sampling.patch_size, seed, max_nodata=sampling.max_nodata)
-    folds = {"fold_block_size": sampling.fold_block_size, "folds": sampling.folds, "seed": seed,
-             "max_nodata": sampling.max_nodata}
+    folds: dict[str, Any] = {"fold_block_size": sampling.fold_block_size, "folds": sampling.folds, "seed": seed,
+                             "max_nodata": sampling.max_nodata}
     n_unlabelled = sample_points(cube, unlabelled, urls["unlabelled"], sampling.patch_size, kind="unlabelled",
                                  **folds).samples
     lab = simulated_lab_points(cube, catalog, LABELLED_POINTS, seed)

@@ -29,8 +29,7 @@ from geosoc.metrics import METRICS, regression_metrics
 from geosoc.sampling import open_sampleset, spatial_folds
 from geosoc.storage import exists, filesystem, join, published
 from geosoc.streaming import SampleData
-from geosoc.training import (Context, finetune_region, forward_all, pretrain_region, predict_samples,
-                             stage_urls)
+from geosoc.training import Context, finetune_region, forward_all, predict_samples, pretrain_region, stage_urls
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +126,12 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
                 table = features if model != "hybrid" else np.concatenate([features, embeddings], axis=1)
                 lower, median, upper = baselines.fit_predict(model, table[~test], observed[~test], table[test],
                                                              catalog.training.seed + repeat, threads)
-            frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": fold, "sample_id": [str(i) for i in ids[test]],
+            frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": fold,
+                                  "sample_id": [str(i) for i in ids[test]],
                                   "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
                                   "q50": median, "q95": upper})
-            with published(url) as path:
-                frame.to_parquet(path, index=False)
+            with published(url) as local:
+                frame.to_parquet(local, index=False)
         fs, path = filesystem(url)
         parts.append(pd.read_parquet(fs.open(path, "rb")))
     predictions = pd.concat(parts, ignore_index=True)

@@ -108,8 +108,8 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
 def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str) -> dict[str, Any]:
     """A STAC item (projection extension) describing the map's assets; written as `item.json` in `folder`."""
     import pystac
-    from pystac.extensions.projection import ProjectionExtension
     from pyproj import Transformer
+    from pystac.extensions.projection import ProjectionExtension
 
     crs = ds.rio.crs
     transform = ds.rio.transform()
@@ -120,7 +120,7 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
     ring = [[float(a), float(b)] for a, b in zip(lon, lat)]
     bbox = [min(lon), min(lat), max(lon), max(lat)]
     start, end = ds.attrs.get("period") or (None, None)
-    created = ds.attrs.get("created") or dt.datetime.now(dt.timezone.utc).isoformat()
+    created = ds.attrs.get("created") or dt.datetime.now(dt.UTC).isoformat()
     item = pystac.Item(
         id=item_id, geometry={"type": "Polygon", "coordinates": [ring]}, bbox=bbox,
         datetime=None if start else dt.datetime.fromisoformat(created),

@@ -7,9 +7,9 @@ centres, and a pixel's centre depends only on its global index (never on which w
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
 
 import numpy as np
 from affine import Affine

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 MAP_NAME = "soc.zarr"
 WINDOW_BYTES = 256 * 2**20  # imagery read per window (sets the default output chunk); memory ~ this x workers
 DEFAULT_BATCH = 1024
-GPU_CELLS_PER_S = 12_500  # geosoc.predict end to end, paper-size model, bf16, one H200 (measured 2026-11): --dry-run default
+# geosoc.predict end to end, paper-size model, bf16, one H200 (measured 2026-11): the --dry-run default
+GPU_CELLS_PER_S = 12_500
 
 Engine = Literal["local", "ray"]
 

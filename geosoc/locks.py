@@ -15,8 +15,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 

@@ -77,7 +77,8 @@ class Points:
 
     def subset(self, keep: np.ndarray) -> Points:
         return Points(self.ids[keep], self.x[keep], self.y[keep], self.lon[keep], self.lat[keep],
-                      self.target[keep], self.units, self.source, self.problems, self.index[keep])
+                      self.target[keep], self.units, self.source, self.problems,
+                      self.index[keep] if self.index is not None else None)
 
 
 def lonlat(x: np.ndarray, y: np.ndarray, crs: str) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +110,7 @@ def read_points(
     if on_error not in ("drop", "fail"):
         raise GeosocError(f"on_error (--on-error) must be 'drop' or 'fail', got {on_error!r}")
     spec = point_columns(path, fmt, columns)
-    table, first_row, crs = table or read_table(path, spec)
+    frame, first_row, crs = table if table is not None else read_table(path, spec)
     problems: list[Problem] = []
 
     def need(names: tuple[str, ...] | str | None, role: str) -> str | None:
@@ -117,20 +118,21 @@ def read_points(
         if options is None:
             return None
         for name in options:
-            if name in table.columns:
+            if name in frame.columns:
                 return name
         wanted = " or ".join(repr(n) for n in options)
         raise GeosocError(
-            f"{path}: missing column {wanted} ({role}); found columns: {', '.join(map(str, table.columns))}"
+            f"{path}: missing column {wanted} ({role}); found columns: {', '.join(map(str, frame.columns))}"
         )
 
     id_col, x_col, y_col = need(spec.id, "id"), need(spec.x, "x/longitude"), need(spec.y, "y/latitude")
     target_col = need(spec.target, "target")
-    rows = np.arange(len(table)) + first_row
-    bad = np.zeros(len(table), dtype=bool)
+    assert x_col is not None and y_col is not None  # a column mapping always names x and y
+    rows = np.arange(len(frame)) + first_row
+    bad = np.zeros(len(frame), dtype=bool)
 
     def numbers(column: str) -> np.ndarray:
-        raw = table[column]
+        raw = frame[column]
         values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
         unparsed = np.isnan(values) & raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
         for i in np.flatnonzero(unparsed):
@@ -140,10 +142,10 @@ def read_points(
 
     if id_col is None:
         ids = np.array([f"row{row}" for row in rows], dtype=object)
-        no_id = np.zeros(len(table), dtype=bool)
+        no_id = np.zeros(len(frame), dtype=bool)
     else:
-        ids = table[id_col].astype(str).str.strip().to_numpy(dtype=object)
-        no_id = table[id_col].isna().to_numpy() | (ids == "")
+        ids = frame[id_col].astype(str).str.strip().to_numpy(dtype=object)
+        no_id = frame[id_col].isna().to_numpy() | (ids == "")
         for i in np.flatnonzero(no_id):
             problems.append(Problem(int(rows[i]), id_col, "missing id"))
     bad |= no_id
@@ -177,7 +179,7 @@ def read_points(
                                                               "can hold (float32)"))
         bad |= missing | negative | too_large
     else:
-        target = np.full(len(table), np.nan)
+        target = np.full(len(frame), np.nan)
 
     gx, gy = Transformer.from_crs(crs, grid_crs, always_xy=True).transform(x, y)
     gx, gy = np.asarray(gx, dtype=np.float64), np.asarray(gy, dtype=np.float64)
@@ -191,12 +193,12 @@ def read_points(
     problems.sort(key=lambda p: p.row)
     if problems and on_error == "fail":
         raise GeosocError(
-            f"{path}: {len(problems)} problem(s) in {int(bad.sum())} of {len(table)} rows "
+            f"{path}: {len(problems)} problem(s) in {int(bad.sum())} of {len(frame)} rows "
             f"(use --on-error drop to skip them):\n{report(problems)}"
         )
     keep = ~bad
     if not keep.any():
-        raise GeosocError(f"{path}: no valid points among {len(table)} rows:\n{report(problems)}")
+        raise GeosocError(f"{path}: no valid points among {len(frame)} rows:\n{report(problems)}")
     points = Points(ids, gx, gy, lon, lat, target, spec.units, str(path), problems)
     return points.subset(keep)
 

@@ -91,7 +91,7 @@ def new_build(url: str, fingerprint: str, status: str, **attrs: Any) -> dict[str
     remove(progress_url(url))
     return {
         **attrs,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "geosoc_version": geosoc.__version__,
         "geosoc_fingerprint": fingerprint,
         "geosoc_build_id": uuid.uuid4().hex,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any
 
 import dask
 import numpy as np
@@ -27,7 +28,16 @@ from geosoc.errors import GeosocError
 from geosoc.grid import Grid
 from geosoc.locks import exclusive
 from geosoc.points import Points, lonlat
-from geosoc.storage import beside, check_writable, damaged_metadata, filesystem, join, publish_tree, tidy_beside, zarr_store
+from geosoc.storage import (
+    beside,
+    check_writable,
+    damaged_metadata,
+    filesystem,
+    join,
+    publish_tree,
+    tidy_beside,
+    zarr_store,
+)
 
 MAX_NODATA_FRACTION = 0.5  # default: a patch with a larger fraction of pixels without data is dropped
 ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
@@ -138,7 +148,7 @@ def climate_at(url: str, grid: Grid, x: np.ndarray, y: np.ndarray) -> np.ndarray
         members = np.flatnonzero(keys == key)
         r0, c0 = int(rows[members].min()), int(cols[members].min())
         r1, c1 = int(rows[members].max()) + 1, int(cols[members].max()) + 1
-        block = array[:, :, r0:r1, c0:c1]
+        block = np.asarray(array[:, :, r0:r1, c0:c1])
         out[members] = np.moveaxis(block[:, :, rows[members] - r0, cols[members] - c0], -1, 0)
     return out
 
@@ -200,6 +210,7 @@ class SampleSetWriter:
 
     def append(self, patches: np.ndarray) -> None:
         if len(patches):
+            assert self.patch is not None, "this SampleSet was made without patches"
             self.patch.append(patches, axis=0)
 
     def finish(self, dataset: xr.Dataset) -> str:
@@ -239,6 +250,7 @@ def sampleset_dataset(
     if bands is not None:
         coords["band"] = axis_coordinate("band", bands)
     if climate is not None:
+        assert months is not None and variables is not None
         data["climate"] = (("sample", "time", "variable"), climate.astype(np.float32))
         coords["time"] = axis_coordinate("time", months)
         coords["variable"] = axis_coordinate("variable", variables)
@@ -250,7 +262,7 @@ def sampleset_dataset(
         has_patches=bands is not None,
         has_climate=climate is not None,
         units=points.units,
-        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     return ds
 
@@ -288,12 +300,12 @@ def sample_points(
             writer.append(part.patches[valid])
             kept.append(part.indices[valid])
             for j in np.flatnonzero(~valid):
-                dropped.append(f"point {points.ids[part.indices[j]]}: {part.why_dropped(j, max_nodata)}; dropped")
+                dropped.append(f"point {points.ids[part.indices[j]]}: {part.why_dropped(int(j), max_nodata)}; dropped")
         order = np.concatenate(kept) if kept else np.array([], dtype=np.int64)
         if not len(order):
             raise GeosocError(f"{points.source}: no point has a patch with data in {cube_url}")
         chosen = points.subset(order)
-        series = climate_at(cube_url, climate_grid, chosen.x, chosen.y) if climate is not None else None
+        series = climate_at(cube_url, climate_grid, chosen.x, chosen.y) if climate_grid is not None else None
         months = list(climate["time"].values) if climate is not None else None
         variables = [str(v) for v in climate["variable"].values] if climate is not None else None
         fold = spatial_folds(chosen.x, chosen.y, fold_block_size, folds, seed)

@@ -11,13 +11,15 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import fsspec
 import zarr
 from fsspec.implementations.local import LocalFileSystem
+from zarr.abc.store import Store
 
 from geosoc.errors import GeosocError
 
@@ -42,7 +44,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def zarr_store(url: str, read_only: bool = False) -> zarr.abc.store.Store:
+def zarr_store(url: str, read_only: bool = False) -> Store:
     """A Zarr v3 store for any fsspec URL (LocalStore for local paths: faster and atomic renames)."""
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
@@ -82,9 +84,10 @@ def check_writable(url: str) -> None:
     try:
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
-    except Exception as err:  # noqa: BLE001 - any backend error means the same thing here
+    except Exception as err:
         reason = getattr(err, "strerror", None) or type(err).__name__
-        raise GeosocError(f"{url}: cannot write here ({reason}); choose another --root or fix its permissions") from None
+        raise GeosocError(
+            f"{url}: cannot write here ({reason}); choose another --root or fix its permissions") from None
     finally:
         for folder in created:  # the probe leaves nothing behind: not even the folders it needed
             try:

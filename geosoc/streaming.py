@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class SampleData:
         anew in each process (a forked worker must not reuse its parent's connections)."""
         if self._arrays is None or (not self.in_memory and self._pid != os.getpid()):
             group = zarr.open_group(zarr_store(self.url, read_only=True), mode="r", zarr_format=3)
-            arrays = {name: group[name] for name in self.names}
+            arrays = {name: cast(zarr.Array, group[name]) for name in self.names}
             self._arrays = {k: np.asarray(a[...], np.float32) for k, a in arrays.items()} if self.in_memory else arrays
             self._pid = os.getpid()
         return self._arrays

@@ -32,7 +32,8 @@ def climate_from_columns(table: pd.DataFrame, path: Path,
     present = {(v, m) for v, m, _ in found}
     missing = [f"{v}_{m}" for v in variables for m in months if (v, m) not in present]
     if missing:
-        raise GeosocError(f"{path}: climate columns incomplete, missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        more = " ..." if len(missing) > 10 else ""
+        raise GeosocError(f"{path}: climate columns incomplete, missing {missing[:10]}{more}")
     values = np.empty((len(table), len(months), len(variables)), dtype=np.float32)
     for j, variable in enumerate(variables):
         for t, month in enumerate(months):
@@ -79,7 +80,8 @@ def sampleset_from_table(
                          patches.shape[2] if patches is not None else None) as writer:
         if patches is not None:
             writer.append(np.asarray(patches[points.index], dtype=np.float32))
-        series, months, variables = (climate[0][points.index], climate[1], climate[2]) if climate else (None, None, None)
+        series, months, variables = ((climate[0][points.index], climate[1], climate[2]) if climate
+                                     else (None, None, None))
         fold = spatial_folds(points.x, points.y, fold_block_size, folds, seed)
         kind = "labelled" if np.isfinite(points.target).any() else "unlabelled"  # a table without targets
         attrs = {"cube": "", "patch_size": int(patches.shape[2]) if patches is not None else 0, "crs": grid_crs,

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,8 +31,8 @@ from geosoc.metrics import regression_metrics
 from geosoc.models import ModelConfig, SoilNet
 from geosoc.models.losses import nt_xent, pinball
 from geosoc.normalisation import Normalisation
-from geosoc.streaming import SampleData, SampleStream, data_loader, on_device, to_device
 from geosoc.storage import check_writable, join
+from geosoc.streaming import SampleData, SampleStream, data_loader, on_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def contrastive_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], te
 
     The forward goes through `model` itself, so that DistributedDataParallel arms its gradient all-reduce; in
     training the negatives are gathered from every worker."""
-    config = getattr(model, "module", model).config
+    config = cast(ModelConfig, getattr(model, "module", model).config)
     if config.bands and config.variables:
         patch = augment_patches(inputs["patch"], generator) if train else inputs["patch"]
         embeddings = model({"patch": patch, "climate": inputs["climate"]}, output="embeddings")
@@ -284,12 +285,12 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
          resume: bool, ctx: Context, patience: int | None, pretrained_url: str | None = None,
          extra: dict[str, Any] | None = None) -> dict[str, Any]:
     torch.manual_seed(seed)
-    model = SoilNet(config)
+    net = SoilNet(config)
     if pretrained_url is not None:  # the pretrained encoders (the head is trained afresh)
-        checkpoint.fit_weights(pretrained_url, model, checkpoint.load_weights(pretrained_url), skip="head.")
+        checkpoint.fit_weights(pretrained_url, net, checkpoint.load_weights(pretrained_url), skip="head.")
     if stage_name == "pretrain":  # the head is not trained by the contrastive loss (DDP needs every other
-        model.head.requires_grad_(False)  # parameter to get a gradient) and is dropped by fine-tuning
-    model = ctx.wrap(model.to(ctx.device))
+        net.head.requires_grad_(False)  # parameter to get a gradient) and is dropped by fine-tuning
+    model = ctx.wrap(net.to(ctx.device))
     optimizer = make_optimizer(model, stage.learning_rate, ctx.device)
     last = join(out_url, "last")
     start, history, best = 0, [], math.inf
@@ -358,7 +359,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
     model.train()
     running = torch.zeros((), device=ctx.device)
     steps = 0
-    total = len(batches) if hasattr(batches, "__len__") else None
+    total = len(batches) if isinstance(batches, Sized) else None
     for batch in tqdm(on_device(batches, ctx.device), total=total, desc=desc, leave=False,
                       disable=not (ctx.progress and ctx.is_main)):
         with autocast:

@@ -1,4 +1,7 @@
-"""Ray job: the region's SOC map by a pool of Ray actors. `ray job submit --working-dir . -- python jobs/predict.py --region demo --root /abs/path`"""
+"""Ray job: the region's SOC map by a pool of Ray actors.
+
+`ray job submit --working-dir . -- python jobs/predict.py --region demo --root /abs/path`
+"""
 
 from geosoc.distributed import job_main
 

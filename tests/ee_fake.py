@@ -8,7 +8,6 @@ value xee asked to unmask with, and fails like the service does (HttpError trans
 from __future__ import annotations
 
 import random
-import socket
 import threading
 import time
 from typing import Any
@@ -37,7 +36,7 @@ def structured(array: np.ndarray) -> np.ndarray:
 def initialize_offline() -> None:
     """ee.Initialize with the algorithm list the earthengine-api wheel ships; no network."""
     ee.Reset()
-    ee.data._install_cloud_api_resource = lambda: None  # noqa: SLF001 - as ee.apitestcase does
+    ee.data._install_cloud_api_resource = lambda: None
     ee.data.getAlgorithms = apitestcase.GetAlgorithms
     ee.Initialize(None, "", project="geosoc-test")
 
@@ -48,7 +47,7 @@ def http_error(status: int, message: str) -> Exception:
         raise HttpError(httplib2.Response({"status": status}), f'{{"error": {{"message": "{message}"}}}}'.encode())
     except HttpError as error:
         try:
-            raise ee.data._translate_cloud_exception(error)  # noqa: SLF001
+            raise ee.data._translate_cloud_exception(error)
         except ee.EEException as translated:
             return translated
 
@@ -90,7 +89,7 @@ class FakeEarthEngine:
                 with self.lock:
                     self.failures += 1
                 if kind == "timeout":
-                    raise socket.timeout("The read operation timed out")
+                    raise TimeoutError("The read operation timed out")
                 raise http_error(int(kind), "Too many concurrent requests" if kind == "429" else "Backend error")
             return structured(self._pixels(info))
         finally:

@@ -68,7 +68,7 @@ def test_two_builds_of_one_cube_at_once(tmp_path: Path, write_catalog) -> None:
     outputs = [run.communicate(timeout=600) for run in runs]
     codes = sorted(run.returncode for run in runs)
     assert codes in ([0, 0], [0, 1]), outputs
-    for run, (out, err) in zip(runs, outputs):
+    for run, (_, err) in zip(runs, outputs):
         assert "Traceback" not in err, err
         if run.returncode == 1:
             assert err.strip().splitlines()[-1].startswith("error: ") and "is writing it" in err

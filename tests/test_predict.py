@@ -24,10 +24,10 @@ from geosoc import checkpoint
 from geosoc.catalog import load_catalog
 from geosoc.cube import build_cube
 from geosoc.inference import open_map, plan_map, predict
+from geosoc.normalisation import Normalisation
 from geosoc.points import Points
 from geosoc.sampling import _extract_group, climate_at, open_sampleset, random_points, sample_points
 from geosoc.sources.synthetic import Landscape
-from geosoc.normalisation import Normalisation
 from geosoc.training import Context, finetune_region
 from tests.conftest import tiny_catalog_dict
 
@@ -211,11 +211,11 @@ def test_kill_9_then_resume_gives_identical_map(region: tuple[Path, str], tmp_pa
 
 
 def test_cog_and_stac_exports_validate(region: tuple[Path, str], tmp_path: Path) -> None:
+    import pystac
+    import rasterio
     from pystac.validation.stac_validator import JsonSchemaSTACValidator
     from rio_cogeo.cogeo import cog_validate
 
-    import pystac
-    import rasterio
     from geosoc.export import export_maps
 
     _, root = region

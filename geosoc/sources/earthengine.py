@@ -144,7 +144,7 @@ def initialize(high_volume: bool = False) -> None:
             ee.data.setMaxRetries(0)  # geosoc retries, with jitter and a shared throttle
             ee.data.setDeadline(CHECK_DEADLINE_MS)
             ee.Number(1).getInfo()
-        except Exception as err:  # noqa: BLE001 - every failure here means the same to the user
+        except Exception as err:
             ee.Reset()
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             if _unreachable(err):
@@ -237,7 +237,7 @@ def _xee_dataset(image_collection: Any, grid: Grid, bands: list[str], times: lis
         },
         "properties": [
             [f"geosoc/{t.isoformat()}" for t in times],
-            [int(dt.datetime(t.year, t.month, t.day, tzinfo=dt.timezone.utc).timestamp() * 1000) for t in times],
+            [int(dt.datetime(t.year, t.month, t.day, tzinfo=dt.UTC).timestamp() * 1000) for t in times],
         ],
     }
 
@@ -353,6 +353,7 @@ def earthengine_climate(catalog: LoadedCatalog, fetch: Fetch | None = None,
     climate = config.climate
     assert climate is not None and isinstance(climate.source, EarthEngineSource)
     grid, variables = config.climate_grid, list(climate.variables)
+    assert grid is not None  # a catalog with a climate section has a climate grid
     reader = EarthEngineReader(
         "climate", grid, climate.source, variables, climate.months, config.imagery.period, fetch, retry
     )

@@ -14,9 +14,10 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +120,7 @@ class PixelFetcher:
             try:
                 with _held(self.semaphore):
                     return fetch(params)
-            except Exception as error:  # noqa: BLE001 - classified just below
+            except Exception as error:
                 if not is_transient(error):
                     raise EarthEngineRequestError(
                         f"Earth Engine refused {describe_request(params, self.grid)}: {_reason(error)}"

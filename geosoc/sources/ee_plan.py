@@ -8,8 +8,8 @@ list of requests that will really be sent.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from geosoc.grid import Grid
 

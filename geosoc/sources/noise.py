@@ -7,7 +7,7 @@ column) interpolates from a small table of node values; scattered points hash th
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 from pyproj import Transformer
@@ -154,7 +155,8 @@ class Landscape:
         soil[4] *= 1 - 0.12 * f["iron"]
         soil[6] *= 1 - 0.35 * f["clay"]  # SWIR2: clay hydroxyl absorption
         soil[2] *= 1 + 0.15 * f["carbonate"]
-        cover = np.clip(_FRACTION_COVER[land] * (0.6 + 0.5 * f["wet"]) + 0.2 * np.where(land == CROPLAND, texture, 0), 0, 0.95)
+        crop_texture = 0.2 * np.where(land == CROPLAND, texture, 0)
+        cover = np.clip(_FRACTION_COVER[land] * (0.6 + 0.5 * f["wet"]) + crop_texture, 0, 0.95)
         sensor = 0.004 * value_noise(x, y, 30.0, self._key("sensor"))
         reflectance = (1 - cover) * soil + cover * _VEGETATION_SPECTRUM[:, None, None] + sensor
         b = {f"SR_B{i + 1}": reflectance[i] for i in range(7)}
@@ -225,7 +227,8 @@ class Landscape:
                 "tmmn": tmmn,
                 "tmmx": tmmx,
                 "vap": vap,
-                "vpd": np.maximum(0.0, (_saturation_vapour_pressure(tmmx) + _saturation_vapour_pressure(tmmn)) / 2 - vap),
+                "vpd": np.maximum(
+                    0.0, (_saturation_vapour_pressure(tmmx) + _saturation_vapour_pressure(tmmn)) / 2 - vap),
                 "vs": wind + 0.6 * np.abs(summer),
             }
             for v, name in enumerate(variables):
@@ -269,7 +272,7 @@ def synthetic_climate(
     grid: Grid, seed: int, months: Sequence[dt.date], variables: Sequence[str] = CLIMATE_VARIABLES
 ) -> Layer:
     reader = _ClimateReader(Landscape(seed), grid, tuple(months), tuple(variables))
-    axes = {"time": list(months), "variable": list(variables)}
+    axes: dict[str, list[Any]] = {"time": list(months), "variable": list(variables)}
     return Layer("climate", grid, axes, reader, {"source": "synthetic", "seed": seed})
 
 
