@@ -22,7 +22,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from geosoc.errors import GeosocError
-from geosoc.storage import filesystem, put_bytes
+from geosoc.storage import filesystem, leaving_no_folders, put_bytes
 
 LEASE_S = 120.0  # a lock not renewed for this long belongs to a run that is gone
 RENEW_S = 20.0
@@ -38,17 +38,19 @@ def exclusive(url: str, what: str) -> Iterator[None]:
     lock = lock_url(url)
     fs, path = filesystem(lock)
     token = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "work": what}
-    _acquire(fs, path, token, url)
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(fs, path, lock, token, stop), name="geosoc-lock", daemon=True)
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join()
-        if (_holder(fs, path) or {}).get("owner") == token["owner"]:
-            fs.rm_file(path)
+    with leaving_no_folders(fs, path):  # a run refused later (bad input) leaves no empty folder
+        _acquire(fs, path, token, url)
+        stop = threading.Event()
+        renewer = threading.Thread(target=_renew, args=(fs, path, lock, token, stop), name="geosoc-lock",
+                                   daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            if (_holder(fs, path) or {}).get("owner") == token["owner"]:
+                fs.rm_file(path)
 
 
 def _create(fs: Any, path: str, data: bytes) -> None:

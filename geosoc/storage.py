@@ -80,30 +80,34 @@ def check_writable(url: str) -> None:
     """
     fs, path = filesystem(url)
     probe = f"{path.rstrip('/')}/.geosoc-write-test-{uuid.uuid4().hex}"
-    created = _missing_folders(path) if isinstance(fs, LocalFileSystem) else []
     try:
-        fs.pipe_file(probe, b"")
-        fs.rm_file(probe)
-    except Exception as err:
+        with leaving_no_folders(fs, probe):  # the probe leaves nothing behind: not even the folders it needed
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+    except Exception as err:  # any backend error means the same thing here
         reason = getattr(err, "strerror", None) or type(err).__name__
         raise GeosocError(
             f"{url}: cannot write here ({reason}); choose another --root or fix its permissions") from None
-    finally:
-        for folder in created:  # the probe leaves nothing behind: not even the folders it needed
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break  # not empty: something else writes there now
 
 
-def _missing_folders(path: str) -> list[str]:
-    """The folders of `path` that do not exist yet, deepest first."""
+@contextmanager
+def leaving_no_folders(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[None]:
+    """A block that writes `path` and removes it again: the local folders made for it go at the end too
+    (object stores have no folders)."""
     missing = []
-    folder = Path(path).absolute()
-    while not folder.exists():
-        missing.append(str(folder))
-        folder = folder.parent
-    return missing
+    if isinstance(fs, LocalFileSystem):
+        folder = Path(path).absolute().parent
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+    try:
+        yield
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (something else writes there now) or already gone
 
 
 def _replace_locally(path: str, write: Callable[[str], Any]) -> None:

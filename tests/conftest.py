@@ -20,6 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 EDGEROI = REPO / "geosoc" / "data" / "edgeroi"
 
 
+def files_state(folder: Path) -> dict[str, int | None]:
+    """Every path below `folder`, and when each file was last written (to tell that a run wrote nothing)."""
+    return {str(p): p.stat().st_mtime_ns if p.is_file() else None for p in folder.rglob("*")}
+
+
 def tiny_catalog_dict(size_px: int = 96, chunk: int = 32, climate: bool = True) -> dict[str, Any]:
     """A synthetic region of size_px x size_px pixels at 30 m in EPSG:3035, climate at 960 m."""
     x0, y0 = 4419990, 2824380  # includes a lake: nodata pixels

@@ -18,7 +18,7 @@ from geosoc.catalog import load_catalog
 from geosoc.cli import app
 from geosoc.cube import build_cube
 from geosoc.sampling import open_sampleset
-from tests.conftest import tiny_catalog_dict
+from tests.conftest import files_state, tiny_catalog_dict
 
 MONTHS = ["2010-01", "2010-02"]
 
@@ -45,11 +45,6 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                                                   "{f}/points.csv"]])
     assert result.exit_code == 0, result.output
     return folder
-
-
-def _state(folder: Path) -> dict[str, int | None]:
-    """Every path, and when each file was last written."""
-    return {str(p): p.stat().st_mtime_ns if p.is_file() else None for p in folder.rglob("*")}
 
 
 def _damage_cube(folder: Path) -> None:
@@ -92,12 +87,12 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case: str, region: Path
     args, message, prepare = CASES[case]
     if prepare is not None:
         prepare(folder)
-    before = _state(folder)
+    before = files_state(folder)
     result = CliRunner().invoke(app, [arg.replace("{f}", str(folder)) for arg in args])
     assert result.exit_code == 1, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last and "Traceback" not in result.output, result.output
-    assert _state(folder) == before
+    assert files_state(folder) == before
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")

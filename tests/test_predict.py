@@ -267,6 +267,7 @@ def test_a_damaged_checkpoint_stops_predict_and_finetune_before_they_write(case:
     from typer.testing import CliRunner
 
     from geosoc.cli import app
+    from tests.conftest import files_state
     from tests.test_checkpoint import TAMPERING
 
     path, root = region
@@ -275,13 +276,13 @@ def test_a_damaged_checkpoint_stops_predict_and_finetune_before_they_write(case:
     damage = TAMPERING[case][0]
     damage(str(copy / "models" / "finetune"))
     damage(str(copy / "models" / "finetune" / "last"))
-    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*")}
+    before = files_state(copy)
     for command in (["predict", "-q"], ["finetune", "--test-fold", "0"]):
         result = CliRunner().invoke(app, [*command, "--catalog", str(path), "--root", str(copy)])
         assert result.exit_code == 1, result.output
         message = result.output.strip().splitlines()[-1]
         assert message.startswith("error: ") and "models/finetune" in message and "Traceback" not in result.output
-    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*")} == before  # nothing written, nothing changed
+    assert files_state(copy) == before  # nothing written, nothing changed
 
 
 def _actor_pids() -> list[int]:
