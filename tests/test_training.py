@@ -122,6 +122,57 @@ def test_resume_continues_from_last_epoch(tmp_path: Path) -> None:
     assert checkpoint.state_info(out + "/last")["epoch"] == 4
 
 
+KILLED_FINETUNE = """
+import sys, time
+from geosoc import storage
+put = storage.put_bytes
+
+def slow_put(url, data):  # widen each checkpoint write, so that kills land inside writes
+    put(url, data)
+    time.sleep(0.05)
+
+storage.put_bytes = slow_put
+from geosoc.catalog import FinetuneConfig
+from geosoc.training import finetune
+from tests.test_training import CPU, config_for
+url, out = sys.argv[1:3]
+print("ready", flush=True)
+finetune(url, out, config_for(url), FinetuneConfig(epochs=10_000, batch_size=8, patience=10_000), ctx=CPU)
+"""
+
+
+def test_finetune_killed_during_checkpoint_writes_resumes_cleanly(tmp_path: Path) -> None:
+    """SIGKILL a fine-tuning run (whose checkpoint writes are slowed, so most kills land inside one) at random
+    moments: the resumable state always loads whole, and the next run resumes it without a gap in the epochs."""
+    import os
+    import random
+    import signal
+    import sys
+    import time
+
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    out = str(tmp_path / "ft")
+    rng = random.Random(2)
+    for _ in range(3):
+        run = subprocess.Popen([sys.executable, "-c", KILLED_FINETUNE, url, out], cwd=REPO, stdout=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert run.stdout is not None and run.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(1.0, 3.0))
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        last = out + "/last"
+        if checkpoint.exists(last):
+            info = checkpoint.state_info(last)
+            assert [m["epoch"] for m in info["history"]] == list(range(1, info["epoch"] + 1))
+            model, _ = checkpoint.load_model(last)
+            checkpoint.load_state(last, torch.optim.Adam(model.parameters()))
+    done = checkpoint.state_info(out + "/last")["epoch"]
+    assert done >= 1, "no epoch finished before the kills"
+    result = finetune(url, out, config_for(url), FinetuneConfig(epochs=done + 1, batch_size=8, patience=10_000),
+                      ctx=CPU)
+    assert [m["epoch"] for m in result["history"]] == list(range(1, done + 2))
+
+
 def test_test_fold_is_never_used(tmp_path: Path) -> None:
     url = tiny_sampleset(str(tmp_path / "s.zarr"))
     data = SampleData(url)
