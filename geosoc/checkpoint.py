@@ -43,16 +43,25 @@ def exists(url: str) -> bool:
     return storage.exists(join(url, CONFIG_FILE))
 
 
-def _document(url: str) -> dict[str, Any]:
-    """config.json, parsed and checked for the entries every checkpoint has."""
-    where = join(url, CONFIG_FILE)
-    fs, path = filesystem(where)
+def _json(where: str, raw: bytes) -> Any:
     try:
-        document = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        raise GeosocError(f"{url}: no {CONFIG_FILE} here (is this a geosoc checkpoint?)") from None
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise GeosocError(f"{where}: not valid JSON ({err}); {FRESH_HINT}") from None
+
+
+def _config_raw(url: str) -> bytes:
+    fs, path = filesystem(join(url, CONFIG_FILE))
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise GeosocError(f"{url}: no {CONFIG_FILE} here (is this a geosoc checkpoint?)") from None
+
+
+def _document(url: str, raw: bytes | None = None) -> dict[str, Any]:
+    """config.json (`raw`, or read from `url`), parsed and checked for the entries every checkpoint has."""
+    where = join(url, CONFIG_FILE)
+    document = _json(where, _config_raw(url) if raw is None else raw)
     if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
         raise GeosocError(f"{where}: expected an object with a 'model' entry (the network's config); {FRESH_HINT}")
     files = document.get("files", {})
@@ -85,8 +94,9 @@ def _publish(url: str, document: dict[str, Any], new_files: dict[str, bytes]) ->
             fs.rm_file(found)
 
 
-def _read(url: str, name: str, document: dict[str, Any] | None = None) -> bytes:
-    """One logical file, checked against the manifest's checksum."""
+def read_file(url: str, name: str, document: dict[str, Any] | None = None) -> bytes:
+    """One file of a checkpoint, checked against the manifest's checksum (`document`: config.json already
+    read), with a clear error when it is not there."""
     document = _document(url) if document is None else document
     if "files" not in document:  # written before checkpoints had a manifest
         fs, path = filesystem(join(url, name))
@@ -116,9 +126,9 @@ def _tensors(url: str, name: str, data: bytes) -> dict[str, torch.Tensor]:
         raise GeosocError(f"{join(url, name)}: not a safetensors file ({err}); {FRESH_HINT}") from None
 
 
-def has_file(url: str, name: str) -> bool:
+def has_file(url: str, name: str, document: dict[str, Any] | None = None) -> bool:
     """Whether the checkpoint at `url` holds `name` (e.g. the area-of-applicability reference)."""
-    document = _document(url)
+    document = _document(url) if document is None else document
     if "files" not in document:
         return storage.exists(join(url, name))
     return name in document["files"]
@@ -145,11 +155,6 @@ def save_files(url: str, files: dict[str, bytes], config: ModelConfig, meta: dic
     _publish(url, {"model": config.to_dict(), **meta, "files": {}}, files)
 
 
-def read_file(url: str, name: str) -> bytes:
-    """One file of a checkpoint, checked, with a clear error when it is not there."""
-    return _read(url, name)
-
-
 def update_meta(url: str, updates: dict[str, Any]) -> None:
     """Add entries to a saved checkpoint's config.json (e.g. the calibration fitted after training)."""
     _publish(url, {**_document(url), **updates}, {})
@@ -161,10 +166,11 @@ def save_aoa(url: str, reference: Reference) -> None:
 
 def load_aoa(url: str) -> Reference | None:
     """The area-of-applicability reference stored with a fine-tuned model, or None if it has none."""
-    if not has_file(url, AOA_FILE):
+    document = _document(url)
+    if not has_file(url, AOA_FILE, document):
         return None
     try:
-        return Reference.from_bytes(_read(url, AOA_FILE))
+        return Reference.from_bytes(read_file(url, AOA_FILE, document))
     except (ValueError, KeyError, SafetensorError) as err:
         raise GeosocError(f"{join(url, AOA_FILE)}: not an area-of-applicability reference ({err}); "
                           f"{FRESH_HINT}") from None
@@ -172,9 +178,9 @@ def load_aoa(url: str) -> Reference | None:
 
 def config_bytes(url: str) -> bytes:
     """config.json as stored (what identifies a checkpoint's contents and checksums, e.g. in a map's fingerprint)."""
-    _document(url)
-    fs, path = filesystem(join(url, CONFIG_FILE))
-    return fs.cat_file(path)
+    raw = _config_raw(url)
+    _document(url, raw)
+    return raw
 
 
 def calibration_of(url_or_meta: str | dict[str, Any]) -> dict[str, Any]:
@@ -190,9 +196,12 @@ def offset_of(meta: dict[str, Any]) -> float:
 
 def load_config(url: str) -> tuple[ModelConfig, dict[str, Any]]:
     """The model config and the rest of config.json (without its file list), without reading the weights."""
-    meta = _document(url)
-    meta.pop("files", None)
-    return ModelConfig.from_dict(meta.pop("model")), meta
+    return _config_of(_document(url))
+
+
+def _config_of(document: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
+    meta = {k: v for k, v in document.items() if k not in ("model", "files")}
+    return ModelConfig.from_dict(document["model"]), meta
 
 
 def normalisation(url: str, meta: dict[str, Any]) -> Normalisation:
@@ -204,7 +213,7 @@ def normalisation(url: str, meta: dict[str, Any]) -> Normalisation:
                           f"{FRESH_HINT}") from None
 
 
-def build_model(url: str, config: ModelConfig) -> SoilNet:
+def _build_model(url: str, config: ModelConfig) -> SoilNet:
     """The network a checkpoint's config describes (untrained)."""
     try:
         return SoilNet(config)
@@ -231,15 +240,16 @@ def fit_weights(url: str, module: torch.nn.Module, weights: dict[str, torch.Tens
 
 def load_model(url: str, device: str | torch.device = "cpu") -> tuple[SoilNet, dict[str, Any]]:
     """The model (eval mode) and the rest of config.json (normalisation, target transform, metrics)."""
-    config, meta = load_config(url)
+    document = _document(url)
+    config, meta = _config_of(document)
     normalisation(url, meta)
-    model = build_model(url, config)
-    fit_weights(url, model, load_weights(url))
+    model = _build_model(url, config)
+    fit_weights(url, model, _tensors(url, MODEL_FILE, read_file(url, MODEL_FILE, document)))
     return model.to(device).eval(), meta
 
 
 def load_weights(url: str) -> dict[str, torch.Tensor]:
-    return _tensors(url, MODEL_FILE, _read(url, MODEL_FILE))
+    return _tensors(url, MODEL_FILE, read_file(url, MODEL_FILE))
 
 
 def _state_files(optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> dict[str, bytes]:
@@ -260,10 +270,7 @@ def _state_files(optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> dict
 
 
 def _state(url: str) -> dict[str, Any]:
-    try:
-        state = json.loads(_read(url, STATE_FILE))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GeosocError(f"{join(url, STATE_FILE)}: not valid JSON ({err}); {FRESH_HINT}") from None
+    state = _json(join(url, STATE_FILE), read_file(url, STATE_FILE))
     needed = {"param_groups": list, "state": dict, "epoch": int, "history": list}
     if not isinstance(state, dict) or not all(isinstance(state.get(k), kind) for k, kind in needed.items()):
         raise GeosocError(f"{join(url, STATE_FILE)}: expected an object with {sorted(needed)}; {FRESH_HINT}")
@@ -278,7 +285,7 @@ def state_info(url: str) -> dict[str, Any]:
 def load_state(url: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the optimizer; return the saved `info`."""
     info = _state(url)
-    tensors = _tensors(url, STATE_TENSORS, _read(url, STATE_TENSORS))
+    tensors = _tensors(url, STATE_TENSORS, read_file(url, STATE_TENSORS))
     # How the optimizer runs (fused on CUDA, or not) belongs to this process's device, not to the saved run.
     how = ("fused", "foreach", "capturable", "differentiable")
     try:

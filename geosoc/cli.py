@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -399,7 +399,7 @@ def sample(
     """Extract patches and climate series at soil points (samples/labelled.zarr) or at random valid
     locations (samples/unlabelled.zarr), with spatial cross-validation folds."""
     from geosoc.cube import cube_url
-    from geosoc.points import read_points, report
+    from geosoc.points import read_points
     from geosoc.sampling import random_points, sample_points, samples_url
 
     if (points is None) == (random is None):
@@ -411,8 +411,7 @@ def sample(
     if points is not None:
         found = read_points(points, config.region.crs, fmt, _columns(fmt, id_col, x_col, y_col, target_col,
                             points_crs, units), config.imagery_grid.bounds, on_error)  # type: ignore[arg-type]
-        if found.problems:
-            errors.print(f"{len(found.problems)} problem(s), rows dropped:\n{report(found.problems)}", highlight=False)
+        print_dropped_rows(found.problems)
         kind = "labelled"
     else:
         assert random is not None  # one of the two was given (checked above)
@@ -427,6 +426,14 @@ def sample(
     console.print(f"{result.samples:,} samples ({len(result.dropped)} dropped for missing data) -> {result.url}")
     if not result.has_climate:
         console.print("this cube has no climate: the SampleSet holds patches only (image branch alone)")
+
+
+def print_dropped_rows(problems: Sequence[Any]) -> None:
+    """The rows of a point table that `--on-error drop` left out, and why (nothing when none were)."""
+    from geosoc.points import report
+
+    if problems:
+        errors.print(f"{len(problems)} problem(s), rows dropped:\n{report(problems)}", highlight=False)
 
 
 @app.command("sample-table")
@@ -458,8 +465,7 @@ def sample_table(
         table, out, crs, fmt, _columns(fmt, id_col, x_col, y_col, target_col, points_crs, units), patches,
         bands.split(",") if bands else None, fold_block_size=fold_block_size, folds=folds, on_error=on_error,
     )
-    if result.dropped:
-        errors.print(f"{len(result.dropped)} problem(s), rows dropped:\n" + "\n".join(result.dropped[:50]), highlight=False)
+    print_dropped_rows(result.dropped)
     what = [name for name, present in (("climate", result.has_climate), ("patches", patches is not None)) if present]
     console.print(f"{result.samples:,} samples with {' and '.join(what)} -> {result.url}")
 

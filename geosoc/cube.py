@@ -31,7 +31,7 @@ from geosoc.grid import Grid, Window
 from geosoc.locks import exclusive
 from geosoc.progress import Markers, complete, new_build, resumable, run_tasks, template_written
 from geosoc.sources import Layer, WindowReader, open_layers
-from geosoc.storage import check_writable, damaged_metadata, default_root, join, zarr_store
+from geosoc.storage import damaged_metadata, default_root, join, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ def build_cube(
             layer.reader.prepare()
     readers = {layer.group: layer.reader for layer in layers}
     url = cube_url(catalog, root)
-    check_writable(url.rsplit("/", 1)[0])
-    with exclusive(url, "build-cube"):
+    with exclusive(url, "build-cube"):  # also the check, before any work, that the root takes writes
         return _build(url, catalog, layers, readers, client, workers, progress)
 
 

@@ -43,7 +43,7 @@ from geosoc.locks import exclusive
 from geosoc.models import ModelConfig
 from geosoc.progress import Markers, complete, new_build, resumable, template_written
 from geosoc.sampling import _cube_parts, climate_at, read_imagery
-from geosoc.storage import check_writable, damaged_metadata, join, read_group_attrs, zarr_store
+from geosoc.storage import damaged_metadata, join, read_group_attrs, zarr_store
 
 if TYPE_CHECKING:
     from geosoc.tabular import TabularPredictor
@@ -360,10 +360,9 @@ def _process(predictor: Predictor | TabularPredictor, data: WindowInput, out: st
     return data.window.key
 
 
-def _run_local(spec: MapSpec, windows: list[Window], out: str, markers: Markers, device: str | None,
-               bar: tqdm) -> None:
+def _run_local(spec: MapSpec, windows: list[Window], out: str, markers: Markers,
+               predictor: Predictor | TabularPredictor, bar: tqdm) -> None:
     """One process: the next window is read on a thread while the device computes the current one."""
-    predictor = load_predictor(spec.model, device, spec.batch_size)
     cube = CubeAccess.open(spec.cube)
     with ThreadPoolExecutor(max_workers=1) as reader:
         upcoming = reader.submit(read_window, cube, spec.grid, windows[0], predictor)
@@ -502,8 +501,7 @@ def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | No
           actors: int | None = None, gpus_per_actor: float | None = None, max_retries: int = 3,
           fresh: bool = False, progress: bool = True) -> str:
     """Write (or finish writing) the map of `spec` at `out`; windows already written are not redone."""
-    check_writable(out.rstrip("/").rsplit("/", 1)[0])
-    with exclusive(out, "predict"):
+    with exclusive(out, "predict"):  # also the check, before any work, that the output's folder takes writes
         return _build(spec, out, engine, device, actors, gpus_per_actor, max_retries, fresh, progress)
 
 
@@ -513,12 +511,14 @@ def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, actors: 
     fingerprint = spec.fingerprint(checkpoint.config_bytes(spec.model), str(cube_attrs.get("geosoc_build_id", "")))
     attrs = resumable(out, fingerprint, "holds a map of another model, cube or grid; pass --fresh (fresh=True) to "
                                         "replace it, or choose another output", fresh)
-    if attrs is None:
-        load_predictor(spec.model, "cpu")  # a damaged checkpoint fails here, before anything is written
-        attrs = _write_store_template(spec, out, fingerprint)
-    if attrs.get("geosoc_status") == "complete":
+    if attrs is not None and attrs.get("geosoc_status") == "complete":
         log.info("%s is already complete", out)
         return out
+    # Loaded once, before anything is written (a damaged checkpoint fails here): on the device of the local
+    # engine, which then uses it; on the CPU, only as that check, for the Ray actors.
+    predictor = load_predictor(spec.model, device if engine == "local" else "cpu", spec.batch_size)
+    if attrs is None:
+        attrs = _write_store_template(spec, out, fingerprint)
     markers = Markers(out, attrs["geosoc_build_id"])
     done = markers.completed()
     todo = [w for w in spec.grid.windows() if w.key not in done]
@@ -527,7 +527,7 @@ def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, actors: 
         if todo and engine == "ray":
             _run_ray(spec, todo, out, attrs["geosoc_build_id"], bar, actors, gpus_per_actor, max_retries)
         elif todo:
-            _run_local(spec, todo, out, markers, device, bar)
+            _run_local(spec, todo, out, markers, predictor, bar)
     done = markers.completed()
     missing = [w.key for w in spec.grid.windows() if w.key not in done]
     if missing:

@@ -1,5 +1,8 @@
 """One writer at a time per artefact: a lock object beside it (`<artefact>.lock`), created exclusively.
 
+Taking the lock is also the check that the artefact's folder takes writes: a refusal there is the usual
+"cannot write here" error, before any work.
+
 Creation is atomic on every backend geosoc writes to: `O_EXCL` on a local disk, a conditional put on S3
 (`If-None-Match: *`) and GCS (`ifGenerationMatch=0`). The holder renews the lock while it works; a lock
 left by a killed run is taken over once its lease has run out, or at once when it names a process of this
@@ -9,6 +12,7 @@ writes with the first's.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -22,7 +26,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from geosoc.errors import GeosocError
-from geosoc.storage import filesystem, leaving_no_folders, put_bytes
+from geosoc.storage import filesystem, leaving_no_folders, put_bytes, unwritable
 
 LEASE_S = 120.0  # a lock not renewed for this long belongs to a run that is gone
 RENEW_S = 20.0
@@ -56,7 +60,11 @@ def exclusive(url: str, what: str) -> Iterator[None]:
 def _create(fs: Any, path: str, data: bytes) -> None:
     """Create `path` holding `data`; FileExistsError when it is there already."""
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        folder = os.path.dirname(path) or "."
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except FileExistsError:  # a file where the folder should be: not "the lock is taken"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder) from None
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
@@ -74,18 +82,21 @@ def _acquire(fs: Any, path: str, token: dict[str, Any], url: str) -> None:
             _create(fs, path, _stamp(token))
             return
         except FileExistsError:
+            pass
+        except Exception as err:  # any backend error but "already there" means the folder refuses writes
+            raise unwritable(url.rstrip("/").rpartition("/")[0] or ".", err) from None
+        holder = _holder(fs, path)
+        if holder is None:  # perhaps created but not yet written: look again before taking it over
+            time.sleep(0.5)
             holder = _holder(fs, path)
-            if holder is None:  # perhaps created but not yet written: look again before taking it over
-                time.sleep(0.5)
-                holder = _holder(fs, path)
-            if holder is not None and not _gone(holder):
-                since = time.strftime("%H:%M:%S", time.localtime(holder.get("renewed", 0)))
-                raise GeosocError(
-                    f"{url}: another run ({holder.get('work', '?')}, pid {holder.get('pid', '?')} on "
-                    f"{holder.get('host', '?')}, alive at {since}) is writing it; wait for it to end. A run that was "
-                    f"killed frees it within {LEASE_S:.0f} s (or delete {path})") from None
-            if fs.exists(path):
-                fs.rm_file(path)  # unreadable or gone: take it over
+        if holder is not None and not _gone(holder):
+            since = time.strftime("%H:%M:%S", time.localtime(holder.get("renewed", 0)))
+            raise GeosocError(
+                f"{url}: another run ({holder.get('work', '?')}, pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, alive at {since}) is writing it; wait for it to end. A run that was "
+                f"killed frees it within {LEASE_S:.0f} s (or delete {path})") from None
+        if fs.exists(path):
+            fs.rm_file(path)  # unreadable or gone: take it over
     raise GeosocError(f"{url}: could not take its lock {path}; try again")
 
 

@@ -8,6 +8,7 @@ only ever read.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -87,7 +88,7 @@ def lonlat(x: np.ndarray, y: np.ndarray, crs: str) -> tuple[np.ndarray, np.ndarr
     return np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
 
 
-def report(problems: list[Problem], limit: int = 50) -> str:
+def report(problems: Sequence[Problem | str], limit: int = 50) -> str:
     lines = [str(p) for p in problems[:limit]]
     if len(problems) > limit:
         lines.append(f"... and {len(problems) - limit} more")

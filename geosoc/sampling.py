@@ -30,7 +30,6 @@ from geosoc.locks import exclusive
 from geosoc.points import Points, lonlat
 from geosoc.storage import (
     beside,
-    check_writable,
     damaged_metadata,
     filesystem,
     join,
@@ -189,9 +188,8 @@ class SampleSetWriter:
         self.exit = ExitStack()
 
     def __enter__(self) -> SampleSetWriter:
-        check_writable(self.url.rstrip("/").rsplit("/", 1)[0])
         with self.exit as on_error:
-            self.exit.enter_context(exclusive(self.url, "sample"))
+            self.exit.enter_context(exclusive(self.url, "sample"))  # also the check that the folder takes writes
             tidy_beside(self.url)
             self.tmp = beside(self.url, "partial")
             self.exit.callback(self._remove_tmp)

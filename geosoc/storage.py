@@ -85,9 +85,13 @@ def check_writable(url: str) -> None:
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
     except Exception as err:  # any backend error means the same thing here
-        reason = getattr(err, "strerror", None) or type(err).__name__
-        raise GeosocError(
-            f"{url}: cannot write here ({reason}); choose another --root or fix its permissions") from None
+        raise unwritable(url, err) from None
+
+
+def unwritable(url: str, err: Exception) -> GeosocError:
+    """The error for a place that refused a write (missing bucket, read-only folder, a file in the way)."""
+    reason = getattr(err, "strerror", None) or type(err).__name__
+    return GeosocError(f"{url}: cannot write here ({reason}); choose another --root or fix its permissions")
 
 
 @contextmanager

@@ -3,10 +3,10 @@ boosting beats the network, the map can be made with it.
 
 `fit_region` fits the chosen model on every labelled sample of a region (features from `baselines`), with the
 area-of-applicability reference in the space of those covariates (CAST's own choice), and writes it as a
-checkpoint folder like the network's: `config.json` (the same layout, `"kind": "tabular"`), `aoa.safetensors`
-and `estimator.skops`. skops stores the estimators without pickle; loading accepts only the tree types these
-models are made of and refuses a file holding anything else. `TabularPredictor` makes the map from it with the
-same per-window interface as the network's predictor.
+checkpoint folder like the network's: `config.json` (the same manifest, `"kind": "tabular"`) naming
+`aoa.safetensors` and `estimator.skops`. skops stores the estimators without pickle; loading accepts only the
+tree types these models are made of and refuses a file holding anything else. `TabularPredictor` makes the map
+from it with the same per-window interface as the network's predictor.
 """
 
 from __future__ import annotations

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 EDGEROI = REPO / "geosoc" / "data" / "edgeroi"
+
+
+def kill_at_random(script: str, args: list[str], rng: random.Random, low: float, high: float) -> None:
+    """Run `script` (`python -c`, the repository importable) and SIGKILL it at a random moment, `low` to `high`
+    seconds after it prints "ready" (so that kills land in its work, not in its imports)."""
+    run = subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.stdout is not None and run.stdout.readline().strip() == b"ready"
+    time.sleep(rng.uniform(low, high))
+    run.send_signal(signal.SIGKILL)
+    run.wait()
 
 
 def files_state(folder: Path) -> dict[str, int | None]:

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +16,7 @@ from geosoc import checkpoint, storage
 from geosoc.errors import GeosocError
 from geosoc.models import ModelConfig, SoilNet
 from geosoc.normalisation import Normalisation
-from tests.conftest import REPO
+from tests.conftest import kill_at_random
 from tests.test_training import TINY
 
 CONFIG = ModelConfig(bands=["b0"], variables=["v0"], **TINY)
@@ -111,12 +106,7 @@ def test_killed_at_any_moment_a_checkpoint_is_the_old_one_or_the_new(tmp_path: P
     _save(url, 0)
     rng, epoch = random.Random(0), 0
     for _ in range(4):
-        saver = subprocess.Popen([sys.executable, "-c", SAVER, url, str(epoch)], cwd=REPO, stdout=subprocess.PIPE,
-                                 env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert saver.stdout is not None and saver.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.05, 0.6))
-        saver.send_signal(signal.SIGKILL)
-        saver.wait()
+        kill_at_random(SAVER, [url, str(epoch)], rng, 0.05, 0.6)
         epoch = _saved_epoch(url)
     assert epoch > 0  # the savers got somewhere
     _save(url, epoch + 1)

@@ -270,27 +270,17 @@ def test_killed_while_replacing_a_sampleset_leaves_the_old_or_the_new(cube: str,
     """A process re-sampling in a loop is killed with SIGKILL at random moments: what is at the SampleSet's
     place is always one whole SampleSet (or, killed between its two renames, the old one set aside, which the
     next run puts back); the next run leaves nothing beside it."""
-    import os
     import random
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from geosoc.storage import tidy_beside
-    from tests.conftest import REPO
+    from tests.conftest import kill_at_random
 
     url = str(tmp_path / "samples" / "labelled.zarr")
     sizes = {float(p.target[0]): sample_points(cube, p, url, PATCH, fold_block_size=1000, folds=2).samples
              for p in two_point_sets(cube)}
     rng = random.Random(1)
     for _ in range(4):
-        resampler = subprocess.Popen([sys.executable, "-c", RESAMPLER, cube, url], cwd=REPO, stdout=subprocess.PIPE,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert resampler.stdout is not None and resampler.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.1, 1.5))
-        resampler.send_signal(signal.SIGKILL)
-        resampler.wait()
+        kill_at_random(RESAMPLER, [cube, url], rng, 0.1, 1.5)
         if not Path(url).exists():
             assert [p.name for p in Path(url).parent.glob("labelled.zarr.old-*")], "neither old nor new"
             tidy_beside(url)  # what the next run does first

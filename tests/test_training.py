@@ -144,22 +144,15 @@ finetune(url, out, config_for(url), FinetuneConfig(epochs=10_000, batch_size=8, 
 def test_finetune_killed_during_checkpoint_writes_resumes_cleanly(tmp_path: Path) -> None:
     """SIGKILL a fine-tuning run (whose checkpoint writes are slowed, so most kills land inside one) at random
     moments: the resumable state always loads whole, and the next run resumes it without a gap in the epochs."""
-    import os
     import random
-    import signal
-    import sys
-    import time
+
+    from tests.conftest import kill_at_random
 
     url = tiny_sampleset(str(tmp_path / "s.zarr"))
     out = str(tmp_path / "ft")
     rng = random.Random(2)
     for _ in range(3):
-        run = subprocess.Popen([sys.executable, "-c", KILLED_FINETUNE, url, out], cwd=REPO, stdout=subprocess.PIPE,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert run.stdout is not None and run.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(1.0, 3.0))
-        run.send_signal(signal.SIGKILL)
-        run.wait()
+        kill_at_random(KILLED_FINETUNE, [url, out], rng, 1.0, 3.0)
         last = out + "/last"
         if checkpoint.exists(last):
             info = checkpoint.state_info(last)

@@ -144,7 +144,7 @@ def initialize(high_volume: bool = False) -> None:
             ee.data.setMaxRetries(0)  # geosoc retries, with jitter and a shared throttle
             ee.data.setDeadline(CHECK_DEADLINE_MS)
             ee.Number(1).getInfo()
-        except Exception as err:
+        except Exception as err:  # every failure here means one of two things to the user, told apart below
             ee.Reset()
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             if _unreachable(err):

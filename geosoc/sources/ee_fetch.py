@@ -120,7 +120,7 @@ class PixelFetcher:
             try:
                 with _held(self.semaphore):
                     return fetch(params)
-            except Exception as error:
+            except Exception as error:  # classified just below
                 if not is_transient(error):
                     raise EarthEngineRequestError(
                         f"Earth Engine refused {describe_request(params, self.grid)}: {_reason(error)}"

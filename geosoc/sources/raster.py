@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rioxarray
+import rioxarray  # registers the .rio accessor
 import xarray as xr
 from pyproj import Transformer
 from rasterio.enums import Resampling
@@ -58,7 +58,7 @@ def inspect_raster(url: str, where: str, bands: list[str] | None, crs: str | Non
     path_key = path_key or f"{where}.path"
     try:
         src = _open(url)
-    except Exception as err:
+    except Exception as err:  # rasterio/GDAL raise many types for unreadable input
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise GeosocError(f"{url}: cannot read raster ({reason}); check {path_key}") from None
     found_crs = src.rio.crs
