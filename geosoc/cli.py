@@ -41,7 +41,7 @@ ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch 
 def _region(region: str | None, catalog: Path | None, root: str | None) -> tuple[Any, str]:
     """The loaded catalog and the region root (--root, $GEOSOC_ROOT or ./geosoc-data/<region>)."""
     from geosoc.catalog import load_catalog
-    from geosoc.storage import default_root
+    from geosoc.io.storage import default_root
 
     loaded = load_catalog(region, catalog)
     return loaded, root or default_root(loaded.config.region.name)
@@ -81,7 +81,7 @@ def build_cube_command(
 ) -> None:
     """Build (or resume building) the region's covariate cube as Zarr v3 under --root."""
     from geosoc.catalog import load_catalog
-    from geosoc.cube import build_cube, describe, open_cube, plan_cube
+    from geosoc.data.cube import build_cube, describe, open_cube, plan_cube
 
     loaded = load_catalog(region, catalog, bounds)
     if dry_run:
@@ -103,7 +103,7 @@ def demo(
     fine-tuning, the map and its exports, and every model in spatial cross-validation; prints the cube, the
     validation accuracy, where the map is and the evaluation table."""
     from geosoc.catalog import load_catalog
-    from geosoc.cube import cube_summary, describe, open_cube
+    from geosoc.data.cube import cube_summary, describe, open_cube
     from geosoc.demo import TEST_FOLD, run_demo
     from geosoc.threads import use_threads
 
@@ -133,7 +133,7 @@ def demo(
 
 def map_summary(url: str) -> str:
     """One line on a written map: size, median SOC, share inside the area of applicability."""
-    from geosoc.inference import open_map
+    from geosoc.maps.inference import open_map
 
     ds = open_map(url)
     soc = ds["soc_mean"]
@@ -163,8 +163,8 @@ def pretrain(
     quiet: bool = QuietOpt,
 ) -> None:
     """Contrastive pretraining of both encoders on unlabelled samples (-> models/pretrain)."""
+    from geosoc.learn.training import Context, pretrain_region
     from geosoc.threads import use_threads
-    from geosoc.training import Context, pretrain_region
 
     use_threads(threads)
     loaded, root = _region(region, catalog, root)
@@ -189,8 +189,8 @@ def finetune(
     quiet: bool = QuietOpt,
 ) -> None:
     """Fine-tune encoders and head on labelled samples, quantile outputs (-> models/finetune)."""
+    from geosoc.learn.training import Context, finetune_region
     from geosoc.threads import use_threads
-    from geosoc.training import Context, finetune_region
 
     use_threads(threads)
     loaded, root = _region(region, catalog, root)
@@ -212,7 +212,7 @@ def fit_tabular(
     threads: int | None = ThreadsOpt,
 ) -> None:
     """Fit a tree model on all labelled samples, for maps (-> models/<model>; then `geosoc predict --model <model>`)."""
-    from geosoc.tabular import fit_region
+    from geosoc.maps.tabular import fit_region
     from geosoc.threads import use_threads
 
     loaded, root = _region(region, catalog, root)
@@ -244,8 +244,8 @@ def predict(
 ) -> None:
     """Map SOC over the region with the fine-tuned network or a tree model (-> maps/soc.zarr, COGs, quicklook.png,
     item.json)."""
-    from geosoc.inference import GPU_CELLS_PER_S, map_region, plan_map
-    from geosoc.storage import join
+    from geosoc.io.storage import join
+    from geosoc.maps.inference import GPU_CELLS_PER_S, map_region, plan_map
     from geosoc.threads import use_threads
 
     use_threads(threads)
@@ -293,7 +293,7 @@ def evaluate(
 ) -> None:
     """Every model on the same held-out folds (-> evaluation/: metrics.csv, summary.json, predictions.parquet,
     scatter.png). A re-run skips finished (model, fold) pairs."""
-    from geosoc.evaluation import MODELS, evaluate_region
+    from geosoc.evaluation.campaign import MODELS, evaluate_region
     from geosoc.threads import use_threads
 
     count = use_threads(threads)
@@ -352,7 +352,7 @@ def _metrics_line(title: str, metrics: dict[str, Any]) -> str:
 def _columns(fmt: str, id_col: str | None, x_col: str | None, y_col: str | None, target_col: str | None,
              points_crs: str, units: str) -> Any:
     """A column mapping for --format csv (or to override a preset's columns)."""
-    from geosoc.points import PRESETS, Columns
+    from geosoc.data.points import PRESETS, Columns
 
     if not any((id_col, x_col, y_col, target_col)):
         return None
@@ -398,9 +398,9 @@ def sample(
 ) -> None:
     """Extract patches and climate series at soil points (samples/labelled.zarr) or at random valid
     locations (samples/unlabelled.zarr), with spatial cross-validation folds."""
-    from geosoc.cube import cube_url
-    from geosoc.points import read_points
-    from geosoc.sampling import random_points, sample_points, samples_url
+    from geosoc.data.cube import cube_url
+    from geosoc.data.points import read_points
+    from geosoc.data.sampling import random_points, sample_points, samples_url
 
     if (points is None) == (random is None):
         raise GeosocError("give either --points FILE or --random N")
@@ -430,7 +430,7 @@ def sample(
 
 def print_dropped_rows(problems: Sequence[Any]) -> None:
     """The rows of a point table that `--on-error drop` left out, and why (nothing when none were)."""
-    from geosoc.points import report
+    from geosoc.data.points import report
 
     if problems:
         errors.print(f"{len(problems)} problem(s), rows dropped:\n{report(problems)}", highlight=False)
@@ -456,7 +456,7 @@ def sample_table(
     on_error: str = OnErrorOpt,
 ) -> None:
     """Build a SampleSet from data prepared elsewhere (climate series as columns and/or patches)."""
-    from geosoc.tables import sampleset_from_table
+    from geosoc.data.tables import sampleset_from_table
 
     if not fold_block_size > 0:
         raise GeosocError(f"--fold-block-size must be > 0 (CRS units of --crs), got {fold_block_size:g}")

@@ -12,15 +12,15 @@ from typing import Any
 import numpy as np
 
 from geosoc.catalog import LoadedCatalog, SyntheticSource
-from geosoc.cube import build_cube
-from geosoc.evaluation import Evaluation, evaluate_region
-from geosoc.inference import map_region
-from geosoc.points import Points
-from geosoc.sampling import random_points, sample_points
+from geosoc.data.cube import build_cube
+from geosoc.data.points import Points
+from geosoc.data.sampling import random_points, sample_points
+from geosoc.evaluation.campaign import Evaluation, evaluate_region
+from geosoc.io.storage import default_root
+from geosoc.learn.training import Context, finetune_region, pretrain_region, stage_urls
+from geosoc.maps.inference import map_region
 from geosoc.sources.synthetic import Landscape
-from geosoc.storage import default_root
 from geosoc.threads import available_cores
-from geosoc.training import Context, finetune_region, pretrain_region, stage_urls
 
 LABELLED_POINTS = 400
 LAB_ERROR = 0.10

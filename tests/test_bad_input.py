@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from geosoc.catalog import load_catalog
 from geosoc.cli import app
-from geosoc.cube import build_cube
-from geosoc.sampling import open_sampleset
+from geosoc.data.cube import build_cube
+from geosoc.data.sampling import open_sampleset
 from tests.conftest import files_state, tiny_catalog_dict
 
 MONTHS = ["2010-01", "2010-02"]

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save as save_tensors
 
-from geosoc import checkpoint, storage
 from geosoc.errors import GeosocError
-from geosoc.models import ModelConfig, SoilNet
-from geosoc.normalisation import Normalisation
+from geosoc.io import storage
+from geosoc.learn import checkpoint
+from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.normalisation import Normalisation
 from tests.conftest import kill_at_random
 from tests.test_training import TINY
 

@@ -121,7 +121,7 @@ def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> N
         assert expected in names, expected
     assert not any(".partial" in name or ".progress" in name for name in names)
     check = (
-        "import geosoc, numpy as np; from geosoc.inference import open_map; "
+        "import geosoc, numpy as np; from geosoc.maps.inference import open_map; "
         f"m = open_map({root + '/maps/soc.zarr'!r}); "
         "assert m.attrs['geosoc_status'] == 'complete'; v = m['soc_mean'].values; "
         "assert np.isfinite(v).mean() > 0.5, v; print('ok', m.sizes['y'], m.sizes['x'])"
@@ -136,7 +136,7 @@ def test_cube_on_a_bucket_equals_its_sources(bucket: dict[str, str], write_catal
     assert done.returncode == 0, done.stderr
     assert f"cube complete: {root}/cube.zarr" in done.stdout
     check = (
-        "import numpy as np; from geosoc.catalog import load_catalog; from geosoc.cube import open_cube; "
+        "import numpy as np; from geosoc.catalog import load_catalog; from geosoc.data.cube import open_cube; "
         "from geosoc.sources import open_layers; "
         f"tree = open_cube({root + '/cube.zarr'!r}); assert tree.attrs['geosoc_status'] == 'complete'; "
         f"layers = open_layers(load_catalog(path={str(catalog_path)!r})); "
@@ -158,7 +158,7 @@ def test_a_lock_on_s3_admits_one_writer(s3: dict[str, str]) -> None:
     """S3's conditional put makes the lock exclusive on a bucket too (the GCS emulator ignores
     `ifGenerationMatch`, which GCS itself honours, so only S3 is tested here)."""
     url = f"s3://{BUCKET}/locked/cube.zarr"
-    out = _python(s3, "from geosoc.locks import exclusive\nfrom geosoc.errors import GeosocError\n"
+    out = _python(s3, "from geosoc.io.locks import exclusive\nfrom geosoc.errors import GeosocError\n"
                       f"with exclusive({url!r}, 'build-cube'):\n"
                       "    try:\n"
                       f"        with exclusive({url!r}, 'build-cube'): print('admitted twice')\n"

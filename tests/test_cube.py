@@ -16,9 +16,9 @@ import xarray as xr
 import zarr
 
 from geosoc.catalog import load_catalog
-from geosoc.cube import build_cube, open_cube, plan_cube
+from geosoc.data.cube import build_cube, open_cube, plan_cube
 from geosoc.errors import GeosocError
-from geosoc.sources import open_layers
+from geosoc.sources.layers import open_layers
 from tests.conftest import EDGEROI, tiny_catalog_dict
 
 
@@ -66,7 +66,7 @@ def test_build_writes_the_contract(tmp_path: Path, write_catalog) -> None:
 def test_rebuild_is_a_no_op(tmp_path: Path, write_catalog, monkeypatch: pytest.MonkeyPatch) -> None:
     catalog = load_catalog(path=write_catalog())
     url = build_cube(catalog, str(tmp_path), progress=False)
-    import geosoc.cube as cube
+    import geosoc.data.cube as cube
 
     monkeypatch.setattr(cube, "_write_chunk", lambda *a: pytest.fail("rewrote a chunk of a complete cube"))
     assert build_cube(catalog, str(tmp_path), progress=False) == url
@@ -136,7 +136,7 @@ def _markers(url: str) -> set[str]:
 def test_resume_removes_chunk_writes_a_kill_left_behind(tmp_path: Path, write_catalog) -> None:
     """Zarr's LocalStore writes `<chunk>.<hex>.partial` and renames it; a kill in between leaves the file inside
     the store. Resuming an unfinished build deletes such files (and only those)."""
-    from geosoc import progress
+    from geosoc.io import progress
 
     url = build_cube(load_catalog(path=write_catalog()), str(tmp_path), progress=False)
     group = zarr.open_group(url, mode="r+")
@@ -182,7 +182,7 @@ def test_kill_9_then_resume_gives_identical_cube(tmp_path: Path, write_catalog, 
     done = _markers(url)
     assert len(done) >= 250
     before = _chunk_files(url)
-    import geosoc.cube as cube
+    import geosoc.data.cube as cube
 
     written: list[str] = []
     real = cube._write_chunk

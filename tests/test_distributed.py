@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from geosoc import checkpoint
 from geosoc.errors import GeosocError
-from geosoc.models.losses import nt_xent
+from geosoc.learn import checkpoint
+from geosoc.learn.models.losses import nt_xent
 from tests.test_training import config_for, tiny_sampleset
 
 B, DIM = 6, 8
@@ -40,9 +40,9 @@ def _digest(model: torch.nn.Module) -> str:
 def _worker(config: dict[str, Any]) -> None:
     """One rank: the gathered loss on its half of fixed embeddings, then real pretraining and fine-tuning."""
     from geosoc.catalog import FinetuneConfig, PretrainConfig
-    from geosoc.distributed import ray_context
-    from geosoc.models import ModelConfig
-    from geosoc.training import finetune, pretrain
+    from geosoc.learn.distributed import ray_context
+    from geosoc.learn.models import ModelConfig
+    from geosoc.learn.training import finetune, pretrain
 
     ctx = ray_context()
     models: list[torch.nn.Module] = []

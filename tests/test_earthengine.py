@@ -19,10 +19,10 @@ ee = pytest.importorskip("ee")
 pytest.importorskip("xee")
 
 from geosoc.catalog import EarthEngineSource, load_catalog  # noqa: E402
-from geosoc.cube import build_cube, open_cube  # noqa: E402
+from geosoc.data.cube import build_cube, open_cube  # noqa: E402
 from geosoc.errors import GeosocError  # noqa: E402
 from geosoc.grid import Grid  # noqa: E402
-from geosoc.sources import earthengine, open_layers  # noqa: E402
+from geosoc.sources import earthengine  # noqa: E402
 from geosoc.sources.ee_fetch import EarthEngineRequestError, RetryPolicy  # noqa: E402
 from geosoc.sources.ee_plan import (  # noqa: E402
     MAX_REQUEST_BANDS,
@@ -34,6 +34,7 @@ from geosoc.sources.ee_plan import (  # noqa: E402
     window_requests,
     within_limits,
 )
+from geosoc.sources.layers import open_layers  # noqa: E402
 from tests.conftest import tiny_catalog_dict  # noqa: E402
 from tests.ee_fake import FakeEarthEngine, initialize_offline  # noqa: E402
 
@@ -155,7 +156,7 @@ def test_count_requests_matches_enumeration(height, width, chunk, n_index) -> No
 
 
 def test_europe_dry_run_plan() -> None:
-    from geosoc.cube import plan_cube
+    from geosoc.data.cube import plan_cube
 
     plan = plan_cube(load_catalog("europe"))
     imagery, climate = plan.layers

@@ -12,13 +12,13 @@ import pytest
 import torch
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from geosoc import checkpoint
-from geosoc.calibration import conformal_offset, widen
 from geosoc.catalog import FinetuneConfig, PretrainConfig, load_catalog
 from geosoc.errors import GeosocError
-from geosoc.metrics import regression_metrics
+from geosoc.learn import checkpoint
+from geosoc.learn.training import Context, finetune, pretrain
+from geosoc.stats.calibration import conformal_offset, widen
+from geosoc.stats.metrics import regression_metrics
 from geosoc.threads import available_cores
-from geosoc.training import Context, finetune, pretrain
 from tests.test_training import CPU, config_for, tiny_sampleset
 
 
@@ -131,7 +131,7 @@ def test_available_cores_is_within_the_affinity() -> None:
 
 @pytest.fixture(scope="module")
 def region_with_unlabelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    from geosoc.sampling import random_points, sample_points
+    from geosoc.data.sampling import random_points, sample_points
     from tests.test_predict import tiny_region
 
     path, root = tiny_region(tmp_path_factory.mktemp("evaluate"))
@@ -145,7 +145,7 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    import geosoc.evaluation as evaluation
+    import geosoc.evaluation.campaign as evaluation
     from geosoc.cli import app
 
     path, root = region_with_unlabelled
@@ -186,7 +186,7 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
 
 
 def test_evaluate_needs_unlabelled_samples_for_ssl(tmp_path: Path) -> None:
-    from geosoc.evaluation import evaluate_region
+    from geosoc.evaluation.campaign import evaluate_region
     from tests.test_predict import tiny_region
 
     path, root = tiny_region(tmp_path)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from geosoc import locks
 from geosoc.errors import GeosocError
+from geosoc.io import locks
 
 
 def test_a_second_writer_is_refused_and_the_lock_is_released_after(tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_the_holder_renews_its_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_two_builds_of_one_cube_at_once(tmp_path: Path, write_catalog) -> None:
     """Started together: one builds, the other stops with one clear line (or, started after the first ended,
     finds the cube complete); the cube is whole either way."""
-    from geosoc.cube import open_cube
+    from geosoc.data.cube import open_cube
 
     catalog = write_catalog(size_px=384, chunk=32)
     command = [sys.executable, "-m", "geosoc.cli", "build-cube", "--catalog", str(catalog), "--root",

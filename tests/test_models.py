@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from geosoc.models import ModelConfig, SoilNet
-from geosoc.models.climate import ClimateEncoder, sinusoidal_positions
-from geosoc.models.image import ImageEncoder
-from geosoc.models.losses import nt_xent, pinball
+from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.models.climate import ClimateEncoder, sinusoidal_positions
+from geosoc.learn.models.image import ImageEncoder
+from geosoc.learn.models.losses import nt_xent, pinball
 
 TINY = dict(patch_size=16, months=6, image_patch=4, image_dim=32, image_depth=1, image_heads=2, climate_dim=32,
             climate_layers=1, climate_heads=2, climate_feedforward=64, embedding=16, head_hidden=16)

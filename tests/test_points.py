@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from geosoc.data.points import Columns, read_points
 from geosoc.errors import GeosocError
-from geosoc.points import Columns, read_points
 from tests.conftest import EDGEROI
 
 EUROPE = (2_500_000, 1_400_000, 7_400_000, 5_500_000)

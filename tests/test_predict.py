@@ -20,15 +20,15 @@ import torch
 import yaml
 import zarr
 
-from geosoc import checkpoint
 from geosoc.catalog import load_catalog
-from geosoc.cube import build_cube
-from geosoc.inference import open_map, plan_map, predict
-from geosoc.normalisation import Normalisation
-from geosoc.points import Points
-from geosoc.sampling import _extract_group, climate_at, open_sampleset, random_points, sample_points
+from geosoc.data.cube import build_cube
+from geosoc.data.points import Points
+from geosoc.data.sampling import _extract_group, climate_at, open_sampleset, random_points, sample_points
+from geosoc.learn import checkpoint
+from geosoc.learn.normalisation import Normalisation
+from geosoc.learn.training import Context, finetune_region
+from geosoc.maps.inference import open_map, plan_map, predict
 from geosoc.sources.synthetic import Landscape
-from geosoc.training import Context, finetune_region
 from tests.conftest import tiny_catalog_dict
 
 TINY_MODEL = {"image": {"patch": 4, "dim": 32, "depth": 1, "heads": 2},
@@ -62,8 +62,8 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def per_cell(root: str, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     """The model applied to each cell's patch one at a time, through the training code's own normalisation."""
-    from geosoc.calibration import widen
-    from geosoc.cube import group_grid, open_cube
+    from geosoc.data.cube import group_grid, open_cube
+    from geosoc.stats.calibration import widen
 
     model, meta = checkpoint.load_model(f"{root}/models/finetune")
     norm = Normalisation.from_dict(meta["normalisation"])
@@ -216,7 +216,7 @@ def test_cog_and_stac_exports_validate(region: tuple[Path, str], tmp_path: Path)
     from pystac.validation.stac_validator import JsonSchemaSTACValidator
     from rio_cogeo.cogeo import cog_validate
 
-    from geosoc.export import export_maps
+    from geosoc.maps.export import export_maps
 
     _, root = region
     ds = predict(f"{root}/cube.zarr", resolution=60, out=str(tmp_path / "maps" / "soc.zarr"), progress=False)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import geosoc.sampling as sampling
+import geosoc.data.sampling as sampling
 from geosoc.catalog import load_catalog
 from geosoc.cli import app
-from geosoc.cube import build_cube, group_grid, open_cube
+from geosoc.data.cube import build_cube, group_grid, open_cube
+from geosoc.data.points import Points
+from geosoc.data.sampling import open_sampleset, random_points, sample_points, spatial_folds
+from geosoc.data.tables import sampleset_from_table
 from geosoc.errors import GeosocError
-from geosoc.points import Points
-from geosoc.sampling import open_sampleset, random_points, sample_points, spatial_folds
-from geosoc.tables import sampleset_from_table
 from tests.conftest import EDGEROI
 
 PATCH = 8
@@ -212,7 +212,7 @@ def test_sampleset_from_table_with_climate_columns(tmp_path: Path) -> None:
 
 
 def test_table_with_incomplete_climate_columns(tmp_path: Path) -> None:
-    from geosoc.points import Columns
+    from geosoc.data.points import Columns
 
     table = tmp_path / "t.csv"
     table.write_text("id,lon,lat,soc,pr_2010-01,pr_2010-02,tmmx_2010-01\np,11,48,10,1,2,3\n")
@@ -248,7 +248,7 @@ def test_region_mask_blanks_imagery_and_random_sampling_respects_it(tmp_path: Pa
 
 RESAMPLER = """
 import sys
-from geosoc.sampling import sample_points
+from geosoc.data.sampling import sample_points
 from tests.test_sampling import PATCH, two_point_sets
 cube, url = sys.argv[1:3]
 sets = two_point_sets(cube)
@@ -272,7 +272,7 @@ def test_killed_while_replacing_a_sampleset_leaves_the_old_or_the_new(cube: str,
     next run puts back); the next run leaves nothing beside it."""
     import random
 
-    from geosoc.storage import tidy_beside
+    from geosoc.io.storage import tidy_beside
     from tests.conftest import kill_at_random
 
     url = str(tmp_path / "samples" / "labelled.zarr")

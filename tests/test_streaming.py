@@ -14,9 +14,9 @@ import pytest
 import torch
 import zarr
 
-from geosoc.points import Points
-from geosoc.sampling import SampleSetWriter, sample_chunk_rows, sampleset_dataset
-from geosoc.streaming import SampleData, SampleStream, data_loader
+from geosoc.data.points import Points
+from geosoc.data.sampling import SampleSetWriter, sample_chunk_rows, sampleset_dataset
+from geosoc.data.streaming import SampleData, SampleStream, data_loader
 from tests.conftest import REPO
 from tests.test_training import tiny_sampleset
 
@@ -35,7 +35,7 @@ def test_patches_and_climate_share_chunk_rows(tmp_path: Path) -> None:
 
 def test_an_epoch_reads_every_sample_once_by_whole_chunks(tmp_path: Path, streamed: None,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("geosoc.sampling.TARGET_CHUNK_BYTES", 20 * 3 * 8 * 8 * 4)  # 20 samples a chunk
+    monkeypatch.setattr("geosoc.data.sampling.TARGET_CHUNK_BYTES", 20 * 3 * 8 * 8 * 4)  # 20 samples a chunk
     url = tiny_sampleset(str(tmp_path / "s.zarr"), n=300)
     data = SampleData(url)
     assert not data.in_memory and data.chunk_rows == 20
@@ -92,9 +92,9 @@ CHILD = """
 import json, sys
 import numpy as np
 from geosoc.catalog import PretrainConfig
-from geosoc.models import ModelConfig
-from geosoc.streaming import SampleData
-from geosoc.training import Context, pretrain
+from geosoc.learn.models import ModelConfig
+from geosoc.data.streaming import SampleData
+from geosoc.learn.training import Context, pretrain
 sys.path.insert(0, "tests/benchmarks")
 from memory import peak_rss_mib
 url, out = sys.argv[1], sys.argv[2]
@@ -128,7 +128,7 @@ def test_streaming_memory_does_not_grow_with_the_sampleset(tmp_path: Path, monke
     compared is what training adds to the process (peak minus the resident size before it): importing torch
     and the rest weighs ~1 GB here and would hide any difference."""
     limit_mib = 64
-    monkeypatch.setattr("geosoc.sampling.TARGET_CHUNK_BYTES", 256 * 2**10)
+    monkeypatch.setattr("geosoc.data.sampling.TARGET_CHUNK_BYTES", 256 * 2**10)
     env = {**os.environ, "GEOSOC_IN_MEMORY_MIB": str(limit_mib), "GEOSOC_LOADER_WORKERS": "0",
            "OMP_NUM_THREADS": "1"}
     used = {}
@@ -147,9 +147,9 @@ def test_streaming_memory_does_not_grow_with_the_sampleset(tmp_path: Path, monke
 def test_forward_all_keeps_the_order_asked_for(tmp_path: Path, streamed: None,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Outputs line up with the requested indices, also when loader workers interleave batches."""
-    monkeypatch.setattr("geosoc.sampling.TARGET_CHUNK_BYTES", 2 * 3 * 8 * 8 * 4)  # 2 samples a chunk: many windows
-    from geosoc.models import SoilNet
-    from geosoc.training import fit_normalisation, forward_all
+    monkeypatch.setattr("geosoc.data.sampling.TARGET_CHUNK_BYTES", 2 * 3 * 8 * 8 * 4)  # 2 samples a chunk: many windows
+    from geosoc.learn.models import SoilNet
+    from geosoc.learn.training import fit_normalisation, forward_all
     from tests.test_training import config_for
 
     url = tiny_sampleset(str(tmp_path / "s.zarr"), n=90)

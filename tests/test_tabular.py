@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from geosoc import baselines, checkpoint
+from geosoc.data.sampling import open_sampleset
+from geosoc.data.streaming import SampleData
 from geosoc.errors import GeosocError
-from geosoc.inference import predict
-from geosoc.sampling import open_sampleset
-from geosoc.streaming import SampleData
-from geosoc.tabular import ESTIMATOR_FILE, load
+from geosoc.learn import baselines, checkpoint
+from geosoc.maps.inference import predict
+from geosoc.maps.tabular import ESTIMATOR_FILE, load
 from tests.test_predict import tiny_region
 
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from geosoc import checkpoint
 from geosoc.catalog import FinetuneConfig, PretrainConfig
-from geosoc.models import ModelConfig
-from geosoc.points import Points
-from geosoc.sampling import SampleSetWriter, sampleset_dataset
-from geosoc.streaming import SampleData
-from geosoc.training import Context, augment_patches, finetune, pretrain, split
+from geosoc.data.points import Points
+from geosoc.data.sampling import SampleSetWriter, sampleset_dataset
+from geosoc.data.streaming import SampleData
+from geosoc.learn import checkpoint
+from geosoc.learn.models import ModelConfig
+from geosoc.learn.training import Context, augment_patches, finetune, pretrain, split
 from tests.conftest import REPO
 
 TINY = dict(patch_size=8, months=4, image_patch=4, image_dim=32, image_depth=1, image_heads=2, climate_dim=32,
@@ -124,7 +124,7 @@ def test_resume_continues_from_last_epoch(tmp_path: Path) -> None:
 
 KILLED_FINETUNE = """
 import sys, time
-from geosoc import storage
+from geosoc.io import storage
 put = storage.put_bytes
 
 def slow_put(url, data):  # widen each checkpoint write, so that kills land inside writes
@@ -133,7 +133,7 @@ def slow_put(url, data):  # widen each checkpoint write, so that kills land insi
 
 storage.put_bytes = slow_put
 from geosoc.catalog import FinetuneConfig
-from geosoc.training import finetune
+from geosoc.learn.training import finetune
 from tests.test_training import CPU, config_for
 url, out = sys.argv[1:3]
 print("ready", flush=True)

@@ -27,9 +27,9 @@ import numpy as np
 from geosoc.catalog import IMAGERY_BANDS, EarthEngineSource, LoadedCatalog
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid
-from geosoc.sources import Layer
 from geosoc.sources.ee_fetch import Fetch, PixelFetcher, RetryPolicy, Throttle
 from geosoc.sources.ee_plan import TileShape, count_requests, plan_tile
+from geosoc.sources.layers import Layer
 
 LANDSAT_SR_BANDS = ["SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"]
 LANDSAT_SCALE, LANDSAT_OFFSET = 2.75e-5, -0.2

@@ -22,7 +22,7 @@ from rioxarray.exceptions import NoDataInBounds, OneDimensionalRaster
 from geosoc.catalog import LoadedCatalog
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid
-from geosoc.sources import Layer
+from geosoc.sources.layers import Layer
 
 _MARGIN_PIXELS = 3
 

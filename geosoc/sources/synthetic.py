@@ -23,7 +23,7 @@ from pyproj import Transformer
 
 from geosoc.catalog import CLIMATE_VARIABLES, IMAGERY_BANDS
 from geosoc.grid import Grid
-from geosoc.sources import Layer
+from geosoc.sources.layers import Layer
 from geosoc.sources.noise import fbm, hash_uniform, key_of, lattice_interp, value_noise
 
 WATER, WETLAND, FOREST, GRASSLAND, CROPLAND, BARE = range(6)  # land-cover codes

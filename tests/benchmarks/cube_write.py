@@ -45,8 +45,8 @@ def throughput(size_px: int, chunk: int, workers: int, folder: Path) -> float:
     import numpy as np
 
     from geosoc.catalog import load_catalog
-    from geosoc.cube import build_cube
-    from geosoc.sources import open_layers
+    from geosoc.data.cube import build_cube
+    from geosoc.sources.layers import open_layers
 
     catalog = load_catalog(path=write_catalog(folder, size_px, chunk))
     layer = open_layers(catalog)[0]
@@ -77,7 +77,7 @@ def throughput(size_px: int, chunk: int, workers: int, folder: Path) -> float:
 
 def peak_memory_child(size_px: int, chunk: int, workers: int, folder: Path) -> None:
     from geosoc.catalog import load_catalog
-    from geosoc.cube import build_cube
+    from geosoc.data.cube import build_cube
 
     catalog = load_catalog(path=write_catalog(folder, size_px, chunk))
     build_cube(catalog, str(folder / f"mem-{size_px}"), workers=workers, progress=False)

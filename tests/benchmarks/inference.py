@@ -50,10 +50,11 @@ def make_checkpoint(cube: str, url: str, paper: bool) -> None:
     """A fine-tuned checkpoint with random weights, normalisation from the cube and an AOA reference."""
     import torch
 
-    from geosoc import aoa, checkpoint
-    from geosoc.cube import open_cube
-    from geosoc.models import ModelConfig, SoilNet
-    from geosoc.normalisation import Normalisation
+    from geosoc.data.cube import open_cube
+    from geosoc.learn import checkpoint
+    from geosoc.learn.models import ModelConfig, SoilNet
+    from geosoc.learn.normalisation import Normalisation
+    from geosoc.stats import aoa
 
     tree = open_cube(cube)
     imagery, climate = tree["imagery"].to_dataset()["data"], tree["climate"].to_dataset()["data"]
@@ -76,7 +77,7 @@ def make_checkpoint(cube: str, url: str, paper: bool) -> None:
 
 def build(folder: Path, size_px: int, paper: bool) -> tuple[str, str]:
     from geosoc.catalog import load_catalog
-    from geosoc.cube import build_cube
+    from geosoc.data.cube import build_cube
 
     root = folder / f"r{size_px}"
     cube = build_cube(load_catalog(path=write_catalog(folder, size_px)), str(root), progress=False)
@@ -89,7 +90,7 @@ def bare_rate(model_url: str, cells: int, batch: int, device: str) -> float:
     """The model alone on `cells` cells in batches already on the device (4 distinct batches, cycled)."""
     import torch
 
-    from geosoc import checkpoint
+    from geosoc.learn import checkpoint
 
     model, _ = checkpoint.load_model(model_url, device)
     config = model.config
@@ -116,7 +117,7 @@ def bare_rate(model_url: str, cells: int, batch: int, device: str) -> float:
 
 def predict_rate(cube: str, model: str, resolution: float, batch: int, device: str, out: str,
                  chunk: int | None = None) -> tuple[float, int]:
-    from geosoc.inference import predict
+    from geosoc.maps.inference import predict
 
     start = time.perf_counter()
     ds = predict(cube, model, resolution=resolution, out=out, batch_size=batch, device=device, chunk=chunk,

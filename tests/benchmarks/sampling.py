@@ -27,7 +27,7 @@ def build(folder: Path, size_px: int) -> str:
     from cube_write import write_catalog  # the same synthetic benchmark region (this folder is on sys.path)
 
     from geosoc.catalog import load_catalog
-    from geosoc.cube import build_cube
+    from geosoc.data.cube import build_cube
 
     return build_cube(load_catalog(path=write_catalog(folder, size_px, 512)), str(folder / "root"), progress=False)
 
@@ -39,8 +39,8 @@ def random_xy(grid, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def geosoc_extract(url: str, n: int, patch: int, workers: int) -> tuple[float, int]:
-    from geosoc.cube import group_grid, open_cube
-    from geosoc.sampling import extract_patches
+    from geosoc.data.cube import group_grid, open_cube
+    from geosoc.data.sampling import extract_patches
 
     grid = group_grid(open_cube(url)["imagery"].to_dataset())
     x, y = random_xy(grid, n)
@@ -67,9 +67,9 @@ def main() -> None:
         memory_child(args.child, args.points, args.patch, args.workers)
         return
 
-    from geosoc.cube import group_grid, open_cube
-    from geosoc.points import Points
-    from geosoc.sampling import sample_points
+    from geosoc.data.cube import group_grid, open_cube
+    from geosoc.data.points import Points
+    from geosoc.data.sampling import sample_points
 
     folder = Path(tempfile.mkdtemp(prefix="geosoc-sampling-bench-"))
     try:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from geosoc.catalog import load_catalog
 from geosoc.cli import console, evaluation_table
-from geosoc.cube import build_cube
+from geosoc.data.cube import build_cube
+from geosoc.data.points import read_points
+from geosoc.data.sampling import random_points, sample_points, samples_url
 from geosoc.demo import simulated_lab_points
-from geosoc.evaluation import evaluate_region
-from geosoc.points import read_points
-from geosoc.sampling import random_points, sample_points, samples_url
+from geosoc.evaluation.campaign import evaluate_region
 from geosoc.threads import use_threads
 
 EDGEROI_POINTS = Path(__file__).resolve().parents[2] / "geosoc" / "data" / "edgeroi" / "edgeroi_topsoil_first_horizon.csv"

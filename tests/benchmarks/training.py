@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from geosoc.models import ModelConfig, SoilNet
-from geosoc.models.losses import nt_xent
-from geosoc.points import Points
-from geosoc.sampling import SampleSetWriter, sampleset_dataset
-from geosoc.streaming import SampleData, SampleStream, data_loader
-from geosoc.training import Context, contrastive_loss, fit_normalisation, make_optimizer, train_epoch
+from geosoc.data.points import Points
+from geosoc.data.sampling import SampleSetWriter, sampleset_dataset
+from geosoc.data.streaming import SampleData, SampleStream, data_loader
+from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.models.losses import nt_xent
+from geosoc.learn.training import Context, contrastive_loss, fit_normalisation, make_optimizer, train_epoch
 
 BANDS, PATCH, MONTHS, VARIABLES = 14, 64, 61, 14
 

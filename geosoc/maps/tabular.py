@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from geosoc import aoa, baselines, checkpoint
 from geosoc.catalog import Catalog
 from geosoc.errors import GeosocError
-from geosoc.models import ModelConfig
-from geosoc.storage import join
+from geosoc.io.storage import join
+from geosoc.learn import baselines, checkpoint
+from geosoc.learn.models import ModelConfig
+from geosoc.stats import aoa
 
 ESTIMATOR_FILE = "estimator.skops"
 BATCH = 65536  # map cells per scikit-learn call: it is fastest on large batches
@@ -41,8 +42,8 @@ def is_tabular(meta: dict[str, Any]) -> bool:
 
 def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None, threads: int = 1) -> str:
     """`geosoc fit-tabular`: the model `name` fitted on all labelled samples of the region -> models/<name>."""
-    from geosoc.streaming import SampleData
-    from geosoc.training import stage_urls
+    from geosoc.data.streaming import SampleData
+    from geosoc.learn.training import stage_urls
 
     if name not in MAP_MODELS:
         raise GeosocError(f"--model {name!r}: maps can be made with {', '.join(MAP_MODELS)} (the network is "
@@ -105,7 +106,7 @@ class TabularPredictor:
     covariate space. Runs on the host (scikit-learn); `device` only places the AOA distances."""
 
     def __init__(self, model_url: str, device: torch.device | str | None = None) -> None:
-        from geosoc.inference import output_names
+        from geosoc.maps.inference import output_names
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config, self.meta = checkpoint.load_config(model_url)

@@ -22,10 +22,10 @@ import yaml
 
 from geosoc.catalog import Catalog, load_catalog
 from geosoc.errors import GeosocError
-from geosoc.storage import default_root, join
+from geosoc.io.storage import default_root, join
 
 if TYPE_CHECKING:
-    from geosoc.training import Context
+    from geosoc.learn.training import Context
 
 
 def ray_context() -> Context:
@@ -34,7 +34,7 @@ def ray_context() -> Context:
     import ray.train
     import ray.train.torch
 
-    from geosoc.training import Context
+    from geosoc.learn.training import Context
 
     context = ray.train.get_context()
     return Context(
@@ -61,7 +61,7 @@ def _report_to_ray(metrics: dict[str, Any], checkpoint_url: str | None) -> None:
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
-    from geosoc.training import finetune_region, pretrain_region
+    from geosoc.learn.training import finetune_region, pretrain_region
 
     catalog = Catalog.model_validate(yaml.safe_load(config["catalog_text"]))  # validated by the driver already
     run = pretrain_region if config["stage"] == "pretrain" else finetune_region
@@ -93,8 +93,8 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from geosoc.progress import remove
-    from geosoc.training import stage_urls
+    from geosoc.io.progress import remove
+    from geosoc.learn.training import stage_urls
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise blocks ~2 s
     loaded = load_catalog(region, catalog)
@@ -189,7 +189,7 @@ def _train_on_ray(stage: str, args: argparse.Namespace) -> Any:
 
 
 def _predict_on_ray(args: argparse.Namespace) -> str:
-    from geosoc.inference import map_region
+    from geosoc.maps.inference import map_region
 
     loaded = load_catalog(args.region, args.catalog)
     root = _shared_root(args.root, loaded.config.region.name)

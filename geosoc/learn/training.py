@@ -23,16 +23,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geosoc import aoa, checkpoint
-from geosoc.calibration import conformal_offset, interval
 from geosoc.catalog import Catalog, FinetuneConfig, PretrainConfig
+from geosoc.data.streaming import SampleData, SampleStream, data_loader, on_device, to_device
 from geosoc.errors import GeosocError
-from geosoc.metrics import regression_metrics
-from geosoc.models import ModelConfig, SoilNet
-from geosoc.models.losses import nt_xent, pinball
-from geosoc.normalisation import Normalisation
-from geosoc.storage import check_writable, join
-from geosoc.streaming import SampleData, SampleStream, data_loader, on_device, to_device
+from geosoc.io.storage import check_writable, join
+from geosoc.learn import checkpoint
+from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.models.losses import nt_xent, pinball
+from geosoc.learn.normalisation import Normalisation
+from geosoc.stats import aoa
+from geosoc.stats.calibration import conformal_offset, interval
+from geosoc.stats.metrics import regression_metrics
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ def _format(stage: str, metrics: dict[str, Any]) -> str:
 
 def stage_urls(root: str) -> dict[str, str]:
     """Where each stage reads and writes under a region root."""
-    from geosoc.sampling import samples_url
+    from geosoc.data.sampling import samples_url
 
     return {
         "unlabelled": samples_url(root, "unlabelled"),

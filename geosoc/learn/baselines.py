@@ -75,7 +75,7 @@ def _imputed(model: Any) -> Any:
 @dataclass
 class Fitted:
     """A fitted tabular model: its estimators (one, or one per quantile for boosting), the features it uses and
-    the CQR offset of its interval (log space). Saved with `geosoc.tabular` (skops, no pickle)."""
+    the CQR offset of its interval (log space). Saved with `geosoc.maps.tabular` (skops, no pickle)."""
 
     name: str
     estimators: list[Any]
@@ -91,7 +91,7 @@ class Fitted:
         if self.name == "qrf":
             predicted = np.expm1(np.asarray(self.estimators[0].predict(x, quantiles=list(QUANTILES))))
             return predicted[:, 0], predicted[:, 1], predicted[:, 2]
-        from geosoc.calibration import interval
+        from geosoc.stats.calibration import interval
 
         z = np.stack([model.predict(x) for model in self.estimators], axis=1)
         lower, median, upper = interval(z, list(QUANTILES), self.offset)
@@ -126,7 +126,7 @@ def fit(name: str, train_x: np.ndarray, train_y: np.ndarray, seed: int, threads:
         raise ValueError(f"unknown tabular model {name!r}; one of {', '.join(NAMES)}")
     from sklearn.model_selection import KFold
 
-    from geosoc.calibration import conformal_offset
+    from geosoc.stats.calibration import conformal_offset
 
     oof = np.empty((len(z), len(QUANTILES)))
     for part, held in KFold(3, shuffle=True, random_state=seed).split(x):

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geosoc.data.points import Columns, Points, point_columns, read_points, read_table
+from geosoc.data.sampling import SampleReport, SampleSetWriter, sampleset_dataset, spatial_folds
 from geosoc.errors import GeosocError
-from geosoc.points import Columns, Points, point_columns, read_points, read_table
-from geosoc.sampling import SampleReport, SampleSetWriter, sampleset_dataset, spatial_folds
 
 CLIMATE_COLUMN = re.compile(r"^(?P<variable>[A-Za-z][A-Za-z0-9]*)_(?P<month>\d{4}-\d{2})$")
 

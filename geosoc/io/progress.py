@@ -23,7 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
 from geosoc.errors import GeosocError
-from geosoc.storage import filesystem, join, read_group_attrs, zarr_store
+from geosoc.io.storage import filesystem, join, read_group_attrs, zarr_store
 
 PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # a chunk write of Zarr's LocalStore, not finished
 

@@ -22,14 +22,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from geosoc import baselines, checkpoint
 from geosoc.catalog import Catalog
+from geosoc.data.sampling import open_sampleset, spatial_folds
+from geosoc.data.streaming import SampleData
 from geosoc.errors import GeosocError
-from geosoc.metrics import METRICS, regression_metrics
-from geosoc.sampling import open_sampleset, spatial_folds
-from geosoc.storage import exists, filesystem, join, published
-from geosoc.streaming import SampleData
-from geosoc.training import Context, finetune_region, forward_all, predict_samples, pretrain_region, stage_urls
+from geosoc.io.storage import exists, filesystem, join, published
+from geosoc.learn import baselines, checkpoint
+from geosoc.learn.training import Context, finetune_region, forward_all, predict_samples, pretrain_region, stage_urls
+from geosoc.stats.metrics import METRICS, regression_metrics
 
 log = logging.getLogger(__name__)
 

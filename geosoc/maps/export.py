@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from geosoc.storage import join, published
+from geosoc.io.storage import join, published
 
 COG_NODATA = {"float32": float("nan"), "uint8": 255}
 QUICKLOOK_PIXELS = 1000  # longest side of the quicklook

@@ -26,7 +26,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from geosoc.errors import GeosocError
-from geosoc.storage import filesystem, leaving_no_folders, put_bytes, unwritable
+from geosoc.io.storage import filesystem, leaving_no_folders, put_bytes, unwritable
 
 LEASE_S = 120.0  # a lock not renewed for this long belongs to a run that is gone
 RENEW_S = 20.0

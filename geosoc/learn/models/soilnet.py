@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from geosoc.models.climate import ClimateEncoder
-from geosoc.models.image import ImageEncoder
+from geosoc.learn.models.climate import ClimateEncoder
+from geosoc.learn.models.image import ImageEncoder
 
 
 @dataclass

@@ -6,7 +6,7 @@ windows aligned with the output store's chunks. Each window reads its cube block
 patches need, moves it to the device, normalises it there, and cuts every patch as a view of it
 (`Tensor.unfold`: no per-cell Python, no per-cell reads); patches go through the network in large batches.
 
-The output store is written like the cube (`geosoc.progress`): a metadata-only template, one writer per
+The output store is written like the cube (`geosoc.io.progress`): a metadata-only template, one writer per
 window, a marker per finished window, so a run killed at any moment resumes without redoing finished
 windows, and a retried window is rewritten whole with the same numbers.
 """
@@ -33,20 +33,21 @@ import yaml
 import zarr
 from tqdm.auto import tqdm
 
-from geosoc import aoa, checkpoint
-from geosoc.calibration import interval
 from geosoc.catalog import Catalog, PredictConfig
-from geosoc.cube import group_grid, open_cube
+from geosoc.data.cube import group_grid, open_cube
+from geosoc.data.sampling import _cube_parts, climate_at, read_imagery
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid, Window
-from geosoc.locks import exclusive
-from geosoc.models import ModelConfig
-from geosoc.progress import Markers, complete, new_build, resumable, template_written
-from geosoc.sampling import _cube_parts, climate_at, read_imagery
-from geosoc.storage import damaged_metadata, join, read_group_attrs, zarr_store
+from geosoc.io.locks import exclusive
+from geosoc.io.progress import Markers, complete, new_build, resumable, template_written
+from geosoc.io.storage import damaged_metadata, join, read_group_attrs, zarr_store
+from geosoc.learn import checkpoint
+from geosoc.learn.models import ModelConfig
+from geosoc.stats import aoa
+from geosoc.stats.calibration import interval
 
 if TYPE_CHECKING:
-    from geosoc.tabular import TabularPredictor
+    from geosoc.maps.tabular import TabularPredictor
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def output_names(quantiles: list[float]) -> list[str]:
 def load_predictor(model_url: str, device: torch.device | str | None = None,
                    batch_size: int = DEFAULT_BATCH) -> Predictor | TabularPredictor:
     """The predictor of a checkpoint: the network's, or a tree model's (`geosoc fit-tabular`)."""
-    from geosoc.tabular import TabularPredictor, is_tabular
+    from geosoc.maps.tabular import TabularPredictor, is_tabular
 
     if is_tabular(checkpoint.load_config(model_url)[1]):
         return TabularPredictor(model_url, device)
@@ -559,7 +560,7 @@ def map_region(catalog: Catalog, root: str, *, model: str | None = None, resolut
                actors: int | None = None, gpus_per_actor: float | None = None, max_retries: int = 3,
                fresh: bool = False, export: bool = True, progress: bool = True) -> dict[str, str]:
     """`geosoc predict` and `jobs/predict.py`: the region's map under `<root>/maps/` and its exports."""
-    from geosoc.export import export_maps
+    from geosoc.maps.export import export_maps
 
     cube = join(root, "cube.zarr")
     out = join(root, "maps", MAP_NAME)

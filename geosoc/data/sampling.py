@@ -23,12 +23,12 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-from geosoc.cube import axis_coordinate, group_grid, open_cube, with_axis_names
+from geosoc.data.cube import axis_coordinate, group_grid, open_cube, with_axis_names
+from geosoc.data.points import Points, lonlat
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid
-from geosoc.locks import exclusive
-from geosoc.points import Points, lonlat
-from geosoc.storage import (
+from geosoc.io.locks import exclusive
+from geosoc.io.storage import (
     beside,
     damaged_metadata,
     filesystem,

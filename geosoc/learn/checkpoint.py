@@ -23,12 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from geosoc import storage
-from geosoc.aoa import Reference
 from geosoc.errors import GeosocError
-from geosoc.models import ModelConfig, SoilNet
-from geosoc.normalisation import Normalisation
-from geosoc.storage import filesystem, join
+from geosoc.io import storage
+from geosoc.io.storage import filesystem, join
+from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.normalisation import Normalisation
+from geosoc.stats.aoa import Reference
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 STATE_TENSORS, STATE_FILE = "state.safetensors", "state.json"

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import zarr
 
-from geosoc.sampling import open_sampleset
-from geosoc.storage import zarr_store
+from geosoc.data.sampling import open_sampleset
+from geosoc.io.storage import zarr_store
 from geosoc.threads import available_cores
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from geosoc.catalog import LoadedCatalog, load_catalog
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid, Window
-from geosoc.locks import exclusive
-from geosoc.progress import Markers, complete, new_build, resumable, run_tasks, template_written
-from geosoc.sources import Layer, WindowReader, open_layers
-from geosoc.storage import damaged_metadata, default_root, join, zarr_store
+from geosoc.io.locks import exclusive
+from geosoc.io.progress import Markers, complete, new_build, resumable, run_tasks, template_written
+from geosoc.io.storage import damaged_metadata, default_root, join, zarr_store
+from geosoc.sources.layers import Layer, WindowReader, open_layers
 
 log = logging.getLogger(__name__)
 
