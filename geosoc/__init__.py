@@ -1,47 +1,48 @@
-"""geosoc: continental soil organic carbon maps with SSL-SoilNet on cloud-native covariate cubes."""
+"""geosoc: continental soil organic carbon maps with SSL-SoilNet on cloud-native covariate cubes.
 
-from importlib.metadata import PackageNotFoundError, version
+The public names load their modules on first use (PEP 562), so `import geosoc`, the CLI's start and every Ray
+worker pay for xarray, dask, zarr, rasterio or torch only when a step needs them.
+"""
 
-try:
-    __version__ = version("geosoc")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
+from __future__ import annotations
 
-from geosoc.catalog import load_catalog
-from geosoc.data.cube import build_cube, open_cube, plan_cube
-from geosoc.data.sampling import open_sampleset
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from geosoc.errors import GeosocError
+from geosoc.version import __version__
+
+if TYPE_CHECKING:
+    from geosoc.catalog import load_catalog
+    from geosoc.data.cube import build_cube, open_cube, plan_cube
+    from geosoc.data.sampling import open_sampleset
+    from geosoc.learn.checkpoint import load_model
+    from geosoc.maps.export import export_maps
+    from geosoc.maps.inference import open_map, predict
+
+_LAZY = {
+    "load_catalog": "geosoc.catalog",
+    "build_cube": "geosoc.data.cube",
+    "open_cube": "geosoc.data.cube",
+    "plan_cube": "geosoc.data.cube",
+    "open_sampleset": "geosoc.data.sampling",
+    "load_model": "geosoc.learn.checkpoint",  # a model and its metadata from a checkpoint URL, without pickle
+    "predict": "geosoc.maps.inference",  # SOC map of a cube: median, interval bounds, aoa, di
+    "open_map": "geosoc.maps.inference",  # a written map, lazily, with its CRS
+    "export_maps": "geosoc.maps.export",  # COGs, quicklook.png and a STAC item.json of a written map
+}
 
 
-def load_model(url: str, device: str = "cpu"):
-    """A fine-tuned (or pretrained) model and its metadata from a checkpoint URL, without pickle.
-
-    Imports torch on first use only, so the cube and sampling commands start fast.
-    """
-    from geosoc.learn.checkpoint import load_model as load
-
-    return load(url, device)
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'geosoc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
-def predict(cube, model=None, **options):
-    """SOC map of a cube (`soc_mean`, interval bounds, `aoa`, `di`): see `geosoc.maps.inference.predict`."""
-    from geosoc.maps.inference import predict as run
-
-    return run(cube, model, **options)
-
-
-def open_map(url: str):
-    """A map written by `predict(..., out=url)` or `geosoc predict`, lazily, with its CRS."""
-    from geosoc.maps.inference import open_map as open_
-
-    return open_(url)
-
-
-def export_maps(ds, folder: str):
-    """COGs, quicklook.png and a STAC item.json of a written map, in `folder`."""
-    from geosoc.maps.export import export_maps as export
-
-    return export(ds, folder)
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 `ray job submit --working-dir . -- python jobs/predict.py --region demo --root /abs/path`
 """
 
-from geosoc.learn.distributed import job_main
+from geosoc.jobs import job_main
 
 if __name__ == "__main__":
     job_main("predict")

@@ -107,7 +107,7 @@ def test_error_messages_keep_their_brackets(tmp_path: Path) -> None:
 
 
 def test_a_job_refuses_out_of_range_flags_before_starting() -> None:
-    from geosoc.learn.distributed import job_parser
+    from geosoc.jobs import job_parser
 
     for stage, args in (("pretrain", ["--epochs", "0"]), ("finetune", ["--batch-size", "1"]),
                         ("pretrain", ["--workers", "0"]), ("predict", ["--actors", "0"])):

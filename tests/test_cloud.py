@@ -137,7 +137,7 @@ def test_cube_on_a_bucket_equals_its_sources(bucket: dict[str, str], write_catal
     assert f"cube complete: {root}/cube.zarr" in done.stdout
     check = (
         "import numpy as np; from geosoc.catalog import load_catalog; from geosoc.data.cube import open_cube; "
-        "from geosoc.sources import open_layers; "
+        "from geosoc.sources.from_catalog import open_layers; "
         f"tree = open_cube({root + '/cube.zarr'!r}); assert tree.attrs['geosoc_status'] == 'complete'; "
         f"layers = open_layers(load_catalog(path={str(catalog_path)!r})); "
         "[np.testing.assert_array_equal(tree[l.group].to_dataset()['data'].values, l.lazy().values) for l in layers]; "

@@ -18,7 +18,7 @@ import zarr
 from geosoc.catalog import load_catalog
 from geosoc.data.cube import build_cube, open_cube, plan_cube
 from geosoc.errors import GeosocError
-from geosoc.sources.layers import open_layers
+from geosoc.sources.from_catalog import open_layers
 from tests.conftest import EDGEROI, tiny_catalog_dict
 
 

@@ -34,7 +34,7 @@ from geosoc.sources.ee_plan import (  # noqa: E402
     window_requests,
     within_limits,
 )
-from geosoc.sources.layers import open_layers  # noqa: E402
+from geosoc.sources.from_catalog import open_layers  # noqa: E402
 from tests.conftest import tiny_catalog_dict  # noqa: E402
 from tests.ee_fake import FakeEarthEngine, initialize_offline  # noqa: E402
 

@@ -137,7 +137,7 @@ def test_dockerfile_installs_what_the_makefile_installs() -> None:
 def test_every_rayjob_runs_an_existing_job_with_flags_it_accepts() -> None:
     import shlex
 
-    from geosoc.learn.distributed import job_parser
+    from geosoc.jobs import job_parser
 
     jobs = sorted((INFRA / "kuberay").glob("rayjob-*.yaml"))
     assert {p.stem for p in jobs} >= {"rayjob-pretrain", "rayjob-finetune", "rayjob-predict"}

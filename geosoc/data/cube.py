@@ -31,7 +31,8 @@ from geosoc.grid import Grid, Window
 from geosoc.io.locks import exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, run_tasks, template_written
 from geosoc.io.storage import damaged_metadata, default_root, join, zarr_store
-from geosoc.sources.layers import Layer, WindowReader, open_layers
+from geosoc.sources.from_catalog import open_layers
+from geosoc.sources.layers import Layer, WindowReader
 
 log = logging.getLogger(__name__)
 
@@ -283,3 +284,11 @@ def cube_summary(tree: xr.DataTree) -> dict[str, Any]:
         }
     ).compute()
     return json.loads(stats.to_dataframe().to_json(orient="index"))
+
+
+def cube_parts(cube_url: str) -> tuple[xr.Dataset, Grid, xr.Dataset | None, Grid | None]:
+    """A cube's imagery and (if any) climate groups, each with its grid."""
+    tree = open_cube(cube_url)
+    imagery = tree["imagery"].to_dataset()
+    climate = tree["climate"].to_dataset() if "climate" in tree.children else None
+    return imagery, group_grid(imagery), climate, group_grid(climate) if climate is not None else None

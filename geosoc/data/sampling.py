@@ -23,7 +23,7 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-from geosoc.data.cube import axis_coordinate, group_grid, open_cube, with_axis_names
+from geosoc.data.cube import axis_coordinate, cube_parts, with_axis_names
 from geosoc.data.points import Points, lonlat
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid
@@ -273,13 +273,6 @@ class SampleReport:
     has_climate: bool
 
 
-def _cube_parts(cube_url: str) -> tuple[xr.Dataset, Grid, xr.Dataset | None, Grid | None]:
-    tree = open_cube(cube_url)
-    imagery = tree["imagery"].to_dataset()
-    climate = tree["climate"].to_dataset() if "climate" in tree.children else None
-    return imagery, group_grid(imagery), climate, group_grid(climate) if climate is not None else None
-
-
 def sample_points(
     cube_url: str, points: Points, out_url: str, patch: int, *, fold_block_size: float, folds: int,
     seed: int = 0, client: Any = None, workers: int | None = None, progress: bool = False, kind: str = "labelled",
@@ -287,7 +280,7 @@ def sample_points(
 ) -> SampleReport:
     """Write the SampleSet of `points`: patch and climate series at each, dropping patches without data at
     their centre or with more than `max_nodata` of their pixels without data."""
-    imagery, grid, climate, climate_grid = _cube_parts(cube_url)
+    imagery, grid, climate, climate_grid = cube_parts(cube_url)
     bands = [str(b) for b in imagery["band"].values]
     kept: list[np.ndarray] = []
     dropped: list[str] = []
@@ -319,7 +312,7 @@ def random_points(
 ) -> Points:
     """`n` reproducible random locations whose patch has data (centre valid, mostly valid), `min_spacing`
     apart. Candidates are drawn in rounds, extracted, and the valid ones kept in candidate order."""
-    _, grid, _, _ = _cube_parts(cube_url)
+    _, grid, _, _ = cube_parts(cube_url)
     rng = np.random.default_rng(seed)
     xmin, ymin, xmax, ymax = grid.bounds
     accepted_x: list[float] = []

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from geosoc.errors import GeosocError
 from geosoc.io.storage import filesystem, join, read_group_attrs, zarr_store
+from geosoc.version import __version__
 
 PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # a chunk write of Zarr's LocalStore, not finished
 
@@ -86,13 +87,11 @@ def remove_partial_writes(url: str) -> None:
 
 def new_build(url: str, fingerprint: str, status: str, **attrs: Any) -> dict[str, Any]:
     """Root attributes of a new build (its template not yet complete); markers of an abandoned one removed."""
-    import geosoc
-
     remove(progress_url(url))
     return {
         **attrs,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "geosoc_version": geosoc.__version__,
+        "geosoc_version": __version__,
         "geosoc_fingerprint": fingerprint,
         "geosoc_build_id": uuid.uuid4().hex,
         "geosoc_status": status,

@@ -34,8 +34,8 @@ import zarr
 from tqdm.auto import tqdm
 
 from geosoc.catalog import Catalog, PredictConfig
-from geosoc.data.cube import group_grid, open_cube
-from geosoc.data.sampling import _cube_parts, climate_at, read_imagery
+from geosoc.data.cube import cube_parts, group_grid, open_cube
+from geosoc.data.sampling import climate_at, read_imagery
 from geosoc.errors import GeosocError
 from geosoc.grid import Grid, Window
 from geosoc.io.locks import exclusive
@@ -43,6 +43,7 @@ from geosoc.io.progress import Markers, complete, new_build, resumable, template
 from geosoc.io.storage import damaged_metadata, join, read_group_attrs, zarr_store
 from geosoc.learn import checkpoint
 from geosoc.learn.models import ModelConfig
+from geosoc.maps.outputs import output_names, quantile_name
 from geosoc.stats import aoa
 from geosoc.stats.calibration import interval
 
@@ -58,15 +59,6 @@ DEFAULT_BATCH = 1024
 GPU_CELLS_PER_S = 12_500
 
 Engine = Literal["local", "ray"]
-
-
-def quantile_name(q: float) -> str:
-    return f"soc_q{round(q * 100):02d}"
-
-
-def output_names(quantiles: list[float]) -> list[str]:
-    """A map's variables: soc_mean (the median), one soc_qXX per other quantile, then aoa and di."""
-    return ["soc_mean"] + [quantile_name(q) for q in quantiles if q != 0.5] + ["aoa", "di"]
 
 
 def load_predictor(model_url: str, device: torch.device | str | None = None,
@@ -249,7 +241,7 @@ class CubeAccess:
 
     @classmethod
     def open(cls, url: str) -> CubeAccess:
-        imagery, grid, climate, climate_grid = _cube_parts(url)
+        imagery, grid, climate, climate_grid = cube_parts(url)
         variables = [str(v) for v in climate["variable"].values] if climate is not None else []
         return cls(url, grid, climate_grid, [str(b) for b in imagery["band"].values], variables)
 

@@ -21,6 +21,7 @@ from geosoc.errors import GeosocError
 from geosoc.io.storage import join
 from geosoc.learn import baselines, checkpoint
 from geosoc.learn.models import ModelConfig
+from geosoc.maps.outputs import output_names
 from geosoc.stats import aoa
 
 ESTIMATOR_FILE = "estimator.skops"
@@ -106,8 +107,6 @@ class TabularPredictor:
     covariate space. Runs on the host (scikit-learn); `device` only places the AOA distances."""
 
     def __init__(self, model_url: str, device: torch.device | str | None = None) -> None:
-        from geosoc.maps.inference import output_names
-
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config, self.meta = checkpoint.load_config(model_url)
         self.fitted = load(model_url)

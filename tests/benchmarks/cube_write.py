@@ -46,7 +46,7 @@ def throughput(size_px: int, chunk: int, workers: int, folder: Path) -> float:
 
     from geosoc.catalog import load_catalog
     from geosoc.data.cube import build_cube
-    from geosoc.sources.layers import open_layers
+    from geosoc.sources.from_catalog import open_layers
 
     catalog = load_catalog(path=write_catalog(folder, size_px, chunk))
     layer = open_layers(catalog)[0]
