@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError
 
-from geosoc.errors import GeosocError
+from geosoc.errors import CatalogError
 from geosoc.grid import Grid
 
 CATALOG_DIR = Path(__file__).parent / "catalogs"
@@ -52,8 +52,8 @@ class _Section(BaseModel):
 def _parse_crs(value: str) -> str:
     try:
         CRS.from_user_input(value)
-    except CRSError:
-        raise ValueError(f"{value!r} is not a CRS pyproj understands (e.g. 'EPSG:3035')") from None
+    except CRSError as err:
+        raise ValueError(f"{value!r} is not a CRS pyproj understands (e.g. 'EPSG:3035')") from err
     return value
 
 
@@ -154,8 +154,8 @@ def _month(value: Any) -> str:
     text = str(value)
     try:
         dt.datetime.strptime(text, "%Y-%m")
-    except ValueError:
-        raise ValueError(f"{text!r} is not a month written YYYY-MM") from None
+    except ValueError as err:
+        raise ValueError(f"{text!r} is not a month written YYYY-MM") from err
     return text
 
 
@@ -253,7 +253,6 @@ class PredictConfig(_Section):
     resolution: float = Field(1000, gt=0)
     model: str = Field("finetune", min_length=1, description="under the region's models/ (finetune, rf, gbm, qrf) "
                                                              "or a URL")
-    quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.95])
 
 
 class Catalog(_Section):
@@ -298,10 +297,30 @@ def known_regions() -> list[str]:
     return sorted(p.stem for p in CATALOG_DIR.glob("*.yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently:
+    a catalog with `training:` twice would lose half of its settings without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """A catalog's YAML text as Python data; yaml.YAMLError (with the line) for bad syntax or a repeated key."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def catalog_path(region: str) -> Path:
     path = CATALOG_DIR / f"{region}.yaml"
     if not path.is_file():
-        raise GeosocError(
+        raise CatalogError(
             f"unknown region {region!r}: no catalog {path.name}; known regions: {', '.join(known_regions())} "
             "(or pass --catalog PATH)"
         )
@@ -316,22 +335,22 @@ def load_catalog(
     """Read and validate a catalog by region name or file; `bounds` overrides the region's bounds."""
     if path is None:
         if region is None:
-            raise GeosocError("name a region (--region) or a catalog file (--catalog)")
+            raise CatalogError("name a region (--region) or a catalog file (--catalog)")
         path = catalog_path(region)
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
-        raise GeosocError(f"{path}: cannot read catalog: {err.strerror}") from None
+        raise CatalogError(f"{path}: cannot read catalog: {err.strerror}") from err
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(err, "problem", None) or str(err)
-        raise GeosocError(f"{path}: not valid YAML{at}: {problem}") from None
+        raise CatalogError(f"{path}: not valid YAML{at}: {problem}") from err
     if not isinstance(data, dict):
-        raise GeosocError(f"{path}: expected a mapping with keys region, imagery, ...; got {type(data).__name__}")
+        raise CatalogError(f"{path}: expected a mapping with keys region, imagery, ...; got {type(data).__name__}")
     if bounds is not None:
         data.setdefault("region", {})
         if isinstance(data["region"], dict):
@@ -339,9 +358,9 @@ def load_catalog(
     try:
         config = Catalog.model_validate(data)
     except ValidationError as err:
-        raise GeosocError(_describe(path, err)) from None
+        raise CatalogError(_describe(path, err)) from err
     if region is not None and config.region.name != region:
-        raise GeosocError(f"{path}: region.name is {config.region.name!r}, expected {region!r}")
+        raise CatalogError(f"{path}: region.name is {config.region.name!r}, expected {region!r}")
     return LoadedCatalog(config=config, path=path, text=text)
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from geosoc.errors import GeosocError
+from geosoc.errors import GeosocError, InputError, ServiceError
 
 app = typer.Typer(
     help="Continental soil organic carbon maps with SSL-SoilNet.",
@@ -250,7 +250,7 @@ def predict(
 
     use_threads(threads)
     if engine not in ("local", "ray"):
-        raise GeosocError(f"--engine must be 'local' or 'ray', got {engine!r}")
+        raise InputError(f"--engine must be 'local' or 'ray', got {engine!r}")
     loaded, root = _region(region, catalog, root)
     model = model or loaded.config.predict.model
     if dry_run:
@@ -359,7 +359,7 @@ def _columns(fmt: str, id_col: str | None, x_col: str | None, y_col: str | None,
     base = PRESETS.get(fmt)
     if base is None:
         if not (x_col and y_col):
-            raise GeosocError("--format csv needs at least --x-col and --y-col (and usually --id-col and --target-col)")
+            raise InputError("--format csv needs at least --x-col and --y-col (and usually --id-col and --target-col)")
         return Columns(id_col, (x_col,), (y_col,), target_col, points_crs, units)
     return Columns(id_col or base.id, (x_col,) if x_col else base.x, (y_col,) if y_col else base.y,
                    target_col or base.target, points_crs if x_col else base.crs, base.units)
@@ -403,7 +403,7 @@ def sample(
     from geosoc.data.sampling import random_points, sample_points, samples_url
 
     if (points is None) == (random is None):
-        raise GeosocError("give either --points FILE or --random N")
+        raise InputError("give either --points FILE or --random N")
     loaded, root = _region(region, catalog, root)
     config = loaded.config
     cube = cube_url(loaded, root)
@@ -459,7 +459,7 @@ def sample_table(
     from geosoc.data.tables import sampleset_from_table
 
     if not fold_block_size > 0:
-        raise GeosocError(f"--fold-block-size must be > 0 (CRS units of --crs), got {fold_block_size:g}")
+        raise InputError(f"--fold-block-size must be > 0 (CRS units of --crs), got {fold_block_size:g}")
 
     result = sampleset_from_table(
         table, out, crs, fmt, _columns(fmt, id_col, x_col, y_col, target_col, points_crs, units), patches,
@@ -527,7 +527,7 @@ def _client(address: str | None) -> Any:
     try:
         return Client(address, timeout="10s")
     except OSError as err:
-        raise GeosocError(f"cannot reach the Dask scheduler at {address}: {err}") from None
+        raise ServiceError(f"cannot reach the Dask scheduler at {address}: {err}") from err
 
 
 def main() -> None:

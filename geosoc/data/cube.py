@@ -26,7 +26,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from geosoc.catalog import LoadedCatalog, load_catalog
-from geosoc.errors import GeosocError
+from geosoc.errors import DamagedError, IncompleteError, NotFoundError
 from geosoc.grid import Grid, Window
 from geosoc.io.locks import exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, run_tasks, template_written
@@ -222,19 +222,20 @@ def _finish(url: str, layers: list[Layer], markers: Markers) -> None:
     }
     missing = {g: r for g, r in record.items() if r["complete"] != r["chunks"]}
     if missing:
-        raise GeosocError(f"{url}: chunks still missing after the build: {missing}; run the build again")
+        raise IncompleteError(f"{url}: chunks still missing after the build: {missing}; run the build again")
     complete(url, {"geosoc_chunks": record})
 
 
 def open_cube(url: str) -> xr.DataTree:
     """Open a cube lazily: groups `imagery` and `climate`, dask-backed, axis names as coordinates."""
+    store = zarr_store(url, read_only=True)  # outside the try: a bad URL is its own error, not damaged metadata
     try:
-        tree = xr.open_datatree(zarr_store(url, read_only=True),  # type: ignore[arg-type]  # the zarr engine takes
-                                engine="zarr", consolidated=False, chunks={})  # stores; xarray's hint omits them
+        tree = xr.open_datatree(store,  # type: ignore[arg-type]  # the zarr engine takes stores; xarray's hint
+                                engine="zarr", consolidated=False, chunks={})  # omits them
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        raise GeosocError(f"{url}: no cube here ({type(err).__name__}); build one with `geosoc build-cube`") from None
+        raise NotFoundError(f"{url}: no cube here ({type(err).__name__}); build one with `geosoc build-cube`") from err
     except (ValueError, KeyError, TypeError) as err:
-        raise GeosocError(damaged_metadata(url, err)) from None
+        raise DamagedError(damaged_metadata(url, err)) from err
     status = tree.attrs.get("geosoc_status")
     if status != "complete":
         log.warning("%s is not complete (status %r): missing chunks read as NaN; re-run build-cube", url, status)

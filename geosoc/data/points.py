@@ -18,7 +18,7 @@ import pandas as pd
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError
 
-from geosoc.errors import GeosocError
+from geosoc.errors import InputError, NotFoundError
 
 OnError = Literal["drop", "fail"]
 FORMATS = ("lucas2015", "lucas2018", "raca", "edgeroi", "csv")
@@ -109,7 +109,7 @@ def read_points(
     `table` is the file already read with `read_table` (to read it once when other columns are needed)."""
     path = Path(path)
     if on_error not in ("drop", "fail"):
-        raise GeosocError(f"on_error (--on-error) must be 'drop' or 'fail', got {on_error!r}")
+        raise InputError(f"on_error (--on-error) must be 'drop' or 'fail', got {on_error!r}")
     spec = point_columns(path, fmt, columns)
     frame, first_row, crs = table if table is not None else read_table(path, spec)
     problems: list[Problem] = []
@@ -122,7 +122,7 @@ def read_points(
             if name in frame.columns:
                 return name
         wanted = " or ".join(repr(n) for n in options)
-        raise GeosocError(
+        raise InputError(
             f"{path}: missing column {wanted} ({role}); found columns: {', '.join(map(str, frame.columns))}"
         )
 
@@ -193,13 +193,13 @@ def read_points(
         bad |= outside
     problems.sort(key=lambda p: p.row)
     if problems and on_error == "fail":
-        raise GeosocError(
+        raise InputError(
             f"{path}: {len(problems)} problem(s) in {int(bad.sum())} of {len(frame)} rows "
             f"(use --on-error drop to skip them):\n{report(problems)}"
         )
     keep = ~bad
     if not keep.any():
-        raise GeosocError(f"{path}: no valid points among {len(frame)} rows:\n{report(problems)}")
+        raise InputError(f"{path}: no valid points among {len(frame)} rows:\n{report(problems)}")
     points = Points(ids, gx, gy, lon, lat, target, spec.units, str(path), problems)
     return points.subset(keep)
 
@@ -209,7 +209,7 @@ def known_crs(value: str, what: str) -> CRS:
     try:
         return CRS.from_user_input(value)
     except CRSError as err:
-        raise GeosocError(f"{what}: {value!r} is not a CRS pyproj knows ({str(err).splitlines()[0]})") from None
+        raise InputError(f"{what}: {value!r} is not a CRS pyproj knows ({str(err).splitlines()[0]})") from err
 
 
 Table = tuple[pd.DataFrame, int, str]  # rows as text, number of the first data row, CRS of the coordinates
@@ -218,10 +218,10 @@ Table = tuple[pd.DataFrame, int, str]  # rows as text, number of the first data 
 def point_columns(path: Path, fmt: str, columns: Columns | None) -> Columns:
     """The column mapping: the one given, or the format's preset."""
     if fmt not in FORMATS:
-        raise GeosocError(f"{path}: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+        raise InputError(f"{path}: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
     spec = columns or PRESETS.get(fmt)
     if spec is None:
-        raise GeosocError(f"{path}: format 'csv' needs a column mapping (id, x, y, target and CRS)")
+        raise InputError(f"{path}: format 'csv' needs a column mapping (id, x, y, target and CRS)")
     return spec
 
 
@@ -231,10 +231,10 @@ def read_table(path: Path, spec: Columns) -> Table:
         if path.suffix.lower() in (".parquet", ".geoparquet"):
             return _read_geoparquet(path, spec)
         return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]), 2, spec.crs
-    except FileNotFoundError:
-        raise GeosocError(f"{path}: no such file") from None
+    except FileNotFoundError as err:
+        raise NotFoundError(f"{path}: no such file") from err
     except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise GeosocError(f"{path}: cannot read table: {str(err).splitlines()[0]}") from None
+        raise InputError(f"{path}: cannot read table: {str(err).splitlines()[0]}") from err
 
 
 def _read_geoparquet(path: Path, spec: Columns) -> Table:

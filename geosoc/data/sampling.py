@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from geosoc.data.cube import axis_coordinate, cube_parts, with_axis_names
 from geosoc.data.points import Points, lonlat
-from geosoc.errors import GeosocError
+from geosoc.errors import DamagedError, InputError, NotFoundError
 from geosoc.grid import Grid
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import (
@@ -294,7 +294,7 @@ def sample_points(
                 dropped.append(f"point {points.ids[part.indices[j]]}: {part.why_dropped(int(j), max_nodata)}; dropped")
         order = np.concatenate(kept) if kept else np.array([], dtype=np.int64)
         if not len(order):
-            raise GeosocError(f"{points.source}: no point has a patch with data in {cube_url}")
+            raise InputError(f"{points.source}: no point has a patch with data in {cube_url}")
         chosen = points.subset(order)
         series = climate_at(cube_url, climate_grid, chosen.x, chosen.y) if climate_grid is not None else None
         months = list(climate["time"].values) if climate is not None else None
@@ -341,7 +341,7 @@ def random_points(
                 accepted_x.append(float(cx[i]))
                 accepted_y.append(float(cy[i]))
     if len(accepted_x) < n:
-        raise GeosocError(f"found only {len(accepted_x)} of {n} valid locations; lower --min-spacing or N")
+        raise InputError(f"found only {len(accepted_x)} of {n} valid locations; lower --min-spacing or N")
     x, y = np.array(accepted_x), np.array(accepted_y)
     ids = np.array([f"random-{seed}-{i}" for i in range(n)], dtype=object)
     return Points(ids, x, y, *lonlat(x, y, grid.crs), np.full(n, np.nan), "", f"random(seed={seed})")
@@ -377,12 +377,13 @@ class _SpacingIndex:
 
 def open_sampleset(url: str) -> xr.Dataset:
     """Open a SampleSet lazily, with band and variable names as coordinates."""
+    store = zarr_store(url, read_only=True)  # outside the try: a bad URL is its own error, not damaged metadata
     try:
-        ds = xr.open_zarr(zarr_store(url, read_only=True), consolidated=False, zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise GeosocError(f"{url}: no SampleSet here; create one with `geosoc sample`") from None
+        ds = xr.open_zarr(store, consolidated=False, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise NotFoundError(f"{url}: no SampleSet here; create one with `geosoc sample`") from err
     except (ValueError, KeyError, TypeError) as err:
-        raise GeosocError(damaged_metadata(url, err)) from None
+        raise DamagedError(damaged_metadata(url, err)) from err
     return with_axis_names(ds)
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from geosoc.data.points import Columns, Points, point_columns, read_points, read_table
 from geosoc.data.sampling import SampleReport, SampleSetWriter, sampleset_dataset, spatial_folds
-from geosoc.errors import GeosocError
+from geosoc.errors import InputError, NotFoundError
 
 CLIMATE_COLUMN = re.compile(r"^(?P<variable>[A-Za-z][A-Za-z0-9]*)_(?P<month>\d{4}-\d{2})$")
 
@@ -33,7 +33,7 @@ def climate_from_columns(table: pd.DataFrame, path: Path,
     missing = [f"{v}_{m}" for v in variables for m in months if (v, m) not in present]
     if missing:
         more = " ..." if len(missing) > 10 else ""
-        raise GeosocError(f"{path}: climate columns incomplete, missing {missing[:10]}{more}")
+        raise InputError(f"{path}: climate columns incomplete, missing {missing[:10]}{more}")
     values = np.empty((len(table), len(months), len(variables)), dtype=np.float32)
     for j, variable in enumerate(variables):
         for t, month in enumerate(months):
@@ -42,7 +42,7 @@ def climate_from_columns(table: pd.DataFrame, path: Path,
             unparsed = numbers.isna() & table[column].notna()
             if unparsed.any():
                 index = int(np.flatnonzero(unparsed.to_numpy())[0])
-                raise GeosocError(
+                raise InputError(
                     f"{path}: row {index + first_row}: {column}: not a number: {table[column].iloc[index]!r}"
                 )
             values[:, t, j] = numbers.to_numpy(dtype=np.float32)
@@ -65,15 +65,15 @@ def sampleset_from_table(
     if patches_path is not None:
         patches = _load_patches(Path(patches_path))
         if patches.ndim != 4 or patches.shape[0] != len(table) or patches.shape[2] != patches.shape[3]:
-            raise GeosocError(
+            raise InputError(
                 f"{patches_path}: expected an array (rows={len(table)}, band, py, px) with square patches, "
                 f"got shape {patches.shape}"
             )
         bands = bands or [f"band{i}" for i in range(patches.shape[1])]
         if len(bands) != patches.shape[1]:
-            raise GeosocError(f"{patches_path}: {patches.shape[1]} bands but --bands names {len(bands)}")
+            raise InputError(f"{patches_path}: {patches.shape[1]} bands but --bands names {len(bands)}")
     if climate is None and patches is None:
-        raise GeosocError(
+        raise InputError(
             f"{table_path}: no climate columns (<variable>_<YYYY-MM>) and no --patches: nothing to learn from"
         )
     with SampleSetWriter(out_url, bands if patches is not None else None,
@@ -95,10 +95,10 @@ def _load_patches(path: Path) -> np.ndarray:
     """A .npy array of numbers, memory-mapped (never unpickled)."""
     try:
         patches = np.load(path, allow_pickle=False, mmap_mode="r")
-    except FileNotFoundError:
-        raise GeosocError(f"{path}: no such file (--patches)") from None
+    except FileNotFoundError as err:
+        raise NotFoundError(f"{path}: no such file (--patches)") from err
     except (ValueError, OSError, EOFError) as err:
-        raise GeosocError(f"{path}: not a NumPy .npy array (--patches): {str(err).splitlines()[0]}") from None
+        raise InputError(f"{path}: not a NumPy .npy array (--patches): {str(err).splitlines()[0]}") from err
     if not isinstance(patches, np.ndarray) or patches.dtype.kind not in "fiu":
-        raise GeosocError(f"{path}: expected an array of numbers (--patches), got {getattr(patches, 'dtype', '?')}")
+        raise InputError(f"{path}: expected an array of numbers (--patches), got {getattr(patches, 'dtype', '?')}")
     return patches

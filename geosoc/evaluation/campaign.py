@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from geosoc.catalog import Catalog
 from geosoc.data.sampling import open_sampleset, spatial_folds
 from geosoc.data.streaming import SampleData
-from geosoc.errors import GeosocError
+from geosoc.errors import InputError, NotFoundError
 from geosoc.io.storage import exists, filesystem, join, published
 from geosoc.learn import baselines, checkpoint
 from geosoc.learn.training import Context, finetune_region, forward_all, predict_samples, pretrain_region, stage_urls
@@ -78,18 +78,18 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
     """Every model on the same folds of `<root>/samples/labelled.zarr`; results under `<root>/evaluation/`."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
-        raise GeosocError(f"unknown model(s) {unknown}; choose among {', '.join(MODELS)}")
+        raise InputError(f"unknown model(s) {unknown}; choose among {', '.join(MODELS)}")
     if cv not in ("spatial", "random"):
-        raise GeosocError(f"--cv must be 'spatial' or 'random', got {cv!r}")
+        raise InputError(f"--cv must be 'spatial' or 'random', got {cv!r}")
     if repeats < 1 or (folds is not None and folds < 2):
-        raise GeosocError(f"need --repeats >= 1 and --folds >= 2 (got {repeats} and {folds})")
+        raise InputError(f"need --repeats >= 1 and --folds >= 2 (got {repeats} and {folds})")
     urls = stage_urls(root)
     out = join(root, "evaluation")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     samples = open_sampleset(urls["labelled"])
     labelled = np.flatnonzero(np.isfinite(samples["target"].values))
     if len(labelled) < 10:
-        raise GeosocError(f"{urls['labelled']}: only {len(labelled)} labelled samples; evaluation needs at least 10")
+        raise InputError(f"{urls['labelled']}: only {len(labelled)} labelled samples; evaluation needs at least 10")
     data = SampleData(urls["labelled"])
     x, y = samples["x"].values[labelled], samples["y"].values[labelled]
     sets = fold_sets(x, y, data.fold[labelled], cv, folds, repeats, catalog.training.seed,
@@ -98,7 +98,7 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
     pretrained = None
     if any(m in NEEDS_PRETRAINING for m in models):
         if not checkpoint.exists(urls["pretrain"]) and not exists(urls["unlabelled"]):
-            raise GeosocError(f"models ssl and hybrid need pretrained encoders: create {urls['unlabelled']} "
+            raise NotFoundError(f"models ssl and hybrid need pretrained encoders: create {urls['unlabelled']} "
                               "(`geosoc sample --random N`) or leave them out with --models")
         pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))  # resumes; no-op when done
         pretrained = urls["pretrain"]

@@ -25,7 +25,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from geosoc.errors import GeosocError
+from geosoc.errors import LockedError
 from geosoc.io.storage import filesystem, leaving_no_folders, put_bytes, unwritable
 
 LEASE_S = 120.0  # a lock not renewed for this long belongs to a run that is gone
@@ -63,8 +63,8 @@ def _create(fs: Any, path: str, data: bytes) -> None:
         folder = os.path.dirname(path) or "."
         try:
             os.makedirs(folder, exist_ok=True)
-        except FileExistsError:  # a file where the folder should be: not "the lock is taken"
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder) from None
+        except FileExistsError as err:  # a file where the folder should be: not "the lock is taken"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder) from err
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
@@ -84,20 +84,20 @@ def _acquire(fs: Any, path: str, token: dict[str, Any], url: str) -> None:
         except FileExistsError:
             pass
         except Exception as err:  # any backend error but "already there" means the folder refuses writes
-            raise unwritable(url.rstrip("/").rpartition("/")[0] or ".", err) from None
+            raise unwritable(url.rstrip("/").rpartition("/")[0] or ".", err) from err
         holder = _holder(fs, path)
         if holder is None:  # perhaps created but not yet written: look again before taking it over
             time.sleep(0.5)
             holder = _holder(fs, path)
         if holder is not None and not _gone(holder):
             since = time.strftime("%H:%M:%S", time.localtime(holder.get("renewed", 0)))
-            raise GeosocError(
+            raise LockedError(
                 f"{url}: another run ({holder.get('work', '?')}, pid {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')}, alive at {since}) is writing it; wait for it to end. A run that was "
-                f"killed frees it within {LEASE_S:.0f} s (or delete {path})") from None
+                f"killed frees it within {LEASE_S:.0f} s (or delete {path})")
         if fs.exists(path):
             fs.rm_file(path)  # unreadable or gone: take it over
-    raise GeosocError(f"{url}: could not take its lock {path}; try again")
+    raise LockedError(f"{url}: could not take its lock {path}; try again")
 
 
 def _holder(fs: Any, path: str) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
-from geosoc.errors import GeosocError
+from geosoc.errors import IncompatibleError
 from geosoc.io.storage import filesystem, join, read_group_attrs, zarr_store
 from geosoc.version import __version__
 
@@ -64,7 +64,7 @@ def resumable(url: str, fingerprint: str, refusal: str, fresh: bool = False) -> 
     A store made from something else (another fingerprint) is refused with `f"{url} {refusal}"`."""
     attrs = None if fresh else read_group_attrs(url)
     if attrs is not None and attrs.get("geosoc_fingerprint") not in (None, fingerprint):
-        raise GeosocError(f"{url} {refusal}")
+        raise IncompatibleError(f"{url} {refusal}")
     if attrs is None or not attrs.get("geosoc_template_complete"):
         return None
     if attrs.get("geosoc_status") == "complete":

@@ -21,7 +21,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store
 
-from geosoc.errors import GeosocError
+from geosoc.errors import DamagedError, InputError, UnwritableError
 
 
 def default_root(region: str) -> str:
@@ -38,7 +38,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as err:
-        raise GeosocError(f"{url}: cannot open this URL: {err}") from None
+        raise InputError(f"{url}: cannot open this URL: {err}") from err
     if isinstance(fs, LocalFileSystem) and not fs.auto_mkdir:
         fs = LocalFileSystem(auto_mkdir=True)
     return fs, path
@@ -59,12 +59,13 @@ def exists(url: str) -> bool:
 
 def read_group_attrs(url: str) -> dict[str, Any] | None:
     """The root attributes of a Zarr v3 store, or None where there is none (yet)."""
+    store = zarr_store(url, read_only=True)  # outside the try: a bad URL is its own error, not damaged metadata
     try:
-        return dict(zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3).attrs)
+        return dict(zarr.open_group(store, mode="r", zarr_format=3).attrs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return None
     except (ValueError, KeyError, TypeError) as err:
-        raise GeosocError(damaged_metadata(url, err)) from None
+        raise DamagedError(damaged_metadata(url, err)) from err
 
 
 def damaged_metadata(url: str, err: Exception) -> str:
@@ -85,13 +86,13 @@ def check_writable(url: str) -> None:
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
     except Exception as err:  # any backend error means the same thing here
-        raise unwritable(url, err) from None
+        raise unwritable(url, err) from err
 
 
-def unwritable(url: str, err: Exception) -> GeosocError:
+def unwritable(url: str, err: Exception) -> UnwritableError:
     """The error for a place that refused a write (missing bucket, read-only folder, a file in the way)."""
     reason = getattr(err, "strerror", None) or type(err).__name__
-    return GeosocError(f"{url}: cannot write here ({reason}); choose another --root or fix its permissions")
+    return UnwritableError(f"{url}: cannot write here ({reason}); choose another --root or fix its permissions")
 
 
 @contextmanager

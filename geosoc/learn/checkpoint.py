@@ -8,7 +8,7 @@ killed at any moment, sees the whole old checkpoint or the whole new one (never 
 the optimizer state of another), and a changed or truncated file is caught by its checksum.
 
 Nothing is pickled: weights and optimizer tensors are safetensors, everything else JSON, so loading an
-untrusted checkpoint cannot run code. A damaged checkpoint gives one GeosocError naming the file.
+untrusted checkpoint cannot run code. A damaged checkpoint gives one DamagedError naming the file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from geosoc.errors import GeosocError
+from geosoc.errors import DamagedError, NotFoundError
 from geosoc.io import storage
 from geosoc.io.storage import filesystem, join
 from geosoc.learn.models import ModelConfig, SoilNet
@@ -47,15 +47,15 @@ def _json(where: str, raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GeosocError(f"{where}: not valid JSON ({err}); {FRESH_HINT}") from None
+        raise DamagedError(f"{where}: not valid JSON ({err}); {FRESH_HINT}") from err
 
 
 def _config_raw(url: str) -> bytes:
     fs, path = filesystem(join(url, CONFIG_FILE))
     try:
         return fs.cat_file(path)
-    except FileNotFoundError:
-        raise GeosocError(f"{url}: no {CONFIG_FILE} here (is this a geosoc checkpoint?)") from None
+    except FileNotFoundError as err:
+        raise NotFoundError(f"{url}: no {CONFIG_FILE} here (is this a geosoc checkpoint?)") from err
 
 
 def _document(url: str, raw: bytes | None = None) -> dict[str, Any]:
@@ -63,13 +63,13 @@ def _document(url: str, raw: bytes | None = None) -> dict[str, Any]:
     where = join(url, CONFIG_FILE)
     document = _json(where, _config_raw(url) if raw is None else raw)
     if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
-        raise GeosocError(f"{where}: expected an object with a 'model' entry (the network's config); {FRESH_HINT}")
+        raise DamagedError(f"{where}: expected an object with a 'model' entry (the network's config); {FRESH_HINT}")
     files = document.get("files", {})
     if not isinstance(files, dict) or not all(
         isinstance(entry, dict) and isinstance(entry.get("object"), str) and _OBJECT.fullmatch(entry["object"])
         and isinstance(entry.get("sha256"), str) for entry in files.values()
     ):
-        raise GeosocError(f"{where}: 'files' must map each file to its object and sha256; {FRESH_HINT}")
+        raise DamagedError(f"{where}: 'files' must map each file to its object and sha256; {FRESH_HINT}")
     return document
 
 
@@ -102,19 +102,19 @@ def read_file(url: str, name: str, document: dict[str, Any] | None = None) -> by
         fs, path = filesystem(join(url, name))
         try:
             return fs.cat_file(path)
-        except FileNotFoundError:
-            raise GeosocError(f"{url}: no {name} here; {FRESH_HINT}") from None
+        except FileNotFoundError as err:
+            raise NotFoundError(f"{url}: no {name} here; {FRESH_HINT}") from err
     entry = document["files"].get(name)
     if entry is None:
-        raise GeosocError(f"{join(url, CONFIG_FILE)}: the checkpoint has no {name}; {FRESH_HINT}")
+        raise DamagedError(f"{join(url, CONFIG_FILE)}: the checkpoint has no {name}; {FRESH_HINT}")
     where = join(url, entry["object"])
     fs, path = filesystem(where)
     try:
         data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise GeosocError(f"{where}: missing ({name} of this checkpoint); {FRESH_HINT}") from None
+    except FileNotFoundError as err:
+        raise NotFoundError(f"{where}: missing ({name} of this checkpoint); {FRESH_HINT}") from err
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise GeosocError(f"{where}: does not match its checksum in {CONFIG_FILE} (changed or truncated); "
+        raise DamagedError(f"{where}: does not match its checksum in {CONFIG_FILE} (changed or truncated); "
                           f"{FRESH_HINT}")
     return data
 
@@ -123,7 +123,7 @@ def _tensors(url: str, name: str, data: bytes) -> dict[str, torch.Tensor]:
     try:
         return load_tensors(data)
     except SafetensorError as err:
-        raise GeosocError(f"{join(url, name)}: not a safetensors file ({err}); {FRESH_HINT}") from None
+        raise DamagedError(f"{join(url, name)}: not a safetensors file ({err}); {FRESH_HINT}") from err
 
 
 def has_file(url: str, name: str, document: dict[str, Any] | None = None) -> bool:
@@ -169,11 +169,12 @@ def load_aoa(url: str) -> Reference | None:
     document = _document(url)
     if not has_file(url, AOA_FILE, document):
         return None
+    data = read_file(url, AOA_FILE, document)
     try:
-        return Reference.from_bytes(read_file(url, AOA_FILE, document))
+        return Reference.from_bytes(data)
     except (ValueError, KeyError, SafetensorError) as err:
-        raise GeosocError(f"{join(url, AOA_FILE)}: not an area-of-applicability reference ({err}); "
-                          f"{FRESH_HINT}") from None
+        raise DamagedError(f"{join(url, AOA_FILE)}: not an area-of-applicability reference ({err}); "
+                          f"{FRESH_HINT}") from err
 
 
 def config_bytes(url: str) -> bytes:
@@ -209,8 +210,8 @@ def normalisation(url: str, meta: dict[str, Any]) -> Normalisation:
     try:
         return Normalisation.from_dict(meta["normalisation"])
     except (KeyError, ValueError) as err:
-        raise GeosocError(f"{join(url, CONFIG_FILE)}: 'normalisation' is missing or malformed ({err}); "
-                          f"{FRESH_HINT}") from None
+        raise DamagedError(f"{join(url, CONFIG_FILE)}: 'normalisation' is missing or malformed ({err}); "
+                          f"{FRESH_HINT}") from err
 
 
 def _build_model(url: str, config: ModelConfig) -> SoilNet:
@@ -218,8 +219,8 @@ def _build_model(url: str, config: ModelConfig) -> SoilNet:
     try:
         return SoilNet(config)
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
-        raise GeosocError(f"{join(url, CONFIG_FILE)}: 'model' does not describe a network ({err}); "
-                          f"{FRESH_HINT}") from None
+        raise DamagedError(f"{join(url, CONFIG_FILE)}: 'model' does not describe a network ({err}); "
+                          f"{FRESH_HINT}") from err
 
 
 def fit_weights(url: str, module: torch.nn.Module, weights: dict[str, torch.Tensor], skip: str | None = None) -> None:
@@ -230,11 +231,11 @@ def fit_weights(url: str, module: torch.nn.Module, weights: dict[str, torch.Tens
         result = module.load_state_dict(weights, strict=skip is None)
     except RuntimeError as err:
         details = " ".join(str(err).split())[:400]
-        raise GeosocError(f"{join(url, MODEL_FILE)}: the weights do not fit the network in {CONFIG_FILE} "
-                          f"({details}); {FRESH_HINT}") from None
+        raise DamagedError(f"{join(url, MODEL_FILE)}: the weights do not fit the network in {CONFIG_FILE} "
+                          f"({details}); {FRESH_HINT}") from err
     missing = [k for k in result.missing_keys if skip is None or not k.startswith(skip)]
     if missing or result.unexpected_keys:
-        raise GeosocError(f"{join(url, MODEL_FILE)}: the weights do not fit the network in {CONFIG_FILE} "
+        raise DamagedError(f"{join(url, MODEL_FILE)}: the weights do not fit the network in {CONFIG_FILE} "
                           f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}); {FRESH_HINT}")
 
 
@@ -273,7 +274,7 @@ def _state(url: str) -> dict[str, Any]:
     state = _json(join(url, STATE_FILE), read_file(url, STATE_FILE))
     needed = {"param_groups": list, "state": dict, "epoch": int, "history": list}
     if not isinstance(state, dict) or not all(isinstance(state.get(k), kind) for k, kind in needed.items()):
-        raise GeosocError(f"{join(url, STATE_FILE)}: expected an object with {sorted(needed)}; {FRESH_HINT}")
+        raise DamagedError(f"{join(url, STATE_FILE)}: expected an object with {sorted(needed)}; {FRESH_HINT}")
     return state
 
 
@@ -297,6 +298,6 @@ def load_state(url: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
                   for saved, current in zip(info.pop("param_groups"), optimizer.param_groups, strict=True)]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, ValueError, TypeError, AttributeError) as err:
-        raise GeosocError(f"{url}: the optimizer state does not fit this model ({type(err).__name__}: {err}); "
-                          f"{FRESH_HINT}") from None
+        raise DamagedError(f"{url}: the optimizer state does not fit this model ({type(err).__name__}: {err}); "
+                          f"{FRESH_HINT}") from err
     return info

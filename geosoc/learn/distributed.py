@@ -13,10 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from geosoc.catalog import Catalog, load_catalog
-from geosoc.errors import GeosocError
+from geosoc.catalog import Catalog, load_catalog, parse_yaml
+from geosoc.errors import InputError
 from geosoc.io.storage import default_root, join
 
 if TYPE_CHECKING:
@@ -58,7 +56,7 @@ def _report_to_ray(metrics: dict[str, Any], checkpoint_url: str | None) -> None:
 def _worker_loop(config: dict[str, Any]) -> None:
     from geosoc.learn.training import finetune_region, pretrain_region
 
-    catalog = Catalog.model_validate(yaml.safe_load(config["catalog_text"]))  # validated by the driver already
+    catalog = Catalog.model_validate(parse_yaml(config["catalog_text"]))  # validated by the driver already
     run = pretrain_region if config["stage"] == "pretrain" else finetune_region
     kwargs = {k: config[k] for k in ("epochs", "batch_size", "samples") if config.get(k) is not None}
     if config["stage"] == "finetune" and config.get("test_fold") is not None:
@@ -70,7 +68,7 @@ def shared_root(root: str | None, region: str) -> str:
     """The region root, which every worker must reach: absolute or a URL (a job runs in a temporary dir)."""
     root = root or default_root(region)
     if "://" not in root and not os.path.isabs(root):
-        raise GeosocError(
+        raise InputError(
             f"--root {root!r} is relative: a Ray job runs in a temporary copy of the working dir, so give an "
             "absolute path or a URL (e.g. s3://bucket/geosoc/demo) that every worker can reach"
         )

@@ -39,7 +39,7 @@ class Normalisation:
                 setattr(norm, name, [float(v) for v in getattr(norm, name)])
             norm.target_mean, norm.target_std = float(norm.target_mean), float(norm.target_std)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"expected lists of numbers and numbers ({err})") from None
+            raise ValueError(f"expected lists of numbers and numbers ({err})") from err
         return norm
 
     def apply(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

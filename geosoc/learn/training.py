@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from geosoc.catalog import Catalog, FinetuneConfig, PretrainConfig
 from geosoc.data.streaming import SampleData, SampleStream, data_loader, on_device, to_device
-from geosoc.errors import GeosocError
+from geosoc.errors import IncompatibleError, InputError
 from geosoc.io.storage import check_writable, join
 from geosoc.learn import checkpoint
 from geosoc.learn.models import ModelConfig, SoilNet
@@ -124,7 +124,7 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
     folds = data.fold if folds is None else folds
     if test_fold is not None:
         if test_fold not in set(folds[np.isfinite(data.target)].tolist() if labelled else folds.tolist()):
-            raise GeosocError(f"{data.url}: no fold {test_fold} to hold out; its folds are "
+            raise InputError(f"{data.url}: no fold {test_fold} to hold out; its folds are "
                               f"{sorted(set(folds.tolist()))}")
         usable &= folds != test_fold
     if labelled:
@@ -132,7 +132,7 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
     indices = np.random.default_rng(seed).permutation(np.flatnonzero(usable))
     n_val = max(2, int(round(len(indices) * validation_fraction)))
     if len(indices) < 4:
-        raise GeosocError(f"{data.url}: only {len(indices)} usable samples; need at least 4 to train")
+        raise InputError(f"{data.url}: only {len(indices)} usable samples; need at least 4 to train")
     return np.sort(indices[n_val:]), np.sort(indices[:n_val])
 
 
@@ -300,7 +300,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     if resume and checkpoint.exists(last):
         info = checkpoint.state_info(last)
         if info.get("run") != run:
-            raise GeosocError(
+            raise IncompatibleError(
                 f"{out_url} holds another run ({_describe_run(info.get('run'))}); this one is {_describe_run(run)}. "
                 "Pass --fresh to start over there, or write this run elsewhere"
             )
@@ -310,7 +310,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
         log.info("%s: resuming from %s at epoch %d", stage_name, last, start)
     stream = SampleStream(data, train, stage.batch_size, shuffle=True, seed=seed, rank=ctx.rank, world=ctx.world)
     if not len(stream):
-        raise GeosocError(f"{data.url}: {len(train)} training samples over {ctx.world} worker(s) leave fewer than 2 "
+        raise InputError(f"{data.url}: {len(train)} training samples over {ctx.world} worker(s) leave fewer than 2 "
                           "per worker; use fewer workers or more samples")
     loader = data_loader(stream, ctx.device, ctx.loader_workers)
     generator = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
@@ -453,7 +453,7 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
         config.quantiles = list(catalog.model.quantiles)
         data = SampleData(samples)
         if (config.bands, config.variables) != (data.bands, data.variables):
-            raise GeosocError(
+            raise IncompatibleError(
                 f"{samples} has bands {data.bands} and variables {data.variables}, but the pretrained model at "
                 f"{pretrained} expects {config.bands} and {config.variables}"
             )
@@ -468,8 +468,8 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
 def _override(stage: Any, epochs: int | None, batch_size: int | None) -> Any:
     """The catalog's stage with `epochs` / `batch_size` replaced, checked like the catalog's own values."""
     if epochs is not None and epochs < 1:
-        raise GeosocError(f"epochs must be at least 1, got {epochs}")
+        raise InputError(f"epochs must be at least 1, got {epochs}")
     if batch_size is not None and batch_size < 2:
-        raise GeosocError(f"the batch size must be at least 2 (a contrastive batch needs negatives), got {batch_size}")
+        raise InputError(f"the batch size must be at least 2 (a contrastive batch needs negatives), got {batch_size}")
     updates = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     return stage.model_copy(update=updates)

@@ -29,14 +29,13 @@ import numpy as np
 import rioxarray  # noqa: F401 - registers the .rio accessor
 import torch
 import xarray as xr
-import yaml
 import zarr
 from tqdm.auto import tqdm
 
-from geosoc.catalog import Catalog, PredictConfig
+from geosoc.catalog import Catalog, PredictConfig, parse_yaml
 from geosoc.data.cube import cube_parts, group_grid, open_cube
 from geosoc.data.sampling import climate_at, read_imagery
-from geosoc.errors import GeosocError
+from geosoc.errors import DamagedError, IncompatibleError, IncompleteError, InputError, NotFoundError
 from geosoc.grid import Grid, Window
 from geosoc.io.locks import exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, template_written
@@ -73,7 +72,7 @@ def load_predictor(model_url: str, device: torch.device | str | None = None,
 
 def _require_finetuned(url: str, meta: dict[str, Any]) -> None:
     if meta.get("stage") != "finetune":
-        raise GeosocError(f"{url}: a {meta.get('stage')!r} checkpoint has no regression head; "
+        raise IncompatibleError(f"{url}: a {meta.get('stage')!r} checkpoint has no regression head; "
                           "predict needs a fine-tuned model (`geosoc finetune`)")
 
 
@@ -272,9 +271,9 @@ def predict_window(predictor: Predictor | TabularPredictor, data: WindowInput) -
 
 def _check_compatible(config: ModelConfig, cube: CubeAccess, model_url: str) -> None:
     if config.bands and config.bands != cube.bands:
-        raise GeosocError(f"{model_url} was trained on bands {config.bands}, but {cube.url} has {cube.bands}")
+        raise IncompatibleError(f"{model_url} was trained on bands {config.bands}, but {cube.url} has {cube.bands}")
     if config.variables and config.variables != cube.variables:
-        raise GeosocError(
+        raise IncompatibleError(
             f"{model_url} was trained on climate variables {config.variables}, but {cube.url} has "
             f"{cube.variables or 'no climate'}"
         )
@@ -285,21 +284,21 @@ def _check_compatible(config: ModelConfig, cube: CubeAccess, model_url: str) -> 
 
 def _catalog_of(tree: xr.DataTree) -> Catalog | None:
     text = tree.attrs.get("catalog")
-    return Catalog.model_validate(yaml.safe_load(text)) if text else None
+    return Catalog.model_validate(parse_yaml(text)) if text else None
 
 
 def output_grid(cube_grid: Grid, resolution: float, bands: int, patch: int,
                 bounds: tuple[float, float, float, float] | None = None, chunk: int | None = None) -> Grid:
     """The map's grid: `resolution` cells over the cube (or `bounds`), chunked so a window reads ~WINDOW_BYTES."""
     if resolution < cube_grid.resolution:
-        raise GeosocError(f"output resolution {resolution:g} is finer than the cube's {cube_grid.resolution:g}; "
+        raise InputError(f"output resolution {resolution:g} is finer than the cube's {cube_grid.resolution:g}; "
                           "choose a resolution at least as coarse as the cube's")
     area = cube_grid.bounds
     if bounds is not None:
         xmin, ymin, xmax, ymax = bounds
         area = (max(xmin, area[0]), max(ymin, area[1]), min(xmax, area[2]), min(ymax, area[3]))
         if not (area[0] < area[2] and area[1] < area[3]):
-            raise GeosocError(f"bounds {list(bounds)} do not overlap the cube ({list(cube_grid.bounds)})")
+            raise InputError(f"bounds {list(bounds)} do not overlap the cube ({list(cube_grid.bounds)})")
     if chunk is None:
         side_px = math.sqrt(WINDOW_BYTES / (4 * max(bands, 1))) - patch
         chunk = max(16, int(side_px * cube_grid.resolution / resolution))
@@ -326,12 +325,13 @@ def _template(spec: MapSpec, outputs: list[str], units: str, attrs: dict[str, An
 
 def open_map(url: str) -> xr.Dataset:
     """A written map, lazily (dask), with its CRS."""
+    store = zarr_store(url, read_only=True)  # outside the try: a bad URL is its own error, not damaged metadata
     try:
-        ds = xr.open_zarr(zarr_store(url, read_only=True), consolidated=False, zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise GeosocError(f"{url}: no map here; make one with `geosoc predict`") from None
+        ds = xr.open_zarr(store, consolidated=False, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise NotFoundError(f"{url}: no map here; make one with `geosoc predict`") from err
     except (ValueError, KeyError, TypeError) as err:
-        raise GeosocError(damaged_metadata(url, err)) from None
+        raise DamagedError(damaged_metadata(url, err)) from err
     if ds.attrs.get("geosoc_status") != "complete":
         log.warning("%s is not complete: windows not yet written read as NaN; run predict again", url)
     return ds.set_coords("spatial_ref") if "spatial_ref" in ds.data_vars else ds
@@ -413,7 +413,7 @@ def _resolve(cube: str | xr.DataTree, model: str | None) -> tuple[str, xr.DataTr
     tree = open_cube(cube) if isinstance(cube, str) else cube
     url = cube if isinstance(cube, str) else tree.encoding.get("source")
     if url is None:
-        raise GeosocError("this cube was not opened with geosoc.open_cube: pass its URL instead")
+        raise InputError("this cube was not opened with geosoc.open_cube: pass its URL instead")
     root = url.rstrip("/").rsplit("/", 1)[0]
     catalog = _catalog_of(tree)
     model = model or (catalog.predict.model if catalog is not None else "finetune")
@@ -422,7 +422,7 @@ def _resolve(cube: str | xr.DataTree, model: str | None) -> tuple[str, xr.DataTr
     if not checkpoint.exists(model):
         name = model.rstrip("/").rsplit("/", 1)[-1]
         how = f"`geosoc fit-tabular --model {name}`" if name in ("rf", "gbm", "qrf") else "`geosoc finetune`"
-        raise GeosocError(f"{model}: no model here; make it with {how} or pass a model URL")
+        raise NotFoundError(f"{model}: no model here; make it with {how} or pass a model URL")
     return url, tree, model
 
 
@@ -461,7 +461,7 @@ def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: fl
     spec = plan.spec
     if out is None:
         if engine != "local":
-            raise GeosocError("engine='ray' writes the map from several processes: give out=URL")
+            raise InputError("engine='ray' writes the map from several processes: give out=URL")
         return _lazy(spec, device)
     build(spec, out, engine=engine, device=device, actors=actors, gpus_per_actor=gpus_per_actor,
           max_retries=max_retries, fresh=fresh, progress=progress)
@@ -524,7 +524,7 @@ def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, actors: 
     done = markers.completed()
     missing = [w.key for w in spec.grid.windows() if w.key not in done]
     if missing:
-        raise GeosocError(f"{out}: windows still missing after the run: {missing[:10]}; run predict again")
+        raise IncompleteError(f"{out}: windows still missing after the run: {missing[:10]}; run predict again")
     complete(out, {"geosoc_windows": spec.grid.n_chunks})
     return out
 

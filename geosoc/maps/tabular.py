@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from geosoc.catalog import Catalog
-from geosoc.errors import GeosocError
+from geosoc.errors import DamagedError, InputError
 from geosoc.io.storage import join
 from geosoc.learn import baselines, checkpoint
 from geosoc.learn.models import ModelConfig
@@ -47,13 +47,13 @@ def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None
     from geosoc.learn.training import stage_urls
 
     if name not in MAP_MODELS:
-        raise GeosocError(f"--model {name!r}: maps can be made with {', '.join(MAP_MODELS)} (the network is "
+        raise InputError(f"--model {name!r}: maps can be made with {', '.join(MAP_MODELS)} (the network is "
                           "`geosoc finetune`; hybrid needs the encoders' embeddings at every cell, not supported yet)")
     url = stage_urls(root)["labelled"]
     data = SampleData(url)
     labelled = np.flatnonzero(np.isfinite(data.target))
     if len(labelled) < 10:
-        raise GeosocError(f"{url}: only {len(labelled)} labelled samples; a tree model needs at least 10")
+        raise InputError(f"{url}: only {len(labelled)} labelled samples; a tree model needs at least 10")
     features = baselines.covariate_features(data.rows(labelled), data.bands, data.variables, data.time)
     seed = catalog.training.seed
     fitted = baselines.fit(name, features.values, data.target[labelled], seed, threads)
@@ -91,12 +91,12 @@ def load(url: str) -> baselines.Fitted:
     data = checkpoint.read_file(url, ESTIMATOR_FILE)
     unexpected = sorted(set(skops.io.get_untrusted_types(data=data)) - TRUSTED)
     if unexpected:
-        raise GeosocError(f"{url}/{ESTIMATOR_FILE} holds types a geosoc tree model never contains: {unexpected}; "
+        raise DamagedError(f"{url}/{ESTIMATOR_FILE} holds types a geosoc tree model never contains: {unexpected}; "
                           "refusing to load it")
     try:
         stored = skops.io.loads(data, trusted=sorted(TRUSTED))
     except Exception as err:  # a damaged file: skops raises several kinds
-        raise GeosocError(f"{url}/{ESTIMATOR_FILE} cannot be read ({type(err).__name__}: {err})") from None
+        raise DamagedError(f"{url}/{ESTIMATOR_FILE} cannot be read ({type(err).__name__}: {err})") from err
     return baselines.Fitted(meta["estimator"], list(stored["estimators"]), np.asarray(meta["usable"], dtype=bool),
                             float(checkpoint.offset_of(meta)))
 

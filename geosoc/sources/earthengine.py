@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from geosoc.catalog import IMAGERY_BANDS, EarthEngineSource, LoadedCatalog
-from geosoc.errors import GeosocError
+from geosoc.errors import CredentialsError, NotFoundError, ServiceError
 from geosoc.grid import Grid
 from geosoc.sources.ee_fetch import Fetch, PixelFetcher, RetryPolicy, Throttle
 from geosoc.sources.ee_plan import TileShape, count_requests, plan_tile
@@ -135,7 +135,7 @@ def initialize(high_volume: bool = False) -> None:
         credentials, project = _credentials()
         project = os.environ.get(ENV_PROJECT) or project
         if not project:
-            raise GeosocError(
+            raise CredentialsError(
                 f"set {ENV_PROJECT} to the Google Cloud project registered for Earth Engine (e.g. my-ee-project)"
             )
         url = ee.data.HIGH_VOLUME_API_BASE_URL if high_volume else None
@@ -148,14 +148,14 @@ def initialize(high_volume: bool = False) -> None:
             ee.Reset()
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             if _unreachable(err):
-                raise GeosocError(
+                raise ServiceError(
                     f"could not reach Earth Engine ({reason}): check this machine's network, DNS or proxy; the "
                     "credentials were not checked"
-                ) from None
-            raise GeosocError(
+                ) from err
+            raise CredentialsError(
                 f"Earth Engine did not accept the credentials for project {project!r}: {reason}. "
                 f"Check {ENV_KEY_FILE} / `earthengine authenticate` and that the project has Earth Engine enabled"
-            ) from None
+            ) from err
 
 
 def _unreachable(err: BaseException) -> bool:
@@ -182,11 +182,11 @@ def _credentials() -> tuple[Any, str | None]:
         return _credentials_from_file(Path(key_file))
     try:
         return ee.data.get_persistent_credentials(), None
-    except ee.EEException:
-        raise GeosocError(
+    except ee.EEException as err:
+        raise CredentialsError(
             "no Earth Engine credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, "
             f"or run `earthengine authenticate`; and set {ENV_PROJECT}"
-        ) from None
+        ) from err
 
 
 def _credentials_from_file(path: Path) -> tuple[Any, str | None]:
@@ -197,7 +197,7 @@ def _credentials_from_file(path: Path) -> tuple[Any, str | None]:
     from google.oauth2 import service_account
 
     if not path.is_file():
-        raise GeosocError(f"{ENV_KEY_FILE} points to {path}, which is not a file")
+        raise NotFoundError(f"{ENV_KEY_FILE} points to {path}, which is not a file")
     try:
         info = json.loads(path.read_text())
         kind = info.get("type")
@@ -207,10 +207,10 @@ def _credentials_from_file(path: Path) -> tuple[Any, str | None]:
         if kind == "authorized_user":
             return user_credentials.Credentials.from_authorized_user_info(info, scopes=ee.oauth.SCOPES), None
     except (ValueError, KeyError, AttributeError) as err:
-        raise GeosocError(
+        raise CredentialsError(
             f"{path} ({ENV_KEY_FILE}) is not a usable Google credentials file: {type(err).__name__}"
-        ) from None
-    raise GeosocError(
+        ) from err
+    raise CredentialsError(
         f"{path} ({ENV_KEY_FILE}) has credential type {kind!r}; use a service-account key or an authorized-user file"
     )
 

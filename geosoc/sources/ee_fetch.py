@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from geosoc.errors import GeosocError
+from geosoc.errors import ServiceError
 from geosoc.grid import Grid
 
 Fetch = Callable[[dict[str, Any]], np.ndarray]
@@ -29,7 +29,7 @@ Fetch = Callable[[dict[str, Any]], np.ndarray]
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
-class EarthEngineRequestError(GeosocError):
+class EarthEngineRequestError(ServiceError):
     """A request Earth Engine refused, or that kept failing after every retry."""
 
 
@@ -124,12 +124,12 @@ class PixelFetcher:
                 if not is_transient(error):
                     raise EarthEngineRequestError(
                         f"Earth Engine refused {describe_request(params, self.grid)}: {_reason(error)}"
-                    ) from None
+                    ) from error
                 if attempt == self.retry.max_retries:
                     raise EarthEngineRequestError(
                         f"Earth Engine kept failing for {describe_request(params, self.grid)} after "
                         f"{attempt + 1} attempts: {_reason(error)}; re-run the build to resume"
-                    ) from None
+                    ) from error
             self.sleep(self.retry.delay(attempt, self._rng))
         raise AssertionError("unreachable")
 

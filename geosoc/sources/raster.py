@@ -20,7 +20,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rioxarray.exceptions import NoDataInBounds, OneDimensionalRaster
 
 from geosoc.catalog import LoadedCatalog
-from geosoc.errors import GeosocError
+from geosoc.errors import CatalogError, InputError
 from geosoc.grid import Grid
 from geosoc.sources.layers import Layer
 
@@ -60,14 +60,14 @@ def inspect_raster(url: str, where: str, bands: list[str] | None, crs: str | Non
         src = _open(url)
     except Exception as err:  # rasterio/GDAL raise many types for unreadable input
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise GeosocError(f"{url}: cannot read raster ({reason}); check {path_key}") from None
+        raise InputError(f"{url}: cannot read raster ({reason}); check {path_key}") from err
     found_crs = src.rio.crs
     if found_crs is None and crs is None:
         hint = f"state it in the catalog as {where}.crs (e.g. 'EPSG:28355')" if where != path_key else "give it one"
-        raise GeosocError(f"{url}: raster has no CRS; {hint}")
+        raise InputError(f"{url}: raster has no CRS; {hint}")
     names = _band_names(src, url)
     if bands is not None and len(bands) != len(names):
-        raise GeosocError(f"{url}: has {len(names)} bands but {where}.bands lists {len(bands)}: {bands}")
+        raise InputError(f"{url}: has {len(names)} bands but {where}.bands lists {len(bands)}: {bands}")
     resolution = float(abs(src.rio.resolution()[0]))
     return RasterInput(
         url, tuple(bands or names), crs or found_crs.to_string(), resampling, nodata, resolution
@@ -136,7 +136,7 @@ def raster_imagery(catalog: LoadedCatalog, grid: Grid) -> Layer:
     wanted = config.imagery.bands or available
     unknown = [b for b in wanted if b not in available]
     if unknown:
-        raise GeosocError(f"{catalog.path}: imagery.bands {unknown} not in the rasters; available: {available}")
+        raise CatalogError(f"{catalog.path}: imagery.bands {unknown} not in the rasters; available: {available}")
     select = tuple(available.index(b) for b in wanted)
     attrs = {"source": "raster", "files": [item.url for item in inputs]}
     return Layer("imagery", grid, {"band": list(wanted)}, RasterReader(inputs, grid, select), attrs)
