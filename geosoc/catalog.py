@@ -23,9 +23,15 @@ from geosoc.grid import Grid
 CATALOG_DIR = Path(__file__).parent / "catalogs"
 
 LANDSAT_BANDS = ("SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7")
-INDICES = ("clay", "ferrous", "carbonate", "rock_outcrop", "ndvi")
+INDICES = {  # the paper's spectral indices, each the normalised difference (a - b) / (a + b) of two bands
+    "clay": ("SR_B6", "SR_B7"),
+    "ferrous": ("SR_B6", "SR_B5"),
+    "carbonate": ("SR_B4", "SR_B3"),
+    "rock_outcrop": ("SR_B6", "SR_B3"),
+    "ndvi": ("SR_B5", "SR_B4"),
+}
 TERRAIN = ("elevation", "slope")
-IMAGERY_BANDS = LANDSAT_BANDS + INDICES + TERRAIN
+IMAGERY_BANDS = LANDSAT_BANDS + tuple(INDICES) + TERRAIN
 CLIMATE_VARIABLES = (
     "aet", "def", "pdsi", "pet", "pr", "ro", "soil", "srad", "swe", "tmmn", "tmmx", "vap", "vpd", "vs",
 )  # fmt: skip

@@ -3,6 +3,12 @@ traceback) and also the built-in exception a Python user would catch for it: a m
 `FileNotFoundError`, a malformed catalog a `ValueError`, a refused write a `PermissionError`."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none (for one-line errors)."""
+    text = str(err)
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class GeosocError(Exception):
     """Bad input or environment: the message says which file/key/value and what was expected."""
 

@@ -15,12 +15,12 @@ from safetensors.torch import save as save_tensors
 from geosoc.errors import GeosocError
 from geosoc.io import storage
 from geosoc.learn import checkpoint
-from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.normalisation import Normalisation
 from tests.conftest import kill_at_random
 from tests.test_training import TINY
 
-CONFIG = ModelConfig(bands=["b0"], variables=["v0"], **TINY)
+CONFIG = NetworkConfig(bands=["b0"], variables=["v0"], **TINY)
 META = {"stage": "finetune", "normalisation": Normalisation(band_mean=[0.0], band_std=[1.0], climate_mean=[0.0],
                                                            climate_std=[1.0]).to_dict()}
 
@@ -127,7 +127,7 @@ def _object(url: str, name: str) -> Path:
 
 def _other_shape_weights(url: str) -> None:
     """Weights of a wider network, published consistently (checksums right) under this config."""
-    model = SoilNet(ModelConfig(bands=["b0"], variables=["v0"], **{**TINY, "embedding": 8}))
+    model = SoilNet(NetworkConfig(bands=["b0"], variables=["v0"], **{**TINY, "embedding": 8}))
     config, meta = checkpoint.load_config(url)
     checkpoint.save_model(url, model, config, meta)
 

@@ -41,7 +41,7 @@ def _worker(config: dict[str, Any]) -> None:
     """One rank: the gathered loss on its half of fixed embeddings, then real pretraining and fine-tuning."""
     from geosoc.catalog import FinetuneConfig, PretrainConfig
     from geosoc.learn.distributed import ray_context
-    from geosoc.learn.models import ModelConfig
+    from geosoc.learn.models import NetworkConfig
     from geosoc.learn.training import finetune, pretrain
 
     ctx = ray_context()
@@ -54,7 +54,7 @@ def _worker(config: dict[str, Any]) -> None:
     loss = nt_xent(a_mine, b_mine, 0.5, gather=True)
     loss.backward()
     out: dict[str, Any] = {"loss": loss.item(), "grad_a": a_mine.grad.tolist(), "grad_b": b_mine.grad.tolist()}
-    model = ModelConfig.from_dict(config["model"])
+    model = NetworkConfig.from_dict(config["model"])
     runs = {
         "pretrain": lambda: pretrain(config["samples"], f"{config['out']}/pre", model,
                                      PretrainConfig(epochs=1, batch_size=8), ctx=ctx),

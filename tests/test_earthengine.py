@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 ee = pytest.importorskip("ee")
 pytest.importorskip("xee")
 
-from geosoc.catalog import EarthEngineSource, load_catalog  # noqa: E402
+from geosoc.catalog import INDICES, EarthEngineSource, load_catalog  # noqa: E402
 from geosoc.data.cube import build_cube, open_cube  # noqa: E402
 from geosoc.errors import GeosocError  # noqa: E402
 from geosoc.grid import Grid  # noqa: E402
@@ -67,7 +67,7 @@ def test_imagery_expression(offline_ee) -> None:
     assert '"Filter.calendarRange"' in text and '"month"' in text
     assert '"Image.unmask"' in text and '"ImageCollection.qualityMosaic"' in text and '"reduce.median"' in text
     assert '"Terrain.slope"' in text
-    for a, b in earthengine.INDICES.values():
+    for a, b in INDICES.values():
         assert f'"{a}"' in text and f'"{b}"' in text
     assert text.count('"Image.normalizedDifference"') >= 6  # five indices and the bare-soil ranking
     for band in earthengine.IMAGERY_BANDS:

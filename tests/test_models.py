@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.models.climate import ClimateEncoder, sinusoidal_positions
 from geosoc.learn.models.image import ImageEncoder
 from geosoc.learn.models.losses import nt_xent, pinball
@@ -39,14 +39,14 @@ def test_climate_encoder_shapes_and_positions() -> None:
 
 
 def test_paper_size_model_builds() -> None:
-    model = SoilNet(ModelConfig(bands=["b"] * 14, variables=["v"] * 14))
+    model = SoilNet(NetworkConfig(bands=["b"] * 14, variables=["v"] * 14))
     params = sum(p.numel() for p in model.parameters())
     assert 90e6 < params < 110e6  # ViT-B/8 (~86M) + climate Transformer (~13M) + heads
 
 
 @pytest.mark.parametrize("bands,variables", [(["a", "b", "c"], ["x", "y"]), (["a", "b", "c"], []), ([], ["x", "y"])])
 def test_soilnet_with_either_or_both_branches(bands, variables) -> None:
-    model = SoilNet(ModelConfig(bands=bands, variables=variables, **TINY))
+    model = SoilNet(NetworkConfig(bands=bands, variables=variables, **TINY))
     out = model(batch())
     assert out.shape == (4, 3)
     assert (out[:, 0] <= out[:, 1]).all() and (out[:, 1] <= out[:, 2]).all()  # quantiles never cross
@@ -56,7 +56,7 @@ def test_soilnet_with_either_or_both_branches(bands, variables) -> None:
 
 def test_model_needs_a_branch() -> None:
     with pytest.raises(ValueError):
-        SoilNet(ModelConfig(**TINY))
+        SoilNet(NetworkConfig(**TINY))
 
 
 def test_nt_xent_matches_direct_computation() -> None:

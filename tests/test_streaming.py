@@ -92,7 +92,7 @@ CHILD = """
 import json, sys
 import numpy as np
 from geosoc.catalog import PretrainConfig
-from geosoc.learn.models import ModelConfig
+from geosoc.learn.models import NetworkConfig
 from geosoc.data.streaming import SampleData
 from geosoc.learn.training import Context, pretrain
 sys.path.insert(0, "tests/benchmarks")
@@ -100,7 +100,7 @@ from memory import peak_rss_mib
 url, out = sys.argv[1], sys.argv[2]
 data = SampleData(url)
 before = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
-config = ModelConfig(bands=data.bands, variables=data.variables, patch_size=32, months=4, image_patch=8, image_dim=16,
+config = NetworkConfig(bands=data.bands, variables=data.variables, patch_size=32, months=4, image_patch=8, image_dim=16,
                      image_depth=1, image_heads=2, climate_dim=16, climate_layers=1, climate_heads=2,
                      climate_feedforward=32, embedding=8, head_hidden=16)
 result = pretrain(url, out, config, PretrainConfig(epochs=1, batch_size=64), ctx=Context(progress=False))

@@ -16,7 +16,7 @@ from geosoc.data.points import Points
 from geosoc.data.sampling import SampleSetWriter, sampleset_dataset
 from geosoc.data.streaming import SampleData
 from geosoc.learn import checkpoint
-from geosoc.learn.models import ModelConfig
+from geosoc.learn.models import NetworkConfig
 from geosoc.learn.training import Context, augment_patches, finetune, pretrain, split
 from tests.conftest import REPO
 
@@ -43,9 +43,9 @@ def tiny_sampleset(url: str, n: int = 48, patches: bool = True, climate: bool = 
         return writer.finish(ds)
 
 
-def config_for(url: str) -> ModelConfig:
+def config_for(url: str) -> NetworkConfig:
     data = SampleData(url)
-    return ModelConfig(bands=data.bands, variables=data.variables, **TINY)
+    return NetworkConfig(bands=data.bands, variables=data.variables, **TINY)
 
 
 def test_augmentation_rotates_and_flips() -> None:

@@ -11,7 +11,6 @@ hierarchy (zarr warns about foreign objects inside it) and are folded into the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from geosoc.catalog import LoadedCatalog, load_catalog
 from geosoc.errors import DamagedError, IncompleteError, NotFoundError
+from geosoc.fingerprints import fingerprint
 from geosoc.grid import Grid, Window
 from geosoc.io.locks import exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, run_tasks, template_written
@@ -164,7 +164,7 @@ def _open_data_array(url: str, group: str, build: str) -> zarr.Array:
 def _fingerprint(catalog: LoadedCatalog) -> str:
     """What defines a cube's contents: the region and the imagery and climate sections (not training)."""
     config = catalog.config
-    return hashlib.sha256(config.model_dump_json(include={"region", "imagery", "climate"}).encode()).hexdigest()[:16]
+    return fingerprint(config.model_dump_json(include={"region", "imagery", "climate"}))
 
 
 def _write_template(url: str, catalog: LoadedCatalog, layers: list[Layer], fingerprint: str) -> dict[str, Any]:

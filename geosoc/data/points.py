@@ -18,7 +18,7 @@ import pandas as pd
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError
 
-from geosoc.errors import InputError, NotFoundError
+from geosoc.errors import InputError, NotFoundError, first_line
 
 OnError = Literal["drop", "fail"]
 FORMATS = ("lucas2015", "lucas2018", "raca", "edgeroi", "csv")
@@ -209,7 +209,7 @@ def known_crs(value: str, what: str) -> CRS:
     try:
         return CRS.from_user_input(value)
     except CRSError as err:
-        raise InputError(f"{what}: {value!r} is not a CRS pyproj knows ({str(err).splitlines()[0]})") from err
+        raise InputError(f"{what}: {value!r} is not a CRS pyproj knows ({first_line(err)})") from err
 
 
 Table = tuple[pd.DataFrame, int, str]  # rows as text, number of the first data row, CRS of the coordinates
@@ -234,7 +234,7 @@ def read_table(path: Path, spec: Columns) -> Table:
     except FileNotFoundError as err:
         raise NotFoundError(f"{path}: no such file") from err
     except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise InputError(f"{path}: cannot read table: {str(err).splitlines()[0]}") from err
+        raise InputError(f"{path}: cannot read table: {first_line(err)}") from err
 
 
 def _read_geoparquet(path: Path, spec: Columns) -> Table:

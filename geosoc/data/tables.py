@@ -16,7 +16,7 @@ import pandas as pd
 
 from geosoc.data.points import Columns, Points, point_columns, read_points, read_table
 from geosoc.data.sampling import SampleReport, SampleSetWriter, sampleset_dataset, spatial_folds
-from geosoc.errors import InputError, NotFoundError
+from geosoc.errors import InputError, NotFoundError, first_line
 
 CLIMATE_COLUMN = re.compile(r"^(?P<variable>[A-Za-z][A-Za-z0-9]*)_(?P<month>\d{4}-\d{2})$")
 
@@ -98,7 +98,7 @@ def _load_patches(path: Path) -> np.ndarray:
     except FileNotFoundError as err:
         raise NotFoundError(f"{path}: no such file (--patches)") from err
     except (ValueError, OSError, EOFError) as err:
-        raise InputError(f"{path}: not a NumPy .npy array (--patches): {str(err).splitlines()[0]}") from err
+        raise InputError(f"{path}: not a NumPy .npy array (--patches): {first_line(err)}") from err
     if not isinstance(patches, np.ndarray) or patches.dtype.kind not in "fiu":
         raise InputError(f"{path}: expected an array of numbers (--patches), got {getattr(patches, 'dtype', '?')}")
     return patches

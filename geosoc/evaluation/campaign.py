@@ -26,8 +26,10 @@ from geosoc.catalog import Catalog
 from geosoc.data.sampling import open_sampleset, spatial_folds
 from geosoc.data.streaming import SampleData
 from geosoc.errors import InputError, NotFoundError
+from geosoc.fingerprints import fingerprint
 from geosoc.io.storage import exists, filesystem, join, published
 from geosoc.learn import baselines, checkpoint
+from geosoc.learn.device import resolve_device
 from geosoc.learn.training import Context, finetune_region, forward_all, predict_samples, pretrain_region, stage_urls
 from geosoc.stats.metrics import METRICS, regression_metrics
 
@@ -85,7 +87,7 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
         raise InputError(f"need --repeats >= 1 and --folds >= 2 (got {repeats} and {folds})")
     urls = stage_urls(root)
     out = join(root, "evaluation")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     samples = open_sampleset(urls["labelled"])
     labelled = np.flatnonzero(np.isfinite(samples["target"].values))
     if len(labelled) < 10:
@@ -141,12 +143,9 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
 def _campaign(cv: str, sets: list[np.ndarray], ids: np.ndarray, observed: np.ndarray) -> str:
     """Where a cross-validation's runs live: named by its kind and folds, and a digest of the fold assignment
     and the samples, so that other folds or a re-sampled SampleSet never reuse finished runs."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for part in (*sets, np.asarray([str(i) for i in ids]).astype("U"), observed):
-        digest.update(np.ascontiguousarray(part).tobytes())
-    return f"{cv}-k{len(np.unique(sets[0]))}-{digest.hexdigest()[:10]}"
+    parts = (*sets, np.asarray([str(i) for i in ids]).astype("U"), observed)
+    digest = fingerprint(*(np.ascontiguousarray(part).tobytes() for part in parts), length=10)
+    return f"{cv}-k{len(np.unique(sets[0]))}-{digest}"
 
 
 def _embeddings(pretrained: str | None, data: SampleData, indices: np.ndarray, device: torch.device) -> np.ndarray:

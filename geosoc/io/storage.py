@@ -21,7 +21,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store
 
-from geosoc.errors import DamagedError, InputError, UnwritableError
+from geosoc.errors import DamagedError, InputError, UnwritableError, first_line
 
 
 def default_root(region: str) -> str:
@@ -70,7 +70,7 @@ def read_group_attrs(url: str) -> dict[str, Any] | None:
 
 def damaged_metadata(url: str, err: Exception) -> str:
     """The error for a Zarr store whose metadata cannot be read (a hand-edited or truncated zarr.json)."""
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    reason = first_line(err)
     return f"{url}: its Zarr metadata is damaged ({reason}); remove the store and write it again"
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import save as save_tensors
 from geosoc.errors import DamagedError, NotFoundError
 from geosoc.io import storage
 from geosoc.io.storage import filesystem, join
-from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.normalisation import Normalisation
 from geosoc.stats.aoa import Reference
 
@@ -139,7 +139,7 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
     return save_tensors({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
 
 
-def save_model(url: str, model: torch.nn.Module, config: ModelConfig, meta: dict[str, Any],
+def save_model(url: str, model: torch.nn.Module, config: NetworkConfig, meta: dict[str, Any],
                optimizer: torch.optim.Optimizer | None = None, info: dict[str, Any] | None = None) -> None:
     """The weights, and with `optimizer` a resumable state (its tensors and `info`: epoch, history), as one unit."""
     files = {MODEL_FILE: weights_bytes(model)}
@@ -148,7 +148,7 @@ def save_model(url: str, model: torch.nn.Module, config: ModelConfig, meta: dict
     save_files(url, files, config, meta)
 
 
-def save_files(url: str, files: dict[str, bytes], config: ModelConfig, meta: dict[str, Any]) -> None:
+def save_files(url: str, files: dict[str, bytes], config: NetworkConfig, meta: dict[str, Any]) -> None:
     """A whole new checkpoint of `files` (e.g. a tree model's estimators instead of weights), replacing any
     earlier one at `url` as one unit."""
     meta = {k: v for k, v in meta.items() if k not in ("model", "files")}
@@ -195,14 +195,14 @@ def offset_of(meta: dict[str, Any]) -> float:
     return float(calibration_of(meta).get("offset", 0.0))
 
 
-def load_config(url: str) -> tuple[ModelConfig, dict[str, Any]]:
+def load_config(url: str) -> tuple[NetworkConfig, dict[str, Any]]:
     """The model config and the rest of config.json (without its file list), without reading the weights."""
     return _config_of(_document(url))
 
 
-def _config_of(document: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
+def _config_of(document: dict[str, Any]) -> tuple[NetworkConfig, dict[str, Any]]:
     meta = {k: v for k, v in document.items() if k not in ("model", "files")}
-    return ModelConfig.from_dict(document["model"]), meta
+    return NetworkConfig.from_dict(document["model"]), meta
 
 
 def normalisation(url: str, meta: dict[str, Any]) -> Normalisation:
@@ -214,7 +214,7 @@ def normalisation(url: str, meta: dict[str, Any]) -> Normalisation:
                           f"{FRESH_HINT}") from err
 
 
-def _build_model(url: str, config: ModelConfig) -> SoilNet:
+def _build_model(url: str, config: NetworkConfig) -> SoilNet:
     """The network a checkpoint's config describes (untrained)."""
     try:
         return SoilNet(config)

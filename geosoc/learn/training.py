@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 from geosoc.catalog import Catalog, FinetuneConfig, PretrainConfig
 from geosoc.data.streaming import SampleData, SampleStream, data_loader, on_device, to_device
 from geosoc.errors import IncompatibleError, InputError
+from geosoc.fingerprints import fingerprint
 from geosoc.io.storage import check_writable, join
 from geosoc.learn import checkpoint
-from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.device import resolve_device
+from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.models.losses import nt_xent, pinball
 from geosoc.learn.normalisation import Normalisation
 from geosoc.stats import aoa
@@ -94,7 +96,7 @@ class Context:
 
     rank: int = 0
     world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device: torch.device = field(default_factory=resolve_device)
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
     report: Callable[[dict[str, Any], str | None], None] = lambda metrics, checkpoint_url: None  # url: rank 0
     progress: bool = True
@@ -105,9 +107,9 @@ class Context:
         return self.rank == 0
 
 
-def model_config(catalog: Catalog, data: SampleData) -> ModelConfig:
+def model_config(catalog: Catalog, data: SampleData) -> NetworkConfig:
     m = catalog.model
-    return ModelConfig(
+    return NetworkConfig(
         bands=data.bands, variables=data.variables, patch_size=data.patch_size, months=data.months,
         image_patch=m.image.patch, image_dim=m.image.dim, image_depth=m.image.depth, image_heads=m.image.heads,
         climate_dim=m.climate.dim, climate_layers=m.climate.layers, climate_heads=m.climate.heads,
@@ -142,7 +144,7 @@ def contrastive_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], te
 
     The forward goes through `model` itself, so that DistributedDataParallel arms its gradient all-reduce; in
     training the negatives are gathered from every worker."""
-    config = cast(ModelConfig, getattr(model, "module", model).config)
+    config = cast(NetworkConfig, getattr(model, "module", model).config)
     if config.bands and config.variables:
         patch = augment_patches(inputs["patch"], generator) if train else inputs["patch"]
         embeddings = model({"patch": patch, "climate": inputs["climate"]}, output="embeddings")
@@ -156,7 +158,7 @@ def contrastive_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], te
     return nt_xent(a, b, temperature, gather=train)
 
 
-def pretrain(samples_url: str, out_url: str, config: ModelConfig, stage: PretrainConfig, *, seed: int = 0,
+def pretrain(samples_url: str, out_url: str, config: NetworkConfig, stage: PretrainConfig, *, seed: int = 0,
              resume: bool = True, ctx: Context | None = None) -> dict[str, Any]:
     """Contrastive pretraining on (unlabelled) samples; checkpoints under `out_url`."""
     ctx = ctx or Context()
@@ -173,7 +175,7 @@ def pretrain(samples_url: str, out_url: str, config: ModelConfig, stage: Pretrai
                 patience=None)
 
 
-def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: FinetuneConfig, *,
+def finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: FinetuneConfig, *,
              pretrained_url: str | None = None, test_fold: int | None = None, seed: int = 0,
              resume: bool = True, ctx: Context | None = None, folds: np.ndarray | None = None) -> dict[str, Any]:
     """Both branches and the head trained on labelled samples with a pinball loss over the quantiles.
@@ -215,9 +217,7 @@ def finetune(samples_url: str, out_url: str, config: ModelConfig, stage: Finetun
 
 def _digest(values: np.ndarray) -> str:
     """A short fingerprint of an array (the fold assignment a run was made with)."""
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return fingerprint(np.ascontiguousarray(values, dtype=np.int64).tobytes())
 
 
 def forward_all(model: SoilNet, data: SampleData, indices: np.ndarray, norm: Normalisation, device: torch.device,
@@ -277,12 +277,12 @@ def calibrate(url: str, data: SampleData, train: np.ndarray, val: np.ndarray, no
                                                  "samples": len(val), "epoch": best_epoch}})
 
 
-def _modalities(config: ModelConfig) -> tuple[str, ...]:
+def _modalities(config: NetworkConfig) -> tuple[str, ...]:
     return tuple(name for name, present in (("patch", config.bands), ("climate", config.variables)) if present)
 
 
 def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, norm: Normalisation,
-         config: ModelConfig, stage: Any, out_url: str, loss_fn: Callable, evaluate: Callable | None, seed: int,
+         config: NetworkConfig, stage: Any, out_url: str, loss_fn: Callable, evaluate: Callable | None, seed: int,
          resume: bool, ctx: Context, patience: int | None, pretrained_url: str | None = None,
          extra: dict[str, Any] | None = None) -> dict[str, Any]:
     torch.manual_seed(seed)

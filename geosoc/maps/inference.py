@@ -13,7 +13,6 @@ windows, and a retried window is rewritten whole with the same numbers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,12 +35,14 @@ from geosoc.catalog import Catalog, PredictConfig, parse_yaml
 from geosoc.data.cube import cube_parts, group_grid, open_cube
 from geosoc.data.sampling import climate_at, read_imagery
 from geosoc.errors import DamagedError, IncompatibleError, IncompleteError, InputError, NotFoundError
+from geosoc.fingerprints import fingerprint
 from geosoc.grid import Grid, Window
 from geosoc.io.locks import exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, template_written
 from geosoc.io.storage import damaged_metadata, join, read_group_attrs, zarr_store
 from geosoc.learn import checkpoint
-from geosoc.learn.models import ModelConfig
+from geosoc.learn.device import resolve_device
+from geosoc.learn.models import NetworkConfig
 from geosoc.maps.outputs import output_names, quantile_name
 from geosoc.stats import aoa
 from geosoc.stats.calibration import interval
@@ -90,7 +91,7 @@ class MapSpec:
     def fingerprint(self, model_config: bytes, cube_build: str) -> str:
         text = json.dumps([self.cube, cube_build, self.model, model_config.decode(), self.grid.crs, self.grid.x0,
                            self.grid.y0, self.grid.resolution, self.grid.shape, self.grid.chunks])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return fingerprint(text)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class Predictor:
 
     def __init__(self, model_url: str, device: torch.device | str | None = None,
                  batch_size: int = DEFAULT_BATCH) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.model, meta = checkpoint.load_model(model_url, self.device)
         _require_finetuned(model_url, meta)
         self.meta = meta
@@ -269,7 +270,7 @@ def predict_window(predictor: Predictor | TabularPredictor, data: WindowInput) -
     return {name: values.reshape(data.window.shape) for name, values in flat.items()}
 
 
-def _check_compatible(config: ModelConfig, cube: CubeAccess, model_url: str) -> None:
+def _check_compatible(config: NetworkConfig, cube: CubeAccess, model_url: str) -> None:
     if config.bands and config.bands != cube.bands:
         raise IncompatibleError(f"{model_url} was trained on bands {config.bands}, but {cube.url} has {cube.bands}")
     if config.variables and config.variables != cube.variables:

@@ -20,7 +20,8 @@ from geosoc.catalog import Catalog
 from geosoc.errors import DamagedError, InputError
 from geosoc.io.storage import join
 from geosoc.learn import baselines, checkpoint
-from geosoc.learn.models import ModelConfig
+from geosoc.learn.device import resolve_device
+from geosoc.learn.models import NetworkConfig
 from geosoc.maps.outputs import output_names
 from geosoc.stats import aoa
 
@@ -59,7 +60,7 @@ def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None
     fitted = baselines.fit(name, features.values, data.target[labelled], seed, threads)
     medians = _medians(features.values[:, fitted.usable])
     reference = aoa.fit(_filled(features.values[:, fitted.usable], medians), data.fold[labelled], seed)
-    config = ModelConfig(bands=data.bands, variables=data.variables, patch_size=baselines.WINDOW,
+    config = NetworkConfig(bands=data.bands, variables=data.variables, patch_size=baselines.WINDOW,
                          months=data.months, quantiles=list(baselines.QUANTILES))
     months = [str(m) for m in data.time.astype("datetime64[M]")] if data.time is not None else None
     meta = {"stage": "finetune", "kind": "tabular", "estimator": name, "samples": url, "seed": seed,
@@ -107,7 +108,7 @@ class TabularPredictor:
     covariate space. Runs on the host (scikit-learn); `device` only places the AOA distances."""
 
     def __init__(self, model_url: str, device: torch.device | str | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.config, self.meta = checkpoint.load_config(model_url)
         self.fitted = load(model_url)
         reference = checkpoint.load_aoa(model_url)

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from geosoc.catalog import IMAGERY_BANDS, EarthEngineSource, LoadedCatalog
-from geosoc.errors import CredentialsError, NotFoundError, ServiceError
+from geosoc.catalog import IMAGERY_BANDS, INDICES, EarthEngineSource, LoadedCatalog
+from geosoc.errors import CredentialsError, NotFoundError, ServiceError, first_line
 from geosoc.grid import Grid
 from geosoc.sources.ee_fetch import Fetch, PixelFetcher, RetryPolicy, Throttle
 from geosoc.sources.ee_plan import TileShape, count_requests, plan_tile
@@ -36,13 +36,6 @@ LANDSAT_SCALE, LANDSAT_OFFSET = 2.75e-5, -0.2
 # QA_PIXEL bits: 1 dilated cloud, 2 cirrus, 3 cloud, 4 cloud shadow, 5 snow.
 QA_MASK_BITS = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5)
 WINTER_MONTHS = (11, 2)  # November through February (calendarRange wraps over the year end)
-INDICES = {  # name: (band a, band b) of the normalised difference (a - b) / (a + b)
-    "clay": ("SR_B6", "SR_B7"),
-    "ferrous": ("SR_B6", "SR_B5"),
-    "carbonate": ("SR_B4", "SR_B3"),
-    "rock_outcrop": ("SR_B6", "SR_B3"),
-    "ndvi": ("SR_B5", "SR_B4"),
-}
 # Scale factors of IDAHO_EPSCOR/TERRACLIMATE bands (Earth Engine catalog); bands not listed are unscaled.
 TERRACLIMATE_SCALE = {
     "aet": 0.1, "def": 0.1, "pdsi": 0.01, "pet": 0.1, "soil": 0.1, "srad": 0.1,
@@ -146,7 +139,7 @@ def initialize(high_volume: bool = False) -> None:
             ee.Number(1).getInfo()
         except Exception as err:  # every failure here means one of two things to the user, told apart below
             ee.Reset()
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = first_line(err)
             if _unreachable(err):
                 raise ServiceError(
                     f"could not reach Earth Engine ({reason}): check this machine's network, DNS or proxy; the "

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from geosoc.errors import ServiceError
+from geosoc.errors import ServiceError, first_line
 from geosoc.grid import Grid
 
 Fetch = Callable[[dict[str, Any]], np.ndarray]
@@ -142,7 +142,7 @@ def _compute_pixels(params: dict[str, Any]) -> np.ndarray:
 
 def _reason(error: BaseException) -> str:
     status = http_status(error)
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = first_line(error)
     return f"HTTP {status}: {text}" if status else text
 
 

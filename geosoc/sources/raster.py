@@ -20,7 +20,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rioxarray.exceptions import NoDataInBounds, OneDimensionalRaster
 
 from geosoc.catalog import LoadedCatalog
-from geosoc.errors import CatalogError, InputError
+from geosoc.errors import CatalogError, InputError, first_line
 from geosoc.grid import Grid
 from geosoc.sources.layers import Layer
 
@@ -59,7 +59,7 @@ def inspect_raster(url: str, where: str, bands: list[str] | None, crs: str | Non
     try:
         src = _open(url)
     except Exception as err:  # rasterio/GDAL raise many types for unreadable input
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise InputError(f"{url}: cannot read raster ({reason}); check {path_key}") from err
     found_crs = src.rio.crs
     if found_crs is None and crs is None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from pyproj import Transformer
 
-from geosoc.catalog import CLIMATE_VARIABLES, IMAGERY_BANDS
+from geosoc.catalog import CLIMATE_VARIABLES, IMAGERY_BANDS, INDICES
 from geosoc.grid import Grid
 from geosoc.sources.layers import Layer
 from geosoc.sources.noise import fbm, hash_uniform, key_of, lattice_interp, value_noise
@@ -161,16 +161,9 @@ class Landscape:
         reflectance = (1 - cover) * soil + cover * _VEGETATION_SPECTRUM[:, None, None] + sensor
         b = {f"SR_B{i + 1}": reflectance[i] for i in range(7)}
 
-        def nd(a: str, c: str) -> np.ndarray:
-            return (b[a] - b[c]) / (b[a] + b[c])
-
         layers = {
             **b,
-            "clay": nd("SR_B6", "SR_B7"),
-            "ferrous": nd("SR_B6", "SR_B5"),
-            "carbonate": nd("SR_B4", "SR_B3"),
-            "rock_outcrop": nd("SR_B6", "SR_B3"),
-            "ndvi": nd("SR_B5", "SR_B4"),
+            **{name: (b[a] - b[c]) / (b[a] + b[c]) for name, (a, c) in INDICES.items()},
             "elevation": f["elevation"],
             "slope": slope,
         }

@@ -31,7 +31,7 @@ X0, Y0 = 4_000_020, 2_800_020  # multiples of 30 in EPSG:3035
 EUROPE_CELLS = {"1 km": 8_000_000, "250 m": 130_000_000}  # land cells, midpoints of 6-10 M and 100-160 M
 SMALL = dict(patch_size=32, image_patch=8, image_dim=64, image_depth=2, image_heads=4, climate_dim=64,
              climate_layers=2, climate_heads=4, climate_feedforward=128, embedding=32)
-PAPER = dict(patch_size=64)  # ModelConfig's defaults are the paper's
+PAPER = dict(patch_size=64)  # NetworkConfig's defaults are the paper's
 
 
 def write_catalog(folder: Path, size_px: int) -> Path:
@@ -52,7 +52,7 @@ def make_checkpoint(cube: str, url: str, paper: bool) -> None:
 
     from geosoc.data.cube import open_cube
     from geosoc.learn import checkpoint
-    from geosoc.learn.models import ModelConfig, SoilNet
+    from geosoc.learn.models import NetworkConfig, SoilNet
     from geosoc.learn.normalisation import Normalisation
     from geosoc.stats import aoa
 
@@ -60,7 +60,7 @@ def make_checkpoint(cube: str, url: str, paper: bool) -> None:
     imagery, climate = tree["imagery"].to_dataset()["data"], tree["climate"].to_dataset()["data"]
     sample = imagery.isel(y=slice(0, 256), x=slice(0, 256)).values
     series = climate.values
-    config = ModelConfig(bands=[str(b) for b in imagery["band"].values], variables=[str(v) for v in climate["variable"].values],
+    config = NetworkConfig(bands=[str(b) for b in imagery["band"].values], variables=[str(v) for v in climate["variable"].values],
                          months=climate.sizes["time"], **(PAPER if paper else SMALL))
     torch.manual_seed(0)
     model = SoilNet(config)

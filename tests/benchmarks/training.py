@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from geosoc.data.points import Points
 from geosoc.data.sampling import SampleSetWriter, sampleset_dataset
 from geosoc.data.streaming import SampleData, SampleStream, data_loader
-from geosoc.learn.models import ModelConfig, SoilNet
+from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.models.losses import nt_xent
 from geosoc.learn.training import Context, contrastive_loss, fit_normalisation, make_optimizer, train_epoch
 
@@ -76,7 +76,7 @@ def main() -> None:
         print(f"SampleSet: {data.size} samples, {size_mib:,.0f} MiB on disk, in-memory limit {limit:,.0f} MiB "
               f"({'in memory' if data.in_memory else 'streamed'}), written in {time.perf_counter() - started:.0f} s")
         norm = fit_normalisation(data, np.arange(data.size), log_target=False, seed=0)
-        config = ModelConfig(bands=data.bands, variables=data.variables, patch_size=PATCH, months=MONTHS)
+        config = NetworkConfig(bands=data.bands, variables=data.variables, patch_size=PATCH, months=MONTHS)
         model = SoilNet(config).to(device)
         model.head.requires_grad_(False)  # as in pretraining
         optimizer = make_optimizer(model, 1e-4, device)

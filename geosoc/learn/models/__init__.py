@@ -1,5 +1,5 @@
 """SSL-SoilNet: image and climate encoders, their shared embedding, the regression head, the losses."""
 
-from geosoc.learn.models.soilnet import ModelConfig, SoilNet
+from geosoc.learn.models.soilnet import NetworkConfig, SoilNet
 
-__all__ = ["ModelConfig", "SoilNet"]
+__all__ = ["NetworkConfig", "SoilNet"]

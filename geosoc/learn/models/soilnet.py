@@ -13,8 +13,9 @@ from geosoc.learn.models.image import ImageEncoder
 
 
 @dataclass
-class ModelConfig:
-    """Everything needed to rebuild the network (stored in a checkpoint's config.json)."""
+class NetworkConfig:
+    """Everything needed to rebuild the network, flat as a checkpoint's config.json stores it: the catalog's
+    `model` section (architecture) resolved against the data it is trained on (bands, variables, patch, months)."""
 
     bands: list[str] = field(default_factory=list)  # empty: no image branch
     variables: list[str] = field(default_factory=list)  # empty: no climate branch
@@ -36,12 +37,12 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 class SoilNet(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: NetworkConfig):
         super().__init__()
         if not config.bands and not config.variables:
             raise ValueError("a model needs image bands, climate variables, or both")
