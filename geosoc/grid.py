@@ -113,6 +113,10 @@ class Grid:
     def chunk_counts(self) -> tuple[int, int]:
         return (-(-self.height // self.chunks[0]), -(-self.width // self.chunks[1]))
 
+    def chunk_index(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The row-major number of the chunk holding each pixel (the order `windows` walks them in)."""
+        return (rows // self.chunks[0]) * self.chunk_counts[1] + cols // self.chunks[1]
+
     @property
     def n_chunks(self) -> int:
         ny, nx = self.chunk_counts

@@ -132,7 +132,7 @@ def _train_workers(temp: str) -> list[Any]:
 def _epochs_saved(url: str) -> int:
     """Epochs in a resumable checkpoint (0 while there is none, or while it is being replaced)."""
     try:
-        return int(checkpoint.state_info(url)["epoch"]) if checkpoint.exists(url) else 0
+        return int(checkpoint.state_info(url)["epoch"]) if checkpoint.is_checkpoint(url) else 0
     except GeosocError:
         return 0
 

@@ -154,7 +154,7 @@ def test_finetune_killed_during_checkpoint_writes_resumes_cleanly(tmp_path: Path
     for _ in range(3):
         kill_at_random(KILLED_FINETUNE, [url, out], rng, 1.0, 3.0)
         last = out + "/last"
-        if checkpoint.exists(last):
+        if checkpoint.is_checkpoint(last):
             info = checkpoint.state_info(last)
             assert [m["epoch"] for m in info["history"]] == list(range(1, info["epoch"] + 1))
             model, _ = checkpoint.load_model(last)

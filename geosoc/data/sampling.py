@@ -21,6 +21,7 @@ import dask
 import numpy as np
 import xarray as xr
 import zarr
+from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from geosoc.data.cube import axis_coordinate, cube_parts, with_axis_names
@@ -77,16 +78,22 @@ def read_imagery(url: str, shape: tuple[int, int], r0: int, r1: int, c0: int, c1
     return window
 
 
+def cut_patches(window: np.ndarray, top: np.ndarray, left: np.ndarray, patch: int) -> np.ndarray:
+    """The `patch` x `patch` patches of `window` (band, h, w) whose top-left pixels are (top, left): (n, band, p, p).
+    One gather on the host; the map's network predictor cuts its patches as views on the device instead."""
+    offsets = np.arange(patch)
+    rows = top[:, None, None] + offsets[None, :, None]
+    cols = left[:, None, None] + offsets[None, None, :]
+    return np.moveaxis(window[:, rows, cols], 0, 1)
+
+
 def _extract_group(url: str, shape: tuple[int, int], indices: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                    patch: int) -> Extracted:
     """Read the group's window once (padded with NaN beyond the grid) and gather every patch from it."""
     half = patch // 2
     r0, c0 = int(rows.min()) - half, int(cols.min()) - half
     window = read_imagery(url, shape, r0, int(rows.max()) - half + patch, c0, int(cols.max()) - half + patch)
-    offsets = np.arange(patch)
-    ri = (rows - half - r0)[:, None] + offsets[None, :]
-    ci = (cols - half - c0)[:, None] + offsets[None, :]
-    patches = np.moveaxis(window[:, ri[:, :, None], ci[:, None, :]], 0, 1)  # (n, band, py, px)
+    patches = cut_patches(window, rows - half - r0, cols - half - c0, patch)  # (n, band, py, px)
     missing = np.isnan(patches).any(axis=1)
     return Extracted(indices, patches, missing.mean(axis=(1, 2)), ~missing[:, half, half])
 
@@ -97,7 +104,7 @@ def extract_patches(
 ) -> Iterator[Extracted]:
     """Patches centred on points (grid CRS), one chunk group at a time, in chunk order."""
     rows, cols = grid.rowcol(x, y)
-    keys = (rows // grid.chunks[0]) * grid.chunk_counts[1] + cols // grid.chunks[1]
+    keys = grid.chunk_index(rows, cols)
     order = np.argsort(keys, kind="stable")
     bounds = np.flatnonzero(np.diff(keys[order])) + 1
     groups = np.split(order, bounds) if len(order) else []
@@ -142,7 +149,7 @@ def climate_at(url: str, grid: Grid, x: np.ndarray, y: np.ndarray) -> np.ndarray
     rows, cols = grid.rowcol(x, y)
     inside = grid.contains(rows, cols)
     out = np.full((len(x), array.shape[0], array.shape[1]), np.nan, dtype=np.float32)
-    keys = np.where(inside, (rows // grid.chunks[0]) * grid.chunk_counts[1] + cols // grid.chunks[1], -1)
+    keys = np.where(inside, grid.chunk_index(rows, cols), -1)
     for key in np.unique(keys[inside]):
         members = np.flatnonzero(keys == key)
         r0, c0 = int(rows[members].min()), int(cols[members].min())
@@ -154,7 +161,10 @@ def climate_at(url: str, grid: Grid, x: np.ndarray, y: np.ndarray) -> np.ndarray
 
 def spatial_folds(x: np.ndarray, y: np.ndarray, block_size: float, folds: int, seed: int = 0) -> np.ndarray:
     """Fold per point from square blocks of `block_size`: whole blocks go to the fold with fewest points so
-    far (largest blocks first), so folds are spatially contiguous and balanced in count."""
+    far (largest blocks first), so no block is split across folds and folds are balanced in count.
+
+    Not sklearn's GroupKFold: it balances the same way but breaks ties between equal blocks by their order
+    (no seed), and its shuffle drops the balancing; here ties are broken by `seed`."""
     bx, by = np.floor(x / block_size).astype(np.int64), np.floor(y / block_size).astype(np.int64)
     blocks, inverse, counts = np.unique(np.stack([bx, by], axis=1), axis=0, return_inverse=True, return_counts=True)
     rng = np.random.default_rng(seed)
@@ -317,7 +327,7 @@ def random_points(
     xmin, ymin, xmax, ymax = grid.bounds
     accepted_x: list[float] = []
     accepted_y: list[float] = []
-    spacing = _SpacingIndex(min_spacing)
+    spacing = _Spacing(min_spacing)
     rate = 0.5
     for _round in range(50):
         need = n - len(accepted_x)
@@ -327,19 +337,16 @@ def random_points(
         cx, cy = rng.uniform(xmin, xmax, size), rng.uniform(ymin, ymax, size)
         rows, cols = grid.rowcol(cx, cy)
         cx, cy = grid.x_of(cols), grid.y_of(rows)  # pixel centres: a location is a pixel
-        candidates = np.array([i for i in range(size) if spacing.free(cx[i], cy[i])], dtype=np.int64)
+        candidates = np.flatnonzero(spacing.free(cx, cy))
         valid = np.zeros(size, dtype=bool)
         for part in extract_patches(cube_url, grid, cx[candidates], cy[candidates], patch, workers=workers,
                                     progress=progress):
             valid[candidates[part.indices[part.valid(max_nodata)]]] = True
         rate = max(valid.sum() / size, 0.01)
-        for i in np.flatnonzero(valid):
-            if len(accepted_x) == n:
-                break
-            if spacing.free(cx[i], cy[i]):
-                spacing.add(cx[i], cy[i])
-                accepted_x.append(float(cx[i]))
-                accepted_y.append(float(cy[i]))
+        chosen = np.flatnonzero(valid)
+        chosen = chosen[spacing.accept(cx[chosen], cy[chosen], n - len(accepted_x))]
+        accepted_x += cx[chosen].tolist()
+        accepted_y += cy[chosen].tolist()
     if len(accepted_x) < n:
         raise InputError(f"found only {len(accepted_x)} of {n} valid locations; lower --min-spacing or N")
     x, y = np.array(accepted_x), np.array(accepted_y)
@@ -347,32 +354,40 @@ def random_points(
     return Points(ids, x, y, *lonlat(x, y, grid.crs), np.full(n, np.nan), "", f"random(seed={seed})")
 
 
-class _SpacingIndex:
-    """Minimum spacing between accepted points, with a grid hash (3x3 neighbour cells)."""
+class _Spacing:
+    """Minimum spacing between accepted points, through scipy's cKDTree over the points accepted so far."""
 
     def __init__(self, spacing: float) -> None:
         self.spacing = spacing
-        self.cells: dict[tuple[int, int], list[tuple[float, float]]] = {}
+        self.points = np.empty((0, 2))
+        self.tree: cKDTree | None = None
 
-    def _cell(self, x: float, y: float) -> tuple[int, int]:
-        return int(x // self.spacing), int(y // self.spacing)
+    def free(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether each point is at least `spacing` from every accepted one (candidates are pre-filtered with
+        it, so points that could never be accepted are not extracted)."""
+        if self.spacing <= 0 or self.tree is None:
+            return np.ones(len(x), dtype=bool)
+        distance, _ = self.tree.query(np.column_stack([x, y]), distance_upper_bound=self.spacing)
+        return distance >= self.spacing
 
-    def free(self, x: float, y: float) -> bool:
-        """Whether (x, y) is at least `spacing` from every accepted point (candidates are pre-filtered
-        against earlier rounds with it, so points that could never be accepted are not extracted)."""
-        if self.spacing <= 0:
-            return True
-        cx, cy = self._cell(x, y)
-        return all(
-            (px - x) ** 2 + (py - y) ** 2 >= self.spacing**2
-            for dx in (-1, 0, 1)
-            for dy in (-1, 0, 1)
-            for px, py in self.cells.get((cx + dx, cy + dy), ())
-        )
-
-    def add(self, x: float, y: float) -> None:
-        if self.spacing > 0:
-            self.cells.setdefault(self._cell(x, y), []).append((x, y))
+    def accept(self, x: np.ndarray, y: np.ndarray, limit: int) -> np.ndarray:
+        """Accept points in order while each is `spacing` from every accepted one, up to `limit`; their indices."""
+        points = np.column_stack([x, y])
+        free = self.free(x, y)
+        close: list[list[int]] = [[] for _ in range(len(points))]
+        if self.spacing > 0 and len(points):  # pairs closer than spacing (a ball's radius is inclusive)
+            close = cKDTree(points).query_ball_point(points, r=np.nextafter(self.spacing, 0)).tolist()
+        taken = np.zeros(len(points), dtype=bool)
+        count = 0
+        for i in np.flatnonzero(free):
+            if count == limit:
+                break
+            taken[i] = not taken[close[i]].any()
+            count += int(taken[i])
+        self.points = np.concatenate([self.points, points[taken]])
+        if self.spacing > 0 and len(self.points):
+            self.tree = cKDTree(self.points)
+        return np.flatnonzero(taken)
 
 
 def open_sampleset(url: str) -> xr.Dataset:

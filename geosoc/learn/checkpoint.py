@@ -38,7 +38,7 @@ _TEMPORARY = re.compile(r".+\.tmp-[0-9a-f]{8}")  # a local write a killed run le
 FRESH_HINT = "train again with --fresh, or point at another checkpoint"
 
 
-def exists(url: str) -> bool:
+def is_checkpoint(url: str) -> bool:
     """Whether a checkpoint is at `url` (its config.json is published last)."""
     return storage.exists(join(url, CONFIG_FILE))
 

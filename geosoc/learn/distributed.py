@@ -42,7 +42,8 @@ def ray_context() -> Context:
 
 def _report_to_ray(metrics: dict[str, Any], checkpoint_url: str | None) -> None:
     """An epoch's metrics to Ray; from rank 0 with a Ray checkpoint that points at geosoc's own (which stays the
-    source of truth: it is what every worker resumes from after a failure)."""
+    source of truth: it is what every worker resumes from after a failure, and what `geosoc finetune`, evaluate
+    and predict read outside Ray, so `ray.train.get_checkpoint` is not used to resume)."""
     import ray.train
 
     if checkpoint_url is None:

@@ -63,6 +63,10 @@ class Normalisation:
         values = torch.log1p(target) if self.log_target else target
         return (values - self.target_mean) / self.target_std
 
+    def decode_target_tensor(self, z: torch.Tensor) -> torch.Tensor:
+        values = z * self.target_std + self.target_mean
+        return torch.expm1(values) if self.log_target else values
+
     def encode_target(self, target: np.ndarray) -> np.ndarray:
         values = np.log1p(target) if self.log_target else target
         return ((values - self.target_mean) / self.target_std).astype(np.float32)

@@ -297,7 +297,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     start, history, best = 0, [], math.inf
     meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
     run = {k: meta.get(k) for k in ("stage", "samples", "seed", "test_fold", "pretrained", "folds")}
-    if resume and checkpoint.exists(last):
+    if resume and checkpoint.is_checkpoint(last):
         info = checkpoint.state_info(last)
         if info.get("run") != run:
             raise IncompatibleError(
@@ -447,7 +447,7 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     urls = stage_urls(root)
     samples = samples or urls["labelled"]
     if pretrained is True:
-        pretrained = urls["pretrain"] if checkpoint.exists(urls["pretrain"]) else None
+        pretrained = urls["pretrain"] if checkpoint.is_checkpoint(urls["pretrain"]) else None
     if pretrained:
         config = checkpoint.load_config(pretrained)[0]
         config.quantiles = list(catalog.model.quantiles)

@@ -108,21 +108,27 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
 def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str) -> dict[str, Any]:
     """A STAC item (projection extension) describing the map's assets; written as `item.json` in `folder`."""
     import pystac
+    import shapely
+    import shapely.geometry
+    import shapely.ops
     from pyproj import Transformer
     from pystac.extensions.projection import ProjectionExtension
+    from rasterio.warp import transform_bounds
 
     crs = ds.rio.crs
     transform = ds.rio.transform()
     height, width = ds.sizes["y"], ds.sizes["x"]
     xmin, ymin, xmax, ymax = ds.rio.bounds()
+    # Edges densified before reprojection: a projected edge is curved in lon/lat (Europe's LAEA top edge
+    # reaches ~6 degrees further north between the corners than at them).
     to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-    lon, lat = to_lonlat.transform([xmin, xmax, xmax, xmin, xmin], [ymin, ymin, ymax, ymax, ymin])
-    ring = [[float(a), float(b)] for a, b in zip(lon, lat)]
-    bbox = [min(lon), min(lat), max(lon), max(lat)]
+    edges = shapely.segmentize(shapely.box(xmin, ymin, xmax, ymax), max(xmax - xmin, ymax - ymin) / 20)
+    footprint = shapely.ops.transform(to_lonlat.transform, edges)
+    bbox = list(transform_bounds(crs, "EPSG:4326", xmin, ymin, xmax, ymax, densify_pts=21))
     start, end = ds.attrs.get("period") or (None, None)
     created = ds.attrs.get("created") or dt.datetime.now(dt.UTC).isoformat()
     item = pystac.Item(
-        id=item_id, geometry={"type": "Polygon", "coordinates": [ring]}, bbox=bbox,
+        id=item_id, geometry=shapely.geometry.mapping(footprint), bbox=bbox,
         datetime=None if start else dt.datetime.fromisoformat(created),
         start_datetime=dt.datetime.fromisoformat(f"{start}T00:00:00+00:00") if start else None,
         end_datetime=dt.datetime.fromisoformat(f"{end}T23:59:59+00:00") if end else None,

@@ -20,7 +20,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -44,11 +44,9 @@ from geosoc.learn import checkpoint
 from geosoc.learn.device import resolve_device
 from geosoc.learn.models import NetworkConfig
 from geosoc.maps.outputs import output_names, quantile_name
+from geosoc.maps.tabular import TabularPredictor, is_tabular
 from geosoc.stats import aoa
 from geosoc.stats.calibration import interval
-
-if TYPE_CHECKING:
-    from geosoc.maps.tabular import TabularPredictor
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +62,14 @@ Engine = Literal["local", "ray"]
 def load_predictor(model_url: str, device: torch.device | str | None = None,
                    batch_size: int = DEFAULT_BATCH) -> Predictor | TabularPredictor:
     """The predictor of a checkpoint: the network's, or a tree model's (`geosoc fit-tabular`)."""
-    from geosoc.maps.tabular import TabularPredictor, is_tabular
-
     if is_tabular(checkpoint.load_config(model_url)[1]):
         return TabularPredictor(model_url, device)
     return Predictor(model_url, device, batch_size)
 
 
-def _require_finetuned(url: str, meta: dict[str, Any]) -> None:
-    if meta.get("stage") != "finetune":
+def _require_map_model(url: str, meta: dict[str, Any]) -> None:
+    """A map needs a fine-tuned network or a tree model (whose checkpoints before 0.1 said "finetune" too)."""
+    if meta.get("stage") != "finetune" and not is_tabular(meta):
         raise IncompatibleError(f"{url}: a {meta.get('stage')!r} checkpoint has no regression head; "
                           "predict needs a fine-tuned model (`geosoc finetune`)")
 
@@ -130,7 +127,7 @@ class Predictor:
                  batch_size: int = DEFAULT_BATCH) -> None:
         self.device = resolve_device(device)
         self.model, meta = checkpoint.load_model(model_url, self.device)
-        _require_finetuned(model_url, meta)
+        _require_map_model(model_url, meta)
         self.meta = meta
         self.norm = checkpoint.normalisation(model_url, meta)
         self.config = self.model.config
@@ -146,13 +143,6 @@ class Predictor:
         self.patch = self.config.patch_size if self.uses_patches else 1
         self.outputs = output_names(self.config.quantiles)
         self._autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        band_mean = torch.tensor(self.norm.band_mean or [0.0], dtype=torch.float32, device=self.device)
-        band_std = torch.tensor(self.norm.band_std or [1.0], dtype=torch.float32, device=self.device)
-        self._band = (band_mean[:, None, None], band_std[:, None, None])
-
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        values = z * self.norm.target_std + self.norm.target_mean
-        return torch.expm1(values) if self.norm.log_target else values
 
     def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray,
                 climate: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -173,14 +163,13 @@ class Predictor:
         cells = torch.nonzero(valid).flatten()
         if len(cells) == 0:
             return out
-        mean, std = self._band
-        window = torch.nan_to_num((window - mean) / std) if self.uses_patches else window
-        patches = window.unfold(1, self.patch, 1).unfold(2, self.patch, 1)  # (band, rows, cols, p, p), a view
-        series = None
+        raw = {"patch": window} if self.uses_patches else {}
         if self.uses_climate and climate is not None:
-            mean_c = torch.tensor(self.norm.climate_mean, dtype=torch.float32, device=self.device)
-            std_c = torch.tensor(self.norm.climate_std, dtype=torch.float32, device=self.device)
-            series = torch.nan_to_num((torch.from_numpy(climate).to(self.device) - mean_c) / std_c)
+            raw["climate"] = torch.from_numpy(climate).to(self.device)
+        normalised = self.norm.apply(raw)  # the whole window at once, on the device
+        if self.uses_patches:  # every cell's patch as a view of the window: (band, rows, cols, p, p)
+            patches = normalised["patch"].unfold(1, self.patch, 1).unfold(2, self.patch, 1)
+        series = normalised.get("climate")
         results: dict[str, list[torch.Tensor]] = {name: [] for name in self.outputs}
         with torch.no_grad(), self._autocast:
             for start in range(0, len(cells), self.batch_size):
@@ -200,8 +189,8 @@ class Predictor:
         quantiles = self.config.quantiles
         lower, median, upper = interval(z, quantiles, self.offset)
         z = torch.cat([lower[:, None], z[:, 1:-1], upper[:, None]], dim=1) if z.shape[1] > 1 else z
-        decoded = self._decode(z)
-        results["soc_mean"].append(self._decode(median))
+        decoded = self.norm.decode_target_tensor(z)
+        results["soc_mean"].append(self.norm.decode_target_tensor(median))
         for i, q in enumerate(quantiles):
             if q != 0.5:
                 results[quantile_name(q)].append(decoded[:, i])
@@ -420,7 +409,7 @@ def _resolve(cube: str | xr.DataTree, model: str | None) -> tuple[str, xr.DataTr
     model = model or (catalog.predict.model if catalog is not None else "finetune")
     if "/" not in model and ":" not in model:
         model = join(root, "models", model)
-    if not checkpoint.exists(model):
+    if not checkpoint.is_checkpoint(model):
         name = model.rstrip("/").rsplit("/", 1)[-1]
         how = f"`geosoc fit-tabular --model {name}`" if name in ("rf", "gbm", "qrf") else "`geosoc finetune`"
         raise NotFoundError(f"{model}: no model here; make it with {how} or pass a model URL")
@@ -534,7 +523,7 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
     """Metadata only, from the checkpoint's config (the weights are not loaded here); the root's
     `geosoc_template_complete` flag is written last."""
     config, meta = checkpoint.load_config(spec.model)
-    _require_finetuned(spec.model, meta)
+    _require_map_model(spec.model, meta)
     _check_compatible(config, CubeAccess.open(spec.cube), spec.model)
     reference = checkpoint.load_aoa(spec.model)
     attrs = new_build(out, fingerprint, "writing", region=spec.region, cube=spec.cube, model=spec.model,

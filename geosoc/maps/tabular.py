@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from geosoc.catalog import Catalog
+from geosoc.data.sampling import cut_patches
 from geosoc.errors import DamagedError, InputError
 from geosoc.io.storage import join
 from geosoc.learn import baselines, checkpoint
@@ -63,7 +64,7 @@ def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None
     config = NetworkConfig(bands=data.bands, variables=data.variables, patch_size=baselines.WINDOW,
                          months=data.months, quantiles=list(baselines.QUANTILES))
     months = [str(m) for m in data.time.astype("datetime64[M]")] if data.time is not None else None
-    meta = {"stage": "finetune", "kind": "tabular", "estimator": name, "samples": url, "seed": seed,
+    meta = {"stage": "fit-tabular", "kind": "tabular", "estimator": name, "samples": url, "seed": seed,
             "units": data.attrs.get("units", ""), "features": features.names, "usable": fitted.usable.tolist(),
             "medians": medians.tolist(), "months": months,
             "calibration": {"method": "cqr", "offset": fitted.offset, "space": "log1p"} if fitted.offset else {}}
@@ -128,12 +129,9 @@ class TabularPredictor:
         half = self.patch // 2
         valid = ~np.isnan(block[:, top + half, left + half]).any(axis=0)
         cells = np.flatnonzero(valid)
-        offsets = np.arange(self.patch)
         for start in range(0, len(cells), BATCH):
             chosen = cells[start : start + BATCH]
-            rows = top[chosen][:, None, None] + offsets[None, :, None]
-            cols = left[chosen][:, None, None] + offsets[None, None, :]
-            batch = {"patch": np.moveaxis(block[:, rows, cols], 0, 1)}  # (n, band, 5, 5)
+            batch = {"patch": cut_patches(block, top[chosen], left[chosen], self.patch)}  # (n, band, 5, 5)
             if climate is not None:
                 batch["climate"] = climate[chosen]
             values = baselines.covariate_features(batch, self.config.bands, self.config.variables, self.months).values

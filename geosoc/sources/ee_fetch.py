@@ -115,6 +115,9 @@ class PixelFetcher:
     _rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def __getitem__(self, params: dict[str, Any]) -> np.ndarray:
+        # A loop of our own, not tenacity or xee's retry: a back-off must give its throttle slot back (the slot is
+        # cluster-wide), errors are classified by the HTTP status ee hides in a cause, and the tests inject the
+        # clock and the jitter's generator.
         fetch = self.fetch or _compute_pixels
         for attempt in range(self.retry.max_retries + 1):
             try:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float, gather: bool = False) -> torch.Tensor:
@@ -22,7 +21,7 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float, gather: bool =
     a, b = a.float(), b.float()
     if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         rank, world = dist.get_rank(), dist.get_world_size()
-        a, b = torch.cat(_Gather.apply(a)), torch.cat(_Gather.apply(b))
+        a, b = torch.cat(all_gather(a)), torch.cat(all_gather(b))  # gradients flow back to each row's owner
     z = F.normalize(torch.cat([a, b]), dim=1)
     total, n = a.shape[0], a.shape[0] // world
     own = torch.arange(rank * n, (rank + 1) * n, device=z.device)
@@ -31,23 +30,6 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float, gather: bool =
     similarity[torch.arange(2 * n, device=z.device), rows] = float("-inf")  # not itself
     positives = torch.cat([own + total, own])
     return F.cross_entropy(similarity, positives)
-
-
-class _Gather(torch.autograd.Function):
-    """Every worker's tensor (same shape on each), in rank order, with the gradient flowing back to its owner:
-    the gradients of all workers' losses with respect to a worker's rows are summed on that worker."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        return tuple(parts)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
-        summed = torch.stack(grads).contiguous()
-        dist.all_reduce(summed)
-        return summed[dist.get_rank()]
 
 
 def pinball(prediction: torch.Tensor, target: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
