@@ -1,4 +1,4 @@
-"""The `geosoc` command line: parses arguments, calls the library, prints. No logic of its own."""
+"""The `geosoc` command line: parses arguments, calls the library, prints tables and one-line errors."""
 
 from __future__ import annotations
 

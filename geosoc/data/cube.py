@@ -6,7 +6,8 @@ written first, then every chunk is computed and written by exactly one task into
 parallel writers never share a chunk. After a chunk is written, a marker object is put beside the cube
 (`cube.zarr.progress/<build id>/<group>/<iy>.<ix>`); a re-run skips chunks with a marker and so never
 rewrites finished work, whatever moment the previous run was killed at. Markers live outside the Zarr
-hierarchy (zarr warns about foreign objects inside it) and are folded into the root attrs when complete.
+hierarchy (zarr warns about foreign objects inside it); when every chunk is marked, the root attrs record the
+status and a per-group count of chunks, and the markers are removed.
 """
 
 from __future__ import annotations

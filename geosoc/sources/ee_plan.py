@@ -2,8 +2,8 @@
 
 xee fetches one variable (band) at a time, as tiles of (index, height, width) where `index` runs over the
 images of a collection (months, for climate). Each cube chunk window is cut into such tiles starting at the
-window's corner, exactly as `xee.ext.EarthEngineBackendArray._tile_indexes` does, so the plan here is the
-list of requests that will really be sent.
+window's corner, as `xee.ext.EarthEngineBackendArray._tile_indexes` does at the pinned xee version, so the
+plan counts the requests a build sends when nothing fails (retries come on top).
 """
 
 from __future__ import annotations
