@@ -97,18 +97,22 @@ def build_cube_command(
 @user_errors
 def demo(
     root: str | None = RootOpt,
+    catalog: Path | None = typer.Option(None, "--catalog", help="A synthetic catalog to run on instead of the demo region's."),
+    labelled: int | None = typer.Option(None, "--labelled", min=10, help="Simulated lab samples, true SOC with a 10 % lab error (default 400)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """The whole pipeline on the embedded demo region (synthetic, offline): cube, samples, pretraining,
     fine-tuning, the map and its exports, and every model in spatial cross-validation; prints the cube, the
-    validation accuracy, where the map is and the evaluation table."""
+    validation accuracy, where the map is, the evaluation table and how long each step took."""
     from geosoc.catalog import load_catalog
     from geosoc.data.cube import cube_summary, describe, open_cube
     from geosoc.demo import TEST_FOLD, run_demo
     from geosoc.threads import use_threads
 
     use_threads()
-    result = run_demo(load_catalog("demo"), root, progress=not quiet)
+    report = None if quiet else (lambda line: console.print(f"[dim]{line}[/]"))
+    result = run_demo(load_catalog("demo" if catalog is None else None, catalog), root, progress=not quiet,
+                      report=report, **({"labelled": labelled} if labelled else {}))
     tree = open_cube(result.cube)
     console.print(f"demo cube: {result.cube}")
     console.print(describe(tree), highlight=False)
@@ -129,6 +133,8 @@ def demo(
     print_evaluation(result.evaluation.summary)
     for name, url in result.evaluation.outputs.items():
         console.print(f"{name:>20}: {url}", highlight=False)
+    steps = ", ".join(f"{step} {seconds:.0f} s" for step, seconds in result.seconds.items())
+    console.print(f"time: {steps}; {sum(result.seconds.values()) / 60:.1f} min in all", highlight=False)
 
 
 def map_summary(url: str) -> str:

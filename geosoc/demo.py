@@ -6,7 +6,10 @@ multiplicative measurement error, so the demo's accuracy figures are against a k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,6 +18,7 @@ from geosoc.catalog import LoadedCatalog, SyntheticSource
 from geosoc.data.cube import build_cube
 from geosoc.data.points import Points
 from geosoc.data.sampling import random_points, sample_points
+from geosoc.errors import CatalogError
 from geosoc.evaluation.campaign import Evaluation, evaluate_region
 from geosoc.io.storage import default_root
 from geosoc.learn.training import Context, finetune_region, pretrain_region, stage_urls
@@ -48,24 +52,47 @@ class DemoResult:
     finetune: dict[str, Any]
     maps: dict[str, str]
     evaluation: Evaluation
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step, in order
 
 
-def run_demo(catalog: LoadedCatalog, root: str | None = None, progress: bool = True) -> DemoResult:
+@contextmanager
+def _timed(seconds: dict[str, float], step: str, report: Callable[[str], None] | None) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - start
+    if report is not None:
+        report(f"{step}: {seconds[step]:.0f} s")
+
+
+def run_demo(catalog: LoadedCatalog, root: str | None = None, progress: bool = True,
+             labelled: int = LABELLED_POINTS, report: Callable[[str], None] | None = None) -> DemoResult:
+    """Every step on a synthetic catalog (the demo region by default); `report` hears each step's wall time."""
     config = catalog.config
+    if not isinstance(config.imagery.source, SyntheticSource):
+        raise CatalogError(f"{catalog.path}: the demo simulates lab samples from the synthetic landscape; "
+                           f"imagery.source.kind must be 'synthetic', got {config.imagery.source.kind!r}")
     root = root or default_root(config.region.name)
     urls = stage_urls(root)
     sampling, seed = config.sampling, config.training.seed
-    cube = build_cube(catalog, root, progress=progress)
-    unlabelled = random_points(cube, sampling.unlabelled, sampling.patch_size, seed, max_nodata=sampling.max_nodata)
-    folds: dict[str, Any] = {"fold_block_size": sampling.fold_block_size, "folds": sampling.folds, "seed": seed,
-                             "max_nodata": sampling.max_nodata}
-    n_unlabelled = sample_points(cube, unlabelled, urls["unlabelled"], sampling.patch_size, kind="unlabelled",
-                                 **folds).samples
-    lab = simulated_lab_points(cube, catalog, LABELLED_POINTS, seed)
-    n_labelled = sample_points(cube, lab, urls["labelled"], sampling.patch_size, **folds).samples
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "cube", report):
+        cube = build_cube(catalog, root, progress=progress)
+    with _timed(seconds, "samples", report):
+        unlabelled = random_points(cube, sampling.unlabelled, sampling.patch_size, seed,
+                                   max_nodata=sampling.max_nodata)
+        folds: dict[str, Any] = {"fold_block_size": sampling.fold_block_size, "folds": sampling.folds, "seed": seed,
+                                 "max_nodata": sampling.max_nodata}
+        n_unlabelled = sample_points(cube, unlabelled, urls["unlabelled"], sampling.patch_size, kind="unlabelled",
+                                     **folds).samples
+        lab = simulated_lab_points(cube, catalog, labelled, seed)
+        n_labelled = sample_points(cube, lab, urls["labelled"], sampling.patch_size, **folds).samples
     ctx = Context(progress=progress)
-    pretrained = pretrain_region(config, root, ctx=ctx)
-    finetuned = finetune_region(config, root, test_fold=TEST_FOLD, ctx=ctx)
-    maps = map_region(config, root, progress=progress)
-    evaluation = evaluate_region(config, root, progress=progress, threads=available_cores())
-    return DemoResult(cube, n_unlabelled, n_labelled, pretrained, finetuned, maps, evaluation)
+    with _timed(seconds, "pretrain", report):
+        pretrained = pretrain_region(config, root, ctx=ctx)
+    with _timed(seconds, "finetune", report):
+        finetuned = finetune_region(config, root, test_fold=TEST_FOLD, ctx=ctx)
+    with _timed(seconds, "map", report):
+        maps = map_region(config, root, progress=progress)
+    with _timed(seconds, "evaluate", report):
+        evaluation = evaluate_region(config, root, progress=progress, threads=available_cores())
+    return DemoResult(cube, n_unlabelled, n_labelled, pretrained, finetuned, maps, evaluation, seconds)

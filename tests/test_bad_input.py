@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from geosoc.catalog import load_catalog
 from geosoc.cli import app
 from geosoc.data.cube import build_cube
 from geosoc.data.sampling import open_sampleset
-from tests.conftest import files_state, tiny_catalog_dict
+from tests.helpers import files_state, tiny_catalog_dict, unprivileged
 
 MONTHS = ["2010-01", "2010-02"]
 
@@ -95,21 +98,31 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case: str, region: Path
     assert files_state(folder) == before
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
 @pytest.mark.parametrize("command", ["sample", "finetune"])
-def test_a_read_only_root_fails_before_any_work(command: str, region: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "f"
-    shutil.copytree(region, folder)
-    target = folder / "root" / ("samples" if command == "sample" else "models")
-    target.mkdir(exist_ok=True)
-    target.chmod(0o555)
-    args = [*SAMPLE, "--points", "{f}/points.csv"] if command == "sample" else [
-        "finetune", "--catalog", "{f}/tiny.yaml", "--root", "{f}/root", "--samples", "{f}/root/samples/x.zarr"]
+def test_a_read_only_root_fails_before_any_work(command: str, region: Path) -> None:
+    """Run as an unprivileged user (root writes into read-only folders), in a folder that user can read."""
+    folder = Path(tempfile.mkdtemp(prefix="geosoc-read-only-"))
     try:
-        result = CliRunner().invoke(app, [arg.replace("{f}", str(folder)) for arg in args])
+        folder.chmod(0o755)
+        shutil.copytree(region, folder / "f")
+        for path in (folder / "f", *(folder / "f").rglob("*")):  # readable by all, writable by its owner (root)
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        home = folder / "home"
+        home.mkdir(mode=0o777)
+        home.chmod(0o777)  # the user's own HOME (caches), not the read-only target
+        target = folder / "f" / "root" / ("samples" if command == "sample" else "models")
+        target.mkdir(exist_ok=True)
+        target.chmod(0o555)
+        args = [*SAMPLE, "--points", "{f}/points.csv"] if command == "sample" else [
+            "finetune", "--catalog", "{f}/tiny.yaml", "--root", "{f}/root", "-q"]  # the region's labelled samples
+        before = files_state(folder / "f")
+        done = subprocess.run(unprivileged([sys.executable, "-m", "geosoc.cli",
+                                            *(arg.replace("{f}", str(folder / "f")) for arg in args)]),
+                              capture_output=True, text=True, cwd=folder, env={**os.environ, "HOME": str(home)})
+        assert done.returncode == 1 and "cannot write here" in done.stderr, done.stdout + done.stderr
+        assert files_state(folder / "f") == before
     finally:
-        target.chmod(0o755)
-    assert result.exit_code == 1 and "cannot write here" in result.output, result.output
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_points_without_ids_are_named_by_their_line_and_a_table_without_targets_is_unlabelled(region: Path,

@@ -8,7 +8,7 @@ import pytest
 
 from geosoc.catalog import CLIMATE_VARIABLES, IMAGERY_BANDS, known_regions, load_catalog
 from geosoc.errors import GeosocError
-from tests.conftest import tiny_catalog_dict
+from tests.helpers import tiny_catalog_dict
 
 
 @pytest.mark.parametrize("region", ["demo", "edgeroi", "europe", "conus"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,7 @@ from geosoc.io import storage
 from geosoc.learn import checkpoint
 from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.normalisation import Normalisation
-from tests.conftest import kill_at_random
-from tests.test_training import TINY
+from tests.helpers import TAMPERING, TINY, kill_at_random
 
 CONFIG = NetworkConfig(bands=["b0"], variables=["v0"], **TINY)
 META = {"stage": "finetune", "normalisation": Normalisation(band_mean=[0.0], band_std=[1.0], climate_mean=[0.0],
@@ -112,43 +110,6 @@ def test_killed_at_any_moment_a_checkpoint_is_the_old_one_or_the_new(tmp_path: P
     assert epoch > 0  # the savers got somewhere
     _save(url, epoch + 1)
     assert len(list(Path(url).iterdir())) == 4
-
-
-def _rewrite_config(url: str, change: Callable[[dict], None]) -> None:
-    path = Path(url, "config.json")
-    document = json.loads(path.read_text())
-    change(document)
-    path.write_text(json.dumps(document))
-
-
-def _object(url: str, name: str) -> Path:
-    return Path(url, json.loads(Path(url, "config.json").read_text())["files"][name]["object"])
-
-
-def _other_shape_weights(url: str) -> None:
-    """Weights of a wider network, published consistently (checksums right) under this config."""
-    model = SoilNet(NetworkConfig(bands=["b0"], variables=["v0"], **{**TINY, "embedding": 8}))
-    config, meta = checkpoint.load_config(url)
-    checkpoint.save_model(url, model, config, meta)
-
-
-TAMPERING: dict[str, tuple[Callable[[str], object], str]] = {
-    "truncated weights": (lambda url: _object(url, "model.safetensors").write_bytes(b"\0" * 4),
-                          "does not match its checksum"),
-    "missing weights": (lambda url: _object(url, "model.safetensors").unlink(), "missing"),
-    "weights of another shape": (_other_shape_weights, "the weights do not fit the network"),
-    "config not JSON": (lambda url: Path(url, "config.json").write_text("{ not json"), "not valid JSON"),
-    "config without model": (lambda url: _rewrite_config(url, lambda d: d.pop("model")), "'model' entry"),
-    "config with a bad model": (lambda url: _rewrite_config(url, lambda d: d["model"].update(image_heads=5)),
-                                "'model' does not describe a network"),
-    "config with a mistyped model": (lambda url: _rewrite_config(url, lambda d: d["model"].update(embedding="big")),
-                                     "'model' does not describe a network"),
-    "config without normalisation": (lambda url: _rewrite_config(url, lambda d: d.pop("normalisation")),
-                                     "'normalisation' is missing"),
-    "config with a bad file list": (lambda url: _rewrite_config(url, lambda d: d.update(files=["x"])), "'files'"),
-    "config naming no weights": (lambda url: _rewrite_config(url, lambda d: d["files"].pop("model.safetensors")),
-                                 "has no model.safetensors"),
-}
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERING))

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from geosoc.cli import app
-from tests.conftest import tiny_catalog_dict
+from tests.helpers import TINY_MODEL, tiny_catalog_dict
 
 runner = CliRunner()
 
@@ -66,11 +66,48 @@ def test_build_cube_command(tmp_path: Path, write_catalog) -> None:
     assert "cube complete" in result.output and "imagery: data(band=14, y=96, x=96)" in result.output
 
 
-def test_demo_command(tmp_path: Path) -> None:
-    result = run("demo", "--root", str(tmp_path / "demo"), "-q")
+def test_demo_command_on_a_shrunken_region(tmp_path: Path, write_catalog) -> None:
+    """`geosoc demo` end to end on a tiny synthetic catalog (the full-size demo is `make demo`): every output is
+    there and readable, and the summary says what it made and how long each step took."""
+    import json
+
+    import pandas as pd
+    import rasterio
+
+    from geosoc.evaluation.campaign import MODELS
+    from geosoc.maps.inference import open_map
+
+    data = tiny_catalog_dict(size_px=96, chunk=32)
+    data.update(sampling={"patch_size": 8, "unlabelled": 150, "fold_block_size": 600, "folds": 3}, model=TINY_MODEL,
+                training={"pretrain": {"epochs": 1, "batch_size": 32}, "finetune": {"epochs": 2, "batch_size": 16}},
+                predict={"resolution": 60})
+    root = tmp_path / "demo"
+    result = run("demo", "--catalog", str(write_catalog(data)), "--labelled", "90", "--root", str(root), "-q")
     assert result.exit_code == 0, result.output
-    assert "demo cube" in result.output and "ndvi" in result.output
-    assert (tmp_path / "demo" / "cube.zarr" / "zarr.json").exists()
+    out = " ".join(result.output.split())
+    squeezed = "".join(result.output.split())  # long paths wrap at the terminal's width
+    assert f"democube:{root}/cube.zarr" in squeezed and "ndvi" in out
+    assert "samples: 150 unlabelled, " in out and "labelled (simulated lab values; fold 0 held out)" in out
+    assert "pretraining: best validation NT-Xent" in out and "fine-tuned, validation" in out
+    for step in ("cube", "samples", "pretrain", "finetune", "map", "evaluate"):
+        assert f"{step} " in out.split("time: ")[1]
+    assert {"config.json"} <= {p.name for p in (root / "models" / "pretrain").iterdir()}
+    maps = root / "maps"
+    ds = open_map(str(maps / "soc.zarr"))
+    assert ds.attrs["geosoc_status"] == "complete" and ds["soc_mean"].notnull().any()
+    assert f"map: {ds.sizes['y']} x {ds.sizes['x']} cells of 60 m, median SOC" in out
+    for name in ("soc_mean", "soc_q05", "soc_q95", "aoa"):
+        with rasterio.open(maps / f"{name}.tif") as src:
+            assert src.shape == (ds.sizes['y'], ds.sizes['x']) and src.crs.to_epsg() == 3035
+        assert f"{maps / name}.tif" in squeezed
+    item = json.loads((maps / "item.json").read_text())
+    assert set(item["assets"]) == {"soc_mean", "soc_q05", "soc_q95", "aoa", "quicklook", "zarr"}
+    assert (maps / "quicklook.png").read_bytes()[:4] == b"\x89PNG"
+    evaluation = root / "evaluation"
+    metrics = pd.read_csv(evaluation / "metrics.csv")
+    assert set(metrics["model"]) == set(MODELS) and set(metrics["fold"]) == {0, 1, 2}
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert all(model in out for model in summary["models"])  # the evaluation table
 
 
 def test_unreachable_scheduler(tmp_path: Path, write_catalog) -> None:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from geosoc.sources.synthetic import Landscape
-from tests.conftest import tiny_catalog_dict
+from tests.helpers import tiny_catalog_dict
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "soil"

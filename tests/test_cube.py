@@ -19,7 +19,7 @@ from geosoc.catalog import load_catalog
 from geosoc.data.cube import build_cube, open_cube, plan_cube
 from geosoc.errors import GeosocError
 from geosoc.sources.from_catalog import open_layers
-from tests.conftest import EDGEROI, tiny_catalog_dict
+from tests.helpers import EDGEROI, tiny_catalog_dict
 
 
 def expected(catalog) -> dict[str, xr.DataArray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from geosoc.errors import GeosocError
 from geosoc.learn import checkpoint
 from geosoc.learn.models.losses import nt_xent
-from tests.test_training import config_for, tiny_sampleset
+from tests.helpers import config_for, ray_actor_pids, tiny_sampleset
 
 B, DIM = 6, 8
 
@@ -107,7 +108,7 @@ def test_two_ray_workers_train_as_one(ray_head: dict[str, Any], tmp_path: Path, 
 def _tiny_catalog(tmp_path: Path) -> Path:
     import yaml
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     catalog = yaml.safe_load((REPO / "catalogs" / "demo.yaml").read_text())
     catalog["model"] = {"image": {"patch": 4, "dim": 16, "depth": 1, "heads": 2},
@@ -115,18 +116,6 @@ def _tiny_catalog(tmp_path: Path) -> Path:
     path = tmp_path / "demo-tiny.yaml"
     path.write_text(yaml.safe_dump(catalog))
     return path
-
-
-def _train_workers(temp: str) -> list[Any]:
-    """The Ray Train worker processes of the test's own head (descendants of its raylet)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "raylet" in cmdline and temp in cmdline:
-            found += [c for c in proc.children(recursive=True) if "RayTrainWorker" in " ".join(c.cmdline())]
-    return found
 
 
 def _epochs_saved(url: str) -> int:
@@ -145,7 +134,7 @@ def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_p
     import time
     import uuid
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     root = tmp_path / "demo"
     tiny_sampleset(str(root / "samples" / "unlabelled.zarr"), n=400)
@@ -162,9 +151,9 @@ def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_p
     while _epochs_saved(last) < 2:
         assert time.time() < deadline, "no epoch finished in time"
         time.sleep(0.5)
-    workers = _train_workers(ray_head["temp"])
+    workers = ray_actor_pids(Path(ray_head["temp"]), "RayTrainWorker")
     assert len(workers) == 2, workers
-    workers[1].send_signal(signal.SIGKILL)
+    os.kill(workers[1], signal.SIGKILL)
     logs = subprocess.run([*ray, "logs", *address, "--follow", job], env=ray_head["env"], capture_output=True,
                           text=True, timeout=600).stdout
     status = subprocess.run([*ray, "status", *address, job], env=ray_head["env"], capture_output=True, text=True)

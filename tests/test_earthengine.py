@@ -35,8 +35,8 @@ from geosoc.sources.ee_plan import (  # noqa: E402
     within_limits,
 )
 from geosoc.sources.from_catalog import open_layers  # noqa: E402
-from tests.conftest import tiny_catalog_dict  # noqa: E402
 from tests.ee_fake import FakeEarthEngine, initialize_offline  # noqa: E402
+from tests.helpers import tiny_catalog_dict  # noqa: E402
 
 FAST_RETRY = RetryPolicy(max_retries=10, initial_delay=0.001, max_delay=0.01)
 
@@ -252,8 +252,8 @@ def test_gives_up_after_retries(offline_ee, tmp_path, write_catalog) -> None:
 
 def test_one_limit_across_dask_worker_processes(offline_ee, tmp_path, write_catalog, synthetic_cube) -> None:
     distributed = pytest.importorskip("distributed")
-    from tests.conftest import REPO
     from tests.ee_fake import initialize_offline
+    from tests.helpers import REPO
 
     catalog, _ = ee_catalog(write_catalog, concurrency=2)
     layers, fakes = fake_layers(catalog)

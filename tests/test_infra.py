@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 INFRA = REPO / "infra"
 CRDS = Path(__file__).parent / "schemas" / "kuberay-v1.7.0"

@@ -11,7 +11,7 @@ import pytest
 
 from geosoc.data.points import Columns, read_points
 from geosoc.errors import GeosocError
-from tests.conftest import EDGEROI
+from tests.helpers import EDGEROI
 
 EUROPE = (2_500_000, 1_400_000, 7_400_000, 5_500_000)
 

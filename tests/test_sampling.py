@@ -17,7 +17,7 @@ from geosoc.data.points import Points
 from geosoc.data.sampling import open_sampleset, random_points, sample_points, spatial_folds
 from geosoc.data.tables import sampleset_from_table
 from geosoc.errors import GeosocError
-from tests.conftest import EDGEROI
+from tests.helpers import EDGEROI
 
 PATCH = 8
 
@@ -27,7 +27,7 @@ def cube(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny synthetic region (96 x 96 px, 32 px chunks, a lake, 4 months of climate)."""
     import yaml
 
-    from tests.conftest import tiny_catalog_dict
+    from tests.helpers import tiny_catalog_dict
 
     folder = tmp_path_factory.mktemp("cube")
     path = folder / "tiny.yaml"
@@ -225,7 +225,7 @@ def test_region_mask_blanks_imagery_and_random_sampling_respects_it(tmp_path: Pa
     import rasterio
     from rasterio.transform import from_origin
 
-    from tests.conftest import tiny_catalog_dict
+    from tests.helpers import tiny_catalog_dict
 
     data = tiny_catalog_dict(climate=False)
     x0, y0, x1, y1 = data["region"]["bounds"]
@@ -273,7 +273,7 @@ def test_killed_while_replacing_a_sampleset_leaves_the_old_or_the_new(cube: str,
     import random
 
     from geosoc.io.storage import tidy_beside
-    from tests.conftest import kill_at_random
+    from tests.helpers import kill_at_random
 
     url = str(tmp_path / "samples" / "labelled.zarr")
     sizes = {float(p.target[0]): sample_points(cube, p, url, PATCH, fold_block_size=1000, folds=2).samples

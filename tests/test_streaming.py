@@ -17,8 +17,7 @@ import zarr
 from geosoc.data.points import Points
 from geosoc.data.sampling import SampleSetWriter, sample_chunk_rows, sampleset_dataset
 from geosoc.data.streaming import SampleData, SampleStream, data_loader
-from tests.conftest import REPO
-from tests.test_training import tiny_sampleset
+from tests.helpers import REPO, tiny_sampleset
 
 
 @pytest.fixture
@@ -150,7 +149,7 @@ def test_forward_all_keeps_the_order_asked_for(tmp_path: Path, streamed: None,
     monkeypatch.setattr("geosoc.data.sampling.TARGET_CHUNK_BYTES", 2 * 3 * 8 * 8 * 4)  # 2 samples a chunk: many windows
     from geosoc.learn.models import SoilNet
     from geosoc.learn.training import fit_normalisation, forward_all
-    from tests.test_training import config_for
+    from tests.helpers import config_for
 
     url = tiny_sampleset(str(tmp_path / "s.zarr"), n=90)
     data = SampleData(url)

@@ -18,12 +18,12 @@ from geosoc.errors import GeosocError
 from geosoc.learn import baselines, checkpoint
 from geosoc.maps.inference import predict
 from geosoc.maps.tabular import ESTIMATOR_FILE, load
-from tests.test_predict import tiny_region
+from tests.helpers import copy_region
 
 
 @pytest.fixture(scope="module")
-def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    return tiny_region(tmp_path_factory.mktemp("tabular"))
+def region(trained_region: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return copy_region(trained_region, tmp_path_factory.mktemp("tabular"))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -12,40 +12,10 @@ import pytest
 import torch
 
 from geosoc.catalog import FinetuneConfig, PretrainConfig
-from geosoc.data.points import Points
-from geosoc.data.sampling import SampleSetWriter, sampleset_dataset
 from geosoc.data.streaming import SampleData
 from geosoc.learn import checkpoint
-from geosoc.learn.models import NetworkConfig
 from geosoc.learn.training import Context, augment_patches, finetune, pretrain, split
-from tests.conftest import REPO
-
-TINY = dict(patch_size=8, months=4, image_patch=4, image_dim=32, image_depth=1, image_heads=2, climate_dim=32,
-            climate_layers=1, climate_heads=2, climate_feedforward=64, embedding=16, head_hidden=32)
-CPU = Context(device=torch.device("cpu"), progress=False)
-
-
-def tiny_sampleset(url: str, n: int = 48, patches: bool = True, climate: bool = True, seed: int = 0) -> str:
-    """Samples whose SOC is a known function of both modalities."""
-    rng = np.random.default_rng(seed)
-    patch = rng.normal(size=(n, 3, 8, 8)).astype(np.float32)
-    series = rng.normal(size=(n, 4, 2)).astype(np.float32)
-    soc = np.exp(2.5 + 0.5 * patch[:, 0].mean(axis=(1, 2)) * 4 + 0.3 * series[:, :, 0].mean(axis=1))
-    x, y = rng.uniform(0, 10_000, n), rng.uniform(0, 10_000, n)
-    points = Points(np.array([f"s{i}" for i in range(n)], dtype=object), x, y, x, y, soc, "g/kg", "test")
-    months = [np.datetime64(f"2010-0{m}-01") for m in range(1, 5)]
-    fold = (np.arange(n) % 4).astype(np.int8)
-    ds = sampleset_dataset(points, fold, series if climate else None, months if climate else None,
-                  ["pr", "tmmx"] if climate else None, ["b0", "b1", "b2"] if patches else None, {"patch_size": 8})
-    with SampleSetWriter(url, ["b0", "b1", "b2"] if patches else None, 8 if patches else None) as writer:
-        if patches:
-            writer.append(patch)
-        return writer.finish(ds)
-
-
-def config_for(url: str) -> NetworkConfig:
-    data = SampleData(url)
-    return NetworkConfig(bands=data.bands, variables=data.variables, **TINY)
+from tests.helpers import CPU, REPO, config_for, tiny_sampleset
 
 
 def test_augmentation_rotates_and_flips() -> None:
@@ -134,7 +104,7 @@ def slow_put(url, data):  # widen each checkpoint write, so that kills land insi
 storage.put_bytes = slow_put
 from geosoc.catalog import FinetuneConfig
 from geosoc.learn.training import finetune
-from tests.test_training import CPU, config_for
+from tests.helpers import CPU, config_for
 url, out = sys.argv[1:3]
 print("ready", flush=True)
 finetune(url, out, config_for(url), FinetuneConfig(epochs=10_000, batch_size=8, patience=10_000), ctx=CPU)
@@ -146,7 +116,7 @@ def test_finetune_killed_during_checkpoint_writes_resumes_cleanly(tmp_path: Path
     moments: the resumable state always loads whole, and the next run resumes it without a gap in the epochs."""
     import random
 
-    from tests.conftest import kill_at_random
+    from tests.helpers import kill_at_random
 
     url = tiny_sampleset(str(tmp_path / "s.zarr"))
     out = str(tmp_path / "ft")
@@ -232,11 +202,11 @@ def test_pretrain_and_finetune_on_cuda_streamed_then_resume_on_cpu(tmp_path: Pat
     assert [m["epoch"] for m in more["history"]] == [1, 2, 3, 4]
 
 
-def test_ray_job_submit_predict(ray_head, tmp_path: Path) -> None:
+def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_path: Path) -> None:
     """`ray job submit` of jobs/predict.py: a pool of actors on the real head writes the map and its exports."""
-    from tests.test_predict import tiny_region
+    from tests.helpers import copy_region
 
-    catalog, root = tiny_region(tmp_path)
+    catalog, root = copy_region(trained_region, tmp_path)
     command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
                "--", "python", "jobs/predict.py", "--catalog", str(catalog), "--root", root, "--actors", "1"]
     done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=600)

@@ -110,7 +110,6 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
     import pystac
     import shapely
     import shapely.geometry
-    import shapely.ops
     from pyproj import Transformer
     from pystac.extensions.projection import ProjectionExtension
     from rasterio.warp import transform_bounds
@@ -123,7 +122,7 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
     # reaches ~6 degrees further north between the corners than at them).
     to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
     edges = shapely.segmentize(shapely.box(xmin, ymin, xmax, ymax), max(xmax - xmin, ymax - ymin) / 20)
-    footprint = shapely.ops.transform(to_lonlat.transform, edges)
+    footprint = shapely.transform(edges, lambda x, y: to_lonlat.transform(x, y), interleaved=False)
     bbox = list(transform_bounds(crs, "EPSG:4326", xmin, ymin, xmax, ymax, densify_pts=21))
     start, end = ds.attrs.get("period") or (None, None)
     created = ds.attrs.get("created") or dt.datetime.now(dt.UTC).isoformat()

@@ -1,0 +1,251 @@
+"""What several test modules share: tiny regions, models and SampleSets, damaged checkpoints, killing a process
+at random, finding and stopping the processes of one Ray head. Fixtures are in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from geosoc.catalog import load_catalog
+from geosoc.data.cube import build_cube
+from geosoc.data.points import Points
+from geosoc.data.sampling import SampleSetWriter, random_points, sample_points, sampleset_dataset
+from geosoc.data.streaming import SampleData
+from geosoc.learn import checkpoint
+from geosoc.learn.models import NetworkConfig, SoilNet
+from geosoc.learn.training import Context, finetune_region
+from geosoc.sources.synthetic import Landscape
+
+REPO = Path(__file__).resolve().parents[1]
+EDGEROI = REPO / "geosoc" / "data" / "edgeroi"
+
+
+def kill_at_random(script: str, args: list[str], rng: random.Random, low: float, high: float) -> None:
+    """Run `script` (`python -c`, the repository importable) and SIGKILL it at a random moment, `low` to `high`
+    seconds after it prints "ready" (so that kills land in its work, not in its imports)."""
+    run = subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.stdout is not None and run.stdout.readline().strip() == b"ready"
+    time.sleep(rng.uniform(low, high))
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+
+
+def unprivileged(command: list[str]) -> list[str]:
+    """`command` run as the user `nobody` when the tests run as root (CI does; root writes into read-only
+    folders), unchanged otherwise. Skips the test where `nobody` cannot run this checkout's Python."""
+    if os.geteuid() != 0:
+        return command
+    wrapped = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+    probe = subprocess.run([*wrapped, sys.executable, "-c", "import geosoc.cli"], capture_output=True, cwd="/")
+    if probe.returncode != 0:
+        import pytest
+
+        pytest.skip(f"the user nobody cannot import this checkout: {probe.stderr.decode()[-200:]}")
+    return [*wrapped, *command]
+
+
+def files_state(folder: Path) -> dict[str, int | None]:
+    """Every path below `folder`, and when each file was last written (to tell that a run wrote nothing)."""
+    return {str(p): p.stat().st_mtime_ns if p.is_file() else None for p in folder.rglob("*")}
+
+
+def tiny_catalog_dict(size_px: int = 96, chunk: int = 32, climate: bool = True) -> dict[str, Any]:
+    """A synthetic region of size_px x size_px pixels at 30 m in EPSG:3035, climate at 960 m."""
+    x0, y0 = 4419990, 2824380  # includes a lake: nodata pixels
+    side = size_px * 30
+    data: dict[str, Any] = {
+        "region": {"name": "tiny", "crs": "EPSG:3035", "bounds": [x0, y0, x0 + side, y0 + side]},
+        "imagery": {"resolution": 30, "chunk": chunk, "source": {"kind": "synthetic", "seed": 7}},
+    }
+    if climate:
+        data["climate"] = {
+            "resolution": 960,
+            "chunk": 2,
+            "source": {"kind": "synthetic", "seed": 7},
+            "variables": ["pr", "tmmx", "swe"],
+            "start": "2014-10",
+            "end": "2015-01",
+        }
+    return data
+
+
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+
+
+def ray_processes_under(temp: Path) -> list[Any]:
+    """The processes of one Ray head: those whose command line names its --temp-dir (GCS, raylet, dashboard,
+    ...) and their descendants (workers, actors), as psutil processes."""
+    import psutil
+
+    own = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(temp) in part for part in proc.info["cmdline"] or []):
+            own.append(proc)
+    everything = {p.pid: p for p in own}
+    for proc in own:
+        try:
+            everything.update({c.pid: c for c in proc.children(recursive=True)})
+        except psutil.Error:
+            pass
+    return list(everything.values())
+
+
+def ray_actor_pids(temp: Path, actor_class: str) -> list[int]:
+    """Process ids of the live actors of class `actor_class` on the Ray head whose --temp-dir is `temp`."""
+    import psutil
+
+    found = []
+    for proc in ray_processes_under(temp):
+        try:
+            name = proc.cmdline()[0] if proc.cmdline() else ""
+            if name.startswith("ray::") and actor_class in name:
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def stop_ray_processes_under(temp: Path) -> None:
+    """Stop the head this test started, and only it (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+
+    everything = ray_processes_under(temp)
+    for proc in everything:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(everything, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+TINY = dict(patch_size=8, months=4, image_patch=4, image_dim=32, image_depth=1, image_heads=2, climate_dim=32,
+            climate_layers=1, climate_heads=2, climate_feedforward=64, embedding=16, head_hidden=32)
+CPU = Context(device=torch.device("cpu"), progress=False)
+
+
+def tiny_sampleset(url: str, n: int = 48, patches: bool = True, climate: bool = True, seed: int = 0) -> str:
+    """Samples whose SOC is a known function of both modalities."""
+    rng = np.random.default_rng(seed)
+    patch = rng.normal(size=(n, 3, 8, 8)).astype(np.float32)
+    series = rng.normal(size=(n, 4, 2)).astype(np.float32)
+    soc = np.exp(2.5 + 0.5 * patch[:, 0].mean(axis=(1, 2)) * 4 + 0.3 * series[:, :, 0].mean(axis=1))
+    x, y = rng.uniform(0, 10_000, n), rng.uniform(0, 10_000, n)
+    points = Points(np.array([f"s{i}" for i in range(n)], dtype=object), x, y, x, y, soc, "g/kg", "test")
+    months = [np.datetime64(f"2010-0{m}-01") for m in range(1, 5)]
+    fold = (np.arange(n) % 4).astype(np.int8)
+    ds = sampleset_dataset(points, fold, series if climate else None, months if climate else None,
+                  ["pr", "tmmx"] if climate else None, ["b0", "b1", "b2"] if patches else None, {"patch_size": 8})
+    with SampleSetWriter(url, ["b0", "b1", "b2"] if patches else None, 8 if patches else None) as writer:
+        if patches:
+            writer.append(patch)
+        return writer.finish(ds)
+
+
+def config_for(url: str) -> NetworkConfig:
+    data = SampleData(url)
+    return NetworkConfig(bands=data.bands, variables=data.variables, **TINY)
+
+
+
+
+TINY_MODEL = {"image": {"patch": 4, "dim": 32, "depth": 1, "heads": 2},
+              "climate": {"dim": 32, "layers": 1, "heads": 2, "feedforward": 64}, "embedding": 16}
+
+
+def tiny_region(folder: Path, climate: bool = True) -> tuple[Path, str]:
+    """A 96 x 96 px synthetic region with a cube, 150 labelled samples (fold 0 held out by its fine-tuned tiny
+    model) and 200 unlabelled ones."""
+    data = tiny_catalog_dict(size_px=96, chunk=32, climate=climate)
+    data.update(sampling={"patch_size": 8, "fold_block_size": 600, "folds": 3}, model=TINY_MODEL,
+                training={"finetune": {"epochs": 4, "batch_size": 16, "learning_rate": 0.001}},
+                predict={"resolution": 60})
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    catalog = load_catalog(path=path)
+    root = str(folder / "root")
+    cube = build_cube(catalog, root, progress=False)
+    points = random_points(cube, 150, 8, seed=1)
+    truth = Landscape(7).soc_at(points.x, points.y, "EPSG:3035")
+    lab = Points(points.ids, points.x, points.y, points.lon, points.lat, truth, "g/kg", "simulated")
+    sample_points(cube, lab, f"{root}/samples/labelled.zarr", 8, fold_block_size=600, folds=3)
+    finetune_region(catalog.config, root, test_fold=0, pretrained=False, ctx=CPU)
+    unlabelled = random_points(cube, 200, 8, seed=5)
+    sample_points(cube, unlabelled, f"{root}/samples/unlabelled.zarr", 8, fold_block_size=600, folds=3,
+                  kind="unlabelled")
+    return path, root
+
+
+def copy_region(region: tuple[Path, str], folder: Path, leave_out: tuple[str, ...] = ()) -> tuple[Path, str]:
+    """A copy of a region made by `tiny_region` (its catalog and root) in `folder`, for a test that writes to it.
+    `leave_out`: names not copied (e.g. "maps", "unlabelled.zarr")."""
+    path, root = region
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, folder / path.name)
+    shutil.copytree(root, folder / "root", ignore=shutil.ignore_patterns(*leave_out))
+    return folder / path.name, str(folder / "root")
+
+
+
+
+def _rewrite_config(url: str, change: Callable[[dict], None]) -> None:
+    path = Path(url, "config.json")
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+def _object(url: str, name: str) -> Path:
+    return Path(url, json.loads(Path(url, "config.json").read_text())["files"][name]["object"])
+
+
+def _other_shape_weights(url: str) -> None:
+    """Weights of a wider network, published consistently (checksums right) under this config."""
+    model = SoilNet(NetworkConfig(bands=["b0"], variables=["v0"], **{**TINY, "embedding": 8}))
+    config, meta = checkpoint.load_config(url)
+    checkpoint.save_model(url, model, config, meta)
+
+
+TAMPERING: dict[str, tuple[Callable[[str], object], str]] = {
+    "truncated weights": (lambda url: _object(url, "model.safetensors").write_bytes(b"\0" * 4),
+                          "does not match its checksum"),
+    "missing weights": (lambda url: _object(url, "model.safetensors").unlink(), "missing"),
+    "weights of another shape": (_other_shape_weights, "the weights do not fit the network"),
+    "config not JSON": (lambda url: Path(url, "config.json").write_text("{ not json"), "not valid JSON"),
+    "config without model": (lambda url: _rewrite_config(url, lambda d: d.pop("model")), "'model' entry"),
+    "config with a bad model": (lambda url: _rewrite_config(url, lambda d: d["model"].update(image_heads=5)),
+                                "'model' does not describe a network"),
+    "config with a mistyped model": (lambda url: _rewrite_config(url, lambda d: d["model"].update(embedding="big")),
+                                     "'model' does not describe a network"),
+    "config without normalisation": (lambda url: _rewrite_config(url, lambda d: d.pop("normalisation")),
+                                     "'normalisation' is missing"),
+    "config with a bad file list": (lambda url: _rewrite_config(url, lambda d: d.update(files=["x"])), "'files'"),
+    "config naming no weights": (lambda url: _rewrite_config(url, lambda d: d["files"].pop("model.safetensors")),
+                                 "has no model.safetensors"),
+}
