@@ -27,6 +27,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
+	$(PY) tests/benchmarks/startup.py
 	$(PY) tests/benchmarks/cube_write.py
 	$(PY) tests/benchmarks/sampling.py
 	$(PY) tests/benchmarks/training.py

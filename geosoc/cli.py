@@ -525,13 +525,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} h"
 
 
+SCHEDULER_TIMEOUT_S = 10  # how long to keep trying a --scheduler address before calling it unreachable
+
+
 def _client(address: str | None) -> Any:
     if address is None:
         return None
     from distributed import Client
 
     try:
-        return Client(address, timeout="10s")
+        return Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s")
     except OSError as err:
         raise ServiceError(f"cannot reach the Dask scheduler at {address}: {err}") from err
 

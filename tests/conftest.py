@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +59,13 @@ def trained_region(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
     """The tiny region of `helpers.tiny_region`, built once: treat it as read-only (`helpers.copy_region` gives a
     test its own copy to write to)."""
     return tiny_region(tmp_path_factory.mktemp("trained-region"))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """Commands run in-process set torch's thread count (`--threads`): give each test the count it started with."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

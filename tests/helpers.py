@@ -137,7 +137,7 @@ def stop_ray_processes_under(temp: Path) -> None:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(everything, timeout=15)
+    _, alive = psutil.wait_procs(everything, timeout=5)
     for proc in alive:
         try:
             proc.kill()

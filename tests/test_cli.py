@@ -110,7 +110,8 @@ def test_demo_command_on_a_shrunken_region(tmp_path: Path, write_catalog) -> Non
     assert all(model in out for model in summary["models"])  # the evaluation table
 
 
-def test_unreachable_scheduler(tmp_path: Path, write_catalog) -> None:
+def test_unreachable_scheduler(tmp_path: Path, write_catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("geosoc.cli.SCHEDULER_TIMEOUT_S", 1)  # nothing listens there: no need to wait 10 s
     result = run("build-cube", "--catalog", str(write_catalog()), "--root", str(tmp_path), "--scheduler",
                  "tcp://127.0.0.1:9")
     assert result.exit_code == 1 and "cannot reach the Dask scheduler" in result.output

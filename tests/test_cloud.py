@@ -3,13 +3,14 @@ reached through s3fs and gcsfs exactly as users configure them (environment vari
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,23 +18,17 @@ import pytest
 import yaml
 
 from geosoc.sources.synthetic import Landscape
-from tests.helpers import tiny_catalog_dict
+from tests.helpers import free_port, tiny_catalog_dict
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "soil"
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, str]]:
     moto_server = pytest.importorskip("moto.server")
     boto3 = pytest.importorskip("boto3")
-    port = _port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -46,7 +41,7 @@ def s3() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def gcs() -> Iterator[dict[str, str]]:
     emulator = pytest.importorskip("gcp_storage_emulator.server")
-    port = _port()
+    port = free_port()
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     # The emulator speaks JSON over HTTP only: no credentials, and gcsfs's gRPC bucket-type probe switched off.
@@ -74,6 +69,30 @@ def _python(env: dict[str, str], code: str) -> str:
     return done.stdout
 
 
+STEPS = """
+import json, os, sys
+from typer.testing import CliRunner
+from geosoc.cli import app
+for step in json.loads(sys.argv[1]):
+    os.environ.update(step["env"])
+    result = CliRunner().invoke(app, step["args"])
+    print(json.dumps({"step": step["args"][0], "exit_code": result.exit_code, "output": result.output}), flush=True)
+    if result.exit_code != 0:
+        break
+"""
+
+
+def _cli_steps(env: dict[str, str], steps: list[tuple[list[str], dict[str, str]]]) -> list[dict[str, Any]]:
+    """CLI commands (args, extra environment) in order, in one fresh interpreter with the bucket's settings: the
+    commands' own code paths, one interpreter start instead of one per command."""
+    plan = json.dumps([{"args": args, "env": extra} for args, extra in steps])
+    done = subprocess.run([sys.executable, "-c", STEPS, plan], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **{k: v for k, v in env.items() if k != "scheme"}})
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and len(results) == len(steps), done.stdout[-3000:] + done.stderr[-3000:]
+    return results
+
+
 def _listing(env: dict[str, str], prefix: str) -> list[str]:
     return _python(env, f"import fsspec; fs = fsspec.filesystem({env['scheme']!r}); "
                         f"print('\\n'.join(fs.find({prefix!r})))").split()
@@ -98,19 +117,18 @@ def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> N
     root = f"{bucket['scheme']}://{BUCKET}/tiny"
     sample = ("sample", "--catalog", str(catalog), "--root", root, "--points", str(points), "--id-col", "site",
               "--x-col", "x", "--y-col", "y", "--target-col", "soc", "--points-crs", "EPSG:3035", "-q")
-    steps = [
-        ("build-cube", "--catalog", str(catalog), "--root", root, "-q"),
-        sample,
-        sample,  # the second replaces the first: a folder moved without a rename on an object store
-        ("finetune", "--catalog", str(catalog), "--root", root, "--test-fold", "0", "-q"),
-        ("predict", "--catalog", str(catalog), "--root", root, "-q"),
-    ]
     # Fine-tuning streams the SampleSet from the bucket (nothing held in memory) through a forked loader worker.
-    streamed = {**bucket, "GEOSOC_IN_MEMORY_MIB": "0", "GEOSOC_LOADER_WORKERS": "1"}
-    for step in steps:
-        done = _cli(streamed if step[0] == "finetune" else bucket, *step)
-        assert done.returncode == 0, f"{step[0]}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
-        assert "testing" not in done.stdout + done.stderr  # no secret in the output
+    streamed = {"GEOSOC_IN_MEMORY_MIB": "0", "GEOSOC_LOADER_WORKERS": "1"}
+    steps = [
+        (["build-cube", "--catalog", str(catalog), "--root", root, "-q"], {}),
+        (list(sample), {}),
+        (list(sample), {}),  # the second replaces the first: a folder moved without a rename on an object store
+        (["finetune", "--catalog", str(catalog), "--root", root, "--test-fold", "0", "-q"], streamed),
+        (["predict", "--catalog", str(catalog), "--root", root, "-q"], {}),
+    ]
+    for result in _cli_steps(bucket, steps):
+        assert result["exit_code"] == 0, f"{result['step']}: {result['output'][-3000:]}"
+        assert "testing" not in result["output"]  # no secret in the output
     keys = _listing(bucket, f"{BUCKET}/tiny")
     names = {key.split(f"{BUCKET}/tiny/", 1)[1] for key in keys}
     for model_file in ("model", "aoa"):  # a checkpoint's files are named by their content: model.<digest>.safetensors

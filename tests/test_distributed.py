@@ -126,9 +126,12 @@ def _epochs_saved(url: str) -> int:
         return 0
 
 
-def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_path: Path) -> None:
-    """Two workers; one is killed with SIGKILL after the first epochs: Ray restarts the group, the loops resume
-    from the last epoch, the job finishes every epoch and ends with the final metrics."""
+def test_a_pretrain_job_survives_a_killed_worker_and_resubmissions_resume(ray_head: dict[str, Any],
+                                                                           tmp_path: Path) -> None:
+    """`ray job submit` of jobs/pretrain.py with two workers; one is killed with SIGKILL after the first epochs:
+    Ray restarts the group, the loops resume from the last epoch, the job finishes every epoch and ends with the
+    final metrics. Resubmitted, it resumes from the checkpoint and says nothing is left to train; with --fresh it
+    starts over."""
     import signal
     import subprocess
     import time
@@ -163,3 +166,16 @@ def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_p
     # The driver's own lines: less `ray job`'s and the workers' (streamed to the log in their own time).
     own = [line for line in logs.strip().splitlines() if " cli.py:" not in line and "pid=" not in line]
     assert own[-1].startswith("pretrain finished: {") and "'epoch': 6" in own[-1], "\n".join(own[-15:])
+
+    def submit(*more: str) -> str:
+        command = [*ray, "submit", *address, "--working-dir", str(REPO), "--", "python", "jobs/pretrain.py",
+                   "--catalog", str(_tiny_catalog(tmp_path)), "--root", str(root), "--batch-size", "8", *more]
+        done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    output = submit("--epochs", "6")
+    assert "nothing left to train" in output and "pretrain finished: {'epoch': 6," in output
+    submit("--epochs", "1", "--fresh")
+    assert checkpoint.state_info(last)["epoch"] == 1
+    assert checkpoint.has_file(str(root / "models" / "pretrain"), checkpoint.MODEL_FILE)

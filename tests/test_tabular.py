@@ -4,14 +4,14 @@ cell as at a sample on it, no pickle, and clear errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from geosoc.cli import app
 from geosoc.data.sampling import open_sampleset
 from geosoc.data.streaming import SampleData
 from geosoc.errors import GeosocError
@@ -26,20 +26,23 @@ def region(trained_region: tuple[Path, str], tmp_path_factory: pytest.TempPathFa
     return copy_region(trained_region, tmp_path_factory.mktemp("tabular"))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "geosoc.cli", *args], capture_output=True, text=True, timeout=300)
+def _cli(*args: str) -> tuple[int, str]:
+    """Exit code and output (words joined by one space: paths wrap at 80 columns) of the command, run in this
+    process: the command's own code path, without an interpreter start per command."""
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, " ".join(result.output.split())
 
 
 def test_fit_tabular_then_map_with_it(region: tuple[Path, str]) -> None:
     catalog, root = region
-    done = _cli("fit-tabular", "--catalog", str(catalog), "--root", root, "--model", "qrf", "--threads", "1")
-    assert done.returncode == 0, done.stderr
-    assert f"fitted qrf -> {root}/models/qrf" in done.stdout
+    code, out = _cli("fit-tabular", "--catalog", str(catalog), "--root", root, "--model", "qrf", "--threads", "1")
+    assert code == 0, out
+    assert f"fitted qrf -> {root}/models/qrf" in out
     url = f"{root}/models/qrf"
     assert set(json.loads(Path(url, "config.json").read_text())["files"]) == {"aoa.safetensors", ESTIMATOR_FILE}
     assert len(list(Path(url).iterdir())) == 3  # config.json and the two files it names
-    done = _cli("predict", "--catalog", str(catalog), "--root", root, "--model", "qrf", "--resolution", "30", "-q")
-    assert done.returncode == 0, done.stderr
+    code, out = _cli("predict", "--catalog", str(catalog), "--root", root, "--model", "qrf", "--resolution", "30", "-q")
+    assert code == 0, out
     ds = predict(f"{root}/cube.zarr", model="qrf", resolution=30).compute()  # lazily, the same model
     # At the cell of each labelled sample the map is the model applied to that sample's own features.
     samples = open_sampleset(f"{root}/samples/labelled.zarr")
@@ -62,11 +65,11 @@ def test_catalog_predict_model_chooses_the_map_model(region: tuple[Path, str], t
     data["predict"]["model"] = "gbm"
     chosen = tmp_path / "gbm.yaml"
     chosen.write_text(yaml.safe_dump(data))
-    done = _cli("predict", "--catalog", str(chosen), "--root", root, "--dry-run")
-    assert done.returncode == 1 and "fit-tabular --model gbm" in done.stderr  # not fitted yet: says how
-    assert _cli("fit-tabular", "--catalog", str(chosen), "--root", root, "--model", "gbm").returncode == 0
-    done = _cli("predict", "--catalog", str(chosen), "--root", root, "--dry-run")
-    assert done.returncode == 0 and f"{root}/models/gbm" in done.stdout
+    code, out = _cli("predict", "--catalog", str(chosen), "--root", root, "--dry-run")
+    assert code == 1 and "fit-tabular --model gbm" in out  # not fitted yet: says how
+    assert _cli("fit-tabular", "--catalog", str(chosen), "--root", root, "--model", "gbm")[0] == 0
+    code, out = _cli("predict", "--catalog", str(chosen), "--root", root, "--dry-run")
+    assert code == 0 and f"{root}/models/gbm" in out
 
 
 def test_an_estimator_file_with_foreign_types_is_refused(region: tuple[Path, str], tmp_path: Path) -> None:
@@ -79,5 +82,5 @@ def test_an_estimator_file_with_foreign_types_is_refused(region: tuple[Path, str
     checkpoint.save_files(url, {ESTIMATOR_FILE: skops.io.dumps({"estimators": [np.sum]})}, config, meta)
     with pytest.raises(GeosocError, match="refusing to load it"):
         load(url)
-    done = _cli("fit-tabular", "--catalog", str(region[0]), "--root", root, "--model", "hybrid")
-    assert done.returncode == 1 and "maps can be made with rf, gbm, qrf" in done.stderr
+    code, out = _cli("fit-tabular", "--catalog", str(region[0]), "--root", root, "--model", "hybrid")
+    assert code == 1 and "maps can be made with rf, gbm, qrf" in out

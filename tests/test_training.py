@@ -144,42 +144,6 @@ def test_test_fold_is_never_used(tmp_path: Path) -> None:
     assert not set(train) & set(val)
 
 
-def test_ray_job_submit_pretrain_and_resume(ray_head, tmp_path: Path) -> None:
-    """`ray job submit` of jobs/pretrain.py on the demo region leaves a checkpoint; resubmission resumes, says
-    when nothing is left to train, and `--fresh` starts over; the last line is the final metrics."""
-    import yaml
-
-    root = tmp_path / "demo"
-    samples = root / "samples" / "unlabelled.zarr"
-    tiny_sampleset(str(samples), n=40, patches=True, climate=True)
-    catalog = yaml.safe_load((REPO / "catalogs" / "demo.yaml").read_text())
-    catalog["model"] = {"image": {"patch": 4, "dim": 16, "depth": 1, "heads": 2},
-                        "climate": {"dim": 16, "layers": 1, "heads": 2, "feedforward": 32}, "embedding": 8}
-    catalog_path = tmp_path / "demo-tiny.yaml"
-    catalog_path.write_text(yaml.safe_dump(catalog))
-
-    def submit(epochs: int, *more: str) -> str:
-        command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
-                   "--", "python", "jobs/pretrain.py", "--catalog", str(catalog_path), "--root", str(root),
-                   "--epochs", str(epochs), "--batch-size", "8", *more]
-        done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout
-
-    submit(1)
-    checkpoint_dir = root / "models" / "pretrain"
-    assert checkpoint.has_file(str(checkpoint_dir), checkpoint.MODEL_FILE)
-    assert checkpoint.state_info(str(checkpoint_dir / "last"))["epoch"] == 1
-    output = submit(2)
-    state = checkpoint.state_info(str(checkpoint_dir / "last"))
-    assert state["epoch"] == 2 and [m["epoch"] for m in state["history"]] == [1, 2]
-    assert "pretrain finished: {'epoch': 2," in output  # the final metrics
-    output = submit(2)
-    assert "nothing left to train" in output and "pretrain finished: {'epoch': 2," in output
-    submit(1, "--fresh")
-    assert checkpoint.state_info(str(checkpoint_dir / "last"))["epoch"] == 1
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_pretrain_and_finetune_on_cuda_streamed_then_resume_on_cpu(tmp_path: Path,

@@ -8,8 +8,13 @@ quantile forest, every model on the same 5 spatial folds (not a test; CPU, the c
   and `ssl_picp90=<x>` (goal 0.85-0.95).
 - edgeroi: real data: the Edgeroi profiles' topsoil SOC (first horizon, g/kg) on the real 100/250 m covariate
   grids, image only (SimCLR pretraining on 2,000 unlabelled Edgeroi patches). Last lines:
-  `edgeroi_best_minus_rf_r2=<x>` (best geosoc model, SSL network or hybrid, minus the random forest; goal >= 0.05)
-  and `edgeroi_picp90=<x>` (of that best model; goal 0.85-0.95).
+  `edgeroi_best_minus_rf_r2=<x>` (the geosoc model, SSL network or hybrid, chosen without the test fold, minus
+  the random forest; goal >= 0.05) and `edgeroi_picp90=<x>` (of that choice; goal 0.85-0.95).
+
+Choosing "the best geosoc model" by its score on the test folds flatters it (selection on the test set). Here
+the choice for each held-out fold is made on the other folds' scores only (a leave-one-fold-out selection: the
+held-out fold's targets never decide), and the chosen model's score on that fold counts. The old,
+test-fold choice is printed beside it for comparison.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import argparse
 import shutil
 import tempfile
 from pathlib import Path
+
+import pandas as pd
 
 from geosoc.catalog import load_catalog
 from geosoc.cli import console, evaluation_table
@@ -49,6 +56,16 @@ def prepare(region: str, root: str, labelled: int, unlabelled: int) -> None:
     print(f"unlabelled: {unlabelled} random locations")
 
 
+def chosen_without_the_test_fold(metrics: pd.DataFrame, candidates: tuple[str, ...]) -> pd.DataFrame:
+    """Per (repeat, fold): the candidate with the best mean R² over the *other* folds, and its row for this fold."""
+    rows = []
+    for (repeat, fold), _ in metrics.groupby(["repeat", "fold"]):
+        others = metrics[(metrics["repeat"] == repeat) & (metrics["fold"] != fold) & metrics["model"].isin(candidates)]
+        choice = others.groupby("model")["r2"].mean().idxmax()
+        rows.append(metrics[(metrics["repeat"] == repeat) & (metrics["fold"] == fold) & (metrics["model"] == choice)])
+    return pd.concat(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--region", choices=("demo", "edgeroi"), default="demo")
@@ -69,10 +86,14 @@ def main() -> None:
             print(f"ssl_vs_supervised_rmse_ratio={stats['ssl']['mean']['rmse'] / stats['supervised']['mean']['rmse']:.3f}")
             print(f"ssl_picp90={stats['ssl']['mean']['picp']:.3f}")
         else:
-            best = max(("ssl", "hybrid"), key=lambda m: stats[m]["mean"]["r2"])
-            print(f"best geosoc model: {best}")
-            print(f"edgeroi_best_minus_rf_r2={stats[best]['mean']['r2'] - stats['rf']['mean']['r2']:.3f}")
-            print(f"edgeroi_picp90={stats[best]['mean']['picp']:.3f}")
+            on_test = max(("ssl", "hybrid"), key=lambda m: stats[m]["mean"]["r2"])
+            print(f"old, chosen on the test folds (flatters): {on_test}, R² minus rf "
+                  f"{stats[on_test]['mean']['r2'] - stats['rf']['mean']['r2']:.3f}")
+            chosen = chosen_without_the_test_fold(result.metrics, ("ssl", "hybrid"))
+            rf = result.metrics[result.metrics["model"] == "rf"]
+            print(f"chosen without the test fold, per fold: {', '.join(chosen['model'])}")
+            print(f"edgeroi_best_minus_rf_r2={chosen['r2'].mean() - rf['r2'].mean():.3f}")
+            print(f"edgeroi_picp90={chosen['picp'].mean():.3f}")
     finally:
         if not args.root:
             shutil.rmtree(folder, ignore_errors=True)
