@@ -34,15 +34,64 @@ REPO = Path(__file__).resolve().parents[1]
 EDGEROI = REPO / "geosoc" / "data" / "edgeroi"
 
 
-def kill_at_random(script: str, args: list[str], rng: random.Random, low: float, high: float) -> None:
-    """Run `script` (`python -c`, the repository importable) and SIGKILL it at a random moment, `low` to `high`
-    seconds after it prints "ready" (so that kills land in its work, not in its imports)."""
-    run = subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert run.stdout is not None and run.stdout.readline().strip() == b"ready"
-    time.sleep(rng.uniform(low, high))
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+READY = 'print("ready", flush=True)\n'
+# Runs a script's part before READY once (its imports: seconds on 2 cores), then forks a fresh process for each
+# round that runs the part after it with that round's arguments.
+_ZYGOTE = """
+import json, os, sys
+setup, work = sys.argv[1].split(sys.argv[2], 1)
+args = json.loads(sys.stdin.readline())
+sys.argv = ["-c", *args]
+scope = {"__name__": "__main__"}
+exec(compile(setup, "<setup>", "exec"), scope)
+while args is not None:
+    pid = os.fork()
+    if pid == 0:
+        sys.argv = ["-c", *args]
+        print("ready", os.getpid(), flush=True)
+        exec(compile(work, "<work>", "exec"), scope)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("gone", flush=True)
+    line = sys.stdin.readline()
+    args = json.loads(line) if line else None
+"""
+
+
+class RandomKiller:
+    """SIGKILLs a script at random moments of its work, round after round.
+
+    The script (the repository importable) prints "ready" (`READY`) where its work starts; each round runs what
+    follows in a process forked from one that ran what precedes once, then kills it `low` to `high` seconds
+    after it starts. The forked process is what a fresh one would be, without the seconds of imports."""
+
+    def __init__(self, script: str) -> None:
+        assert READY in script
+        self.script = script
+        self.zygote: subprocess.Popen[bytes] | None = None
+
+    def kill_at_random(self, args: list[str], rng: random.Random, low: float, high: float) -> None:
+        if self.zygote is None:
+            self.zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE, self.script, READY], cwd=REPO,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert self.zygote.stdin is not None and self.zygote.stdout is not None
+        self.zygote.stdin.write(json.dumps(args).encode() + b"\n")
+        self.zygote.stdin.flush()
+        ready, pid = self.zygote.stdout.readline().split()
+        assert ready == b"ready"
+        time.sleep(rng.uniform(low, high))
+        os.kill(int(pid), signal.SIGKILL)
+        assert self.zygote.stdout.readline().strip() == b"gone"
+
+    def __enter__(self) -> RandomKiller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.zygote is not None:
+            assert self.zygote.stdin is not None
+            self.zygote.stdin.close()
+            self.zygote.wait()
 
 
 def unprivileged(command: list[str]) -> list[str]:

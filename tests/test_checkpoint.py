@@ -16,7 +16,7 @@ from geosoc.io import storage
 from geosoc.learn import checkpoint
 from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.normalisation import Normalisation
-from tests.helpers import TAMPERING, TINY, kill_at_random
+from tests.helpers import TAMPERING, TINY, RandomKiller
 
 CONFIG = NetworkConfig(bands=["b0"], variables=["v0"], **TINY)
 META = {"stage": "finetune", "normalisation": Normalisation(band_mean=[0.0], band_std=[1.0], climate_mean=[0.0],
@@ -104,9 +104,10 @@ def test_killed_at_any_moment_a_checkpoint_is_the_old_one_or_the_new(tmp_path: P
     url = str(tmp_path / "ckpt")
     _save(url, 0)
     rng, epoch = random.Random(0), 0
-    for _ in range(4):
-        kill_at_random(SAVER, [url, str(epoch)], rng, 0.05, 0.6)
-        epoch = _saved_epoch(url)
+    with RandomKiller(SAVER) as killer:
+        for _ in range(4):
+            killer.kill_at_random([url, str(epoch)], rng, 0.05, 0.6)
+            epoch = _saved_epoch(url)
     assert epoch > 0  # the savers got somewhere
     _save(url, epoch + 1)
     assert len(list(Path(url).iterdir())) == 4

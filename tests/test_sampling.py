@@ -273,20 +273,21 @@ def test_killed_while_replacing_a_sampleset_leaves_the_old_or_the_new(cube: str,
     import random
 
     from geosoc.io.storage import tidy_beside
-    from tests.helpers import kill_at_random
+    from tests.helpers import RandomKiller
 
     url = str(tmp_path / "samples" / "labelled.zarr")
     sizes = {float(p.target[0]): sample_points(cube, p, url, PATCH, fold_block_size=1000, folds=2).samples
              for p in two_point_sets(cube)}
     rng = random.Random(1)
-    for _ in range(4):
-        kill_at_random(RESAMPLER, [cube, url], rng, 0.1, 1.5)
-        if not Path(url).exists():
-            assert [p.name for p in Path(url).parent.glob("labelled.zarr.old-*")], "neither old nor new"
-            tidy_beside(url)  # what the next run does first
-        ds = open_sampleset(url)
-        targets = set(ds["target"].values.tolist())
-        assert len(targets) == 1 and ds.sizes["sample"] == sizes[targets.pop()]
-        assert ds["patch"].notnull().any(dim=("band", "py", "px")).all()
+    with RandomKiller(RESAMPLER) as killer:
+        for _ in range(4):
+            killer.kill_at_random([cube, url], rng, 0.1, 1.5)
+            if not Path(url).exists():
+                assert [p.name for p in Path(url).parent.glob("labelled.zarr.old-*")], "neither old nor new"
+                tidy_beside(url)  # what the next run does first
+            ds = open_sampleset(url)
+            targets = set(ds["target"].values.tolist())
+            assert len(targets) == 1 and ds.sizes["sample"] == sizes[targets.pop()]
+            assert ds["patch"].notnull().any(dim=("band", "py", "px")).all()
     sample_points(cube, two_point_sets(cube)[0], url, PATCH, fold_block_size=1000, folds=2)  # takes the lock over
     assert sorted(p.name for p in Path(url).parent.iterdir()) == ["labelled.zarr"]

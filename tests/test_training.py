@@ -116,19 +116,20 @@ def test_finetune_killed_during_checkpoint_writes_resumes_cleanly(tmp_path: Path
     moments: the resumable state always loads whole, and the next run resumes it without a gap in the epochs."""
     import random
 
-    from tests.helpers import kill_at_random
+    from tests.helpers import RandomKiller
 
     url = tiny_sampleset(str(tmp_path / "s.zarr"))
     out = str(tmp_path / "ft")
     rng = random.Random(2)
-    for _ in range(3):
-        kill_at_random(KILLED_FINETUNE, [url, out], rng, 1.0, 3.0)
-        last = out + "/last"
-        if checkpoint.is_checkpoint(last):
-            info = checkpoint.state_info(last)
-            assert [m["epoch"] for m in info["history"]] == list(range(1, info["epoch"] + 1))
-            model, _ = checkpoint.load_model(last)
-            checkpoint.load_state(last, torch.optim.Adam(model.parameters()))
+    with RandomKiller(KILLED_FINETUNE) as killer:
+        for _ in range(3):
+            killer.kill_at_random([url, out], rng, 1.0, 3.0)
+            last = out + "/last"
+            if checkpoint.is_checkpoint(last):
+                info = checkpoint.state_info(last)
+                assert [m["epoch"] for m in info["history"]] == list(range(1, info["epoch"] + 1))
+                model, _ = checkpoint.load_model(last)
+                checkpoint.load_state(last, torch.optim.Adam(model.parameters()))
     done = checkpoint.state_info(out + "/last")["epoch"]
     assert done >= 1, "no epoch finished before the kills"
     result = finetune(url, out, config_for(url), FinetuneConfig(epochs=done + 1, batch_size=8, patience=10_000),
