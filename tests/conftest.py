@@ -69,3 +69,12 @@ def _torch_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_forests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tree models of 40 trees or boosting rounds (300 in use) for the steps a test runs in this process."""
+    from geosoc.learn import baselines
+
+    monkeypatch.setattr(baselines, "TREES", 40)
+    monkeypatch.setattr(baselines, "BOOSTING_ROUNDS", 40)

@@ -66,7 +66,7 @@ def test_build_cube_command(tmp_path: Path, write_catalog) -> None:
     assert "cube complete" in result.output and "imagery: data(band=14, y=96, x=96)" in result.output
 
 
-def test_demo_command_on_a_shrunken_region(tmp_path: Path, write_catalog) -> None:
+def test_demo_command_on_a_shrunken_region(tmp_path: Path, write_catalog, small_forests: None) -> None:
     """`geosoc demo` end to end on a tiny synthetic catalog (the full-size demo is `make demo`): every output is
     there and readable, and the summary says what it made and how long each step took."""
     import json

@@ -126,12 +126,11 @@ def _epochs_saved(url: str) -> int:
         return 0
 
 
-def test_a_pretrain_job_survives_a_killed_worker_and_resubmissions_resume(ray_head: dict[str, Any],
+def test_a_pretrain_job_survives_a_killed_worker_and_starts_over_when_asked(ray_head: dict[str, Any],
                                                                            tmp_path: Path) -> None:
     """`ray job submit` of jobs/pretrain.py with two workers; one is killed with SIGKILL after the first epochs:
     Ray restarts the group, the loops resume from the last epoch, the job finishes every epoch and ends with the
-    final metrics. Resubmitted, it resumes from the checkpoint and says nothing is left to train; with --fresh it
-    starts over."""
+    final metrics. Resubmitted with --fresh, it starts over."""
     import signal
     import subprocess
     import time
@@ -174,8 +173,6 @@ def test_a_pretrain_job_survives_a_killed_worker_and_resubmissions_resume(ray_he
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
-    output = submit("--epochs", "6")
-    assert "nothing left to train" in output and "pretrain finished: {'epoch': 6," in output
-    submit("--epochs", "1", "--fresh")
+    assert "pretrain finished: {'epoch': 1," in submit("--epochs", "1", "--fresh")
     assert checkpoint.state_info(last)["epoch"] == 1
     assert checkpoint.has_file(str(root / "models" / "pretrain"), checkpoint.MODEL_FILE)

@@ -135,7 +135,7 @@ def region_with_unlabelled(trained_region: tuple[Path, str],
     return copy_region(trained_region, tmp_path_factory.mktemp("evaluate"))
 
 
-def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str],
+def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str], small_forests: None,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
@@ -179,7 +179,8 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     assert random.summary["cv"] == "random" and len(random.metrics) == 4 and calls == ["tree"] * 4
 
 
-def test_evaluate_needs_unlabelled_samples_for_ssl(trained_region: tuple[Path, str], tmp_path: Path) -> None:
+def test_evaluate_needs_unlabelled_samples_for_ssl(trained_region: tuple[Path, str], tmp_path: Path,
+                                                  small_forests: None) -> None:
     from geosoc.evaluation.campaign import evaluate_region
 
     path, root = copy_region(trained_region, tmp_path, leave_out=("unlabelled.zarr",))

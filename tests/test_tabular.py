@@ -21,6 +21,11 @@ from geosoc.maps.tabular import ESTIMATOR_FILE, load
 from tests.helpers import copy_region
 
 
+@pytest.fixture(autouse=True)
+def _small(small_forests: None) -> None:
+    """Every tree model here is small: what is tested is how it is fitted, saved, loaded and mapped."""
+
+
 @pytest.fixture(scope="module")
 def region(trained_region: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return copy_region(trained_region, tmp_path_factory.mktemp("tabular"))

@@ -81,7 +81,7 @@ def test_checkpoint_round_trip_without_pickle(tmp_path: Path) -> None:
     assert np.isclose(meta["normalisation"]["target_mean"], np.log1p(data.target[train]).mean(), rtol=1e-6)
 
 
-def test_resume_continues_from_last_epoch(tmp_path: Path) -> None:
+def test_resume_continues_from_last_epoch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     url = tiny_sampleset(str(tmp_path / "s.zarr"))
     config, out = config_for(url), str(tmp_path / "ft")
     finetune(url, out, config, FinetuneConfig(epochs=2, batch_size=8, patience=100), ctx=CPU)
@@ -90,6 +90,8 @@ def test_resume_continues_from_last_epoch(tmp_path: Path) -> None:
     result = finetune(url, out, config, FinetuneConfig(epochs=4, batch_size=8, patience=100), ctx=CPU)
     assert [m["epoch"] for m in result["history"]] == [1, 2, 3, 4]  # epochs 1-2 not redone
     assert checkpoint.state_info(out + "/last")["epoch"] == 4
+    again = finetune(url, out, config, FinetuneConfig(epochs=4, batch_size=8, patience=100), ctx=CPU)
+    assert "nothing left to train" in caplog.text and len(again["history"]) == 4  # said, and nothing redone
 
 
 KILLED_FINETUNE = """

@@ -19,7 +19,8 @@ import numpy as np
 
 WINDOW = 5  # px: the small window around the patch centre
 QUANTILES = (0.05, 0.5, 0.95)
-TREES = 300
+TREES = 300  # per forest
+BOOSTING_ROUNDS = 300  # per quantile
 
 
 @dataclass
@@ -102,7 +103,7 @@ def _boosted(train_x: np.ndarray, train_z: np.ndarray, seed: int) -> list[Any]:
     """Histogram gradient boosting, one model per quantile (pinball loss), on log-space targets."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
-    return [HistGradientBoostingRegressor(loss="quantile", quantile=q, max_iter=300, learning_rate=0.05,
+    return [HistGradientBoostingRegressor(loss="quantile", quantile=q, max_iter=BOOSTING_ROUNDS, learning_rate=0.05,
                                           random_state=seed).fit(train_x, train_z) for q in QUANTILES]
 
 
