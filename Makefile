@@ -20,11 +20,12 @@ $(STAMP): pyproject.toml requirements.lock
 demo: install
 	$(VENV)/bin/geosoc demo
 
-# Lint and type checks first (seconds), then the tests.
+# Lint and type checks first (seconds), then the tests on two workers (a test file stays on one worker, so its
+# module fixtures are made once; each worker has its own session fixtures: a trained tiny region, a Ray head).
 test: install
 	$(VENV)/bin/ruff check geosoc jobs tests
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(PY) tests/benchmarks/startup.py

@@ -143,6 +143,18 @@ def free_port() -> int:
 
 
 
+def submit_job(ray_head: dict[str, Any], args: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """`ray job submit --address <head> --working-dir <repo> ARGS`, tried again (at most 30 times, a second
+    apart) while a head that has just started has no job agent yet ("No available agent ... try again later")."""
+    command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO), *args]
+    for _ in range(30):
+        done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in done.stderr:
+            break
+        time.sleep(1)
+    return done
+
+
 def ray_processes_under(temp: Path) -> list[Any]:
     """The processes of one Ray head: those whose command line names its --temp-dir (GCS, raylet, dashboard,
     ...) and their descendants (workers, actors), as psutil processes."""

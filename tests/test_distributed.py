@@ -21,7 +21,7 @@ import torch
 from geosoc.errors import GeosocError
 from geosoc.learn import checkpoint
 from geosoc.learn.models.losses import nt_xent
-from tests.helpers import config_for, ray_actor_pids, tiny_sampleset
+from tests.helpers import config_for, ray_actor_pids, submit_job, tiny_sampleset
 
 B, DIM = 6, 8
 
@@ -136,17 +136,15 @@ def test_a_pretrain_job_survives_a_killed_worker_and_starts_over_when_asked(ray_
     import time
     import uuid
 
-    from tests.helpers import REPO
 
     root = tmp_path / "demo"
     tiny_sampleset(str(root / "samples" / "unlabelled.zarr"), n=400)
     job = f"geosoc-kill-{uuid.uuid4().hex[:8]}"
     ray = [ray_head["ray"], "job"]
     address = ["--address", ray_head["address"]]
-    submitted = subprocess.run(
-        [*ray, "submit", *address, "--no-wait", "--submission-id", job, "--working-dir", str(REPO), "--", "python",
-         "jobs/pretrain.py", "--catalog", str(_tiny_catalog(tmp_path)), "--root", str(root), "--workers", "2",
-         "--epochs", "6", "--batch-size", "8"], env=ray_head["env"], capture_output=True, text=True, timeout=120)
+    submitted = submit_job(ray_head, [
+        "--no-wait", "--submission-id", job, "--", "python", "jobs/pretrain.py", "--catalog",
+        str(_tiny_catalog(tmp_path)), "--root", str(root), "--workers", "2", "--epochs", "6", "--batch-size", "8"])
     assert submitted.returncode == 0, submitted.stderr
     last = str(root / "models" / "pretrain" / "last")
     deadline = time.time() + 300
@@ -167,9 +165,8 @@ def test_a_pretrain_job_survives_a_killed_worker_and_starts_over_when_asked(ray_
     assert own[-1].startswith("pretrain finished: {") and "'epoch': 6" in own[-1], "\n".join(own[-15:])
 
     def submit(*more: str) -> str:
-        command = [*ray, "submit", *address, "--working-dir", str(REPO), "--", "python", "jobs/pretrain.py",
-                   "--catalog", str(_tiny_catalog(tmp_path)), "--root", str(root), "--batch-size", "8", *more]
-        done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=600)
+        done = submit_job(ray_head, ["--", "python", "jobs/pretrain.py", "--catalog", str(_tiny_catalog(tmp_path)),
+                                     "--root", str(root), "--batch-size", "8", *more])
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 

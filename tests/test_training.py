@@ -4,7 +4,6 @@ peeking at the test fold, and the Ray job path on a real local Ray head."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from geosoc.catalog import FinetuneConfig, PretrainConfig
 from geosoc.data.streaming import SampleData
 from geosoc.learn import checkpoint
 from geosoc.learn.training import Context, augment_patches, finetune, pretrain, split
-from tests.helpers import CPU, REPO, config_for, tiny_sampleset
+from tests.helpers import CPU, config_for, tiny_sampleset
 
 
 def test_augmentation_rotates_and_flips() -> None:
@@ -171,12 +170,11 @@ def test_pretrain_and_finetune_on_cuda_streamed_then_resume_on_cpu(tmp_path: Pat
 
 def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_path: Path) -> None:
     """`ray job submit` of jobs/predict.py: a pool of actors on the real head writes the map and its exports."""
-    from tests.helpers import copy_region
+    from tests.helpers import copy_region, submit_job
 
     catalog, root = copy_region(trained_region, tmp_path)
-    command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
-               "--", "python", "jobs/predict.py", "--catalog", str(catalog), "--root", root, "--actors", "1"]
-    done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=600)
+    done = submit_job(ray_head, ["--", "python", "jobs/predict.py", "--catalog", str(catalog), "--root", root,
+                                 "--actors", "1"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "predict finished: " in done.stdout
     maps = Path(root) / "maps"
