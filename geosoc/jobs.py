@@ -45,15 +45,13 @@ def job_parser(stage: str) -> argparse.ArgumentParser:
         parser.add_argument("--batch-size", type=_at_least(1), default=1024, help="cells per forward pass")
         parser.add_argument("--chunk", type=_at_least(1), help="output cells per window side")
         parser.add_argument("--max-retries", type=_at_least(0), default=3,
-                            help="restarts of a dead actor and retries of its "
-                                                                       "window")
+                            help="restarts of a dead actor and retries of its window")
         parser.add_argument("--fresh", action="store_true", help="replace an existing map instead of resuming it")
         parser.add_argument("--no-export", action="store_true", help="only maps/soc.zarr")
         return parser
     parser.add_argument("--workers", type=_at_least(1), default=1, help="Ray Train workers")
     parser.add_argument("--max-failures", type=_at_least(0), default=2,
-                        help="worker-group restarts after a failure (each "
-                                                                    "resumes from the last epoch)")
+                        help="worker-group restarts after a failure (each resumes from the last epoch)")
     parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming it")
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU)")
     parser.add_argument("--epochs", type=_at_least(1), help="override the catalog's epochs")

@@ -100,8 +100,8 @@ url, out = sys.argv[1], sys.argv[2]
 data = SampleData(url)
 before = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
 config = NetworkConfig(bands=data.bands, variables=data.variables, patch_size=32, months=4, image_patch=8, image_dim=16,
-                     image_depth=1, image_heads=2, climate_dim=16, climate_layers=1, climate_heads=2,
-                     climate_feedforward=32, embedding=8, head_hidden=16)
+                       image_depth=1, image_heads=2, climate_dim=16, climate_layers=1, climate_heads=2,
+                       climate_feedforward=32, embedding=8, head_hidden=16)
 result = pretrain(url, out, config, PretrainConfig(epochs=1, batch_size=64), ctx=Context(progress=False))
 print(json.dumps({"in_memory": data.in_memory, "steps": result["history"][-1]["steps"],
                   "training_mib": peak_rss_mib() - before}))

@@ -101,7 +101,7 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
     if any(m in NEEDS_PRETRAINING for m in models):
         if not checkpoint.is_checkpoint(urls["pretrain"]) and not exists(urls["unlabelled"]):
             raise NotFoundError(f"models ssl and hybrid need pretrained encoders: create {urls['unlabelled']} "
-                              "(`geosoc sample --random N`) or leave them out with --models")
+                                "(`geosoc sample --random N`) or leave them out with --models")
         pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))  # resumes; no-op when done
         pretrained = urls["pretrain"]
     batch = data.rows(labelled)

@@ -115,7 +115,7 @@ def read_file(url: str, name: str, document: dict[str, Any] | None = None) -> by
         raise NotFoundError(f"{where}: missing ({name} of this checkpoint); {FRESH_HINT}") from err
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise DamagedError(f"{where}: does not match its checksum in {CONFIG_FILE} (changed or truncated); "
-                          f"{FRESH_HINT}")
+                           f"{FRESH_HINT}")
     return data
 
 
@@ -174,7 +174,7 @@ def load_aoa(url: str) -> Reference | None:
         return Reference.from_bytes(data)
     except (ValueError, KeyError, SafetensorError) as err:
         raise DamagedError(f"{join(url, AOA_FILE)}: not an area-of-applicability reference ({err}); "
-                          f"{FRESH_HINT}") from err
+                           f"{FRESH_HINT}") from err
 
 
 def config_bytes(url: str) -> bytes:
@@ -211,7 +211,7 @@ def normalisation(url: str, meta: dict[str, Any]) -> Normalisation:
         return Normalisation.from_dict(meta["normalisation"])
     except (KeyError, ValueError) as err:
         raise DamagedError(f"{join(url, CONFIG_FILE)}: 'normalisation' is missing or malformed ({err}); "
-                          f"{FRESH_HINT}") from err
+                           f"{FRESH_HINT}") from err
 
 
 def _build_model(url: str, config: NetworkConfig) -> SoilNet:
@@ -220,7 +220,7 @@ def _build_model(url: str, config: NetworkConfig) -> SoilNet:
         return SoilNet(config)
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise DamagedError(f"{join(url, CONFIG_FILE)}: 'model' does not describe a network ({err}); "
-                          f"{FRESH_HINT}") from err
+                           f"{FRESH_HINT}") from err
 
 
 def fit_weights(url: str, module: torch.nn.Module, weights: dict[str, torch.Tensor], skip: str | None = None) -> None:
@@ -232,11 +232,11 @@ def fit_weights(url: str, module: torch.nn.Module, weights: dict[str, torch.Tens
     except RuntimeError as err:
         details = " ".join(str(err).split())[:400]
         raise DamagedError(f"{join(url, MODEL_FILE)}: the weights do not fit the network in {CONFIG_FILE} "
-                          f"({details}); {FRESH_HINT}") from err
+                           f"({details}); {FRESH_HINT}") from err
     missing = [k for k in result.missing_keys if skip is None or not k.startswith(skip)]
     if missing or result.unexpected_keys:
         raise DamagedError(f"{join(url, MODEL_FILE)}: the weights do not fit the network in {CONFIG_FILE} "
-                          f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}); {FRESH_HINT}")
+                           f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}); {FRESH_HINT}")
 
 
 def load_model(url: str, device: str | torch.device = "cpu") -> tuple[SoilNet, dict[str, Any]]:
@@ -299,5 +299,5 @@ def load_state(url: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise DamagedError(f"{url}: the optimizer state does not fit this model ({type(err).__name__}: {err}); "
-                          f"{FRESH_HINT}") from err
+                           f"{FRESH_HINT}") from err
     return info

@@ -127,7 +127,7 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
     if test_fold is not None:
         if test_fold not in set(folds[np.isfinite(data.target)].tolist() if labelled else folds.tolist()):
             raise InputError(f"{data.url}: no fold {test_fold} to hold out; its folds are "
-                              f"{sorted(set(folds.tolist()))}")
+                             f"{sorted(set(folds.tolist()))}")
         usable &= folds != test_fold
     if labelled:
         usable &= np.isfinite(data.target)
@@ -311,7 +311,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     stream = SampleStream(data, train, stage.batch_size, shuffle=True, seed=seed, rank=ctx.rank, world=ctx.world)
     if not len(stream):
         raise InputError(f"{data.url}: {len(train)} training samples over {ctx.world} worker(s) leave fewer than 2 "
-                          "per worker; use fewer workers or more samples")
+                         "per worker; use fewer workers or more samples")
     loader = data_loader(stream, ctx.device, ctx.loader_workers)
     generator = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
     autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")

@@ -71,7 +71,7 @@ def _require_map_model(url: str, meta: dict[str, Any]) -> None:
     """A map needs a fine-tuned network or a tree model (whose checkpoints before 0.1 said "finetune" too)."""
     if meta.get("stage") != "finetune" and not is_tabular(meta):
         raise IncompatibleError(f"{url}: a {meta.get('stage')!r} checkpoint has no regression head; "
-                          "predict needs a fine-tuned model (`geosoc finetune`)")
+                                "predict needs a fine-tuned model (`geosoc finetune`)")
 
 
 @dataclass(frozen=True)
@@ -282,7 +282,7 @@ def output_grid(cube_grid: Grid, resolution: float, bands: int, patch: int,
     """The map's grid: `resolution` cells over the cube (or `bounds`), chunked so a window reads ~WINDOW_BYTES."""
     if resolution < cube_grid.resolution:
         raise InputError(f"output resolution {resolution:g} is finer than the cube's {cube_grid.resolution:g}; "
-                          "choose a resolution at least as coarse as the cube's")
+                         "choose a resolution at least as coarse as the cube's")
     area = cube_grid.bounds
     if bounds is not None:
         xmin, ymin, xmax, ymax = bounds

@@ -50,7 +50,7 @@ def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None
 
     if name not in MAP_MODELS:
         raise InputError(f"--model {name!r}: maps can be made with {', '.join(MAP_MODELS)} (the network is "
-                          "`geosoc finetune`; hybrid needs the encoders' embeddings at every cell, not supported yet)")
+                         "`geosoc finetune`; hybrid needs the encoders' embeddings at every cell, not supported yet)")
     url = stage_urls(root)["labelled"]
     data = SampleData(url)
     labelled = np.flatnonzero(np.isfinite(data.target))
@@ -62,7 +62,7 @@ def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None
     medians = _medians(features.values[:, fitted.usable])
     reference = aoa.fit(_filled(features.values[:, fitted.usable], medians), data.fold[labelled], seed)
     config = NetworkConfig(bands=data.bands, variables=data.variables, patch_size=baselines.WINDOW,
-                         months=data.months, quantiles=list(baselines.QUANTILES))
+                           months=data.months, quantiles=list(baselines.QUANTILES))
     months = [str(m) for m in data.time.astype("datetime64[M]")] if data.time is not None else None
     meta = {"stage": "fit-tabular", "kind": "tabular", "estimator": name, "samples": url, "seed": seed,
             "units": data.attrs.get("units", ""), "features": features.names, "usable": fitted.usable.tolist(),
@@ -94,7 +94,7 @@ def load(url: str) -> baselines.Fitted:
     unexpected = sorted(set(skops.io.get_untrusted_types(data=data)) - TRUSTED)
     if unexpected:
         raise DamagedError(f"{url}/{ESTIMATOR_FILE} holds types a geosoc tree model never contains: {unexpected}; "
-                          "refusing to load it")
+                           "refusing to load it")
     try:
         stored = skops.io.loads(data, trusted=sorted(TRUSTED))
     except Exception as err:  # a damaged file: skops raises several kinds

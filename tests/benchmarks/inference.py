@@ -73,7 +73,7 @@ def make_checkpoint(cube: str, url: str, paper: bool, aoa_rows: int) -> None:
     sample = imagery.isel(y=slice(0, 256), x=slice(0, 256)).values
     series = climate.values
     config = NetworkConfig(bands=[str(b) for b in imagery["band"].values], variables=[str(v) for v in climate["variable"].values],
-                         months=climate.sizes["time"], **(PAPER if paper else SMALL))
+                           months=climate.sizes["time"], **(PAPER if paper else SMALL))
     torch.manual_seed(0)
     model = SoilNet(config)
     norm = Normalisation(band_mean=np.nanmean(sample, axis=(1, 2)).tolist(),
