@@ -26,12 +26,12 @@ import zarr
 from tqdm.auto import tqdm
 
 from geosoc.catalog import LoadedCatalog, load_catalog
-from geosoc.errors import DamagedError, IncompleteError, NotFoundError
+from geosoc.errors import IncompleteError
 from geosoc.fingerprints import fingerprint
 from geosoc.grid import Grid, Window
 from geosoc.io.locks import exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, run_tasks, template_written
-from geosoc.io.storage import damaged_metadata, default_root, join, zarr_store
+from geosoc.io.storage import default_root, join, open_store, zarr_store
 from geosoc.sources.from_catalog import open_layers
 from geosoc.sources.layers import Layer, WindowReader
 
@@ -229,14 +229,9 @@ def _finish(url: str, layers: list[Layer], markers: Markers) -> None:
 
 def open_cube(url: str) -> xr.DataTree:
     """Open a cube lazily: groups `imagery` and `climate`, dask-backed, axis names as coordinates."""
-    store = zarr_store(url, read_only=True)  # outside the try: a bad URL is its own error, not damaged metadata
-    try:
-        tree = xr.open_datatree(store,  # type: ignore[arg-type]  # the zarr engine takes stores; xarray's hint
-                                engine="zarr", consolidated=False, chunks={})  # omits them
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        raise NotFoundError(f"{url}: no cube here ({type(err).__name__}); build one with `geosoc build-cube`") from err
-    except (ValueError, KeyError, TypeError) as err:
-        raise DamagedError(damaged_metadata(url, err)) from err
+    tree = open_store(url, lambda store: xr.open_datatree(store,  # type: ignore[arg-type]  # the zarr engine
+                                                          engine="zarr", consolidated=False, chunks={}),  # takes stores
+                      "no cube here; build one with `geosoc build-cube`")
     status = tree.attrs.get("geosoc_status")
     if status != "complete":
         log.warning("%s is not complete (status %r): missing chunks read as NaN; re-run build-cube", url, status)

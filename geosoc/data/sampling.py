@@ -26,14 +26,14 @@ from tqdm.auto import tqdm
 
 from geosoc.data.cube import axis_coordinate, cube_parts, with_axis_names
 from geosoc.data.points import Points, lonlat
-from geosoc.errors import DamagedError, InputError, NotFoundError
+from geosoc.errors import InputError
 from geosoc.grid import Grid
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import (
     beside,
-    damaged_metadata,
     filesystem,
     join,
+    open_store,
     publish_tree,
     tidy_beside,
     zarr_store,
@@ -392,13 +392,8 @@ class _Spacing:
 
 def open_sampleset(url: str) -> xr.Dataset:
     """Open a SampleSet lazily, with band and variable names as coordinates."""
-    store = zarr_store(url, read_only=True)  # outside the try: a bad URL is its own error, not damaged metadata
-    try:
-        ds = xr.open_zarr(store, consolidated=False, zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        raise NotFoundError(f"{url}: no SampleSet here; create one with `geosoc sample`") from err
-    except (ValueError, KeyError, TypeError) as err:
-        raise DamagedError(damaged_metadata(url, err)) from err
+    ds = open_store(url, lambda store: xr.open_zarr(store, consolidated=False, zarr_format=3),
+                    "no SampleSet here; create one with `geosoc sample`")
     return with_axis_names(ds)
 
 

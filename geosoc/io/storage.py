@@ -14,14 +14,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store
 
-from geosoc.errors import DamagedError, InputError, UnwritableError, first_line
+from geosoc.errors import DamagedError, InputError, NotFoundError, UnwritableError, first_line
+
+T = TypeVar("T")
 
 
 def default_root(region: str) -> str:
@@ -64,6 +66,18 @@ def read_group_attrs(url: str) -> dict[str, Any] | None:
         return dict(zarr.open_group(store, mode="r", zarr_format=3).attrs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return None
+    except (ValueError, KeyError, TypeError) as err:
+        raise DamagedError(damaged_metadata(url, err)) from err
+
+
+def open_store(url: str, opener: Callable[[Store], T], missing: str) -> T:
+    """`opener(store)` on the Zarr store at `url`: NotFoundError "`url`: `missing`" where there is none, and
+    DamagedError where its metadata cannot be read (a bad URL is its own error, raised before the try)."""
+    store = zarr_store(url, read_only=True)
+    try:
+        return opener(store)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise NotFoundError(f"{url}: {missing}") from err
     except (ValueError, KeyError, TypeError) as err:
         raise DamagedError(damaged_metadata(url, err)) from err
 

@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 from geosoc.catalog import Catalog, PredictConfig, parse_yaml
 from geosoc.data.cube import cube_parts, group_grid, open_cube
 from geosoc.data.sampling import climate_at, read_imagery
-from geosoc.errors import DamagedError, IncompatibleError, IncompleteError, InputError, NotFoundError
+from geosoc.errors import IncompatibleError, IncompleteError, InputError, NotFoundError
 from geosoc.fingerprints import fingerprint
 from geosoc.grid import Grid, Window
 from geosoc.io.locks import exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, template_written
-from geosoc.io.storage import damaged_metadata, join, read_group_attrs, zarr_store
+from geosoc.io.storage import join, open_store, read_group_attrs, zarr_store
 from geosoc.learn import checkpoint
 from geosoc.learn.device import resolve_device
 from geosoc.learn.models import NetworkConfig
@@ -315,13 +315,8 @@ def _template(spec: MapSpec, outputs: list[str], units: str, attrs: dict[str, An
 
 def open_map(url: str) -> xr.Dataset:
     """A written map, lazily (dask), with its CRS."""
-    store = zarr_store(url, read_only=True)  # outside the try: a bad URL is its own error, not damaged metadata
-    try:
-        ds = xr.open_zarr(store, consolidated=False, zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        raise NotFoundError(f"{url}: no map here; make one with `geosoc predict`") from err
-    except (ValueError, KeyError, TypeError) as err:
-        raise DamagedError(damaged_metadata(url, err)) from err
+    ds = open_store(url, lambda store: xr.open_zarr(store, consolidated=False, zarr_format=3),
+                    "no map here; make one with `geosoc predict`")
     if ds.attrs.get("geosoc_status") != "complete":
         log.warning("%s is not complete: windows not yet written read as NaN; run predict again", url)
     return ds.set_coords("spatial_ref") if "spatial_ref" in ds.data_vars else ds
