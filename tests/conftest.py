@@ -33,16 +33,22 @@ def write_catalog(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def ray_head():
-    """A real local Ray head on loopback, with auth mode set explicitly."""
+    """A real local Ray head on loopback, with auth mode set explicitly. Every port it opens is its own (free
+    ports, and a worker port range per pytest worker), so it shares nothing with another head on the machine."""
     pytest.importorskip("ray")
     ray_bin = Path(sys.executable).with_name("ray")
     temp = Path("/tmp") / f"geosoc-ray-{os.getpid()}"
     port, dashboard = free_port(), free_port()
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+        "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    first_worker_port = 20_000 + 1_000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is the venv's
     started = subprocess.run(
         [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", *own_ports,
+         f"--min-worker-port={first_worker_port}", f"--max-worker-port={first_worker_port + 999}",
          "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180,
     )
