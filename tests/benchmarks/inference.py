@@ -161,12 +161,15 @@ def s3_copy(cube: str) -> Iterator[str]:
         port = sock.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    settings = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    endpoint = f"http://127.0.0.1:{port}"
+    settings = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
+    # What FSSPEC_S3_ENDPOINT_URL sets for a user, set here after fsspec's import (it reads the variable then).
+    saved_conf = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {**(saved_conf or {}), "endpoint_url": endpoint}
     try:
-        fs = fsspec.filesystem("s3", endpoint_url=settings["FSSPEC_S3_ENDPOINT_URL"])
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
         for _ in range(100):  # until the server answers
             try:
                 fs.mkdir("bench")
@@ -176,6 +179,10 @@ def s3_copy(cube: str) -> Iterator[str]:
         fs.put(cube, "bench/cube.zarr", recursive=True)
         yield "s3://bench/cube.zarr"
     finally:
+        if saved_conf is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = saved_conf
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
