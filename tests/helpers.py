@@ -70,7 +70,10 @@ class RandomKiller:
         self.script = script
         self.zygote: subprocess.Popen[bytes] | None = None
 
-    def kill_at_random(self, args: list[str], rng: random.Random, low: float, high: float) -> None:
+    def kill_at_random(self, args: list[str], rng: random.Random, low: float, high: float,
+                       after: Callable[[], bool] | None = None) -> None:
+        """One round: kill `low` to `high` seconds into the work, counted from when `after()` first holds (e.g.
+        "one save is done": on a busy machine the first one may take longer than any fixed delay)."""
         if self.zygote is None:
             self.zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE, self.script, READY], cwd=REPO,
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -80,6 +83,12 @@ class RandomKiller:
         self.zygote.stdin.flush()
         ready, pid = self.zygote.stdout.readline().split()
         assert ready == b"ready"
+        for _ in range(30_000):  # polls, a hundredth of a second apart: a guard against a child that died early
+            if after is None or after():
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"the work never reached its starting point: {self.script[-300:]}")
         time.sleep(rng.uniform(low, high))
         os.kill(int(pid), signal.SIGKILL)
         assert self.zygote.stdout.readline().strip() == b"gone"

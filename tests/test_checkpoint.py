@@ -98,6 +98,14 @@ SAVER = textwrap.dedent("""
 """)
 
 
+def _epoch_now(url: str) -> int:
+    """The epoch saved at `url`, or -1 while a save replaces what this read had started on."""
+    try:
+        return int(checkpoint.state_info(url)["epoch"])
+    except GeosocError:
+        return -1
+
+
 def test_killed_at_any_moment_a_checkpoint_is_the_old_one_or_the_new(tmp_path: Path) -> None:
     """A process saving epoch after epoch is killed with SIGKILL at random moments: every time, what is there
     loads, with weights, optimizer state and epoch from one save; the next save tidies what the kill left."""
@@ -106,7 +114,8 @@ def test_killed_at_any_moment_a_checkpoint_is_the_old_one_or_the_new(tmp_path: P
     rng, epoch = random.Random(0), 0
     with RandomKiller(SAVER) as killer:
         for _ in range(4):
-            killer.kill_at_random([url, str(epoch)], rng, 0.05, 0.6)
+            killer.kill_at_random([url, str(epoch)], rng, 0.05, 0.6,
+                                  after=lambda started=epoch: _epoch_now(url) > started)  # one save done
             epoch = _saved_epoch(url)
     assert epoch > 0  # the savers got somewhere
     _save(url, epoch + 1)

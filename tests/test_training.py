@@ -124,7 +124,7 @@ def test_finetune_killed_during_checkpoint_writes_resumes_cleanly(tmp_path: Path
     rng = random.Random(2)
     with RandomKiller(KILLED_FINETUNE) as killer:
         for _ in range(3):
-            killer.kill_at_random([url, out], rng, 1.0, 3.0)
+            killer.kill_at_random([url, out], rng, 1.0, 3.0, after=lambda: checkpoint.is_checkpoint(out + "/last"))
             last = out + "/last"
             if checkpoint.is_checkpoint(last):
                 info = checkpoint.state_info(last)
