@@ -56,7 +56,7 @@ def ray_head():
         pytest.fail(f"ray start failed: {started.stderr[-2000:]}")
     yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env, "ray": str(ray_bin),
            "temp": str(temp)}
-    stop_ray_processes_under(temp)
+    stop_ray_processes_under(temp, port)
     shutil.rmtree(temp, ignore_errors=True)
 
 

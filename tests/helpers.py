@@ -164,14 +164,19 @@ def submit_job(ray_head: dict[str, Any], args: list[str], timeout: int = 600) ->
     return done
 
 
-def ray_processes_under(temp: Path) -> list[Any]:
+def ray_processes_under(temp: Path, gcs_port: int | None = None) -> list[Any]:
     """The processes of one Ray head: those whose command line names its --temp-dir (GCS, raylet, dashboard,
-    ...) and their descendants (workers, actors), as psutil processes."""
+    ...) or, given `gcs_port`, its GCS address (the client server, which names only that), and their descendants
+    (workers, actors), as psutil processes."""
     import psutil
+
+    def names_the_head(part: str) -> bool:
+        return str(temp) in part or (gcs_port is not None and part.startswith(("--address=", "--gcs-address="))
+                                     and part.endswith(f":{gcs_port}"))
 
     own = []
     for proc in psutil.process_iter(["cmdline"]):
-        if any(str(temp) in part for part in proc.info["cmdline"] or []):
+        if any(names_the_head(part) for part in proc.info["cmdline"] or []):
             own.append(proc)
     everything = {p.pid: p for p in own}
     for proc in own:
@@ -197,11 +202,11 @@ def ray_actor_pids(temp: Path, actor_class: str) -> list[int]:
     return found
 
 
-def stop_ray_processes_under(temp: Path) -> None:
+def stop_ray_processes_under(temp: Path, gcs_port: int | None = None) -> None:
     """Stop the head this test started, and only it (`ray stop` would stop every Ray on the machine)."""
     import psutil
 
-    everything = ray_processes_under(temp)
+    everything = ray_processes_under(temp, gcs_port)
     for proc in everything:
         try:
             proc.terminate()
