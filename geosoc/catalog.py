@@ -318,9 +318,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def parse_yaml(text: str) -> Any:
+def _parse_yaml(text: str) -> Any:
     """A catalog's YAML text as Python data; yaml.YAMLError (with the line) for bad syntax or a repeated key."""
     return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def parse_catalog(text: str) -> Catalog:
+    """A catalog from text that was validated when it was written (a Ray job's copy, a cube's attributes)."""
+    return Catalog.model_validate(_parse_yaml(text))
 
 
 def catalog_path(region: str) -> Path:
@@ -349,7 +354,7 @@ def load_catalog(
     except OSError as err:
         raise CatalogError(f"{path}: cannot read catalog: {err.strerror}") from err
     try:
-        data = parse_yaml(text)
+        data = _parse_yaml(text)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

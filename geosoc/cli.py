@@ -106,13 +106,13 @@ def demo(
     validation accuracy, where the map is, the evaluation table and how long each step took."""
     from geosoc.catalog import load_catalog
     from geosoc.data.cube import cube_summary, describe, open_cube
-    from geosoc.demo import TEST_FOLD, run_demo
+    from geosoc.demo import LABELLED_POINTS, TEST_FOLD, run_demo
     from geosoc.threads import use_threads
 
     use_threads()
     report = None if quiet else (lambda line: console.print(f"[dim]{line}[/]"))
     result = run_demo(load_catalog("demo" if catalog is None else None, catalog), root, progress=not quiet,
-                      report=report, **({"labelled": labelled} if labelled else {}))
+                      labelled=labelled or LABELLED_POINTS, report=report)
     tree = open_cube(result.cube)
     console.print(f"demo cube: {result.cube}")
     console.print(describe(tree), highlight=False)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geosoc.catalog import Catalog, load_catalog, parse_yaml
+from geosoc.catalog import load_catalog, parse_catalog
 from geosoc.errors import InputError
 from geosoc.io.storage import default_root, join
 
@@ -57,7 +57,7 @@ def _report_to_ray(metrics: dict[str, Any], checkpoint_url: str | None) -> None:
 def _worker_loop(config: dict[str, Any]) -> None:
     from geosoc.learn.training import finetune_region, pretrain_region
 
-    catalog = Catalog.model_validate(parse_yaml(config["catalog_text"]))  # validated by the driver already
+    catalog = parse_catalog(config["catalog_text"])  # validated by the driver already
     run = pretrain_region if config["stage"] == "pretrain" else finetune_region
     kwargs = {k: config[k] for k in ("epochs", "batch_size", "samples") if config.get(k) is not None}
     if config["stage"] == "finetune" and config.get("test_fold") is not None:

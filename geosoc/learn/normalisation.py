@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 @dataclass
@@ -63,17 +65,16 @@ class Normalisation:
         values = torch.log1p(target) if self.log_target else target
         return (values - self.target_mean) / self.target_std
 
-    def decode_target_tensor(self, z: torch.Tensor) -> torch.Tensor:
-        values = z * self.target_std + self.target_mean
-        return torch.expm1(values) if self.log_target else values
-
     def encode_target(self, target: np.ndarray) -> np.ndarray:
         values = np.log1p(target) if self.log_target else target
         return ((values - self.target_mean) / self.target_std).astype(np.float32)
 
-    def decode_target(self, z: np.ndarray) -> np.ndarray:
+    def decode_target(self, z: ArrayT) -> ArrayT:
+        """Model outputs back to target units: NumPy arrays (evaluation) or tensors on any device (maps)."""
         values = z * self.target_std + self.target_mean
-        return np.expm1(values) if self.log_target else values
+        if not self.log_target:
+            return values
+        return torch.expm1(values) if isinstance(values, torch.Tensor) else np.expm1(values)
 
 
 @lru_cache(maxsize=16)

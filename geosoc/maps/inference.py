@@ -31,7 +31,7 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-from geosoc.catalog import Catalog, PredictConfig, parse_yaml
+from geosoc.catalog import Catalog, PredictConfig, parse_catalog
 from geosoc.data.cube import cube_parts, group_grid, open_cube
 from geosoc.data.sampling import climate_at, read_imagery
 from geosoc.errors import IncompatibleError, IncompleteError, InputError, NotFoundError
@@ -189,8 +189,8 @@ class Predictor:
         quantiles = self.config.quantiles
         lower, median, upper = interval(z, quantiles, self.offset)
         z = torch.cat([lower[:, None], z[:, 1:-1], upper[:, None]], dim=1) if z.shape[1] > 1 else z
-        decoded = self.norm.decode_target_tensor(z)
-        results["soc_mean"].append(self.norm.decode_target_tensor(median))
+        decoded = self.norm.decode_target(z)
+        results["soc_mean"].append(self.norm.decode_target(median))
         for i, q in enumerate(quantiles):
             if q != 0.5:
                 results[quantile_name(q)].append(decoded[:, i])
@@ -274,7 +274,7 @@ def _check_compatible(config: NetworkConfig, cube: CubeAccess, model_url: str) -
 
 def _catalog_of(tree: xr.DataTree) -> Catalog | None:
     text = tree.attrs.get("catalog")
-    return Catalog.model_validate(parse_yaml(text)) if text else None
+    return parse_catalog(text) if text else None
 
 
 def output_grid(cube_grid: Grid, resolution: float, bands: int, patch: int,
