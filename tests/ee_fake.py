@@ -18,11 +18,15 @@ import numpy as np
 from ee import apitestcase
 from googleapiclient.errors import HttpError
 
+from geosoc.catalog import LoadedCatalog
 from geosoc.grid import Grid
-from geosoc.sources.ee_fetch import describe_request
+from geosoc.sources import earthengine
+from geosoc.sources.ee_fetch import RetryPolicy, describe_request
+from geosoc.sources.layers import Layer
 from geosoc.sources.synthetic import Landscape
 
 MASK_VALUE = float(np.iinfo(np.int32).max)  # xee's default unmask value
+FAST_RETRY = RetryPolicy(max_retries=10, initial_delay=0.001, max_delay=0.01)
 
 
 def structured(array: np.ndarray) -> np.ndarray:
@@ -41,6 +45,33 @@ def initialize_offline() -> None:
     ee.Initialize(None, "", project="geosoc-test")
 
 
+def bearer_token() -> str:
+    """The token Earth Engine's own transport would send now: the credentials ee was initialised with, applied
+    to a request as google-auth-httplib2's AuthorizedHttp does (refreshed from their metadata server or STS)."""
+    import google_auth_httplib2
+
+    headers: dict[str, str] = {}
+    request = google_auth_httplib2.Request(httplib2.Http())
+    url = "https://earthengine.googleapis.com/v1/projects/p/image:computePixels"
+    credentials = ee.data._get_state().credentials
+    assert credentials is not None, "Earth Engine was initialised without credentials"
+    credentials.before_request(request, "POST", url, headers)
+    return headers["authorization"].removeprefix("Bearer ")
+
+
+def serve_offline(tokens: list[str]) -> None:
+    """ee.Initialize with real credentials but no network: the wheel's algorithm list, and the check call
+    (`ee.Number(1).getInfo()`) answered here, after recording the token it would have carried."""
+    ee.data._install_cloud_api_resource = lambda: None
+    ee.data.getAlgorithms = apitestcase.GetAlgorithms
+
+    def compute_value(obj: Any) -> Any:
+        tokens.append(bearer_token())
+        return 1
+
+    ee.data.computeValue = compute_value
+
+
 def http_error(status: int, message: str) -> Exception:
     """The exception ee.data raises for an HTTP error: an EEException whose context is the HttpError."""
     try:
@@ -57,11 +88,12 @@ class FakeEarthEngine:
 
     def __init__(self, seed: int, grid: Grid, group: str, variables: list[str], months: list[Any],
                  failure_rate: float = 0.0, bad_variable: str | None = None, latency: float = 0.002,
-                 interval_log: str | None = None) -> None:
+                 interval_log: str | None = None, tokens: list[str] | None = None) -> None:
         self.landscape, self.grid, self.group = Landscape(seed), grid, group
         self.variables, self.months = variables, months
         self.failure_rate, self.bad_variable, self.latency = failure_rate, bad_variable, latency
         self.interval_log = interval_log  # file where every call appends "start end" (across processes)
+        self.tokens = tokens  # where every call records the bearer token it carried (None: not checked)
         self.rng = random.Random(1)
         self.lock = threading.Lock()
         self.calls = self.failures = self.in_flight = self.max_in_flight = 0
@@ -80,6 +112,8 @@ class FakeEarthEngine:
             fail = self.rng.random() < self.failure_rate
             kind = self.rng.choice(["429", "503", "timeout"])
         started = time.time()
+        if self.tokens is not None:
+            self.tokens.append(bearer_token())
         try:
             time.sleep(self.latency)
             info = describe_request(params, self.grid)
@@ -120,3 +154,21 @@ class FakeEarthEngine:
             months = self.months[info.index]
             values = self.landscape.climate(self.grid, info.rows, info.cols, months, [info.variable])[:, 0]
         return np.where(np.isnan(values), MASK_VALUE, values).astype(np.float32)
+
+
+def fake_layers(catalog: LoadedCatalog, failure_rate: float = 0.0, bad_variable: str | None = None,
+                tokens: list[str] | None = None) -> tuple[list[Layer], dict[str, FakeEarthEngine]]:
+    """The catalog's two Earth Engine layers, read through xee from fakes of the service (returned too)."""
+    config = catalog.config
+    assert config.climate_grid is not None and config.climate is not None
+    fakes = {
+        "imagery": FakeEarthEngine(7, config.imagery_grid, "imagery", [], [], failure_rate, bad_variable,
+                                   tokens=tokens),
+        "climate": FakeEarthEngine(7, config.climate_grid, "climate", config.climate.variables,
+                                   config.climate.months, failure_rate, tokens=tokens),
+    }
+    layers = [
+        earthengine.earthengine_imagery(catalog, fakes["imagery"], FAST_RETRY),
+        earthengine.earthengine_climate(catalog, fakes["climate"], FAST_RETRY),
+    ]
+    return layers, fakes

@@ -7,7 +7,6 @@ import copy
 import datetime as dt
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +33,8 @@ from geosoc.sources.ee_plan import (  # noqa: E402
     window_requests,
     within_limits,
 )
-from geosoc.sources.from_catalog import open_layers  # noqa: E402
-from tests.ee_fake import FakeEarthEngine, initialize_offline  # noqa: E402
+from tests.ee_fake import fake_layers, initialize_offline  # noqa: E402
 from tests.helpers import tiny_catalog_dict  # noqa: E402
-
-FAST_RETRY = RetryPolicy(max_retries=10, initial_delay=0.001, max_delay=0.01)
 
 
 @pytest.fixture
@@ -177,20 +173,6 @@ def ee_catalog(write_catalog, concurrency: int = 4) -> tuple:
     return load_catalog(path=write_catalog(data, name="ee.yaml")), synthetic
 
 
-def fake_layers(catalog, failure_rate: float = 0.0, bad_variable: str | None = None):
-    config = catalog.config
-    fakes = {
-        "imagery": FakeEarthEngine(7, config.imagery_grid, "imagery", [], [], failure_rate, bad_variable),
-        "climate": FakeEarthEngine(7, config.climate_grid, "climate", config.climate.variables,
-                                   config.climate.months, failure_rate),
-    }
-    layers = [
-        earthengine.earthengine_imagery(catalog, fakes["imagery"], FAST_RETRY),
-        earthengine.earthengine_climate(catalog, fakes["climate"], FAST_RETRY),
-    ]
-    return layers, fakes
-
-
 def cube_arrays(url: str) -> dict[str, np.ndarray]:
     tree = open_cube(url)
     return {g: tree[g].to_dataset()["data"].values for g in ("imagery", "climate")}
@@ -281,73 +263,3 @@ def test_reader_pickles_without_its_dataset(offline_ee, write_catalog) -> None:
     clone = pickle.loads(pickle.dumps(copy.copy(reader)))
     assert clone._dataset is None
     np.testing.assert_array_equal(clone.read(slice(0, 2), slice(0, 2)), reader.read(slice(0, 2), slice(0, 2)))
-
-
-# --- credentials ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def no_ee_credentials(monkeypatch, tmp_path):
-    ee.Reset()
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-    monkeypatch.delenv("GEOSOC_EE_PROJECT", raising=False)
-    yield
-    ee.Reset()
-
-
-def test_missing_credentials_fail_at_once(no_ee_credentials, tmp_path, write_catalog) -> None:
-    catalog, _ = ee_catalog(write_catalog)
-    start = time.monotonic()
-    with pytest.raises(GeosocError, match="no Earth Engine credentials.*earthengine authenticate.*GEOSOC_EE_PROJECT"):
-        build_cube(catalog, str(tmp_path / "ee"), progress=False)
-    assert time.monotonic() - start < 5
-    assert not (tmp_path / "ee").exists()
-
-
-def test_broken_key_file_is_reported_without_its_contents(no_ee_credentials, monkeypatch, tmp_path) -> None:
-    key = tmp_path / "key.json"
-    key.write_text('{"type": "service_account", "private_key": "-----BEGIN SECRET-----", "client_email": "x"}')
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
-    with pytest.raises(GeosocError) as info:
-        earthengine.initialize()
-    assert "is not a usable Google credentials file" in str(info.value)
-    assert "SECRET" not in str(info.value)
-
-
-def test_missing_key_file(no_ee_credentials, monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
-    with pytest.raises(GeosocError, match="absent.json, which is not a file"):
-        earthengine.initialize()
-
-
-@pytest.mark.parametrize("failure,message", [
-    ("offline", "could not reach Earth Engine (Failed to resolve 'oauth2.googleapis.com'): check this machine's network"),
-    ("refused", "Earth Engine did not accept the credentials for project 'p': 403 caller lacks permission"),
-])
-def test_an_unreachable_earth_engine_is_not_called_a_credentials_problem(failure: str, message: str,
-                                                                         no_ee_credentials, monkeypatch) -> None:
-    """The token request of a real key fails offline (google-auth's TransportError, caused by a failed name
-    resolution; measured: 41 s of retries, hence simulated here at the same seam)."""
-    import socket
-
-    from google.auth.exceptions import TransportError
-
-    def initialize(**kwargs) -> None:
-        if failure == "refused":
-            raise ee.EEException("403 caller lacks permission")
-        try:
-            raise socket.gaierror(-2, "Name or service not known")
-        except socket.gaierror as cause:
-            raise TransportError("Failed to resolve 'oauth2.googleapis.com'") from cause
-
-    monkeypatch.setattr(earthengine, "_credentials", lambda: (object(), "p"))
-    monkeypatch.setattr(ee, "Initialize", initialize)
-    with pytest.raises(GeosocError) as info:
-        earthengine.initialize()
-    assert message in str(info.value)
-
-
-def test_dry_run_needs_no_credentials(no_ee_credentials) -> None:
-    layers = open_layers(load_catalog("conus"))
-    assert [layer.group for layer in layers] == ["imagery", "climate"]

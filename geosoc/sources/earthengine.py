@@ -14,19 +14,18 @@ metadata, which we know because we built the expressions (xee would otherwise as
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from geosoc.catalog import IMAGERY_BANDS, INDICES, EarthEngineSource, LoadedCatalog
-from geosoc.errors import CredentialsError, NotFoundError, ServiceError, first_line
+from geosoc.errors import CredentialsError, ServiceError, first_line
 from geosoc.grid import Grid
+from geosoc.sources.ee_credentials import ENV_KEY_FILE, ENV_PROJECT, find_credentials
 from geosoc.sources.ee_fetch import Fetch, PixelFetcher, RetryPolicy, Throttle
 from geosoc.sources.ee_plan import TileShape, count_requests, plan_tile
 from geosoc.sources.layers import Layer
@@ -41,8 +40,6 @@ TERRACLIMATE_SCALE = {
     "aet": 0.1, "def": 0.1, "pdsi": 0.01, "pet": 0.1, "soil": 0.1, "srad": 0.1,
     "tmmn": 0.1, "tmmx": 0.1, "vap": 0.001, "vpd": 0.01, "vs": 0.01,
 }  # fmt: skip
-ENV_PROJECT = "GEOSOC_EE_PROJECT"
-ENV_KEY_FILE = "GOOGLE_APPLICATION_CREDENTIALS"
 CHECK_DEADLINE_MS = 20_000
 
 
@@ -117,15 +114,16 @@ _init_lock = threading.Lock()
 def initialize(high_volume: bool = False) -> None:
     """Initialise Earth Engine in this process from the environment, once; fail fast with what to do.
 
-    Credentials: a service-account key file in GOOGLE_APPLICATION_CREDENTIALS, or the token that
-    `earthengine authenticate` stored. Project: GEOSOC_EE_PROJECT (or the key's project).
+    Credentials: see `ee_credentials` (a file in GOOGLE_APPLICATION_CREDENTIALS, the `earthengine
+    authenticate` token, Application Default Credentials with the metadata server). Project: GEOSOC_EE_PROJECT,
+    else the one the credentials name.
     """
     import ee
 
     with _init_lock:
         if ee.data.is_initialized():
             return
-        credentials, project = _credentials()
+        credentials, project = find_credentials()
         project = os.environ.get(ENV_PROJECT) or project
         if not project:
             raise CredentialsError(
@@ -165,47 +163,6 @@ def _unreachable(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__  # type: ignore[assignment]
     return False
-
-
-def _credentials() -> tuple[Any, str | None]:
-    import ee
-
-    key_file = os.environ.get(ENV_KEY_FILE)
-    if key_file:
-        return _credentials_from_file(Path(key_file))
-    try:
-        return ee.data.get_persistent_credentials(), None
-    except ee.EEException as err:
-        raise CredentialsError(
-            "no Earth Engine credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, "
-            f"or run `earthengine authenticate`; and set {ENV_PROJECT}"
-        ) from err
-
-
-def _credentials_from_file(path: Path) -> tuple[Any, str | None]:
-    """A service-account key or an authorized-user file; other credential types are refused (they can make
-    google-auth fetch from URLs named in the file)."""
-    import ee
-    from google.oauth2 import credentials as user_credentials
-    from google.oauth2 import service_account
-
-    if not path.is_file():
-        raise NotFoundError(f"{ENV_KEY_FILE} points to {path}, which is not a file")
-    try:
-        info = json.loads(path.read_text())
-        kind = info.get("type")
-        if kind == "service_account":
-            found = service_account.Credentials.from_service_account_info(info, scopes=ee.oauth.SCOPES)
-            return found, info.get("project_id")
-        if kind == "authorized_user":
-            return user_credentials.Credentials.from_authorized_user_info(info, scopes=ee.oauth.SCOPES), None
-    except (ValueError, KeyError, AttributeError) as err:
-        raise CredentialsError(
-            f"{path} ({ENV_KEY_FILE}) is not a usable Google credentials file: {type(err).__name__}"
-        ) from err
-    raise CredentialsError(
-        f"{path} ({ENV_KEY_FILE}) has credential type {kind!r}; use a service-account key or an authorized-user file"
-    )
 
 
 # --- xee ---------------------------------------------------------------------------------------------------
