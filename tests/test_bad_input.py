@@ -153,3 +153,30 @@ def test_dropped_rows_of_a_table_are_reported(region: Path, tmp_path: Path) -> N
     assert "2 problem(s), rows dropped" in result.output and "row 3: x/y: missing coordinate" in result.output
     assert "row 4: soc: negative SOC" in result.output
     assert json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]["kind"] == "labelled"
+
+
+DAMAGED = {  # what is damaged: (the array whose chunk is cut short, the command that reads it, first step)
+    "cube": ("cube.zarr/imagery/data", ["predict", "--no-export", "-q"], None),
+    "SampleSet": ("samples/labelled.zarr/patch", ["finetune", "--fresh", "--epochs", "1", "-q"], None),
+    "map": ("maps/soc.zarr/soc_mean", ["predict", "-q"], ["predict", "--no-export", "-q"]),
+}
+
+
+@pytest.mark.parametrize("what", list(DAMAGED))
+def test_a_damaged_chunk_is_one_error_naming_it(what: str, trained_region: tuple[Path, str], tmp_path: Path) -> None:
+    """An object that lost its last byte (as one GCS emulator did to uploads ending in \\r) is named, not a zstd
+    traceback."""
+    from tests.helpers import copy_region
+
+    catalog, root = copy_region(trained_region, tmp_path)
+    array, command, first = DAMAGED[what]
+    where = ["--catalog", str(catalog), "--root", root]
+    if first is not None:
+        assert CliRunner().invoke(app, [first[0], *where, *first[1:]]).exit_code == 0
+    chunk = max((p for p in Path(root, array, "c").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    result = CliRunner().invoke(app, [command[0], *where, *command[1:]])
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {chunk}: this stored chunk is damaged"), result.output[-3000:]
+    assert "Traceback" not in result.output

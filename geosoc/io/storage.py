@@ -22,6 +22,9 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store
 
 from geosoc.errors import DamagedError, InputError, NotFoundError, UnwritableError, first_line
+from geosoc.io import damaged_chunks
+
+damaged_chunks.install()  # a chunk that does not decode is an error naming it, in every process that reads
 
 T = TypeVar("T")
 
