@@ -16,7 +16,8 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.helpers import free_port, stop_ray_processes_under, tiny_catalog_dict, tiny_region
+from tests.gcs_server import GcsServer
+from tests.helpers import BUCKET, free_port, stop_ray_processes_under, tiny_catalog_dict, tiny_region
 
 
 @pytest.fixture
@@ -84,3 +85,42 @@ def small_forests(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(baselines, "TREES", 40)
     monkeypatch.setattr(baselines, "BOOSTING_ROUNDS", 40)
+
+
+# --- buckets on loopback: a real S3 API server (moto) and the project's GCS server, reached through s3fs and gcsfs
+# as users configure them (environment variables only; tests run commands in subprocesses with them) ---------
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield {**S3_CREDENTIALS, "FSSPEC_S3_ENDPOINT_URL": endpoint, "scheme": "s3"}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gcs_server() -> Iterator[GcsServer]:
+    server = GcsServer("127.0.0.1", buckets=[BUCKET]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gcs(gcs_server: GcsServer) -> dict[str, str]:
+    # The server speaks the JSON API over HTTP only: no credentials, and gcsfs's gRPC bucket-type probe switched off.
+    return {"STORAGE_EMULATOR_HOST": gcs_server.url, "FSSPEC_GCS_TOKEN": "anon",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "scheme": "gs"}
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request: pytest.FixtureRequest) -> dict[str, str]:
+    return request.getfixturevalue("s3" if request.param == "s3" else "gcs")

@@ -324,3 +324,29 @@ TAMPERING: dict[str, tuple[Callable[[str], object], str]] = {
     "config naming no weights": (lambda url: _rewrite_config(url, lambda d: d["files"].pop("model.safetensors")),
                                  "has no model.safetensors"),
 }
+
+
+# --- buckets (the s3/gcs fixtures of conftest.py: moto and tests/gcs_server.py on loopback) ---------------------
+
+BUCKET = "soil"
+
+
+def bucket_settings(bucket: dict[str, str]) -> dict[str, str]:
+    """The environment variables a user sets for this bucket (the fixture's dict less its scheme)."""
+    return {k: v for k, v in bucket.items() if k != "scheme"}
+
+
+def bucket_python(bucket: dict[str, str], code: str) -> str:
+    """Run `code` in a fresh interpreter with the bucket's settings (fsspec and gcsfs read some at import)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **bucket_settings(bucket)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def bucket_listing(bucket: dict[str, str], url: str) -> list[str]:
+    """Every object under `url` (scheme://bucket/prefix), relative to it."""
+    prefix = url.split("://", 1)[1].rstrip("/") + "/"
+    keys = bucket_python(bucket, f"import fsspec; fs = fsspec.filesystem({bucket['scheme']!r}); "
+                                 f"print('\\n'.join(fs.find({prefix!r})))").split()
+    return [key.removeprefix(prefix) for key in keys]

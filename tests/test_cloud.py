@@ -1,5 +1,6 @@
-"""The pipeline on cloud URLs: a real S3 API server (moto) and a GCS emulator (gcp-storage-emulator) on loopback,
-reached through s3fs and gcsfs exactly as users configure them (environment variables only)."""
+"""The pipeline on cloud URLs: a real S3 API server (moto) and a GCS JSON API server (tests/gcs_server.py, which
+keeps every byte) on loopback, reached through s3fs and gcsfs exactly as users configure them (environment
+variables only)."""
 
 from __future__ import annotations
 
@@ -8,65 +9,21 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pytest
 import yaml
 
 from geosoc.sources.synthetic import Landscape
-from tests.helpers import free_port, tiny_catalog_dict
-
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-BUCKET = "soil"
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, str]]:
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield {**S3_CREDENTIALS, "FSSPEC_S3_ENDPOINT_URL": endpoint, "scheme": "s3"}
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def gcs() -> Iterator[dict[str, str]]:
-    emulator = pytest.importorskip("gcp_storage_emulator.server")
-    port = free_port()
-    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    # The emulator speaks JSON over HTTP only: no credentials, and gcsfs's gRPC bucket-type probe switched off.
-    yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "FSSPEC_GCS_TOKEN": "anon",
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "scheme": "gs"}
-    server.stop()
-
-
-@pytest.fixture(params=["s3", "gs"])
-def bucket(request: pytest.FixtureRequest) -> dict[str, str]:
-    return request.getfixturevalue("s3" if request.param == "s3" else "gcs")
+from tests.helpers import BUCKET, bucket_listing, bucket_python, tiny_catalog_dict
 
 
 def _cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, **{k: v for k, v in env.items() if k != "scheme"}}
     return subprocess.run([sys.executable, "-m", "geosoc.cli", *args], capture_output=True, text=True, env=full,
                           timeout=timeout)
-
-
-def _python(env: dict[str, str], code: str) -> str:
-    """Run `code` in a fresh interpreter with the bucket's settings (gcsfs reads some only when imported)."""
-    full = {**os.environ, **{k: v for k, v in env.items() if k != "scheme"}}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 STEPS = """
@@ -91,11 +48,6 @@ def _cli_steps(env: dict[str, str], steps: list[tuple[list[str], dict[str, str]]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0 and len(results) == len(steps), done.stdout[-3000:] + done.stderr[-3000:]
     return results
-
-
-def _listing(env: dict[str, str], prefix: str) -> list[str]:
-    return _python(env, f"import fsspec; fs = fsspec.filesystem({env['scheme']!r}); "
-                        f"print('\\n'.join(fs.find({prefix!r})))").split()
 
 
 def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> None:
@@ -129,8 +81,7 @@ def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> N
     for result in _cli_steps(bucket, steps):
         assert result["exit_code"] == 0, f"{result['step']}: {result['output'][-3000:]}"
         assert "testing" not in result["output"]  # no secret in the output
-    keys = _listing(bucket, f"{BUCKET}/tiny")
-    names = {key.split(f"{BUCKET}/tiny/", 1)[1] for key in keys}
+    names = set(bucket_listing(bucket, root))
     for model_file in ("model", "aoa"):  # a checkpoint's files are named by their content: model.<digest>.safetensors
         assert any(re.fullmatch(rf"models/finetune/{model_file}\.[0-9a-f]{{16}}\.safetensors", name) for name in names)
     for expected in ("cube.zarr/zarr.json", "samples/labelled.zarr/zarr.json", "models/finetune/config.json",
@@ -144,7 +95,7 @@ def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> N
         "assert m.attrs['geosoc_status'] == 'complete'; v = m['soc_mean'].values; "
         "assert np.isfinite(v).mean() > 0.5, v; print('ok', m.sizes['y'], m.sizes['x'])"
     )
-    assert _python(bucket, check).startswith("ok")
+    assert bucket_python(bucket, check).startswith("ok")
 
 
 def test_cube_on_a_bucket_equals_its_sources(bucket: dict[str, str], write_catalog) -> None:
@@ -161,8 +112,8 @@ def test_cube_on_a_bucket_equals_its_sources(bucket: dict[str, str], write_catal
         "[np.testing.assert_array_equal(tree[l.group].to_dataset()['data'].values, l.lazy().values) for l in layers]; "
         "print('ok')"
     )
-    assert _python(bucket, check).startswith("ok")
-    assert not any(".progress" in name for name in _listing(bucket, f"{BUCKET}/values"))
+    assert bucket_python(bucket, check).startswith("ok")
+    assert not any(".progress" in name for name in bucket_listing(bucket, root))
 
 
 def test_missing_bucket_is_a_clear_error(bucket: dict[str, str], write_catalog) -> None:
@@ -172,11 +123,10 @@ def test_missing_bucket_is_a_clear_error(bucket: dict[str, str], write_catalog) 
     assert f"{root}: cannot write here" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_lock_on_s3_admits_one_writer(s3: dict[str, str]) -> None:
-    """S3's conditional put makes the lock exclusive on a bucket too (the GCS emulator ignores
-    `ifGenerationMatch`, which GCS itself honours, so only S3 is tested here)."""
-    url = f"s3://{BUCKET}/locked/cube.zarr"
-    out = _python(s3, "from geosoc.io.locks import exclusive\nfrom geosoc.errors import GeosocError\n"
+def test_a_lock_on_a_bucket_admits_one_writer(bucket: dict[str, str]) -> None:
+    """S3's conditional put and GCS's `ifGenerationMatch=0` make the lock exclusive on a bucket too."""
+    url = f"{bucket['scheme']}://{BUCKET}/locked/cube.zarr"
+    out = bucket_python(bucket, "from geosoc.io.locks import exclusive\nfrom geosoc.errors import GeosocError\n"
                       f"with exclusive({url!r}, 'build-cube'):\n"
                       "    try:\n"
                       f"        with exclusive({url!r}, 'build-cube'): print('admitted twice')\n"

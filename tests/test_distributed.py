@@ -173,3 +173,41 @@ def test_a_pretrain_job_survives_a_killed_worker_and_starts_over_when_asked(ray_
     assert "pretrain finished: {'epoch': 1," in submit("--epochs", "1", "--fresh")
     assert checkpoint.state_info(last)["epoch"] == 1
     assert checkpoint.has_file(str(root / "models" / "pretrain"), checkpoint.MODEL_FILE)
+
+
+def test_a_finetune_job_trains_on_a_bucket_and_fresh_forgets_ray_s_run(ray_head: dict[str, Any], bucket: dict[str, str],
+                                                                       tmp_path: Path) -> None:
+    """`ray job submit jobs/finetune.py --root s3://…` (moto) or `gs://…` (the loopback GCS server) with only the
+    settings users give (the job's environment): Ray's run records and geosoc's checkpoint both land in the
+    bucket. On S3 (to keep the suite short; the code path is the same) it is resubmitted: Ray continues its run,
+    and with --fresh finds no snapshot of the earlier one."""
+    import uuid
+
+    from tests.helpers import BUCKET, bucket_listing, bucket_python, bucket_settings
+
+    local = tmp_path / "region"
+    tiny_sampleset(str(local / "samples" / "labelled.zarr"), n=40)
+    root = f"{bucket['scheme']}://{BUCKET}/ray-{uuid.uuid4().hex[:8]}"
+    bucket_python(bucket, f"import fsspec; fsspec.filesystem({bucket['scheme']!r}).put("
+                          f"{str(local / 'samples')!r}, {root + '/samples'!r}, recursive=True)")
+    runtime_env = json.dumps({"env_vars": bucket_settings(bucket)})
+
+    def submit(*more: str) -> str:
+        done = submit_job(ray_head, ["--runtime-env-json", runtime_env, "--", "python", "jobs/finetune.py",
+                                     "--catalog", str(_tiny_catalog(tmp_path)), "--root", root, "--batch-size", "8",
+                                     *more])
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    first = submit("--epochs", "1")
+    assert "finetune finished: {'epoch': 1," in first
+    names = bucket_listing(bucket, root)
+    assert "models/finetune/config.json" in names
+    ray_records = [n for n in names if n.startswith("ray/geosoc-demo-finetune/")]
+    assert any(n.endswith("geosoc.json") for n in ray_records), names  # Ray's checkpoint, pointing at geosoc's
+    if bucket["scheme"] != "s3":
+        return
+    again = submit("--epochs", "2")
+    assert "A run snapshot was found" in again and "finetune finished: {'epoch': 2," in again
+    fresh = submit("--epochs", "1", "--fresh")
+    assert "A run snapshot was found" not in fresh and "finetune finished: {'epoch': 1," in fresh

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from geosoc.catalog import load_catalog, parse_catalog
 from geosoc.errors import InputError
-from geosoc.io.storage import default_root, join
+from geosoc.io.storage import default_root, filesystem, join
 
 if TYPE_CHECKING:
+    import pyarrow.fs
+
     from geosoc.learn.training import Context
 
 
@@ -76,13 +78,29 @@ def shared_root(root: str | None, region: str) -> str:
     return root
 
 
+def ray_storage(root: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """Where Ray Train keeps its run records (`<root>/ray`), and the filesystem to reach it with.
+
+    On an object store Ray gets geosoc's own fsspec filesystem, wrapped for pyarrow: left to itself, Ray would
+    resolve the URL with pyarrow's S3 or GCS client, which ignores fsspec's settings (an S3-compatible
+    endpoint in FSSPEC_S3_ENDPOINT_URL, gcsfs's token), so it would look for the bucket somewhere else."""
+    url = join(root, "ray")
+    if "://" not in url or url.startswith("file://"):
+        return url, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(url)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
 def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str | None, *, workers: int = 1,
                  gpus_per_worker: float = 0, max_failures: int = 2, fresh: bool = False, **options: Any) -> Any:
     """Run a stage under Ray Train's TorchTrainer on the cluster this process is connected to.
 
     A failed worker (a killed process, a lost node) restarts the worker group up to `max_failures` times; the
     loops then resume from the stage's last epoch under the root. `fresh` removes that checkpoint first, once,
-    so that a restart after a failure still resumes."""
+    so that a restart after a failure still resumes, and Ray's records of the earlier run with it (Ray would
+    otherwise load their snapshot and go on counting its checkpoints)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -92,11 +110,15 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise blocks ~2 s
     loaded = load_catalog(region, catalog)
-    root = shared_root(root, loaded.config.region.name)
+    region_name = loaded.config.region.name
+    root = shared_root(root, region_name)
+    name = f"geosoc-{region_name}-{stage}"  # one Ray run per region and stage: a resubmitted job continues it
     if fresh:
         remove(stage_urls(root)[stage])
+        remove(join(root, "ray", name))
     if not ray.is_initialized():
         ray.init()
+    storage_path, storage_filesystem = ray_storage(root)
     # Workers get the catalog's text: on other nodes the driver's file path does not exist.
     config = {"stage": stage, "catalog_text": loaded.text, "root": root, **options}
     trainer = TorchTrainer(
@@ -104,7 +126,7 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker={"GPU": gpus_per_worker} if gpus_per_worker else None),
-        run_config=RunConfig(name=f"geosoc-{loaded.config.region.name}-{stage}", storage_path=join(root, "ray"),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
