@@ -21,11 +21,12 @@ demo: install
 	$(VENV)/bin/geosoc demo
 
 # Lint and type checks first (seconds), then the tests on two workers (a test file stays on one worker, so its
-# module fixtures are made once; each worker has its own session fixtures: a trained tiny region, a Ray head).
+# module fixtures are made once; each worker has its own session fixtures: a trained tiny region, a Ray head;
+# files start in the order tests/conftest.py gives, longest first).
 test: install
 	$(VENV)/bin/ruff check geosoc jobs tests
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(PY) tests/benchmarks/startup.py

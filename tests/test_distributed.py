@@ -180,25 +180,36 @@ def test_a_pretrain_job_survives_a_killed_worker_and_starts_over_when_asked(ray_
     assert checkpoint.has_file(str(root / "models" / "pretrain"), checkpoint.MODEL_FILE)
 
 
-def test_a_finetune_job_trains_on_a_bucket(ray_head: dict[str, Any], bucket: dict[str, str], tmp_path: Path) -> None:
-    """`ray job submit jobs/finetune.py --root s3://…` (moto) or `gs://…` (the loopback GCS server) with only the
-    settings users give (the job's environment): Ray's run records and geosoc's checkpoint both land in the
-    bucket (pyarrow's own S3 client, which Ray used before, looked for the bucket on AWS)."""
+def test_finetune_jobs_train_on_s3_and_gcs(ray_head: dict[str, Any], s3: dict[str, str], gcs: dict[str, str],
+                                          tmp_path: Path) -> None:
+    """`ray job submit jobs/finetune.py --root s3://…` (moto) and `--root gs://…` (the loopback GCS server), each
+    with only the settings users give (the job's environment): Ray's run records and geosoc's checkpoint land in
+    the bucket (Ray used pyarrow's own S3 client before, which looked for the bucket on AWS). The two jobs run
+    side by side on the head, as a cluster runs them."""
+    import subprocess
     import uuid
 
     from tests.helpers import BUCKET, bucket_listing, bucket_python, bucket_settings
 
     local = tmp_path / "region"
     tiny_sampleset(str(local / "samples" / "labelled.zarr"), n=40)
-    root = f"{bucket['scheme']}://{BUCKET}/ray-{uuid.uuid4().hex[:8]}"
-    bucket_python(bucket, f"import fsspec; fsspec.filesystem({bucket['scheme']!r}).put("
-                          f"{str(local / 'samples')!r}, {root + '/samples'!r}, recursive=True)")
-    done = submit_job(ray_head, ["--runtime-env-json", json.dumps({"env_vars": bucket_settings(bucket)}), "--",
-                                 "python", "jobs/finetune.py", "--catalog", str(_tiny_catalog(tmp_path)), "--root",
-                                 root, "--batch-size", "8", "--epochs", "1"])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "finetune finished: {'epoch': 1," in done.stdout
-    names = bucket_listing(bucket, root)
-    assert "models/finetune/config.json" in names
-    ray_records = [n for n in names if n.startswith("ray/geosoc-demo-finetune/")]
-    assert any(n.endswith("geosoc.json") for n in ray_records), names  # Ray's checkpoint, pointing at geosoc's
+    jobs = {}
+    for bucket in (s3, gcs):
+        root = f"{bucket['scheme']}://{BUCKET}/ray-{uuid.uuid4().hex[:8]}"
+        bucket_python(bucket, f"import fsspec; fsspec.filesystem({bucket['scheme']!r}).put("
+                              f"{str(local / 'samples')!r}, {root + '/samples'!r}, recursive=True)")
+        job = f"geosoc-{bucket['scheme']}-{uuid.uuid4().hex[:8]}"
+        submitted = submit_job(ray_head, [
+            "--no-wait", "--submission-id", job, "--runtime-env-json",
+            json.dumps({"env_vars": bucket_settings(bucket)}), "--", "python", "jobs/finetune.py", "--catalog",
+            str(_tiny_catalog(tmp_path)), "--root", root, "--batch-size", "8", "--epochs", "1"])
+        assert submitted.returncode == 0, submitted.stderr
+        jobs[job] = (bucket, root)
+    for job, (bucket, root) in jobs.items():
+        logs = subprocess.run([ray_head["ray"], "job", "logs", "--address", ray_head["address"], "--follow", job],
+                              env=ray_head["env"], capture_output=True, text=True, timeout=600).stdout
+        assert "finetune finished: {'epoch': 1," in logs, logs[-3000:]
+        names = bucket_listing(bucket, root)
+        assert "models/finetune/config.json" in names
+        ray_records = [n for n in names if n.startswith("ray/geosoc-demo-finetune/")]
+        assert any(n.endswith("geosoc.json") for n in ray_records), names  # Ray's checkpoint, pointing at geosoc's
