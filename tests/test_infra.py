@@ -38,6 +38,17 @@ def crd_schema(kind: str) -> dict[str, Any]:
     return version["schema"]["openAPIV3Schema"]
 
 
+@lru_cache(maxsize=2)
+def crd_validator(kind: str) -> Any:
+    """A validator for the CRD's schema, made once: `jsonschema.validate` checks the (large) schema every call."""
+    import jsonschema
+
+    schema = crd_schema(kind)
+    validator = jsonschema.validators.validator_for(schema)
+    validator.check_schema(schema)
+    return validator(schema)
+
+
 def unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
     """Fields the schema does not declare (what `kubectl apply --validate=strict` refuses)."""
     if schema.get("x-kubernetes-preserve-unknown-fields"):
@@ -61,10 +72,9 @@ def unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> list[s
 
 def check_kuberay(manifest: dict[str, Any]) -> None:
     """Raise if a RayCluster/RayJob manifest breaks the CRD's schema or has a field it does not know."""
-    import jsonschema
 
     schema = crd_schema(manifest["kind"])
-    jsonschema.validate(manifest, schema)
+    crd_validator(manifest["kind"]).validate(manifest)
     unknown = unknown_fields(manifest, schema)
     if unknown:
         raise ValueError(f"unknown fields: {unknown}")
