@@ -142,7 +142,7 @@ def map_summary(url: str) -> str:
     from geosoc.maps.inference import open_map
 
     ds = open_map(url)
-    soc = ds["soc_mean"]
+    soc = ds["soc_median"]
     stats = {k: float(v) for k, v in (("median", soc.quantile(0.5, dim=("y", "x"), skipna=True)), ("aoa", ds["aoa"].mean()),
                                       ("data", soc.notnull().mean()))}
     return (f"map: {ds.sizes['y']} x {ds.sizes['x']} cells of {float(ds.x[1] - ds.x[0]):g} m, median SOC "

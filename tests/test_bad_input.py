@@ -158,7 +158,7 @@ def test_dropped_rows_of_a_table_are_reported(region: Path, tmp_path: Path) -> N
 DAMAGED = {  # what is damaged: (the array whose chunk is cut short, the command that reads it, first step)
     "cube": ("cube.zarr/imagery/data", ["predict", "--no-export", "-q"], None),
     "SampleSet": ("samples/labelled.zarr/patch", ["finetune", "--fresh", "--epochs", "1", "-q"], None),
-    "map": ("maps/soc.zarr/soc_mean", ["predict", "-q"], ["predict", "--no-export", "-q"]),
+    "map": ("maps/soc.zarr/soc_median", ["predict", "-q"], ["predict", "--no-export", "-q"]),
 }
 
 

@@ -94,14 +94,14 @@ def test_demo_command_on_a_shrunken_region(tmp_path: Path, write_catalog, small_
     assert {"config.json"} <= {p.name for p in (root / "models" / "pretrain").iterdir()}
     maps = root / "maps"
     ds = open_map(str(maps / "soc.zarr"))
-    assert ds.attrs["geosoc_status"] == "complete" and ds["soc_mean"].notnull().any()
+    assert ds.attrs["geosoc_status"] == "complete" and ds["soc_median"].notnull().any()
     assert f"map: {ds.sizes['y']} x {ds.sizes['x']} cells of 60 m, median SOC" in out
-    for name in ("soc_mean", "soc_q05", "soc_q95", "aoa"):
+    for name in ("soc_median", "soc_q05", "soc_q95", "aoa"):
         with rasterio.open(maps / f"{name}.tif") as src:
             assert src.shape == (ds.sizes['y'], ds.sizes['x']) and src.crs.to_epsg() == 3035
         assert f"{maps / name}.tif" in squeezed
     item = json.loads((maps / "item.json").read_text())
-    assert set(item["assets"]) == {"soc_mean", "soc_q05", "soc_q95", "aoa", "quicklook", "zarr"}
+    assert set(item["assets"]) == {"soc_median", "soc_q05", "soc_q95", "aoa", "quicklook", "zarr"}
     assert (maps / "quicklook.png").read_bytes()[:4] == b"\x89PNG"
     evaluation = root / "evaluation"
     metrics = pd.read_csv(evaluation / "metrics.csv")

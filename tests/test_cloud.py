@@ -85,14 +85,14 @@ def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> N
     for model_file in ("model", "aoa"):  # a checkpoint's files are named by their content: model.<digest>.safetensors
         assert any(re.fullmatch(rf"models/finetune/{model_file}\.[0-9a-f]{{16}}\.safetensors", name) for name in names)
     for expected in ("cube.zarr/zarr.json", "samples/labelled.zarr/zarr.json", "models/finetune/config.json",
-                     "maps/soc.zarr/zarr.json", "maps/soc_mean.tif",
+                     "maps/soc.zarr/zarr.json", "maps/soc_median.tif",
                      "maps/soc_q05.tif", "maps/soc_q95.tif", "maps/aoa.tif", "maps/quicklook.png", "maps/item.json"):
         assert expected in names, expected
     assert not any(".partial" in name or ".progress" in name for name in names)
     check = (
         "import geosoc, numpy as np; from geosoc.maps.inference import open_map; "
         f"m = open_map({root + '/maps/soc.zarr'!r}); "
-        "assert m.attrs['geosoc_status'] == 'complete'; v = m['soc_mean'].values; "
+        "assert m.attrs['geosoc_status'] == 'complete'; v = m['soc_median'].values; "
         "assert np.isfinite(v).mean() > 0.5, v; print('ok', m.sizes['y'], m.sizes['x'])"
     )
     assert bucket_python(bucket, check).startswith("ok")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import zarr
 
 from geosoc.data.sampling import _extract_group, climate_at, open_sampleset
@@ -42,7 +43,7 @@ def per_cell(root: str, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     tree = open_cube(f"{root}/cube.zarr")
     grid, cgrid = group_grid(tree["imagery"].to_dataset()), group_grid(tree["climate"].to_dataset())
     url = f"{root}/cube.zarr"
-    out: dict[str, list[float]] = {"soc_mean": [], "soc_q05": [], "soc_q95": [], "di": []}
+    out: dict[str, list[float]] = {"soc_median": [], "soc_q05": [], "soc_q95": [], "di": []}
     offset = meta["calibration"]["offset"]
     for xi, yi in zip(x, y):
         r, c = grid.rowcol(np.array([xi]), np.array([yi]))
@@ -68,8 +69,8 @@ def per_cell(root: str, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
 def test_predict_equals_the_model_cell_by_cell(region: tuple[Path, str]) -> None:
     _, root = region
     ds = predict(f"{root}/cube.zarr", resolution=60, chunk=7).compute()  # lazy; 7-cell windows: ragged edges
-    assert set(ds.data_vars) == {"soc_mean", "soc_q05", "soc_q95", "aoa", "di"}
-    assert ds.rio.crs.to_epsg() == 3035 and ds["soc_mean"].attrs["units"] == "g/kg"
+    assert set(ds.data_vars) == {"soc_median", "soc_q05", "soc_q95", "aoa", "di"}
+    assert ds.rio.crs.to_epsg() == 3035 and ds["soc_median"].attrs["units"] == "g/kg"
     x, y = np.meshgrid(ds.x.values, ds.y.values)
     rng = np.random.default_rng(0)
     pick = rng.choice(x.size, 120, replace=False)
@@ -79,10 +80,10 @@ def test_predict_equals_the_model_cell_by_cell(region: tuple[Path, str]) -> None
         np.testing.assert_array_equal(np.isnan(got), np.isnan(values), err_msg=name)
         atol = 1e-4 if name == "di" else 2e-5  # DI ~0 at training points: float32 noise of the embeddings
         np.testing.assert_allclose(got, values, rtol=2e-4, atol=atol, equal_nan=True, err_msg=name)
-    assert np.isnan(want["soc_mean"]).any() and not np.isnan(want["soc_mean"]).all()  # the lake: no data
-    finite = np.isfinite(ds["soc_mean"].values)
-    assert (ds["soc_q05"].values[finite] <= ds["soc_mean"].values[finite]).all()
-    assert (ds["soc_mean"].values[finite] <= ds["soc_q95"].values[finite]).all()
+    assert np.isnan(want["soc_median"]).any() and not np.isnan(want["soc_median"]).all()  # the lake: no data
+    finite = np.isfinite(ds["soc_median"].values)
+    assert (ds["soc_q05"].values[finite] <= ds["soc_median"].values[finite]).all()
+    assert (ds["soc_median"].values[finite] <= ds["soc_q95"].values[finite]).all()
 
 
 def test_windows_tile_the_output_exactly_once(region: tuple[Path, str]) -> None:
@@ -106,7 +107,7 @@ def test_written_map_equals_lazy_map_and_reruns_do_nothing(region: tuple[Path, s
     stamp = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file()}
     predict(f"{root}/cube.zarr", resolution=60, chunk=9, out=out, progress=False)
     assert stamp == {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file()}
-    with pytest.raises(Exception, match="holds a map of another model, cube or grid"):
+    with pytest.raises(Exception, match="holds a map of another model, cube, grid or map layout"):
         predict(f"{root}/cube.zarr", resolution=90, chunk=9, out=out, progress=False)
 
 
@@ -166,7 +167,7 @@ def test_kill_9_then_resume_gives_identical_map(region: tuple[Path, str], tmp_pa
     after = _chunk_mtimes(out)
     for key in done:
         iy, ix = key.split(".")
-        for name in ("soc_mean", "aoa"):
+        for name in ("soc_median", "aoa"):
             chunk = f"{name}/c/{iy}/{ix}"
             if chunk in before:
                 assert after[chunk] == before[chunk], f"{chunk} was rewritten"
@@ -184,6 +185,7 @@ def test_kill_9_then_resume_gives_identical_map(region: tuple[Path, str], tmp_pa
 def test_cog_and_stac_exports_validate(region: tuple[Path, str], tmp_path: Path) -> None:
     import pystac
     import rasterio
+    import rioxarray  # noqa: F401  (the .rio accessor)
     from pystac.validation.stac_validator import JsonSchemaSTACValidator
     from rio_cogeo.cogeo import cog_validate
 
@@ -192,7 +194,7 @@ def test_cog_and_stac_exports_validate(region: tuple[Path, str], tmp_path: Path)
     _, root = region
     ds = predict(f"{root}/cube.zarr", resolution=60, out=str(tmp_path / "maps" / "soc.zarr"), progress=False)
     assets = export_maps(ds, str(tmp_path / "maps"))
-    for name in ("soc_mean", "soc_q05", "soc_q95", "aoa"):
+    for name in ("soc_median", "soc_q05", "soc_q95", "aoa"):
         valid, errors, _ = cog_validate(assets[name])
         assert valid, (name, errors)
         with rasterio.open(assets[name]) as src:
@@ -203,11 +205,20 @@ def test_cog_and_stac_exports_validate(region: tuple[Path, str], tmp_path: Path)
                 expected = np.where(np.isnan(expected), 255, expected).astype(np.uint8)
             np.testing.assert_array_equal(values, expected)
             assert tuple(src.transform)[:6] == tuple(ds.rio.transform())[:6]
+            # band metadata, as QGIS and gdalinfo show it
+            assert src.descriptions[0] == ds[name].attrs["long_name"]
+            assert (src.units[0] or "") == ("" if name == "aoa" else "g/kg")
+            assert src.nodata == 255 if name == "aoa" else np.isnan(src.nodata)
+    # plain xarray + rioxarray see the CRS (CF grid_mapping) and what x and y are
+    plain = xr.open_zarr(str(tmp_path / "maps" / "soc.zarr"), decode_coords="all", consolidated=False)
+    assert plain.rio.crs.to_epsg() == 3035 and plain["soc_median"].rio.crs.to_epsg() == 3035
+    assert plain.x.attrs["standard_name"] == "projection_x_coordinate" and plain.y.attrs["axis"] == "Y"
+    assert plain["soc_median"].attrs["units"] == "g/kg" and "median" in plain["soc_median"].attrs["long_name"]
     item = json.loads(Path(assets["stac"]).read_text())
     JsonSchemaSTACValidator().validate_core(item, pystac.STACObjectType.ITEM, item["stac_version"])
     assert item["properties"]["proj:code"] == "EPSG:3035"
     assert item["properties"]["proj:shape"] == [ds.sizes["y"], ds.sizes["x"]]
-    assert set(item["assets"]) == {"soc_mean", "soc_q05", "soc_q95", "aoa", "quicklook", "zarr"}
+    assert set(item["assets"]) == {"soc_median", "soc_q05", "soc_q95", "aoa", "quicklook", "zarr"}
     assert all((tmp_path / "maps" / a["href"]).exists() for a in item["assets"].values())
     png = Path(assets["quicklook"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

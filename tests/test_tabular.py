@@ -56,12 +56,12 @@ def test_fit_tabular_then_map_with_it(region: tuple[Path, str]) -> None:
     lower, median, upper = load(url).predict(features.values)
     rows = np.searchsorted(-ds.y.values, -samples.y.values)
     cols = np.searchsorted(ds.x.values, samples.x.values)
-    np.testing.assert_allclose(ds["soc_mean"].values[rows, cols], median, rtol=1e-5)
+    np.testing.assert_allclose(ds["soc_median"].values[rows, cols], median, rtol=1e-5)
     np.testing.assert_allclose(ds["soc_q05"].values[rows, cols], lower, rtol=1e-5)
-    assert (ds["soc_q05"].values <= ds["soc_q95"].values)[np.isfinite(ds["soc_mean"].values)].all()
+    assert (ds["soc_q05"].values <= ds["soc_q95"].values)[np.isfinite(ds["soc_median"].values)].all()
     assert np.nanmin(ds["aoa"].values[rows, cols]) == 1  # training points are inside the AOA
     written = Path(root) / "maps"
-    assert {"soc_mean.tif", "soc_q05.tif", "aoa.tif", "item.json"} <= {p.name for p in written.iterdir()}
+    assert {"soc_median.tif", "soc_q05.tif", "aoa.tif", "item.json"} <= {p.name for p in written.iterdir()}
 
 
 def test_catalog_predict_model_chooses_the_map_model(region: tuple[Path, str], tmp_path: Path) -> None:

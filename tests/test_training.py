@@ -178,7 +178,7 @@ def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "predict finished: " in done.stdout
     maps = Path(root) / "maps"
-    assert {"soc_mean.tif", "aoa.tif", "quicklook.png", "item.json"} <= {p.name for p in maps.iterdir()}
+    assert {"soc_median.tif", "aoa.tif", "quicklook.png", "item.json"} <= {p.name for p in maps.iterdir()}
     import zarr
 
     assert zarr.open_group(str(maps / "soc.zarr"), mode="r").attrs["geosoc_status"] == "complete"

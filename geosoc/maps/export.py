@@ -27,14 +27,15 @@ COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 def cog_variables(ds: xr.Dataset) -> list[str]:
     """The map's variables exported as COGs: every SOC layer and the AOA (DI stays in the Zarr)."""
     names = [str(name) for name in ds.data_vars if str(name).startswith("soc_") or name == "aoa"]
-    return sorted(names, key=lambda name: (name != "soc_mean", name == "aoa", name))  # median, bounds, AOA
+    return sorted(names, key=lambda name: (name != "soc_median", name == "aoa", name))  # median, bounds, AOA
 
 
 def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any) -> str:
-    """A COG (deflate, 512 px tiles, overviews) of a 2-D map variable; AOA as uint8 (1 in, 0 out, 255 none)."""
+    """A COG (deflate, 512 px tiles, overviews) of a 2-D map variable, with its description, unit and nodata as
+    band metadata (what QGIS and `gdalinfo` show); AOA as uint8 (1 in, 0 out, 255 none). GDAL's COG driver
+    lays it out and carries the band metadata over."""
     import rasterio
-    from rio_cogeo.cogeo import cog_translate
-    from rio_cogeo.profiles import cog_profiles
+    import rasterio.shutil
 
     is_aoa = da.name == "aoa"
     dtype = "uint8" if is_aoa else "float32"
@@ -53,10 +54,11 @@ def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any) -> str:
                     values = np.where(np.isnan(values), 255, values).astype(np.uint8)
                 dst.write(values.astype(dtype), 1, window=rasterio.windows.Window(0, start, width, size))
                 start += size
-            dst.update_tags(1, **{k: str(v) for k, v in da.attrs.items() if k in ("units", "long_name")})
-        cog_translate(plain, cog, cog_profiles.get("deflate"), nodata=COG_NODATA[dtype],
-                      overview_resampling="nearest" if is_aoa else "average", quiet=True, in_memory=False,
-                      forward_band_tags=True)
+            dst.set_band_description(1, str(da.attrs.get("long_name", da.name)))
+            if da.attrs.get("units"):
+                dst.set_band_unit(1, str(da.attrs["units"]))
+        rasterio.shutil.copy(plain, cog, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
+                             OVERVIEW_RESAMPLING="NEAREST" if is_aoa else "AVERAGE")
     return url
 
 
@@ -69,11 +71,11 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
     from matplotlib.patches import Patch
 
     factor = max(1, math.ceil(max(ds.sizes["y"], ds.sizes["x"]) / QUICKLOOK_PIXELS))
-    small = ds[["soc_mean", "aoa"]]
+    small = ds[["soc_median", "aoa"]]
     if factor > 1:
         small = small.coarsen(y=factor, x=factor, boundary="pad").mean()
     small = small.compute()
-    soc, inside = small["soc_mean"].values, small["aoa"].values
+    soc, inside = small["soc_median"].values, small["aoa"].values
     crs = ds.rio.crs
     metres = crs is not None and crs.is_projected and crs.linear_units in ("metre", "meter")
     scale = 1000.0 if metres else 1.0  # axes in km
@@ -91,7 +93,7 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
         ax.contourf(x, y, np.nan_to_num(outside), levels=[0.5, 1.5], colors="none", hatches=["////"])
         legend.append(Patch(facecolor="0.6", hatch="////", label="outside the area of applicability"))
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
-    bar.set_label(f"SOC ({ds['soc_mean'].attrs.get('units', '')}), median")
+    bar.set_label(f"SOC ({ds['soc_median'].attrs.get('units', '')}), median")
     ax.set_title(title)
     unit = "km" if metres else (crs.linear_units if crs is not None else "")
     ax.set_xlabel(f"x, {unit} ({crs.to_string() if crs is not None else 'no CRS'})")

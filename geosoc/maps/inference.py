@@ -51,6 +51,7 @@ from geosoc.stats.calibration import interval
 log = logging.getLogger(__name__)
 
 MAP_NAME = "soc.zarr"
+MAP_LAYOUT = 2  # in the resume fingerprint: a map written with other variables (1: soc_mean) is not continued
 WINDOW_BYTES = 256 * 2**20  # imagery read per window (sets the default output chunk); memory ~ this x workers
 DEFAULT_BATCH = 1024
 # geosoc.predict end to end, paper-size model, bf16, one H200 (measured 2026-11): the --dry-run default
@@ -86,8 +87,8 @@ class MapSpec:
     period: tuple[str, str] | None = None  # the imagery's dates, for the STAC item
 
     def fingerprint(self, model_config: bytes, cube_build: str) -> str:
-        text = json.dumps([self.cube, cube_build, self.model, model_config.decode(), self.grid.crs, self.grid.x0,
-                           self.grid.y0, self.grid.resolution, self.grid.shape, self.grid.chunks])
+        text = json.dumps([MAP_LAYOUT, self.cube, cube_build, self.model, model_config.decode(), self.grid.crs,
+                           self.grid.x0, self.grid.y0, self.grid.resolution, self.grid.shape, self.grid.chunks])
         return fingerprint(text)
 
 
@@ -190,7 +191,7 @@ class Predictor:
         lower, median, upper = interval(z, quantiles, self.offset)
         z = torch.cat([lower[:, None], z[:, 1:-1], upper[:, None]], dim=1) if z.shape[1] > 1 else z
         decoded = self.norm.decode_target(z)
-        results["soc_mean"].append(self.norm.decode_target(median))
+        results["soc_median"].append(self.norm.decode_target(median))
         for i, q in enumerate(quantiles):
             if q != 0.5:
                 results[quantile_name(q)].append(decoded[:, i])
@@ -296,21 +297,33 @@ def output_grid(cube_grid: Grid, resolution: float, bands: int, patch: int,
 
 
 def _template(spec: MapSpec, outputs: list[str], units: str, attrs: dict[str, Any]) -> xr.Dataset:
+    """The map's variables, lazily, with CF attributes: x/y as projection coordinates, and `spatial_ref` (the
+    CRS) named by every variable's `grid_mapping`, so xarray (`decode_coords="all"`), rioxarray and GDAL read
+    the CRS."""
     grid = spec.grid
     coords = {"y": ("y", grid.y), "x": ("x", grid.x)}
-    long_names = {"soc_mean": "soil organic carbon, median prediction", "aoa": "inside the area of applicability "
-                  "(1) or not (0)", "di": "dissimilarity index (Meyer & Pebesma 2021)"}
     data = {}
     for name in outputs:
         lazy = da.zeros(grid.shape, chunks=grid.chunks, dtype=np.float32)
-        meta = {"long_name": long_names.get(name, f"soil organic carbon, quantile {name[5:]} %"),
-                "grid_mapping": "spatial_ref"}
+        meta = {"long_name": long_name(name)}
         if name.startswith("soc_"):
             meta["units"] = units
         data[name] = (("y", "x"), lazy, meta)
     ds = xr.Dataset(data, coords=coords).rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+    ds = ds.rio.write_coordinate_system()
     ds.attrs.update(attrs)
     return ds
+
+
+def long_name(output: str) -> str:
+    """What a map variable holds, in words (its CF long_name, the COG band description, the STAC asset title)."""
+    if output == "soc_median":
+        return "soil organic carbon, median prediction"
+    if output == "aoa":
+        return "inside the area of applicability (1) or not (0)"
+    if output == "di":
+        return "dissimilarity index (Meyer & Pebesma 2021)"
+    return f"soil organic carbon, quantile {output[5:]} %"
 
 
 def open_map(url: str) -> xr.Dataset:
@@ -435,7 +448,7 @@ def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: fl
             engine: Engine = "local", batch_size: int = DEFAULT_BATCH, chunk: int | None = None,
             device: str | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
             max_retries: int = 3, fresh: bool = False, progress: bool = True) -> xr.Dataset:
-    """SOC map of a cube: `soc_mean` (the median), `soc_qXX` (calibrated interval bounds), `aoa` and `di`.
+    """SOC map of a cube: `soc_median` (the median), `soc_qXX` (calibrated interval bounds), `aoa` and `di`.
 
     `cube` is a URL or a tree from `geosoc.open_cube`; `model=None` uses `<root>/models/finetune` beside the
     cube. Without `out` the result is lazy (dask: each window is computed when asked for). With `out` the
@@ -487,7 +500,7 @@ def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, actors: 
            gpus_per_actor: float | None, max_retries: int, fresh: bool, progress: bool) -> str:
     cube_attrs = read_group_attrs(spec.cube) or {}
     fingerprint = spec.fingerprint(checkpoint.config_bytes(spec.model), str(cube_attrs.get("geosoc_build_id", "")))
-    attrs = resumable(out, fingerprint, "holds a map of another model, cube or grid; pass --fresh (fresh=True) to "
+    attrs = resumable(out, fingerprint, "holds a map of another model, cube, grid or map layout; pass --fresh (fresh=True) to "
                                         "replace it, or choose another output", fresh)
     if attrs is not None and attrs.get("geosoc_status") == "complete":
         log.info("%s is already complete", out)
@@ -527,7 +540,7 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
     outputs = output_names(config.quantiles)
     _template(spec, outputs, meta.get("units", ""), attrs).to_zarr(
         zarr_store(out), mode="w", compute=False, zarr_format=3, consolidated=False,
-        encoding={name: {"chunks": spec.grid.chunks} for name in outputs})
+        encoding={name: {"chunks": spec.grid.chunks, "grid_mapping": "spatial_ref"} for name in outputs})
     return template_written(out, attrs)
 
 

@@ -6,5 +6,5 @@ def quantile_name(q: float) -> str:
 
 
 def output_names(quantiles: list[float]) -> list[str]:
-    """A map's variables: soc_mean (the median), one soc_qXX per other quantile, then aoa and di."""
-    return ["soc_mean"] + [quantile_name(q) for q in quantiles if q != 0.5] + ["aoa", "di"]
+    """A map's variables: soc_median (the median), one soc_qXX per other quantile, then aoa and di."""
+    return ["soc_median"] + [quantile_name(q) for q in quantiles if q != 0.5] + ["aoa", "di"]

@@ -136,7 +136,7 @@ class TabularPredictor:
                 batch["climate"] = climate[chosen]
             values = baselines.covariate_features(batch, self.config.bands, self.config.variables, self.months).values
             lower, median, upper = self.fitted.predict(values)
-            out["soc_mean"][chosen] = median
+            out["soc_median"][chosen] = median
             out["soc_q05"][chosen], out["soc_q95"][chosen] = lower, upper
             if self.scorer is not None:
                 usable = _filled(values[:, self.fitted.usable], self.medians)

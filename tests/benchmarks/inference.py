@@ -135,7 +135,7 @@ def predict_rate(cube: str, model: str, resolution: float, batch: int, device: s
     ds = predict(cube, model, resolution=resolution, out=out, batch_size=batch, device=device, chunk=chunk,
                  progress=False)
     seconds = time.perf_counter() - start
-    cells = int(ds["soc_mean"].notnull().sum())
+    cells = int(ds["soc_median"].notnull().sum())
     return cells / seconds, cells
 
 
