@@ -220,6 +220,14 @@ def test_cog_and_stac_exports_validate(region: tuple[Path, str], tmp_path: Path)
     assert item["properties"]["proj:shape"] == [ds.sizes["y"], ds.sizes["x"]]
     assert set(item["assets"]) == {"soc_median", "soc_q05", "soc_q95", "aoa", "quicklook", "zarr"}
     assert all((tmp_path / "maps" / a["href"]).exists() for a in item["assets"].values())
+    (self_link,) = [link for link in item["links"] if link["rel"] == "self"]
+    assert self_link["href"] == str(tmp_path / "maps" / "item.json")
+    # the cube named relative to the item, not by this machine's path
+    assert item["properties"]["geosoc:cube"] == os.path.relpath(f"{root}/cube.zarr", tmp_path / "maps")
+    bands = {key: item["assets"][key]["raster:bands"][0] for key in ("soc_median", "aoa")}
+    assert bands["soc_median"]["nodata"] == "nan" and bands["soc_median"]["unit"] == "g/kg"
+    assert bands["soc_median"]["data_type"] == "float32" and bands["aoa"] == {
+        "nodata": 255, "data_type": "uint8", "spatial_resolution": 60.0}
     png = Path(assets["quicklook"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -306,3 +314,16 @@ def test_ray_actor_killed_mid_run_gives_identical_map(ray_head, region: tuple[Pa
     local = predict(f"{root}/cube.zarr", resolution=30, chunk=16).compute()
     for name in local.data_vars:
         np.testing.assert_allclose(calm[name].values, local[name].values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target,folder,expected", [
+    ("/data/region/cube.zarr", "/data/region/maps", "../cube.zarr"),
+    ("s3://soil/demo/models/finetune", "s3://soil/demo/maps", "../models/finetune"),
+    ("s3://other/demo/cube.zarr", "s3://soil/demo/maps", "s3://other/demo/cube.zarr"),  # another bucket: its URL
+    ("gs://soil/demo/cube.zarr", "s3://soil/demo/maps", "gs://soil/demo/cube.zarr"),
+    ("", "s3://soil/demo/maps", ""),
+])
+def test_the_stac_item_names_what_it_came_from_relative_to_itself(target: str, folder: str, expected: str) -> None:
+    from geosoc.maps.export import relative_to
+
+    assert relative_to(target, folder) == expected

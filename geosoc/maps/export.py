@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
+import posixpath
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -107,13 +109,29 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
     return url
 
 
+def relative_to(target: str, folder: str) -> str:
+    """`target` as the STAC item in `folder` should name it: relative where both are in the same place (a local
+    disk, or one bucket), else the URL itself; never a path that only this machine knows."""
+    if not target:
+        return target
+    scheme, _, rest = target.partition("://") if "://" in target else ("", "", target)
+    folder_scheme, _, folder_rest = folder.partition("://") if "://" in folder else ("", "", folder)
+    if scheme != folder_scheme or (scheme and rest.split("/", 1)[0] != folder_rest.split("/", 1)[0]):
+        return target  # another store (or bucket): its URL
+    if not scheme:
+        rest, folder_rest = os.path.abspath(rest), os.path.abspath(folder_rest)
+    return posixpath.relpath(rest, folder_rest)
+
+
 def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str) -> dict[str, Any]:
-    """A STAC item (projection extension) describing the map's assets; written as `item.json` in `folder`."""
+    """A STAC item (projection and raster extensions, a self link) describing the map's assets, which it names
+    relative to itself; written as `item.json` in `folder`."""
     import pystac
     import shapely
     import shapely.geometry
     from pyproj import Transformer
     from pystac.extensions.projection import ProjectionExtension
+    from pystac.extensions.raster import DataType, NoDataStrings, RasterBand, RasterExtension
     from rasterio.warp import transform_bounds
 
     crs = ds.rio.crs
@@ -136,8 +154,8 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
         properties={"title": f"Soil organic carbon, {ds.attrs.get('region', '')}",
                     "description": "SSL-SoilNet predictions: median and interval bounds of SOC, area of "
                                    "applicability (Meyer & Pebesma 2021).",
-                    "created": created, "geosoc:model": ds.attrs.get("model", ""),
-                    "geosoc:cube": ds.attrs.get("cube", "")},
+                    "created": created, "geosoc:model": relative_to(ds.attrs.get("model", ""), folder),
+                    "geosoc:cube": relative_to(ds.attrs.get("cube", ""), folder)},
     )
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     proj.code = crs.to_string()
@@ -152,8 +170,15 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
             roles, media, title = ["overview"], pystac.MediaType.PNG, "quicklook"
         elif key in ds.data_vars:
             title = ds[key].attrs.get("long_name", key)
-        item.add_asset(key, pystac.Asset(href=href, media_type=media, roles=roles, title=title))
-    data = item.to_dict(include_self_link=False, transform_hrefs=False)
+        asset = pystac.Asset(href=href, media_type=media, roles=roles, title=title)
+        item.add_asset(key, asset)
+        if media == COG_MEDIA_TYPE:
+            aoa = key == "aoa"
+            RasterExtension.ext(asset, add_if_missing=True).bands = [RasterBand.create(
+                nodata=COG_NODATA["uint8"] if aoa else NoDataStrings.NAN, data_type=DataType.UINT8 if aoa else DataType.FLOAT32,
+                unit=None if aoa else ds[key].attrs.get("units") or None, spatial_resolution=abs(transform.a))]
+    item.set_self_href(join(folder, "item.json"))
+    data = item.to_dict(include_self_link=True, transform_hrefs=False)
     with published(join(folder, "item.json")) as path:
         path.write_text(json.dumps(data, indent=2))
     return data
