@@ -327,3 +327,10 @@ def test_the_stac_item_names_what_it_came_from_relative_to_itself(target: str, f
     from geosoc.maps.export import relative_to
 
     assert relative_to(target, folder) == expected
+
+
+@pytest.mark.parametrize("length,bar", [(0.56, 0.5), (3.1, 2), (7.9, 5), (10, 10), (1234, 1000)])
+def test_the_quicklook_scale_bar_has_a_round_length(length: float, bar: float) -> None:
+    from geosoc.maps.export import _round_length
+
+    assert _round_length(length) == bar

@@ -64,13 +64,21 @@ def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any) -> str:
     return url
 
 
+NO_DATA_COLOUR = "#cfe3f5"  # pale blue: no palette colour (its lightest is a sand yellow) is mistaken for it
+CLIP_PERCENTILES = (2, 98)
+
+
 def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
-    """PNG of the median SOC with a colour bar in its units; cells outside the AOA greyed and hatched."""
+    """PNG of the median SOC: colour bar in its units, with arrows where the scale is clipped (it spans the 2nd to
+    98th percentile, said under it); no data in its own colour and legend entry; cells outside the AOA greyed and
+    hatched; a scale bar. The title is the caller's (region, period)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
     factor = max(1, math.ceil(max(ds.sizes["y"], ds.sizes["x"]) / QUICKLOOK_PIXELS))
     small = ds[["soc_median", "aoa"]]
@@ -85,28 +93,46 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
     half = float(ds["x"].values[1] - ds["x"].values[0]) * factor / 2 / scale if ds.sizes["x"] > 1 else 0.5
     extent = (x.min() - half, x.max() + half, y.min() - half, y.max() + half)
     finite = soc[np.isfinite(soc)]
-    vmin, vmax = (np.percentile(finite, [2, 98]) if len(finite) else (0.0, 1.0))
+    vmin, vmax = (np.percentile(finite, CLIP_PERCENTILES) if len(finite) else (0.0, 1.0))
+    extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[
+        (bool((finite < vmin).any()), bool((finite > vmax).any()))]
+    palette = ListedColormap(plt.get_cmap("YlOrBr")(np.linspace(0.15, 1.0, 256)), name="soc").with_extremes(
+        bad=NO_DATA_COLOUR)
     fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
-    image = ax.imshow(soc, extent=extent, cmap="YlOrBr", vmin=vmin, vmax=vmax, interpolation="nearest")
+    image = ax.imshow(np.ma.masked_invalid(soc), extent=extent, cmap=palette, vmin=vmin, vmax=vmax,
+                      interpolation="nearest")
     outside = np.where(np.isfinite(inside) & (inside < 0.5), 1.0, np.nan)
     legend = []
+    if not np.isfinite(soc).all():
+        legend.append(Patch(facecolor=NO_DATA_COLOUR, edgecolor="0.5", label="no data"))
     if np.isfinite(outside).any():
         ax.imshow(outside, extent=extent, cmap="Greys", vmin=0, vmax=1.6, alpha=0.75, interpolation="nearest")
         ax.contourf(x, y, np.nan_to_num(outside), levels=[0.5, 1.5], colors="none", hatches=["////"])
         legend.append(Patch(facecolor="0.6", hatch="////", label="outside the area of applicability"))
-    bar = fig.colorbar(image, ax=ax, shrink=0.8)
-    bar.set_label(f"SOC ({ds['soc_median'].attrs.get('units', '')}), median")
+    bar = fig.colorbar(image, ax=ax, shrink=0.8, extend=extend)
+    low, high = CLIP_PERCENTILES
+    clipped = "" if extend == "neither" else f"; scale clipped to the {low}-{high}th percentile"
+    bar.set_label(f"SOC ({ds['soc_median'].attrs.get('units', '')}), median{clipped}")
     ax.set_title(title)
     unit = "km" if metres else (crs.linear_units if crs is not None else "")
     ax.set_xlabel(f"x, {unit} ({crs.to_string() if crs is not None else 'no CRS'})")
     ax.set_ylabel(f"y, {unit}")
     ax.ticklabel_format(useOffset=False, style="plain")
+    length = _round_length((extent[1] - extent[0]) / 5)
+    ax.add_artist(AnchoredSizeBar(ax.transData, length, f"{length:g} {unit}", "lower right", pad=0.5,
+                                  frameon=True, size_vertical=(extent[3] - extent[2]) / 150))
     if legend:
         ax.legend(handles=legend, loc="lower left", fontsize=8)
     with published(url) as path:
         fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return url
+
+
+def _round_length(length: float) -> float:
+    """A scale bar's length: 1, 2 or 5 times a power of ten, at most `length`."""
+    power = 10 ** math.floor(math.log10(length)) if length > 0 else 1
+    return max(step * power for step in (1, 2, 5) if step * power <= length) if length >= power else power
 
 
 def relative_to(target: str, folder: str) -> str:
@@ -174,9 +200,11 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
         item.add_asset(key, asset)
         if media == COG_MEDIA_TYPE:
             aoa = key == "aoa"
-            RasterExtension.ext(asset, add_if_missing=True).bands = [RasterBand.create(
-                nodata=COG_NODATA["uint8"] if aoa else NoDataStrings.NAN, data_type=DataType.UINT8 if aoa else DataType.FLOAT32,
-                unit=None if aoa else ds[key].attrs.get("units") or None, spatial_resolution=abs(transform.a))]
+            band = RasterBand.create(nodata=COG_NODATA["uint8"] if aoa else NoDataStrings.NAN,
+                                     data_type=DataType.UINT8 if aoa else DataType.FLOAT32,
+                                     unit=None if aoa else ds[key].attrs.get("units") or None,
+                                     spatial_resolution=abs(transform.a))
+            RasterExtension.ext(asset, add_if_missing=True).bands = [band]
     item.set_self_href(join(folder, "item.json"))
     data = item.to_dict(include_self_link=True, transform_hrefs=False)
     with published(join(folder, "item.json")) as path:
@@ -191,7 +219,9 @@ def export_maps(ds: xr.Dataset, folder: str, zarr_name: str = "soc.zarr") -> dic
     for name in cog_variables(ds):
         assets[name] = write_cog(ds[name], join(folder, f"{name}.tif"), crs, transform)
     region = ds.attrs.get("region") or "map"
-    assets["quicklook"] = quicklook(ds, join(folder, "quicklook.png"), f"{region}: soil organic carbon")
+    start, end = ds.attrs.get("period") or (None, None)
+    when = f", imagery {start} to {end}" if start else ""
+    assets["quicklook"] = quicklook(ds, join(folder, "quicklook.png"), f"{region}: soil organic carbon{when}")
     assets["zarr"] = join(folder, zarr_name)
     relative = {key: href.rsplit("/", 1)[1] for key, href in assets.items()}  # hrefs relative to item.json
     stac_item(ds, folder, relative, f"geosoc-{region}-soc")

@@ -500,8 +500,8 @@ def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, actors: 
            gpus_per_actor: float | None, max_retries: int, fresh: bool, progress: bool) -> str:
     cube_attrs = read_group_attrs(spec.cube) or {}
     fingerprint = spec.fingerprint(checkpoint.config_bytes(spec.model), str(cube_attrs.get("geosoc_build_id", "")))
-    attrs = resumable(out, fingerprint, "holds a map of another model, cube, grid or map layout; pass --fresh (fresh=True) to "
-                                        "replace it, or choose another output", fresh)
+    attrs = resumable(out, fingerprint, "holds a map of another model, cube, grid or map layout; pass --fresh "
+                                        "(fresh=True) to replace it, or choose another output", fresh)
     if attrs is not None and attrs.get("geosoc_status") == "complete":
         log.info("%s is already complete", out)
         return out
