@@ -334,3 +334,35 @@ def test_the_quicklook_scale_bar_has_a_round_length(length: float, bar: float) -
     from geosoc.maps.export import _round_length
 
     assert _round_length(length) == bar
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="needs a CUDA device")]),
+])
+def test_the_mapped_interval_at_a_sample_is_the_calibrated_one(region: tuple[Path, str], device: str) -> None:
+    """Calibration (training's `forward_all`, which the CQR offset and the AOA reference come from) and the map's
+    predictor compute a sample's quantiles on one numeric path: bf16 autocast on CUDA, fp32 on the CPU."""
+    from geosoc.data.streaming import SampleData
+    from geosoc.learn.training import forward_all
+    from geosoc.maps.inference import Predictor
+    from geosoc.stats.calibration import interval
+
+    _, root = region
+    model_url = f"{root}/models/finetune"
+    model, meta = checkpoint.load_model(model_url, device=device)
+    norm = Normalisation.from_dict(meta["normalisation"])
+    data = SampleData(f"{root}/samples/labelled.zarr")
+    samples = np.arange(16)
+    z, _ = forward_all(model, data, samples, norm, torch.device(device), batch_size=1, workers=0)  # as one-cell maps
+    lower, median, upper = interval(torch.from_numpy(z), model.config.quantiles, meta["calibration"]["offset"])
+    calibrated = {"soc_q05": norm.decode_target(lower), "soc_median": norm.decode_target(median),
+                  "soc_q95": norm.decode_target(upper)}
+    predictor = Predictor(model_url, device)
+    rows = data.rows(samples)
+    for i in range(len(samples)):  # each sample's patch as a one-cell window, its climate series beside it
+        mapped = predictor.predict(rows["patch"][i], np.array([0]), np.array([0]), rows["climate"][i : i + 1])
+        for name, values in calibrated.items():
+            # bf16 against fp32 differs by ~1e-3..1e-2; the same path only by kernel noise
+            np.testing.assert_allclose(mapped[name][0], float(values[i]), rtol=1e-6 if device == "cpu" else 1e-4,
+                                       err_msg=name)

@@ -29,7 +29,7 @@ from geosoc.errors import IncompatibleError, InputError
 from geosoc.fingerprints import fingerprint
 from geosoc.io.storage import check_writable, join
 from geosoc.learn import checkpoint
-from geosoc.learn.device import resolve_device
+from geosoc.learn.device import precision, resolve_device
 from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.models.losses import nt_xent, pinball
 from geosoc.learn.normalisation import Normalisation
@@ -227,11 +227,11 @@ def forward_all(model: SoilNet, data: SampleData, indices: np.ndarray, norm: Nor
     stream = SampleStream(data, unique, batch_size, shuffle=False, min_batch=1)
     outputs, features, order = [], [], []
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), precision(device):  # as maps compute: the calibrated interval is the mapped one
         for batch in data_loader(stream, device, workers):  # loader workers may interleave batches
-            feats = model.features(norm.apply(to_device(batch, device)))
+            feats = model.features(norm.apply(to_device(batch, device))).float()  # exactly as the map's Predictor
             outputs.append(model.quantiles_of(feats).float())
-            features.append(feats.float())
+            features.append(feats)
             order.append(batch["index"])
     if not outputs:
         return np.empty((0, len(model.config.quantiles)), np.float32), np.empty((0, 0), np.float32)
@@ -314,7 +314,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
                          "per worker; use fewer workers or more samples")
     loader = data_loader(stream, ctx.device, ctx.loader_workers)
     generator = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
-    autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
+    autocast = precision(ctx.device)
     if start >= stage.epochs:
         log.warning("%s: nothing left to train: %s holds %d epochs and %d were asked; ask for more (--epochs) or "
                     "start over (--fresh)", stage_name, out_url, start, stage.epochs)

@@ -41,7 +41,7 @@ from geosoc.io.locks import exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, template_written
 from geosoc.io.storage import join, open_store, read_group_attrs, zarr_store
 from geosoc.learn import checkpoint
-from geosoc.learn.device import resolve_device
+from geosoc.learn.device import precision, resolve_device
 from geosoc.learn.models import NetworkConfig
 from geosoc.maps.outputs import output_names, quantile_name
 from geosoc.maps.tabular import TabularPredictor, is_tabular
@@ -143,7 +143,7 @@ class Predictor:
         self.uses_climate = bool(self.config.variables)
         self.patch = self.config.patch_size if self.uses_patches else 1
         self.outputs = output_names(self.config.quantiles)
-        self._autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        self._autocast = precision(self.device)
 
     def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray,
                 climate: np.ndarray | None) -> dict[str, np.ndarray]:
