@@ -94,8 +94,8 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
     extent = (x.min() - half, x.max() + half, y.min() - half, y.max() + half)
     finite = soc[np.isfinite(soc)]
     vmin, vmax = (np.percentile(finite, CLIP_PERCENTILES) if len(finite) else (0.0, 1.0))
-    extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[
-        (bool((finite < vmin).any()), bool((finite > vmax).any()))]
+    below, above = bool((finite < vmin).any()), bool((finite > vmax).any())
+    extend = "both" if below and above else "min" if below else "max" if above else "neither"
     palette = ListedColormap(plt.get_cmap("YlOrBr")(np.linspace(0.15, 1.0, 256)), name="soc").with_extremes(
         bad=NO_DATA_COLOUR)
     fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
@@ -130,9 +130,9 @@ def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
 
 
 def _round_length(length: float) -> float:
-    """A scale bar's length: 1, 2 or 5 times a power of ten, at most `length`."""
-    power = 10 ** math.floor(math.log10(length)) if length > 0 else 1
-    return max(step * power for step in (1, 2, 5) if step * power <= length) if length >= power else power
+    """A scale bar's length: 1, 2 or 5 times a power of ten, at most `length` (> 0)."""
+    power = 10.0 ** math.floor(math.log10(length))
+    return max(step * power for step in (1, 2, 5) if step * power <= length)
 
 
 def relative_to(target: str, folder: str) -> str:
