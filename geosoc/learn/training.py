@@ -162,7 +162,8 @@ def pretrain(samples_url: str, out_url: str, config: NetworkConfig, stage: Pretr
              resume: bool = True, ctx: Context | None = None) -> dict[str, Any]:
     """Contrastive pretraining on (unlabelled) samples; checkpoints under `out_url`."""
     ctx = ctx or Context()
-    check_writable(out_url)  # before any work: a read-only root fails now, not after an epoch
+    if ctx.is_main:  # the writer, before any work: a read-only root fails now, not after an epoch (ranks
+        check_writable(out_url)  # probing side by side removed each other's new folders)
     data = SampleData(samples_url, _modalities(config))
     train, val = split(data, stage.validation_fraction, seed, None, labelled=False)
     norm = fit_normalisation(data, train, log_target=False, seed=seed)
@@ -183,7 +184,8 @@ def finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: Finet
     `folds` (default: the SampleSet's) decides what `test_fold` holds out; it is also the grouping of the
     area-of-applicability reference."""
     ctx = ctx or Context()
-    check_writable(out_url)  # before any work: a read-only root fails now, not after an epoch
+    if ctx.is_main:  # the writer, before any work: a read-only root fails now, not after an epoch (ranks
+        check_writable(out_url)  # probing side by side removed each other's new folders)
     data = SampleData(samples_url, _modalities(config))
     folds = data.fold if folds is None else np.asarray(folds)
     train, val = split(data, stage.validation_fraction, seed, test_fold, labelled=True, folds=folds)
