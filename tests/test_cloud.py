@@ -17,11 +17,11 @@ import pandas as pd
 import yaml
 
 from geosoc.sources.synthetic import Landscape
-from tests.helpers import BUCKET, bucket_listing, bucket_python, tiny_catalog_dict
+from tests.helpers import BUCKET, bucket_listing, bucket_python, bucket_settings, tiny_catalog_dict
 
 
 def _cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, **{k: v for k, v in env.items() if k != "scheme"}}
+    full = {**os.environ, **bucket_settings(env)}
     return subprocess.run([sys.executable, "-m", "geosoc.cli", *args], capture_output=True, text=True, env=full,
                           timeout=timeout)
 
@@ -44,7 +44,7 @@ def _cli_steps(env: dict[str, str], steps: list[tuple[list[str], dict[str, str]]
     commands' own code paths, one interpreter start instead of one per command."""
     plan = json.dumps([{"args": args, "env": extra} for args, extra in steps])
     done = subprocess.run([sys.executable, "-c", STEPS, plan], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **{k: v for k, v in env.items() if k != "scheme"}})
+                          env={**os.environ, **bucket_settings(env)})
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0 and len(results) == len(steps), done.stdout[-3000:] + done.stderr[-3000:]
     return results

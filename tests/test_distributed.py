@@ -135,7 +135,6 @@ def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_p
     import time
     import uuid
 
-
     root = tmp_path / "demo"
     tiny_sampleset(str(root / "samples" / "unlabelled.zarr"), n=240)
     job = f"geosoc-kill-{uuid.uuid4().hex[:8]}"
