@@ -52,7 +52,8 @@ def job_parser(stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=_at_least(1), default=1, help="Ray Train workers")
     parser.add_argument("--max-failures", type=_at_least(0), default=2,
                         help="worker-group restarts after a failure (each resumes from the last epoch)")
-    parser.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming it")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start the stage over instead of resuming it (Ray's records of the earlier run go too)")
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU)")
     parser.add_argument("--epochs", type=_at_least(1), help="override the catalog's epochs")
     parser.add_argument("--batch-size", type=_at_least(2), help="override the catalog's batch size (per worker)")

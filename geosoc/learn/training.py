@@ -158,12 +158,18 @@ def contrastive_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], te
     return nt_xent(a, b, temperature, gather=train)
 
 
+def _check_writable_once(out_url: str, ctx: Context) -> None:
+    """Before any work, so a read-only root fails now and not after an epoch; by the writer (rank 0) only:
+    ranks probing side by side removed each other's new folders."""
+    if ctx.is_main:
+        check_writable(out_url)
+
+
 def pretrain(samples_url: str, out_url: str, config: NetworkConfig, stage: PretrainConfig, *, seed: int = 0,
              resume: bool = True, ctx: Context | None = None) -> dict[str, Any]:
     """Contrastive pretraining on (unlabelled) samples; checkpoints under `out_url`."""
     ctx = ctx or Context()
-    if ctx.is_main:  # the writer, before any work: a read-only root fails now, not after an epoch (ranks
-        check_writable(out_url)  # probing side by side removed each other's new folders)
+    _check_writable_once(out_url, ctx)
     data = SampleData(samples_url, _modalities(config))
     train, val = split(data, stage.validation_fraction, seed, None, labelled=False)
     norm = fit_normalisation(data, train, log_target=False, seed=seed)
@@ -184,8 +190,7 @@ def finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: Finet
     `folds` (default: the SampleSet's) decides what `test_fold` holds out; it is also the grouping of the
     area-of-applicability reference."""
     ctx = ctx or Context()
-    if ctx.is_main:  # the writer, before any work: a read-only root fails now, not after an epoch (ranks
-        check_writable(out_url)  # probing side by side removed each other's new folders)
+    _check_writable_once(out_url, ctx)
     data = SampleData(samples_url, _modalities(config))
     folds = data.fold if folds is None else np.asarray(folds)
     train, val = split(data, stage.validation_fraction, seed, test_fold, labelled=True, folds=folds)

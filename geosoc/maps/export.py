@@ -138,15 +138,22 @@ def _round_length(length: float) -> float:
 def relative_to(target: str, folder: str) -> str:
     """`target` as the STAC item in `folder` should name it: relative where both are in the same place (a local
     disk, or one bucket), else the URL itself; never a path that only this machine knows."""
+    from fsspec.core import split_protocol
+
     if not target:
         return target
-    scheme, _, rest = target.partition("://") if "://" in target else ("", "", target)
-    folder_scheme, _, folder_rest = folder.partition("://") if "://" in folder else ("", "", folder)
-    if scheme != folder_scheme or (scheme and rest.split("/", 1)[0] != folder_rest.split("/", 1)[0]):
+    (scheme, path), (folder_scheme, folder_path) = split_protocol(target), split_protocol(folder)
+    if scheme != folder_scheme or (scheme and path.split("/", 1)[0] != folder_path.split("/", 1)[0]):
         return target  # another store (or bucket): its URL
-    if not scheme:
-        rest, folder_rest = os.path.abspath(rest), os.path.abspath(folder_rest)
-    return posixpath.relpath(rest, folder_rest)
+    if scheme is None:
+        path, folder_path = os.path.abspath(path), os.path.abspath(folder_path)
+    return posixpath.relpath(path, folder_path)
+
+
+def imagery_period(ds: xr.Dataset) -> tuple[str | None, str | None]:
+    """The first and last day of the imagery the map was made from (None, None when the cube did not say)."""
+    start, end = ds.attrs.get("period") or (None, None)
+    return start, end
 
 
 def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str) -> dict[str, Any]:
@@ -170,7 +177,7 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
     edges = shapely.segmentize(shapely.box(xmin, ymin, xmax, ymax), max(xmax - xmin, ymax - ymin) / 20)
     footprint = shapely.transform(edges, lambda x, y: to_lonlat.transform(x, y), interleaved=False)
     bbox = list(transform_bounds(crs, "EPSG:4326", xmin, ymin, xmax, ymax, densify_pts=21))
-    start, end = ds.attrs.get("period") or (None, None)
+    start, end = imagery_period(ds)
     created = ds.attrs.get("created") or dt.datetime.now(dt.UTC).isoformat()
     item = pystac.Item(
         id=item_id, geometry=shapely.geometry.mapping(footprint), bbox=bbox,
@@ -219,7 +226,7 @@ def export_maps(ds: xr.Dataset, folder: str, zarr_name: str = "soc.zarr") -> dic
     for name in cog_variables(ds):
         assets[name] = write_cog(ds[name], join(folder, f"{name}.tif"), crs, transform)
     region = ds.attrs.get("region") or "map"
-    start, end = ds.attrs.get("period") or (None, None)
+    start, end = imagery_period(ds)
     when = f", imagery {start} to {end}" if start else ""
     assets["quicklook"] = quicklook(ds, join(folder, "quicklook.png"), f"{region}: soil organic carbon{when}")
     assets["zarr"] = join(folder, zarr_name)

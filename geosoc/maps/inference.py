@@ -43,7 +43,7 @@ from geosoc.io.storage import join, open_store, read_group_attrs, zarr_store
 from geosoc.learn import checkpoint
 from geosoc.learn.device import precision, resolve_device
 from geosoc.learn.models import NetworkConfig
-from geosoc.maps.outputs import output_names, quantile_name
+from geosoc.maps.outputs import long_name, output_names, quantile_name
 from geosoc.maps.tabular import TabularPredictor, is_tabular
 from geosoc.stats import aoa
 from geosoc.stats.calibration import interval
@@ -313,17 +313,6 @@ def _template(spec: MapSpec, outputs: list[str], units: str, attrs: dict[str, An
     ds = ds.rio.write_coordinate_system()
     ds.attrs.update(attrs)
     return ds
-
-
-def long_name(output: str) -> str:
-    """What a map variable holds, in words (its CF long_name, the COG band description, the STAC asset title)."""
-    if output == "soc_median":
-        return "soil organic carbon, median prediction"
-    if output == "aoa":
-        return "inside the area of applicability (1) or not (0)"
-    if output == "di":
-        return "dissimilarity index (Meyer & Pebesma 2021)"
-    return f"soil organic carbon, quantile {output[5:]} %"
 
 
 def open_map(url: str) -> xr.Dataset:
