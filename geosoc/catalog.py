@@ -259,6 +259,8 @@ class PredictConfig(_Section):
     resolution: float = Field(1000, gt=0)
     model: str = Field("finetune", min_length=1, description="under the region's models/ (finetune, rf, gbm, qrf) "
                                                              "or a URL")
+    max_actors: int | None = Field(None, ge=1, description="Ray maps: actors to ask for (one GPU each on a GPU "
+                                   "cluster; an autoscaler brings the nodes); default: what the cluster holds")
 
 
 class Catalog(_Section):

@@ -235,9 +235,10 @@ def predict(
     model: str | None = typer.Option(None, "--model", help="A model under <root>/models/ (finetune, rf, gbm, qrf) or a URL (default: the catalog's predict.model, finetune)."),
     resolution: float | None = typer.Option(None, "--resolution", min=0, help="Output cell size (default: catalog predict.resolution)."),
     bounds: tuple[float, float, float, float] | None = BoundsOpt,
-    engine: str = typer.Option("local", "--engine", help="local: this process; ray: a pool of Ray actors."),
-    actors: int | None = typer.Option(None, "--actors", min=1, help="ray: actors (default one per GPU, else per CPU)."),
-    gpus_per_actor: float | None = typer.Option(None, "--gpus-per-actor", help="ray: GPUs per actor (default 1 if the cluster has GPUs)."),
+    engine: str = typer.Option("local", "--engine", help="local: this process; ray: Ray actors."),
+    max_actors: int | None = typer.Option(None, "--max-actors", min=1, help="ray: actors to ask for; an autoscaling cluster grows to hold them (default: the catalog's predict.max_actors, else what the cluster holds now)."),
+    gpus_per_actor: float | None = typer.Option(None, "--gpus-per-actor", min=0, help="ray: GPUs per actor (default 1 if the cluster has GPUs)."),
+    cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", min=1, help="ray: CPUs per actor, its torch threads on a CPU cluster (default 1)."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Cells per forward pass."),
     chunk: int | None = typer.Option(None, "--chunk", min=1, help="Output cells per window side (default: ~256 MiB of imagery per window)."),
     device: str | None = typer.Option(None, "--device", help="local: cpu or cuda (default: cuda when present)."),
@@ -265,8 +266,9 @@ def predict(
         print_map_plan(plan, rate or GPU_CELLS_PER_S)
         return
     assets = map_region(loaded.config, root, model=model, resolution=resolution, bounds=bounds, engine=engine,  # type: ignore[arg-type]
-                        batch_size=batch_size, chunk=chunk, device=device, actors=actors,
-                        gpus_per_actor=gpus_per_actor, fresh=fresh, export=not no_export, progress=not quiet)
+                        batch_size=batch_size, chunk=chunk, device=device, max_actors=max_actors,
+                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, fresh=fresh,
+                        export=not no_export, progress=not quiet)
     for name, url in assets.items():
         console.print(f"{name:>10}: {url}", highlight=False)
 

@@ -29,7 +29,7 @@ def _at_least(low: int) -> Any:
 
 def job_parser(stage: str) -> argparse.ArgumentParser:
     """Arguments of jobs/pretrain.py, jobs/finetune.py and jobs/predict.py (also checked against infra/)."""
-    how = "a pool of Ray actors" if stage == "predict" else "Ray Train TorchTrainer"
+    how = "Ray actors" if stage == "predict" else "Ray Train TorchTrainer"
     parser = argparse.ArgumentParser(description=f"geosoc {stage} on a Ray cluster ({how})")
     parser.add_argument("--region", help="catalog name in catalogs/")
     parser.add_argument("--catalog", help="catalog file (instead of --region)")
@@ -40,8 +40,11 @@ def job_parser(stage: str) -> argparse.ArgumentParser:
                                              "(default: the catalog's predict.model)")
         parser.add_argument("--resolution", type=float, help="output cell size (default: the catalog's "
                                                              "predict.resolution)")
-        parser.add_argument("--actors", type=_at_least(1), help="actors (default: one per GPU, else one per CPU)")
+        parser.add_argument("--max-actors", type=_at_least(1),
+                            help="actors to ask for; an autoscaling cluster adds nodes to hold them (default: the "
+                                 "catalog's predict.max_actors, else what the cluster holds when the job starts)")
         parser.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
+        parser.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default 1)")
         parser.add_argument("--batch-size", type=_at_least(1), default=1024, help="cells per forward pass")
         parser.add_argument("--chunk", type=_at_least(1), help="output cells per window side")
         parser.add_argument("--max-retries", type=_at_least(0), default=3,
@@ -91,7 +94,8 @@ def _predict_on_ray(args: argparse.Namespace) -> str:
     loaded = load_catalog(args.region, args.catalog)
     root = shared_root(args.root, loaded.config.region.name)
     assets = map_region(loaded.config, root, model=args.model, resolution=args.resolution, engine="ray",
-                        batch_size=args.batch_size, chunk=args.chunk, actors=args.actors,
-                        gpus_per_actor=args.gpus_per_actor, max_retries=args.max_retries, fresh=args.fresh,
+                        batch_size=args.batch_size, chunk=args.chunk, max_actors=args.max_actors,
+                        gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+                        max_retries=args.max_retries, fresh=args.fresh,
                         export=not args.no_export, progress=False)
     return ", ".join(f"{k}={v}" for k, v in assets.items())

@@ -148,7 +148,7 @@ def test_a_job_refuses_out_of_range_flags_before_starting() -> None:
     from geosoc.jobs import job_parser
 
     for stage, args in (("pretrain", ["--epochs", "0"]), ("finetune", ["--batch-size", "1"]),
-                        ("pretrain", ["--workers", "0"]), ("predict", ["--actors", "0"])):
+                        ("pretrain", ["--workers", "0"]), ("predict", ["--max-actors", "0"])):
         with pytest.raises(SystemExit) as exit_info:
             job_parser(stage).parse_args(["--region", "demo", *args])
         assert exit_info.value.code == 2

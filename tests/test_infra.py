@@ -380,6 +380,18 @@ def test_every_rayjob_runs_an_existing_job_with_flags_it_accepts() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_map_job_asks_for_every_gpu_the_cluster_can_grow_to(overlay: str) -> None:
+    """The GPU group starts at 0 replicas: a job sized from what is up at start would use one GPU. It asks for
+    maxReplicas x GPUs per pod actors of its GPUs each, and the autoscaler brings the nodes."""
+    from geosoc.jobs import job_parser
+
+    (gpu,) = one(rendered(overlay), "RayCluster")["spec"]["workerGroupSpecs"]
+    per_pod = int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    args = job_parser("predict").parse_args(entrypoints(overlay)["geosoc-predict-europe"][2:])
+    assert args.max_actors * args.gpus_per_actor == gpu["maxReplicas"] * per_pod
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_object_has_the_stage_it_is_applied_in(overlay: str) -> None:
     """`kubectl apply -k OVERLAY -l geosoc/stage=...`: the cluster first, then one job at a time (applied whole,
     the jobs would start together although each reads what the one before writes)."""

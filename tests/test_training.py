@@ -174,7 +174,7 @@ def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_
 
     catalog, root = copy_region(trained_region, tmp_path)
     done = submit_job(ray_head, ["--", "python", "jobs/predict.py", "--catalog", str(catalog), "--root", root,
-                                 "--actors", "1"])
+                                 "--max-actors", "1"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "predict finished: " in done.stdout
     maps = Path(root) / "maps"

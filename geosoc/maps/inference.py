@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
@@ -54,6 +55,7 @@ MAP_NAME = "soc.zarr"
 MAP_LAYOUT = 2  # in the resume fingerprint: a map written with other variables (1: soc_mean) is not continued
 WINDOW_BYTES = 256 * 2**20  # imagery read per window (sets the default output chunk); memory ~ this x workers
 DEFAULT_BATCH = 1024
+IN_FLIGHT = 3  # windows a process holds at once: one read ahead, one on the device, one being written
 # geosoc.predict end to end, paper-size model, bf16, one H200 (measured 2026-11): the --dry-run default
 GPU_CELLS_PER_S = 12_500
 
@@ -90,6 +92,16 @@ class MapSpec:
         text = json.dumps([MAP_LAYOUT, self.cube, cube_build, self.model, model_config.decode(), self.grid.crs,
                            self.grid.x0, self.grid.y0, self.grid.resolution, self.grid.shape, self.grid.chunks])
         return fingerprint(text)
+
+
+@dataclass(frozen=True)
+class RaySizing:
+    """What a Ray map asks the cluster for: up to `max_actors` actors of `gpus_per_actor` GPUs and
+    `cpus_per_actor` CPUs (None: see `geosoc.maps.ray_engine.actor_shape`)."""
+
+    max_actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -333,62 +345,43 @@ def _output_array(url: str, name: str, build_id: str) -> zarr.Array:
     return zarr.open_array(zarr_store(url), path=name, mode="r+", zarr_format=3)
 
 
-def _process(predictor: Predictor | TabularPredictor, data: WindowInput, out: str, markers: Markers) -> str:
-    for name, values in predict_window(predictor, data).items():
-        _output_array(out, name, markers.build_id)[data.window.rows, data.window.cols] = values
-    markers.mark(data.window.key)
-    return data.window.key
+class WindowPipeline:
+    """One process's share of a map: windows read, computed and written on threads, so that reading the next
+    window and writing the last overlap with the device computing this one (which computes one at a time)."""
 
-
-def _run_local(spec: MapSpec, windows: list[Window], out: str, markers: Markers,
-               predictor: Predictor | TabularPredictor, bar: tqdm) -> None:
-    """One process: the next window is read on a thread while the device computes the current one."""
-    cube = CubeAccess.open(spec.cube)
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        upcoming = reader.submit(read_window, cube, spec.grid, windows[0], predictor)
-        for following in [*windows[1:], None]:
-            data = upcoming.result()
-            if following is not None:
-                upcoming = reader.submit(read_window, cube, spec.grid, following, predictor)
-            _process(predictor, data, out, markers)
-            bar.update(1)
-
-
-class WindowWorker:
-    """A Ray actor: loads the model once (on its GPU when it has one), then predicts and writes windows."""
-
-    def __init__(self, spec: MapSpec, out: str, build_id: str, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
-        self.spec, self.out = spec, out
+    def __init__(self, spec: MapSpec, out: str, build_id: str, predictor: Predictor | TabularPredictor) -> None:
+        self.spec, self.out, self.predictor = spec, out, predictor
         self.markers = Markers(out, build_id)
-        self.predictor = load_predictor(spec.model, None, spec.batch_size)
         self.cube = CubeAccess.open(spec.cube)
+        self._device = threading.Lock()
 
     def run(self, window: Window) -> str:
+        """Read, predict and write one window, then mark it done; safe to call from several threads."""
         data = read_window(self.cube, self.spec.grid, window, self.predictor)
-        return _process(self.predictor, data, self.out, self.markers)
+        with self._device:
+            values = predict_window(self.predictor, data)
+        for name, array in values.items():
+            _output_array(self.out, name, self.markers.build_id)[window.rows, window.cols] = array
+        self.markers.mark(window.key)
+        return window.key
 
 
-def _run_ray(spec: MapSpec, windows: list[Window], out: str, build_id: str, bar: tqdm, actors: int | None,
-             gpus_per_actor: float | None, max_retries: int) -> None:
-    """A pool of actors; an actor that dies is restarted and its window retried (rewritten whole)."""
-    import ray
-    from ray.util import ActorPool
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
-    resources = ray.cluster_resources()
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
-    if actors is None:
-        actors = int(resources.get("GPU", 0) // gpus_per_actor) if gpus_per_actor else int(resources.get("CPU", 1))
-    actors = max(1, min(actors, len(windows)))
-    threads = max(1, int(resources.get("CPU", 1) // actors))
-    remote = ray.remote(WindowWorker).options(num_gpus=gpus_per_actor, num_cpus=1 if gpus_per_actor else threads,
-                                              max_restarts=max_retries, max_task_retries=max_retries)
-    pool = ActorPool([remote.remote(spec, out, build_id, threads) for _ in range(actors)])
-    for _key in pool.map_unordered(lambda actor, window: actor.run.remote(window), windows):
-        bar.update(1)
+def _run_local(pipeline: WindowPipeline, windows: list[Window], bar: tqdm) -> None:
+    """IN_FLIGHT windows at once on threads of this process (memory: IN_FLIGHT windows)."""
+    with ThreadPoolExecutor(max_workers=IN_FLIGHT) as pool:
+        running: set[Future[str]] = set()
+        try:
+            for window in [*windows, None]:
+                while running and (window is None or len(running) >= IN_FLIGHT):
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        future.result()
+                        bar.update(1)
+                if window is not None:
+                    running.add(pool.submit(pipeline.run, window))
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 # ------------------------------------------------------------------------------------------------ the API
@@ -435,14 +428,15 @@ def plan_map(cube: str | xr.DataTree, model: str | None = None, *, resolution: f
 def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: float | None = None,
             bounds: tuple[float, float, float, float] | None = None, out: str | None = None,
             engine: Engine = "local", batch_size: int = DEFAULT_BATCH, chunk: int | None = None,
-            device: str | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
-            max_retries: int = 3, fresh: bool = False, progress: bool = True) -> xr.Dataset:
+            device: str | None = None, max_actors: int | None = None, gpus_per_actor: float | None = None,
+            cpus_per_actor: float | None = None, max_retries: int = 3, fresh: bool = False,
+            progress: bool = True) -> xr.Dataset:
     """SOC map of a cube: `soc_median` (the median), `soc_qXX` (calibrated interval bounds), `aoa` and `di`.
 
     `cube` is a URL or a tree from `geosoc.open_cube`; `model=None` uses `<root>/models/finetune` beside the
     cube. Without `out` the result is lazy (dask: each window is computed when asked for). With `out` the
-    map is written there as Zarr, by this process (`engine="local"`) or by a pool of Ray actors
-    (`engine="ray"`), resumably; the opened store is returned.
+    map is written there as Zarr, by this process (`engine="local"`) or by up to `max_actors` Ray actors
+    (`engine="ray"`; actors the cluster cannot hold yet join as it grows), resumably; the opened store is returned.
     """
     plan = plan_map(cube, model, resolution=resolution, bounds=bounds, chunk=chunk, batch_size=batch_size)
     spec = plan.spec
@@ -450,7 +444,7 @@ def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: fl
         if engine != "local":
             raise InputError("engine='ray' writes the map from several processes: give out=URL")
         return _lazy(spec, device)
-    build(spec, out, engine=engine, device=device, actors=actors, gpus_per_actor=gpus_per_actor,
+    build(spec, out, engine=engine, device=device, sizing=RaySizing(max_actors, gpus_per_actor, cpus_per_actor),
           max_retries=max_retries, fresh=fresh, progress=progress)
     return open_map(out)
 
@@ -478,15 +472,14 @@ def _lazy(spec: MapSpec, device: str | None) -> xr.Dataset:
 
 
 def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | None = None,
-          actors: int | None = None, gpus_per_actor: float | None = None, max_retries: int = 3,
-          fresh: bool = False, progress: bool = True) -> str:
+          sizing: RaySizing | None = None, max_retries: int = 3, fresh: bool = False, progress: bool = True) -> str:
     """Write (or finish writing) the map of `spec` at `out`; windows already written are not redone."""
     with exclusive(out, "predict"):  # also the check, before any work, that the output's folder takes writes
-        return _build(spec, out, engine, device, actors, gpus_per_actor, max_retries, fresh, progress)
+        return _build(spec, out, engine, device, sizing or RaySizing(), max_retries, fresh, progress)
 
 
-def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, actors: int | None,
-           gpus_per_actor: float | None, max_retries: int, fresh: bool, progress: bool) -> str:
+def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, sizing: RaySizing, max_retries: int,
+           fresh: bool, progress: bool) -> str:
     cube_attrs = read_group_attrs(spec.cube) or {}
     fingerprint = spec.fingerprint(checkpoint.config_bytes(spec.model), str(cube_attrs.get("geosoc_build_id", "")))
     attrs = resumable(out, fingerprint, "holds a map of another model, cube, grid or map layout; pass --fresh "
@@ -505,9 +498,11 @@ def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, actors: 
     with tqdm(total=spec.grid.n_chunks, initial=spec.grid.n_chunks - len(todo), desc="predict", unit="window",
               disable=not progress) as bar:
         if todo and engine == "ray":
-            _run_ray(spec, todo, out, attrs["geosoc_build_id"], bar, actors, gpus_per_actor, max_retries)
+            from geosoc.maps.ray_engine import run_on_ray
+
+            run_on_ray(spec, todo, out, attrs["geosoc_build_id"], bar, sizing, max_retries)
         elif todo:
-            _run_local(spec, todo, out, markers, predictor, bar)
+            _run_local(WindowPipeline(spec, out, attrs["geosoc_build_id"], predictor), todo, bar)
     done = markers.completed()
     missing = [w.key for w in spec.grid.windows() if w.key not in done]
     if missing:
@@ -536,8 +531,9 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
 def map_region(catalog: Catalog, root: str, *, model: str | None = None, resolution: float | None = None,
                bounds: tuple[float, float, float, float] | None = None, engine: Engine = "local",
                batch_size: int = DEFAULT_BATCH, chunk: int | None = None, device: str | None = None,
-               actors: int | None = None, gpus_per_actor: float | None = None, max_retries: int = 3,
-               fresh: bool = False, export: bool = True, progress: bool = True) -> dict[str, str]:
+               max_actors: int | None = None, gpus_per_actor: float | None = None,
+               cpus_per_actor: float | None = None, max_retries: int = 3, fresh: bool = False, export: bool = True,
+               progress: bool = True) -> dict[str, str]:
     """`geosoc predict` and `jobs/predict.py`: the region's map under `<root>/maps/` and its exports."""
     from geosoc.maps.export import export_maps
 
@@ -545,8 +541,9 @@ def map_region(catalog: Catalog, root: str, *, model: str | None = None, resolut
     out = join(root, "maps", MAP_NAME)
     ds = predict(cube, model or catalog.predict.model, resolution=resolution or catalog.predict.resolution,
                  bounds=bounds, out=out,
-                 engine=engine, batch_size=batch_size, chunk=chunk, device=device, actors=actors,
-                 gpus_per_actor=gpus_per_actor, max_retries=max_retries, fresh=fresh, progress=progress)
+                 engine=engine, batch_size=batch_size, chunk=chunk, device=device,
+                 max_actors=max_actors or catalog.predict.max_actors, gpus_per_actor=gpus_per_actor,
+                 cpus_per_actor=cpus_per_actor, max_retries=max_retries, fresh=fresh, progress=progress)
     if not export:
         return {"zarr": out}
     return export_maps(ds, join(root, "maps"), MAP_NAME)
