@@ -183,13 +183,12 @@ def test_kill_9_then_resume_gives_identical_map(region: tuple[Path, str], tmp_pa
 
 
 def test_cog_and_stac_exports_validate(region: tuple[Path, str], tmp_path: Path) -> None:
-    import pystac
     import rasterio
     import rioxarray  # noqa: F401  (the .rio accessor)
-    from pystac.validation.stac_validator import JsonSchemaSTACValidator
     from rio_cogeo.cogeo import cog_validate
 
     from geosoc.maps.export import export_maps
+    from tests.stac_schemas import PROJECTION, RASTER, validate_item
 
     _, root = region
     ds = predict(f"{root}/cube.zarr", resolution=60, out=str(tmp_path / "maps" / "soc.zarr"), progress=False)
@@ -215,7 +214,9 @@ def test_cog_and_stac_exports_validate(region: tuple[Path, str], tmp_path: Path)
     assert plain.x.attrs["standard_name"] == "projection_x_coordinate" and plain.y.attrs["axis"] == "Y"
     assert plain["soc_median"].attrs["units"] == "g/kg" and "median" in plain["soc_median"].attrs["long_name"]
     item = json.loads(Path(assets["stac"]).read_text())
-    JsonSchemaSTACValidator().validate_core(item, pystac.STACObjectType.ITEM, item["stac_version"])
+    # core 1.1.0 item, projection v2.0.0 and raster v1.1.0 schemas, all from disk (tests/stac_schemas.py)
+    assert item["stac_version"] == "1.1.0" and set(item["stac_extensions"]) == {PROJECTION, RASTER}
+    validate_item(item)
     assert item["properties"]["proj:code"] == "EPSG:3035"
     assert item["properties"]["proj:shape"] == [ds.sizes["y"], ds.sizes["x"]]
     assert set(item["assets"]) == {"soc_median", "soc_q05", "soc_q95", "aoa", "quicklook", "zarr"}
@@ -286,7 +287,7 @@ def test_ray_actor_killed_mid_run_gives_identical_map(ray_head, region: tuple[Pa
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(address=ray_head["gcs"], log_to_driver=False)
     try:
-        options: dict[str, Any] = dict(resolution=30, chunk=16, engine="ray", actors=2, progress=False)  # 36 windows
+        options: dict[str, Any] = dict(resolution=30, chunk=16, engine="ray", max_actors=2, progress=False)  # 36 windows
         calm = predict(f"{root}/cube.zarr", out=str(tmp_path / "calm.zarr"), **options)
         out = str(tmp_path / "killed.zarr")
         killed: list[int] = []
@@ -314,6 +315,70 @@ def test_ray_actor_killed_mid_run_gives_identical_map(ray_head, region: tuple[Pa
     local = predict(f"{root}/cube.zarr", resolution=30, chunk=16).compute()
     for name in local.data_vars:
         np.testing.assert_allclose(calm[name].values, local[name].values, rtol=1e-5, atol=1e-6)
+
+
+def _wait_while(job: threading.Thread, condition: Any) -> None:
+    """Poll until `condition()` holds; fail if the map job ended first (so the wait cannot outlive the job)."""
+    while not condition():
+        assert job.is_alive(), "the map finished or failed before the awaited moment"
+        time.sleep(0.01)
+
+
+def test_ray_map_grows_onto_a_node_that_joins_after_it_started(ray_head, region: tuple[Path, str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """An autoscaling cluster in small: `max_actors=2` of 2 CPUs each on the 2-CPU head, so one actor starts and
+    one waits. A second node joins while the map runs; with the first actor stopped (SIGSTOP) the map goes on
+    only through the actor that started on the new node. The map is complete and equals the local engine's."""
+    import logging
+
+    import ray
+
+    from tests.helpers import free_port, ray_actor_pids
+
+    _, root = region
+    out = str(tmp_path / "grown.zarr")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(address=ray_head["gcs"], log_to_driver=False)
+    node = None
+    stopped: list[int] = []
+    caplog.set_level(logging.INFO, logger="geosoc.maps.ray_engine")
+    try:
+        result: dict[str, Any] = {}
+        job = threading.Thread(target=lambda: result.update(ds=predict(
+            f"{root}/cube.zarr", out=out, resolution=30, chunk=8, engine="ray", max_actors=2, cpus_per_actor=2,
+            progress=False)))  # 144 windows
+        job.start()
+        _wait_while(job, lambda: len(_marked(out)) >= 3 and ray_actor_pids(Path(ray_head["temp"]), "WindowWorker"))
+        (first,) = ray_actor_pids(Path(ray_head["temp"]), "WindowWorker")
+        os.kill(first, signal.SIGSTOP)
+        stopped.append(first)
+        before = len(_marked(out))
+        worker_ports = free_port() % 1000  # a worker port range of its own, away from the head's
+        node = subprocess.Popen(
+            [ray_head["ray"], "start", "--block", f"--address={ray_head['gcs']}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=2", "--num-gpus=0", f"--node-manager-port={free_port()}",
+             f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--min-worker-port={40_000 + worker_ports * 10}",
+             f"--max-worker-port={40_000 + worker_ports * 10 + 9}", "--disable-usage-stats"],
+            env=ray_head["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _wait_while(job, lambda: len(_marked(out)) > before + 3)  # written by the second actor only
+        os.kill(first, signal.SIGCONT)
+        stopped.clear()
+        job.join()
+        assert result["ds"].attrs["geosoc_status"] == "complete"
+        assert "map actor 2 of 2 up" in caplog.text
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        ray.shutdown()
+        if node is not None:  # this node only: `ray start --block` and what it started share its session
+            os.killpg(node.pid, signal.SIGTERM)
+            node.wait()
+    local = predict(f"{root}/cube.zarr", resolution=30, chunk=8).compute()
+    for name in local.data_vars:
+        np.testing.assert_allclose(result["ds"][name].values, local[name].values, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("target,folder,expected", [
