@@ -242,8 +242,10 @@ def predict(
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Cells per forward pass."),
     chunk: int | None = typer.Option(None, "--chunk", min=1, help="Output cells per window side (default: ~256 MiB of imagery per window)."),
     device: str | None = typer.Option(None, "--device", help="local: cpu or cuda (default: cuda when present)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print cells, windows and a projected time; write nothing."),
-    rate: float | None = typer.Option(None, "--rate", min=1, help="--dry-run: cells/s per GPU assumed (default 12,500: geosoc.predict with the paper-size model, measured on one H200)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan from the catalog alone (no cube or model needed): cells, windows, bytes read, time; write nothing."),
+    gpu: str | None = typer.Option(None, "--gpu", help="--dry-run: the device whose measured rate to use (a name in the rates file, e.g. 'NVIDIA H200', or cpu; default: its first GPU)."),
+    rate: float | None = typer.Option(None, "--rate", min=1, help="--dry-run: cells/s per actor, instead of a measured rate."),
+    read_mbps: float = typer.Option(500, "--read-mbps", min=1, help="--dry-run: object-store reads per actor, MB/s (an assumption: measure yours)."),
     fresh: bool = typer.Option(False, "--fresh", help="Replace an existing map instead of resuming it."),
     no_export: bool = typer.Option(False, "--no-export", help="Only maps/soc.zarr (no COG, PNG, STAC)."),
     threads: int | None = ThreadsOpt,
@@ -251,8 +253,7 @@ def predict(
 ) -> None:
     """Map SOC over the region with the fine-tuned network or a tree model (-> maps/soc.zarr, COGs, quicklook.png,
     item.json)."""
-    from geosoc.io.storage import join
-    from geosoc.maps.inference import GPU_CELLS_PER_S, map_region, plan_map
+    from geosoc.maps.inference import map_region
     from geosoc.threads import use_threads
 
     use_threads(threads)
@@ -261,9 +262,8 @@ def predict(
     loaded, root = _region(region, catalog, root)
     model = model or loaded.config.predict.model
     if dry_run:
-        plan = plan_map(join(root, "cube.zarr"), model, resolution=resolution or loaded.config.predict.resolution,
-                        bounds=bounds, chunk=chunk, batch_size=batch_size)
-        print_map_plan(plan, rate or GPU_CELLS_PER_S)
+        print_map_plan(loaded, root, model, resolution, chunk, bounds, gpu, rate, read_mbps,
+                       max_actors or loaded.config.predict.max_actors or 8)
         return
     assets = map_region(loaded.config, root, model=model, resolution=resolution, bounds=bounds, engine=engine,  # type: ignore[arg-type]
                         batch_size=batch_size, chunk=chunk, device=device, max_actors=max_actors,
@@ -273,16 +273,46 @@ def predict(
         console.print(f"{name:>10}: {url}", highlight=False)
 
 
-def print_map_plan(plan: Any, rate: float) -> None:
-    grid = plan.spec.grid
-    console.print(f"map of {plan.spec.cube} with {plan.spec.model}; nothing written", highlight=False)
-    console.print(f"output grid: {grid.height:,} x {grid.width:,} cells of {grid.resolution:g} ({grid.crs}), "
-                  f"{plan.cells:,} cells", highlight=False)
-    console.print(f"windows: {plan.windows:,} of {grid.chunks[0]} x {grid.chunks[1]} cells, each reading "
-                  f"{_size(plan.window_bytes)} of imagery (halo included)", highlight=False)
-    console.print(f"projected time at {rate:,.0f} cells/s per GPU (a projection, not a measurement): "
-                  f"{_duration(plan.seconds(rate))} on one GPU, {_duration(plan.seconds(rate) / 8)} on eight",
-                  highlight=False)
+def print_map_plan(loaded: Any, root: str, model: str, resolution: float | None, chunk: int | None,
+                   bounds: tuple[float, float, float, float] | None, gpu: str | None, rate: float | None,
+                   read_mbps: float, actors: int) -> None:
+    """The map's size and its two time bounds (compute, reading) on one actor and on `actors`."""
+    from geosoc.learn import checkpoint
+    from geosoc.maps.inference import how_to_make, model_url
+    from geosoc.maps.plan import choose_rate, load_rates, plan_from_catalog
+
+    plan = plan_from_catalog(loaded, resolution=resolution, chunk=chunk, bounds=bounds)
+    grid = plan.grid
+    if rate is None:
+        rate, source = choose_rate(load_rates(), gpu, plan.parameters, grid.resolution)
+    else:
+        source = "as given (--rate)"
+    say = lambda text: console.print(text, highlight=False)  # noqa: E731
+    say(f"map of {loaded.config.region.name} planned from its catalog (no cube or model needed); nothing written")
+    say(f"output grid: {grid.height:,} x {grid.width:,} cells of {grid.resolution:g} ({grid.crs}): "
+        f"{plan.cells_in_bounds:,} in the bounding box, "
+        + (f"about {plan.cells_inside:,} inside region.mask ({plan.mask})" if plan.mask else
+           "no region.mask (every cell counts, sea included)"))
+    say(f"windows: {plan.windows:,} of {grid.chunks[0]} x {grid.chunks[1]} cells, {plan.windows_inside:,} holding "
+        "cells inside the mask (the others read only empty chunks)")
+    url = model_url(root, model)
+    say(f"map model: {url}" + ("" if checkpoint.is_checkpoint(url) else f" (not made yet: {how_to_make(url)})"))
+    say(f"network (the catalog's model section): {plan.parameters / 1e6:.1f} M parameters, {plan.patch} px patches "
+        f"of {plan.bands} bands, {plan.months} months x {plan.variables} climate variables")
+    per_window = plan.read_bytes / max(plan.windows_inside, 1)
+    say(f"reads (decoded bytes of whole cube chunks, halo included): imagery {_size(plan.imagery_bytes)}, climate "
+        f"{_size(plan.climate_bytes)}; {_size(int(per_window))} per window, "
+        f"{_size(int(plan.read_bytes / max(plan.cells_inside, 1)))} per cell")
+    say(f"compute rate: {source}")
+    needed = plan.read_bytes / max(plan.cells_inside, 1) * rate / 1e6
+    say(f"read rate: {read_mbps:,.0f} MB/s per actor assumed (--read-mbps); keeping one actor computing needs "
+        f"{needed:,.0f} MB/s")
+    for n in sorted({1, actors}):
+        compute, read = plan.compute_seconds(rate, n), plan.read_seconds(read_mbps, n)
+        bound = "compute" if compute >= read else "reading"
+        say(f"on {n} actor{'s' if n > 1 else ''}: compute {_duration(compute)}, reading {_duration(read)}: about "
+            f"{_duration(max(compute, read))}, bound by {bound}")
+    say("a projection from the rates above, not a measurement")
 
 
 @app.command()

@@ -23,7 +23,7 @@ import zarr
 from geosoc.data.sampling import _extract_group, climate_at, open_sampleset
 from geosoc.learn import checkpoint
 from geosoc.learn.normalisation import Normalisation
-from geosoc.maps.inference import open_map, plan_map, predict
+from geosoc.maps.inference import map_spec, open_map, predict
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_predict_equals_the_model_cell_by_cell(region: tuple[Path, str]) -> None
 def test_windows_tile_the_output_exactly_once(region: tuple[Path, str]) -> None:
     _, root = region
     for chunk in (5, 7, 16, 64):
-        grid = plan_map(f"{root}/cube.zarr", resolution=60, chunk=chunk).spec.grid
+        grid = map_spec(f"{root}/cube.zarr", resolution=60, chunk=chunk).grid
         hits = np.zeros(grid.shape, dtype=int)
         for window in grid.windows():
             hits[window.rows, window.cols] += 1
@@ -243,7 +243,7 @@ def test_cli_dry_run_and_errors(region: tuple[Path, str], tmp_path: Path) -> Non
     result = runner.invoke(app, ["predict", "--catalog", str(path), "--root", root, "--dry-run"])
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())  # long paths wrap at the terminal's width
-    assert "nothing written" in out and "projected time" in out
+    assert "nothing written" in out and "bound by" in out
     assert not Path(root, "maps").exists()
     result = runner.invoke(app, ["predict", "--catalog", str(path), "--root", root, "--resolution", "10"])
     assert result.exit_code == 1 and "finer than the cube's 30" in result.output
@@ -410,7 +410,7 @@ def test_the_mapped_interval_at_a_sample_is_the_calibrated_one(region: tuple[Pat
     predictor compute a sample's quantiles on one numeric path: bf16 autocast on CUDA, fp32 on the CPU."""
     from geosoc.data.streaming import SampleData
     from geosoc.learn.training import forward_all
-    from geosoc.maps.inference import Predictor
+    from geosoc.maps.predictor import Predictor
     from geosoc.stats.calibration import interval
 
     _, root = region

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geosoc.catalog import Catalog, FinetuneConfig, PretrainConfig
+from geosoc.catalog import Catalog, FinetuneConfig, ModelConfig, PretrainConfig
 from geosoc.data.streaming import SampleData, SampleStream, data_loader, on_device, to_device
 from geosoc.errors import IncompatibleError, InputError
 from geosoc.fingerprints import fingerprint
@@ -108,9 +108,15 @@ class Context:
 
 
 def model_config(catalog: Catalog, data: SampleData) -> NetworkConfig:
-    m = catalog.model
+    """The catalog's architecture on the SampleSet's bands, variables, patch size and months."""
+    return network_config(catalog.model, data.bands, data.variables, data.patch_size, data.months)
+
+
+def network_config(m: ModelConfig, bands: list[str], variables: list[str], patch_size: int,
+                   months: int) -> NetworkConfig:
+    """A `model:` section resolved against the data's shape (also what `predict --dry-run` sizes from)."""
     return NetworkConfig(
-        bands=data.bands, variables=data.variables, patch_size=data.patch_size, months=data.months,
+        bands=bands, variables=variables, patch_size=patch_size, months=months,
         image_patch=m.image.patch, image_dim=m.image.dim, image_depth=m.image.depth, image_heads=m.image.heads,
         climate_dim=m.climate.dim, climate_layers=m.climate.layers, climate_heads=m.climate.heads,
         climate_feedforward=m.climate.feedforward, embedding=m.embedding, quantiles=list(m.quantiles),

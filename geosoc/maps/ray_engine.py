@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from geosoc.errors import GeosocError, IncompleteError
 from geosoc.grid import Window
-from geosoc.maps.inference import IN_FLIGHT, MapSpec, RaySizing, WindowPipeline, load_predictor
+from geosoc.maps.predictor import load_predictor
+from geosoc.maps.windows import IN_FLIGHT, MapSpec, RaySizing, WindowPipeline
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,216 @@
+"""What a map will cost, before anything exists: `geosoc predict --dry-run` from the catalog alone.
+
+The output grid and windows come from the catalog's region, imagery and `predict` sections; the cells that will be
+computed from its `region.mask` (sampled on a lattice of at most ~1 M points); the bytes each window reads from the
+cube's chunk layout (Zarr reads whole chunks: a window reads every imagery and climate chunk its block touches,
+halo included); the network's size from the `model:` section (built on PyTorch's meta device: no memory, no
+weights). Time is two bounds, compute (cells / a measured rate) and reading (bytes / a stated bandwidth); the run
+takes the larger, since reading, computing and writing overlap.
+
+Rates come from `rates.json` beside this module, written by `tests/benchmarks/inference.py` (device, output and
+cube resolution, model size); another file can be named with `GEOSOC_RATES` or `--rates`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geosoc.catalog import LoadedCatalog
+from geosoc.data.cube import LayerPlan, plan_cube
+from geosoc.errors import InputError
+from geosoc.grid import Grid
+from geosoc.maps.inference import output_grid
+
+RATES_FILE = Path(__file__).with_name("rates.json")
+LATTICE_POINTS = 2**20  # mask samples at most
+DEFAULT_READ_MBPS = 500.0  # per actor: what one VM reading a bucket with many requests in flight commonly gets
+
+
+@dataclass(frozen=True)
+class Rate:
+    """One measured throughput of `geosoc.predict` (tests/benchmarks/inference.py)."""
+
+    device: str
+    parameters: int
+    resolution: float
+    cells_per_s: float
+    bare_cells_per_s: float
+    measured: str
+    command: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rate:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def rates_file() -> Path:
+    return Path(os.environ.get("GEOSOC_RATES") or RATES_FILE)
+
+
+def load_rates(path: Path | None = None) -> list[Rate]:
+    path = path or rates_file()
+    try:
+        return [Rate.from_dict(entry) for entry in json.loads(path.read_text())["rates"]]
+    except FileNotFoundError:
+        raise InputError(f"{path}: no rates file; write one with tests/benchmarks/inference.py --rates-out") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: not a rates file (expected {{\"rates\": [{{device, parameters, resolution, "
+                         f"cells_per_s, ...}}]}}): {err}") from None
+
+
+def record_rate(rate: Rate, path: Path | None = None) -> None:
+    """Add or replace the entry for the same device, model size and resolution (written in one step)."""
+    path = path or rates_file()
+    entries = json.loads(path.read_text())["rates"] if path.exists() else []
+    same = (rate.device, rate.parameters, rate.resolution)
+    entries = [e for e in entries if (e["device"], e["parameters"], e["resolution"]) != same] + [vars(rate)]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"rates": entries}, indent=1) + "\n")
+    partial.replace(path)
+
+
+def choose_rate(rates: list[Rate], device: str | None, parameters: int, resolution: float) -> tuple[float, str]:
+    """Cells/s per actor for a model of `parameters` on `device`, and how it was found.
+
+    Fallback, in order: the device's entry nearest in model size, scaled by the ratio of parameters (compute grows
+    about linearly with them); without an entry for the device, the GPU entries' likewise (their first device
+    when none is named), with the substitution said."""
+    if not rates:
+        raise InputError(f"{rates_file()}: no rates in it")
+    named = [r for r in rates if device is not None and r.device.lower() == device.lower()]
+    fallback = ([r for r in rates if r.device != "cpu"] or rates)[0].device
+    pool = named or [r for r in rates if r.device == fallback]
+    best = min(pool, key=lambda r: (abs(math.log(r.parameters / parameters)), abs(math.log(r.resolution / resolution))))
+    how = f"{best.cells_per_s:,.0f} cells/s measured on {best.device} ({best.parameters / 1e6:.1f} M parameters, " \
+          f"output cells of {best.resolution:g}, {best.measured})"
+    rate = best.cells_per_s
+    if best.parameters != parameters:
+        rate *= best.parameters / parameters
+        how += f", scaled to {parameters / 1e6:.1f} M parameters"
+    if device is not None and not named:
+        how += f"; nothing measured on {device!r} (run tests/benchmarks/inference.py there)"
+    return rate, how
+
+
+@dataclass(frozen=True)
+class CatalogPlan:
+    """A map's size and cost, from the catalog."""
+
+    grid: Grid
+    cells_in_bounds: int
+    cells_inside: int
+    windows: int
+    windows_inside: int
+    mask: str | None
+    imagery_bytes: int  # read by the windows holding cells inside the mask, decoded
+    climate_bytes: int
+    parameters: int
+    patch: int
+    bands: int
+    variables: int
+    months: int
+
+    @property
+    def read_bytes(self) -> int:
+        return self.imagery_bytes + self.climate_bytes
+
+    def compute_seconds(self, rate: float, actors: int) -> float:
+        return self.cells_inside / (rate * actors)
+
+    def read_seconds(self, mbps: float, actors: int) -> float:
+        return self.read_bytes / (mbps * 1e6 * actors)
+
+
+def plan_from_catalog(catalog: LoadedCatalog, *, resolution: float | None = None, chunk: int | None = None,
+                      bounds: tuple[float, float, float, float] | None = None) -> CatalogPlan:
+    """The map `geosoc predict` would make of the region, sized without a cube or a model."""
+    from geosoc.learn.training import network_config
+
+    config = catalog.config
+    layers = {layer.group: layer for layer in plan_cube(catalog).layers}
+    imagery, climate = layers["imagery"], layers.get("climate")
+    cube_grid = config.imagery_grid
+    bands = imagery.shape[0]
+    variables = climate.shape[1] if climate is not None else 0
+    months = climate.shape[0] if climate is not None else 0
+    network = network_config(config.model, [str(i) for i in range(bands)], [str(i) for i in range(variables)],
+                             config.sampling.patch_size, months)
+    patch = network.patch_size
+    grid = output_grid(cube_grid, resolution or config.predict.resolution, bands, patch, bounds, chunk)
+    inside = _inside_fraction(grid, catalog.resolve(config.region.mask) if config.region.mask else None)
+    holds = inside > 0
+    imagery_chunks = _chunks_read(grid, cube_grid, imagery.chunk_shape[-2:], patch)
+    imagery_bytes = int((imagery_chunks * holds).sum()) * _chunk_bytes(imagery)
+    climate_bytes = 0
+    if climate is not None and config.climate_grid is not None:
+        climate_chunks = _chunks_read(grid, config.climate_grid, climate.chunk_shape[-2:], 1)
+        climate_bytes = int((climate_chunks * holds).sum()) * _chunk_bytes(climate)
+    sizes = np.outer(*[np.diff(np.minimum(np.arange(0, n + c, c), n)) for n, c in zip(grid.shape, grid.chunks)])
+    return CatalogPlan(grid, grid.height * grid.width, int(round(float((inside * sizes).sum()))), grid.n_chunks,
+                       int(holds.sum()), config.region.mask, imagery_bytes, climate_bytes, _parameters(network),
+                       patch, bands, variables, months)
+
+
+def _parameters(network: Any) -> int:
+    import torch
+
+    from geosoc.learn.models import SoilNet
+
+    with torch.device("meta"):  # shapes only
+        return sum(p.numel() for p in SoilNet(network).parameters())
+
+
+def _chunk_bytes(layer: LayerPlan) -> int:
+    return math.prod(layer.chunk_shape) * 4
+
+
+def _chunks_read(grid: Grid, cube: Grid, chunk: tuple[int, ...], patch: int) -> np.ndarray:
+    """(window rows, window cols): cube chunks each window's block (its cells' pixels plus the patch halo) touches.
+    Rows and columns are separable, so this is an outer product."""
+    def along(n_out: int, size: int, origin_offset: float, n_cube: int, cube_chunk: int) -> np.ndarray:
+        starts = np.arange(0, n_out, size)
+        stops = np.minimum(starts + size, n_out)
+        ratio = grid.resolution / cube.resolution
+        half = patch // 2
+        first = np.floor(origin_offset + (starts + 0.5) * ratio).astype(np.int64) - half
+        last = np.floor(origin_offset + (stops - 0.5) * ratio).astype(np.int64) - half + patch - 1
+        first, last = np.clip(first, 0, n_cube - 1), np.clip(last, 0, n_cube - 1)
+        return last // cube_chunk - first // cube_chunk + 1
+
+    rows = along(grid.height, grid.chunks[0], (cube.y0 - grid.y0) / cube.resolution, cube.height, chunk[0])
+    cols = along(grid.width, grid.chunks[1], (grid.x0 - cube.x0) / cube.resolution, cube.width, chunk[1])
+    return np.outer(rows, cols)
+
+
+def _inside_fraction(grid: Grid, mask: str | None) -> np.ndarray:
+    """(window rows, window cols): the share of each window's cells inside the mask (all 1 without one), from the
+    mask sampled (nearest) at the centres of a lattice of `step` x `step` output cells."""
+    ny, nx = grid.chunk_counts
+    if mask is None:
+        return np.ones((ny, nx))
+    import rasterio
+    from affine import Affine
+    from rasterio.warp import Resampling, reproject
+
+    step = max(1, min(math.ceil(math.sqrt(grid.height * grid.width / LATTICE_POINTS)), *grid.chunks))
+    shape = (math.ceil(grid.height / step), math.ceil(grid.width / step))
+    lattice = np.zeros(shape, dtype=np.uint8)
+    try:
+        with rasterio.open(mask) as src:
+            reproject(rasterio.band(src, 1), lattice, dst_transform=grid.transform * Affine.scale(step),
+                      dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)
+    except rasterio.errors.RasterioIOError as err:
+        raise InputError(f"region.mask: {mask} cannot be read ({err})") from None
+    rows = np.minimum(np.arange(shape[0]) * step // grid.chunks[0], ny - 1)
+    cols = np.minimum(np.arange(shape[1]) * step // grid.chunks[1], nx - 1)
+    inside, count = np.zeros((ny, nx)), np.zeros((ny, nx))
+    np.add.at(inside, (rows[:, None], cols[None, :]), lattice != 0)
+    np.add.at(count, (rows[:, None], cols[None, :]), 1)
+    return inside / np.maximum(count, 1)

@@ -1,0 +1,142 @@
+"""A map's windows: what a map is (`MapSpec`), the cube block and climate a window reads, and `WindowPipeline`,
+which reads, predicts and writes windows with the three overlapped (both engines run it)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import zarr
+
+from geosoc.data.cube import cube_parts
+from geosoc.data.sampling import climate_at, read_imagery
+from geosoc.errors import IncompatibleError
+from geosoc.fingerprints import fingerprint
+from geosoc.grid import Grid, Window
+from geosoc.io.progress import Markers
+from geosoc.io.storage import zarr_store
+from geosoc.learn.models import NetworkConfig
+from geosoc.maps.predictor import DEFAULT_BATCH, Predictor
+from geosoc.maps.tabular import TabularPredictor
+
+MAP_LAYOUT = 2  # in the resume fingerprint: a map written with other variables (1: soc_mean) is not continued
+IN_FLIGHT = 3  # windows a process holds at once: one read ahead, one on the device, one being written
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """What a map is: the cube and model it comes from and its output grid (picklable, for Ray actors)."""
+
+    cube: str
+    model: str
+    grid: Grid
+    batch_size: int = DEFAULT_BATCH
+    region: str = ""
+    period: tuple[str, str] | None = None  # the imagery's dates, for the STAC item
+
+    def fingerprint(self, model_config: bytes, cube_build: str) -> str:
+        text = json.dumps([MAP_LAYOUT, self.cube, cube_build, self.model, model_config.decode(), self.grid.crs,
+                           self.grid.x0, self.grid.y0, self.grid.resolution, self.grid.shape, self.grid.chunks])
+        return fingerprint(text)
+
+
+@dataclass(frozen=True)
+class RaySizing:
+    """What a Ray map asks the cluster for: up to `max_actors` actors of `gpus_per_actor` GPUs and
+    `cpus_per_actor` CPUs (None: see `geosoc.maps.ray_engine.actor_shape`)."""
+
+    max_actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+
+
+@dataclass
+class WindowInput:
+    """What one window needs from the cube, read on the host (so the next can be read while one computes)."""
+
+    window: Window
+    block: np.ndarray
+    top: np.ndarray
+    left: np.ndarray
+    climate: np.ndarray | None
+
+
+@dataclass
+class CubeAccess:
+    """The cube's grids, opened once per process; reads go straight to its Zarr arrays."""
+
+    url: str
+    imagery: Grid
+    climate: Grid | None
+    bands: list[str] = field(default_factory=list)
+    variables: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, url: str) -> CubeAccess:
+        imagery, grid, climate, climate_grid = cube_parts(url)
+        variables = [str(v) for v in climate["variable"].values] if climate is not None else []
+        return cls(url, grid, climate_grid, [str(b) for b in imagery["band"].values], variables)
+
+
+def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predictor | TabularPredictor) -> WindowInput:
+    """The imagery block under a window's cells plus the halo of their patches (the predictor's patch size),
+    and their climate series when the predictor uses climate."""
+    xs, ys = grid.x_of(np.arange(window.cols.start, window.cols.stop)), grid.y_of(np.arange(window.rows.start,
+                                                                                          window.rows.stop))
+    x, y = np.meshgrid(xs, ys)
+    rows, cols = cube.imagery.rowcol(x.ravel(), y.ravel())
+    patch = predictor.patch
+    half = patch // 2
+    r0, c0 = int(rows.min()) - half, int(cols.min()) - half
+    block = read_imagery(cube.url, cube.imagery.shape, r0, int(rows.max()) - half + patch, c0,
+                         int(cols.max()) - half + patch)
+    series = None
+    if predictor.uses_climate and cube.climate is not None:
+        series = climate_at(cube.url, cube.climate, x.ravel(), y.ravel())
+    return WindowInput(window, block, rows - half - r0, cols - half - c0, series)
+
+
+def predict_window(predictor: Predictor | TabularPredictor, data: WindowInput) -> dict[str, np.ndarray]:
+    """(h, w) arrays of every output of one window."""
+    flat = predictor.predict(data.block, data.top, data.left, data.climate)
+    return {name: values.reshape(data.window.shape) for name, values in flat.items()}
+
+
+def check_compatible(config: NetworkConfig, cube: CubeAccess, model_url: str) -> None:
+    if config.bands and config.bands != cube.bands:
+        raise IncompatibleError(f"{model_url} was trained on bands {config.bands}, but {cube.url} has {cube.bands}")
+    if config.variables and config.variables != cube.variables:
+        raise IncompatibleError(
+            f"{model_url} was trained on climate variables {config.variables}, but {cube.url} has "
+            f"{cube.variables or 'no climate'}"
+        )
+
+
+@lru_cache(maxsize=64)
+def output_array(url: str, name: str, build_id: str) -> zarr.Array:
+    """Opened once per process and build (the build id keeps a replaced map from reusing it)."""
+    return zarr.open_array(zarr_store(url), path=name, mode="r+", zarr_format=3)
+
+
+class WindowPipeline:
+    """One process's share of a map: windows read, computed and written on threads, so that reading the next
+    window and writing the last overlap with the device computing this one (which computes one at a time)."""
+
+    def __init__(self, spec: MapSpec, out: str, build_id: str, predictor: Predictor | TabularPredictor) -> None:
+        self.spec, self.out, self.predictor = spec, out, predictor
+        self.markers = Markers(out, build_id)
+        self.cube = CubeAccess.open(spec.cube)
+        self._device = threading.Lock()
+
+    def run(self, window: Window) -> str:
+        """Read, predict and write one window, then mark it done; safe to call from several threads."""
+        data = read_window(self.cube, self.spec.grid, window, self.predictor)
+        with self._device:
+            values = predict_window(self.predictor, data)
+        for name, array in values.items():
+            output_array(self.out, name, self.markers.build_id)[window.rows, window.cols] = array
+        self.markers.mark(window.key)
+        return window.key
