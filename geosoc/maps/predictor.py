@@ -62,12 +62,13 @@ class Predictor:
         self.outputs = output_names(self.config.quantiles)
         self._autocast = precision(self.device)
 
-    def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray,
-                climate: np.ndarray | None) -> dict[str, np.ndarray]:
+    def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray, climate: np.ndarray | None,
+                climate_of: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Outputs for cells whose patches start at (top, left) of the imagery `block` (band, h, w).
 
-        Cells whose centre pixel has no data get NaN. `climate` is (cells, time, variable) when the model uses it.
-        """
+        Cells whose centre pixel has no data get NaN. `climate` (series, time, variable), when the model uses it,
+        holds a series per cell, or per row of it that `climate_of` (cells,) names: the climate branch runs once
+        per series."""
         n = len(top)
         out = {name: np.full(n, np.nan, dtype=np.float32) for name in self.outputs}
         if n == 0:
@@ -87,16 +88,21 @@ class Predictor:
         normalised = self.norm.apply(raw)  # the whole window at once, on the device
         if self.uses_patches:  # every cell's patch as a view of the window: (band, rows, cols, p, p)
             patches = normalised["patch"].unfold(1, self.patch, 1).unfold(2, self.patch, 1)
-        series = normalised.get("climate")
         results: dict[str, list[torch.Tensor]] = {name: [] for name in self.outputs}
         with torch.no_grad(), self._autocast:
+            series = None
+            if "climate" in normalised:
+                assert self.model.climate is not None
+                series = torch.cat([self.model.climate(part) for part in normalised["climate"].split(self.batch_size)])
+                if climate_of is not None:
+                    series = series[torch.from_numpy(climate_of).to(self.device)]
             for start in range(0, len(cells), self.batch_size):
                 chosen = cells[start : start + self.batch_size]
                 inputs = {}
                 if self.uses_patches:
                     inputs["patch"] = patches[:, top_t[chosen], left_t[chosen]].permute(1, 0, 2, 3)
                 if series is not None:
-                    inputs["climate"] = series[chosen]
+                    inputs["climate_embedding"] = series[chosen]
                 features = self.model.features(inputs).float()
                 self._collect(results, self.model.quantiles_of(features).float(), features)
         for name, parts in results.items():

@@ -121,10 +121,10 @@ class TabularPredictor:
         self.patch = baselines.WINDOW
         self.outputs = output_names(self.config.quantiles)
 
-    def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray,
-                climate: np.ndarray | None) -> dict[str, np.ndarray]:
+    def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray, climate: np.ndarray | None,
+                climate_of: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Outputs for cells whose 5 x 5 windows start at (top, left) of `block` (band, h, w); NaN where the
-        cell's pixel has no data."""
+        cell's pixel has no data. `climate` holds a series per cell, or per row of it that `climate_of` names."""
         out = {name: np.full(len(top), np.nan, dtype=np.float32) for name in self.outputs}
         half = self.patch // 2
         valid = ~np.isnan(block[:, top + half, left + half]).any(axis=0)
@@ -133,7 +133,7 @@ class TabularPredictor:
             chosen = cells[start : start + BATCH]
             batch = {"patch": cut_patches(block, top[chosen], left[chosen], self.patch)}  # (n, band, 5, 5)
             if climate is not None:
-                batch["climate"] = climate[chosen]
+                batch["climate"] = climate[chosen if climate_of is None else climate_of[chosen]]
             values = baselines.covariate_features(batch, self.config.bands, self.config.variables, self.months).values
             lower, median, upper = self.fitted.predict(values)
             out["soc_median"][chosen] = median

@@ -61,7 +61,8 @@ class WindowInput:
     block: np.ndarray
     top: np.ndarray
     left: np.ndarray
-    climate: np.ndarray | None
+    climate: np.ndarray | None  # (climate cells, time, variable): each climate cell under the window once
+    climate_of: np.ndarray | None  # (cells,): each cell's row of `climate`
 
 
 @dataclass
@@ -83,7 +84,8 @@ class CubeAccess:
 
 def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predictor | TabularPredictor) -> WindowInput:
     """The imagery block under a window's cells plus the halo of their patches (the predictor's patch size),
-    and their climate series when the predictor uses climate."""
+    and, when the predictor uses climate, the series of each climate cell under them (thousands of map cells
+    share one: the network's climate branch then runs once per climate cell)."""
     xs, ys = grid.x_of(np.arange(window.cols.start, window.cols.stop)), grid.y_of(np.arange(window.rows.start,
                                                                                           window.rows.stop))
     x, y = np.meshgrid(xs, ys)
@@ -93,15 +95,18 @@ def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predict
     r0, c0 = int(rows.min()) - half, int(cols.min()) - half
     block = read_imagery(cube.url, cube.imagery.shape, r0, int(rows.max()) - half + patch, c0,
                          int(cols.max()) - half + patch)
-    series = None
+    series = climate_of = None
     if predictor.uses_climate and cube.climate is not None:
-        series = climate_at(cube.url, cube.climate, x.ravel(), y.ravel())
-    return WindowInput(window, block, rows - half - r0, cols - half - c0, series)
+        climate_rows, climate_cols = cube.climate.rowcol(x.ravel(), y.ravel())
+        _, first, climate_of = np.unique(climate_rows * cube.climate.width + climate_cols, return_index=True,
+                                         return_inverse=True)
+        series = climate_at(cube.url, cube.climate, x.ravel()[first], y.ravel()[first])
+    return WindowInput(window, block, rows - half - r0, cols - half - c0, series, climate_of)
 
 
 def predict_window(predictor: Predictor | TabularPredictor, data: WindowInput) -> dict[str, np.ndarray]:
     """(h, w) arrays of every output of one window."""
-    flat = predictor.predict(data.block, data.top, data.left, data.climate)
+    flat = predictor.predict(data.block, data.top, data.left, data.climate, data.climate_of)
     return {name: values.reshape(data.window.shape) for name, values in flat.items()}
 
 

@@ -1,7 +1,7 @@
 """Map throughput and memory of `geosoc.predict`, against the bare model forward in the same run (not a test).
 
     python tests/benchmarks/inference.py [--size-px 1024] [--resolution 60] [--device cpu|cuda] [--paper]
-                                         [--aoa-rows 16000] [--no-s3]
+                                         [--aoa-rows 16000] [--no-s3] [--record [RATES.json]]
 
 1. Throughput. A synthetic cube (14 bands at 30 m, 61 months x 14 climate variables at 4 km) and a fine-tuned
    checkpoint with random weights (the demo's small model, or with --paper the paper-size one: 105 M
@@ -17,7 +17,8 @@
    LUCAS-size survey; the old figure used 1,000), since every cell's distance is taken to all of them.
    The last line is `inference_efficiency=<geosoc rate / bare rate>` from the cold local cube (goal >= 0.7 on
    CPU, >= 0.8 on a GPU); `inference_efficiency_s3=` follows where the S3 run ran.
-   With --device cuda the measured rate is also turned into a projection for Europe at 1 km and 250 m.
+   With --record the cold-cube rate is written to the rates file `geosoc predict --dry-run` plans with (default
+   geosoc/maps/rates.json), keyed by device name (torch's CUDA name, or cpu), model size and output resolution.
 2. Memory. Peak RSS of `predict` over two regions 4x apart in cells, each in a fresh process (goal: growth
    < 1.3x, since nothing holds more than a window).
 """
@@ -40,7 +41,6 @@ import yaml
 from memory import report, run_child
 
 X0, Y0 = 4_000_020, 2_800_020  # multiples of 30 in EPSG:3035
-EUROPE_CELLS = {"1 km": 8_000_000, "250 m": 130_000_000}  # land cells, midpoints of 6-10 M and 100-160 M
 SMALL = dict(patch_size=32, image_patch=8, image_dim=64, image_depth=2, image_heads=4, climate_dim=64,
              climate_layers=2, climate_heads=4, climate_feedforward=128, embedding=32)
 PAPER = dict(patch_size=64)  # NetworkConfig's defaults are the paper's
@@ -139,6 +139,26 @@ def predict_rate(cube: str, model: str, resolution: float, batch: int, device: s
     return cells / seconds, cells
 
 
+def record(model_url: str, args: argparse.Namespace, device: str, rate: float, bare: float) -> None:
+    """The measured rate as an entry of the rates file `geosoc predict --dry-run` reads."""
+    import datetime as dt
+
+    import torch
+
+    from geosoc.learn import checkpoint
+    from geosoc.maps.plan import Rate, rates_file, record_rate
+
+    model, _ = checkpoint.load_model(model_url, "cpu")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    command = (f"tests/benchmarks/inference.py --device {device}{' --paper' if args.paper else ''} --resolution "
+               f"{args.resolution:g} (batch {args.batch}, {args.size_px} px cube of 30 m on local disk, cold)")
+    entry = Rate(name, sum(p.numel() for p in model.parameters()), args.resolution, round(rate), round(bare),
+                 dt.date.today().isoformat(), command)
+    path = Path(args.record) if args.record else rates_file()
+    record_rate(entry, path)
+    print(f"recorded in {path}: {entry}")
+
+
 def drop_from_page_cache(folder: str) -> None:
     """Evict a folder's files from the page cache (posix_fadvise DONTNEED: no root needed), so they are read
     from the disk again. Dirty pages are not dropped: written-back first."""
@@ -202,6 +222,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, help="output cells per window side (default: geosoc's)")
     parser.add_argument("--aoa-rows", type=int, default=16_000, help="embeddings in the AOA reference")
     parser.add_argument("--no-s3", action="store_true", help="skip the run from an S3 server on loopback")
+    parser.add_argument("--record", nargs="?", const="", metavar="RATES",
+                        help="write the cold-cube rate to RATES (default: the rates file geosoc plans with)")
     parser.add_argument("--memory-run", nargs=2, metavar=("CUBE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -238,10 +260,8 @@ def main() -> None:
         if on_s3 is not None:
             print(f"geosoc.predict, cube on S3 (loopback moto):      {on_s3:10,.0f} cells/s")
         print(f"bare forward:                                    {bare:10,.0f} cells/s  (batches already on the device)")
-        if device == "cuda":
-            for name, n in EUROPE_CELLS.items():
-                print(f"projection (not a measurement): Europe at {name}, ~{n / 1e6:,.0f} M land cells: "
-                      f"{n / ours / 3600:.2f} h on one GPU at the measured rate, {n / ours / 3600 / 8:.2f} h on eight")
+        if args.record is not None:
+            record(model, args, device, ours, bare)
         half = args.size_px // 2
         small_cube, small_model = build(folder, half, args.paper, args.aoa_rows)
         # same windows (64 cells a side) for both: 4x the cells is 4x the windows, not bigger ones

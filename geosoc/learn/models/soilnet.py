@@ -64,11 +64,14 @@ class SoilNet(nn.Module):
         )
 
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each branch's embedding; a batch may carry the climate branch's output already ("climate_embedding":
+        maps run it once per climate cell, which thousands of map cells share)."""
         out = {}
         if self.image is not None:
             out["image"] = self.image(batch["patch"])
         if self.climate is not None:
-            out["climate"] = self.climate(batch["climate"])
+            out["climate"] = batch["climate_embedding"] if "climate_embedding" in batch else self.climate(
+                batch["climate"])
         return out
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
