@@ -346,8 +346,8 @@ def test_ray_map_grows_onto_a_node_that_joins_after_it_started(ray_head, region:
     try:
         result: dict[str, Any] = {}
         job = threading.Thread(target=lambda: result.update(ds=predict(
-            f"{root}/cube.zarr", out=out, resolution=30, chunk=8, engine="ray", max_actors=2, cpus_per_actor=2,
-            progress=False)))  # 144 windows
+            f"{root}/cube.zarr", out=out, resolution=30, chunk=16, engine="ray", max_actors=2, cpus_per_actor=2,
+            progress=False)))  # 36 windows
         job.start()
         _wait_while(job, lambda: len(_marked(out)) >= 3 and ray_actor_pids(Path(ray_head["temp"]), "WindowWorker"))
         (first,) = ray_actor_pids(Path(ray_head["temp"]), "WindowWorker")
@@ -376,9 +376,51 @@ def test_ray_map_grows_onto_a_node_that_joins_after_it_started(ray_head, region:
         if node is not None:  # this node only: `ray start --block` and what it started share its session
             os.killpg(node.pid, signal.SIGTERM)
             node.wait()
-    local = predict(f"{root}/cube.zarr", resolution=30, chunk=8).compute()
+    local = predict(f"{root}/cube.zarr", resolution=30, chunk=16).compute()
     for name in local.data_vars:
         np.testing.assert_allclose(result["ds"][name].values, local[name].values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizing,resources,windows,expected", [
+    (dict(max_actors=8, gpus_per_actor=1), {"CPU": 4}, 100, (8, 1.0, 1.0)),  # the autoscaler brings the GPUs
+    (dict(max_actors=8), {"CPU": 4}, 5, (5, 0.0, 1.0)),  # never more actors than windows
+    (dict(), {"CPU": 16, "GPU": 2}, 100, (2, 1.0, 1.0)),  # nothing asked: what is up now
+    (dict(cpus_per_actor=2), {"CPU": 7}, 100, (3, 0.0, 2.0)),
+    (dict(), {}, 100, (1, 0.0, 1.0)),
+])
+def test_a_ray_map_asks_for_what_the_user_asked(sizing: dict[str, Any], resources: dict[str, float], windows: int,
+                                                expected: tuple[int, float, float]) -> None:
+    from geosoc.maps.ray_engine import actor_count, actor_shape
+    from geosoc.maps.windows import RaySizing
+
+    asked = RaySizing(**sizing)
+    assert (actor_count(asked, resources, windows)[0], *actor_shape(asked, resources)) == expected
+
+
+def test_an_error_in_a_map_actor_ends_the_job_with_its_own_line(ray_head, region: tuple[Path, str], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged cube chunk is met by an actor, not the driver: `geosoc predict --engine ray` still ends with the
+    one line that names it (the actor's error raised as itself), as the local engine does."""
+    import ray
+    from typer.testing import CliRunner
+
+    from geosoc.cli import app
+    from tests.helpers import copy_region
+
+    catalog, root = copy_region(region, tmp_path, leave_out=("maps",))
+    chunk = max((p for p in Path(root, "cube.zarr/imagery/data/c").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    monkeypatch.setenv("RAY_ADDRESS", ray_head["gcs"])  # the CLI's ray.init() joins the session's head
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    try:
+        result = CliRunner().invoke(app, ["predict", "--catalog", str(catalog), "--root", root, "--engine", "ray",
+                                          "--max-actors", "1", "--no-export", "-q"])
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 1, result.output[-3000:]
+    assert result.output.strip().splitlines()[-1].startswith(f"error: {chunk}: this stored chunk is damaged")
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("target,folder,expected", [

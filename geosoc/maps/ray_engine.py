@@ -120,7 +120,11 @@ def _dispatch(actors: list[Any], windows: list[Window], bar: tqdm, max_retries: 
         ref = done[0]
         if ref in starting:
             actor = starting.pop(ref)
-            log.info("map actor %d of %d up: %s", len(up) + 1, len(actors), _result(ref, RayTaskError))
+            try:
+                log.info("map actor %d of %d up: %s", len(up) + 1, len(actors), _result(ref, RayTaskError))
+            except RayActorError as err:  # its process died while starting (after Ray's restarts)
+                log.warning("a map actor could not start: %s", err)
+                continue
             up.append(actor)
         else:
             actor, window = running.pop(ref)

@@ -99,24 +99,28 @@ def build(folder: Path, size_px: int, paper: bool, aoa_rows: int) -> tuple[str, 
 
 
 def bare_rate(model_url: str, cells: int, batch: int, device: str) -> float:
-    """The model alone on `cells` cells in batches already on the device (4 distinct batches, cycled)."""
+    """The model alone on `cells` cells in batches already on the device (4 distinct batches, cycled), doing the
+    work a map does: the image branch and head per cell, the climate branch once per batch (a map runs it once
+    per climate cell, and a window's cells share a handful of them)."""
     import torch
 
     from geosoc.learn import checkpoint
+    from geosoc.learn.device import precision
 
     model, _ = checkpoint.load_model(model_url, device)
     config = model.config
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     batches = [{"patch": torch.randn(batch, len(config.bands), config.patch_size, config.patch_size, generator=gen).to(dev),
-                "climate": torch.randn(batch, config.months, len(config.variables), generator=gen).to(dev)}
+                "climate": torch.randn(1, config.months, len(config.variables), generator=gen).to(dev)}
                for _ in range(4)]
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
     def run(n: int) -> None:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), precision(dev):
             for i in range(n):
-                model.quantiles_of(model.features(batches[i % 4]))
+                inputs = batches[i % 4]
+                shared = model.climate(inputs["climate"]).expand(batch, -1)
+                model.quantiles_of(model.features({"patch": inputs["patch"], "climate_embedding": shared}))
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
