@@ -34,6 +34,7 @@ bench: install
 	$(PY) tests/benchmarks/sampling.py
 	$(PY) tests/benchmarks/training.py
 	$(PY) tests/benchmarks/inference.py
+	$(PY) tests/benchmarks/maps_scale.py
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:

@@ -58,11 +58,11 @@ def load_rates(path: Path | None = None) -> list[Rate]:
     path = path or rates_file()
     try:
         return [Rate.from_dict(entry) for entry in json.loads(path.read_text())["rates"]]
-    except FileNotFoundError:
-        raise InputError(f"{path}: no rates file; write one with tests/benchmarks/inference.py --rates-out") from None
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: no rates file; write one with tests/benchmarks/inference.py --record") from err
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"{path}: not a rates file (expected {{\"rates\": [{{device, parameters, resolution, "
-                         f"cells_per_s, ...}}]}}): {err}") from None
+                         f"cells_per_s, ...}}]}}): {err}") from err
 
 
 def record_rate(rate: Rate, path: Path | None = None) -> None:
@@ -207,7 +207,7 @@ def _inside_fraction(grid: Grid, mask: str | None) -> np.ndarray:
             reproject(rasterio.band(src, 1), lattice, dst_transform=grid.transform * Affine.scale(step),
                       dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)
     except rasterio.errors.RasterioIOError as err:
-        raise InputError(f"region.mask: {mask} cannot be read ({err})") from None
+        raise InputError(f"region.mask: {mask} cannot be read ({err})") from err
     rows = np.minimum(np.arange(shape[0]) * step // grid.chunks[0], ny - 1)
     cols = np.minimum(np.arange(shape[1]) * step // grid.chunks[1], nx - 1)
     inside, count = np.zeros((ny, nx)), np.zeros((ny, nx))

@@ -132,11 +132,11 @@ def _dispatch(actors: list[Any], windows: list[Window], bar: tqdm, max_retries: 
             try:
                 _result(ref, RayTaskError)
                 bar.update(1)
-            except RayActorError:  # dead after its restarts: the window goes to another actor
+            except RayActorError as err:  # dead after its restarts: the window goes to another actor
                 failures[window.key] += 1
                 if failures[window.key] > max_retries:
                     raise IncompleteError(f"window {window.key} failed {failures[window.key]} times: actors "
-                                          "running it died; see the log above, and run predict again") from None
+                                          "running it died; see the log above, and run predict again") from err
                 log.warning("a map actor died for good; window %s goes to another", window.key)
                 queue.appendleft(window)
                 if actor in up:
@@ -157,5 +157,5 @@ def _result(ref: Any, task_error: type[Exception]) -> Any:
     except task_error as err:
         cause = getattr(err, "cause", None)
         if isinstance(cause, GeosocError):
-            raise cause from None
+            raise cause from err
         raise
