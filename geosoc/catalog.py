@@ -208,6 +208,8 @@ class SamplingConfig(_Section):
     folds: int = Field(5, ge=2)
     max_nodata: float = Field(0.5, ge=0, le=1, description="a patch with a larger fraction of pixels without data "
                                                            "(or none at its centre) is dropped")
+    depth: str | None = Field(None, description="the soil layer the samples measure, e.g. '0-20 cm': the map "
+                                                "predicts that layer, and its title and STAC item say so")
 
 
 class ImageEncoderConfig(_Section):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from geosoc.catalog import load_catalog
@@ -71,6 +72,7 @@ def job_main(stage: str, argv: list[str] | None = None) -> None:
     with one `error:` line; the last line says what finished."""
     parser = job_parser(stage)
     args = parser.parse_args(argv)
+    _log_to_the_job()
     if not (args.region or args.catalog):
         parser.error("give --region or --catalog")
     try:
@@ -78,6 +80,16 @@ def job_main(stage: str, argv: list[str] | None = None) -> None:
     except GeosocError as err:
         raise SystemExit(f"error: {err}") from None
     print(f"{stage} finished: {done}")
+
+
+def _log_to_the_job() -> None:
+    """geosoc's INFO lines (actors up, windows waiting, epochs) in the job's log, which `ray job logs` shows."""
+    logger = logging.getLogger("geosoc")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _train_on_ray(stage: str, args: argparse.Namespace) -> Any:

@@ -169,7 +169,7 @@ def test_pretrain_and_finetune_on_cuda_streamed_then_resume_on_cpu(tmp_path: Pat
 
 
 def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_path: Path) -> None:
-    """`ray job submit` of jobs/predict.py: a pool of actors on the real head writes the map and its exports."""
+    """`ray job submit` of jobs/predict.py: Ray actors on the real head write the map and its exports."""
     from tests.helpers import copy_region, submit_job
 
     catalog, root = copy_region(trained_region, tmp_path)
@@ -177,6 +177,7 @@ def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_
                                  "--max-actors", "1"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "predict finished: " in done.stdout
+    assert "map actor 1 of 1 up" in done.stdout + done.stderr  # geosoc's own log lines reach the job's log
     maps = Path(root) / "maps"
     assert {"soc_median.tif", "aoa.tif", "quicklook.png", "item.json"} <= {p.name for p in maps.iterdir()}
     import zarr

@@ -71,7 +71,7 @@ CLIP_PERCENTILES = (2, 98)
 def quicklook(ds: xr.Dataset, url: str, title: str) -> str:
     """PNG of the median SOC: colour bar in its units, with arrows where the scale is clipped (it spans the 2nd to
     98th percentile, said under it); no data in its own colour and legend entry; cells outside the AOA greyed and
-    hatched; a scale bar. The title is the caller's (region, period)."""
+    hatched; a scale bar. The title is the caller's (region, depth, period)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +188,8 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
                     "description": "SSL-SoilNet predictions: median and interval bounds of SOC, area of "
                                    "applicability (Meyer & Pebesma 2021).",
                     "created": created, "geosoc:model": relative_to(ds.attrs.get("model", ""), folder),
-                    "geosoc:cube": relative_to(ds.attrs.get("cube", ""), folder)},
+                    "geosoc:cube": relative_to(ds.attrs.get("cube", ""), folder),
+                    **({"geosoc:depth": ds.attrs["depth"]} if ds.attrs.get("depth") else {})},
     )
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     proj.code = crs.to_string()
@@ -228,7 +229,8 @@ def export_maps(ds: xr.Dataset, folder: str, zarr_name: str = "soc.zarr") -> dic
     region = ds.attrs.get("region") or "map"
     start, end = imagery_period(ds)
     when = f", imagery {start} to {end}" if start else ""
-    assets["quicklook"] = quicklook(ds, join(folder, "quicklook.png"), f"{region}: soil organic carbon{when}")
+    depth = f" at {ds.attrs['depth']}" if ds.attrs.get("depth") else ""
+    assets["quicklook"] = quicklook(ds, join(folder, "quicklook.png"), f"{region}: soil organic carbon{depth}{when}")
     assets["zarr"] = join(folder, zarr_name)
     relative = {key: href.rsplit("/", 1)[1] for key, href in assets.items()}  # hrefs relative to item.json
     stac_item(ds, folder, relative, f"geosoc-{region}-soc")

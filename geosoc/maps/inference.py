@@ -175,7 +175,8 @@ def map_spec(cube: str | xr.DataTree, model: str | None = None, *, resolution: f
     grid = output_grid(cube_grid, resolution, bands, patch, bounds, chunk)
     region = catalog.region.name if catalog is not None else ""
     period = (str(catalog.imagery.period[0]), str(catalog.imagery.period[1])) if catalog is not None else None
-    return MapSpec(url, model, grid, batch_size, region, period)
+    depth = (catalog.sampling.depth or "") if catalog is not None else ""
+    return MapSpec(url, model, grid, batch_size, region, period, depth)
 
 
 def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: float | None = None,
@@ -271,7 +272,8 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
     check_compatible(config, CubeAccess.open(spec.cube), spec.model)
     reference = checkpoint.load_aoa(spec.model)
     attrs = new_build(out, fingerprint, "writing", region=spec.region, cube=spec.cube, model=spec.model,
-                      period=list(spec.period or []), calibration=json.dumps(checkpoint.calibration_of(meta)),
+                      period=list(spec.period or []), depth=spec.depth,
+                      calibration=json.dumps(checkpoint.calibration_of(meta)),
                       aoa_threshold=reference.threshold if reference is not None else None)
     outputs = output_names(config.quantiles)
     _template(spec, outputs, meta.get("units", ""), attrs).to_zarr(

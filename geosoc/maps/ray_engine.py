@@ -113,9 +113,9 @@ def _dispatch(actors: list[Any], windows: list[Window], bar: tqdm, max_retries: 
         if not starting and not running and not up:
             raise IncompleteError(f"every map actor died; {len(queue)} windows not written: run predict again")
         done, _ = ray.wait([*starting, *running], num_returns=1, timeout=STATUS_EVERY_S)
-        if not done:
-            log.info("%d of %d map actors up, %d windows waiting; the others start when the cluster has room",
-                     len(up), len(actors), len(queue))
+        if not done:  # a warning while nothing can progress: the cluster may never have room (no GPU, say)
+            log.log(logging.INFO if up else logging.WARNING, "%d of %d map actors up, %d windows waiting; the "
+                    "others start when the cluster has room for them", len(up), len(actors), len(queue))
             continue
         ref = done[0]
         if ref in starting:

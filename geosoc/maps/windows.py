@@ -36,6 +36,7 @@ class MapSpec:
     batch_size: int = DEFAULT_BATCH
     region: str = ""
     period: tuple[str, str] | None = None  # the imagery's dates, for the STAC item
+    depth: str = ""  # the soil layer the samples measure (catalog sampling.depth), for the title and STAC item
 
     def fingerprint(self, model_config: bytes, cube_build: str) -> str:
         text = json.dumps([MAP_LAYOUT, self.cube, cube_build, self.model, model_config.decode(), self.grid.crs,
