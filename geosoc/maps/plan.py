@@ -152,7 +152,7 @@ def plan_from_catalog(catalog: LoadedCatalog, *, resolution: float | None = None
     if climate is not None and config.climate_grid is not None:
         climate_chunks = _chunks_read(grid, config.climate_grid, climate.chunk_shape[-2:], 1)
         climate_bytes = int((climate_chunks * holds).sum()) * _chunk_bytes(climate)
-    sizes = np.outer(*[np.diff(np.minimum(np.arange(0, n + c, c), n)) for n, c in zip(grid.shape, grid.chunks)])
+    sizes = np.outer(*grid.dask_chunks())  # cells per window
     return CatalogPlan(grid, grid.height * grid.width, int(round(float((inside * sizes).sum()))), grid.n_chunks,
                        int(holds.sum()), config.region.mask, imagery_bytes, climate_bytes, _parameters(network),
                        patch, bands, variables, months)
