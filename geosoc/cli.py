@@ -347,7 +347,8 @@ def evaluate(
 
 def print_evaluation(summary: dict[str, Any]) -> None:
     """The evaluation table, then the best model by pooled R² and how to map with it."""
-    console.print(evaluation_table(summary))
+    # written to a file or a pipe, rich would cut the table to 80 columns ("0.5…"): give it room instead
+    (console if console.is_terminal else Console(width=200)).print(evaluation_table(summary))
     pooled = {m: s["pooled"]["r2"] for m, s in summary["models"].items() if s["pooled"]["r2"] is not None}
     if pooled:
         best = max(pooled, key=pooled.__getitem__)
@@ -366,7 +367,8 @@ def how_to_map(model: str) -> str:
 def evaluation_table(summary: dict[str, Any]) -> Table:
     """Mean ± sd over the held-out folds, and the pooled R², per model."""
     units = summary.get("units", "")
-    table = Table(title=f"{summary['cv']} cross-validation: means over held-out folds (SOC in {units})",
+    table = Table(title=f"{summary['cv']} cross-validation: means over held-out folds "
+                        f"({summary.get('target', 'SOC')} in {units})",
                   box=box.SIMPLE_HEAD)
     for column in ("model", "RMSE", "R² ± sd", "CCC", "bias", "PICP90", "width", "pooled R²"):
         table.add_column(column, justify="right", no_wrap=True, min_width=len(column))

@@ -150,6 +150,12 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     assert set(summary["models"]) == set(evaluation.MODELS)
     best = max(summary["models"], key=lambda m: summary["models"][m]["pooled"]["r2"])
     assert f"best by pooled R²: {best}; to map with it:" in " ".join(result.output.split())
+    # not a terminal here: the table is printed whole, not cut to 80 columns
+    assert "…" not in result.output and "pooled R²" in result.output
+    for model, stats in summary["models"].items():
+        assert f"{stats['pooled']['r2']:.3f}" in result.output, model
+    target = __import__("geosoc").open_sampleset(f"{root}/samples/labelled.zarr")["target"].attrs["long_name"]
+    assert summary["target"] == target and f"({target} in " in result.output
     import pandas as pd
 
     metrics = pd.read_csv(folder / "metrics.csv")
@@ -193,3 +199,20 @@ def test_evaluate_needs_unlabelled_samples_for_ssl(trained_region: tuple[Path, s
     assert set(result.summary["models"]) == {"supervised", "gbm"}
     assert len(result.metrics) == 2 * 3 and np.isfinite(result.metrics["rmse"]).all()  # 2 models x 3 folds
     assert not Path(root, "models", "pretrain").exists()  # the supervised network needs no pretraining
+
+
+def test_the_scatter_plot_shows_every_point(tmp_path: Path) -> None:
+    """Points beyond the axes are drawn at the edge and counted, not dropped."""
+    import pandas as pd
+
+    from geosoc.evaluation.campaign import _scatter
+
+    rng = np.random.default_rng(0)
+    observed = np.append(rng.uniform(5, 30, 199), 400.0)  # one far observation
+    rows = [pd.DataFrame({"model": model, "observed": observed, "q50": observed * 0.9, "q05": observed * 0.5,
+                          "q95": observed * 1.5}) for model in ("rf", "qrf")]
+    pooled = {"rmse": 3.0, "r2": 0.5, "picp": None}
+    summary = {"target": "ORCDRC", "units": "g/kg", "models": {m: {"pooled": pooled} for m in ("rf", "qrf")}}
+    beyond = _scatter(pd.concat(rows), ("rf", "qrf"), summary, tmp_path / "scatter.png")
+    assert beyond == {"rf": 1, "qrf": 1}
+    assert (tmp_path / "scatter.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +68,7 @@ class Points:
     source: str
     problems: list[Problem] = field(default_factory=list)
     index: np.ndarray | None = None  # position of each point in the input table (0-based)
+    target_name: str = "SOC"  # the table's column, e.g. ORCDRC: what evaluation tables and plots call it
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -77,9 +78,9 @@ class Points:
         return len(self.ids)
 
     def subset(self, keep: np.ndarray) -> Points:
-        return Points(self.ids[keep], self.x[keep], self.y[keep], self.lon[keep], self.lat[keep],
-                      self.target[keep], self.units, self.source, self.problems,
-                      self.index[keep] if self.index is not None else None)
+        return replace(self, ids=self.ids[keep], x=self.x[keep], y=self.y[keep], lon=self.lon[keep],
+                       lat=self.lat[keep], target=self.target[keep],
+                       index=self.index[keep] if self.index is not None else None)
 
 
 def lonlat(x: np.ndarray, y: np.ndarray, crs: str) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +201,8 @@ def read_points(
     keep = ~bad
     if not keep.any():
         raise InputError(f"{path}: no valid points among {len(frame)} rows:\n{report(problems)}")
-    points = Points(ids, gx, gy, lon, lat, target, spec.units, str(path), problems)
+    points = Points(ids, gx, gy, lon, lat, target, spec.units, str(path), problems,
+                    target_name=target_col or "SOC")
     return points.subset(keep)
 
 

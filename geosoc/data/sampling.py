@@ -254,7 +254,8 @@ def sampleset_dataset(
         "lat": ("sample", points.lat),
         "fold": ("sample", fold),
     }
-    data: dict[str, Any] = {"target": ("sample", points.target.astype(np.float32), {"units": points.units})}
+    data: dict[str, Any] = {"target": ("sample", points.target.astype(np.float32),
+                                       {"units": points.units, "long_name": points.target_name})}
     if bands is not None:
         coords["band"] = axis_coordinate("band", bands)
     if climate is not None:

@@ -137,7 +137,8 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
         fs, path = filesystem(url)
         parts.append(pd.read_parquet(fs.open(path, "rb")))
     predictions = pd.concat(parts, ignore_index=True)
-    return _report(predictions, out, models, samples["target"].attrs.get("units", ""), cv)
+    return _report(predictions, out, models, samples["target"].attrs.get("units", ""), cv,
+                   samples["target"].attrs.get("long_name", "SOC"))
 
 
 def _campaign(cv: str, sets: list[np.ndarray], ids: np.ndarray, observed: np.ndarray) -> str:
@@ -161,12 +162,13 @@ def _metrics(group: pd.DataFrame) -> dict[str, float]:
                               group["q95"].to_numpy())
 
 
-def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units: str, cv: str) -> Evaluation:
+def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units: str, cv: str,
+            target: str = "SOC") -> Evaluation:
     rows = []
     for (model, repeat, fold), group in predictions.groupby(["model", "repeat", "fold"], sort=False):
         rows.append({"model": model, "repeat": repeat, "fold": fold, "n": len(group), **_metrics(group)})
     metrics = pd.DataFrame(rows)
-    summary: dict[str, Any] = {"cv": cv, "units": units, "models": {}}
+    summary: dict[str, Any] = {"cv": cv, "target": target, "units": units, "models": {}}
     for model in models:
         per_fold = metrics[metrics["model"] == model]
         pooled = _metrics(predictions[predictions["model"] == model])
@@ -185,7 +187,7 @@ def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units:
     with published(outputs["predictions.parquet"]) as path:
         predictions.to_parquet(path, index=False)
     with published(outputs["scatter.png"]) as path:
-        _scatter(predictions, models, units, summary, path)
+        _scatter(predictions, models, summary, path)
     return Evaluation(metrics, summary, predictions, outputs)
 
 
@@ -193,30 +195,48 @@ def _finite(value: float) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
 
 
-def _scatter(predictions: pd.DataFrame, models: tuple[str, ...], units: str, summary: dict[str, Any],
-             path: Path) -> None:
-    """Observed against predicted median, one panel per model, with the 1:1 line and the pooled R²."""
+def _scatter(predictions: pd.DataFrame, models: tuple[str, ...], summary: dict[str, Any], path: Path) -> dict[str, int]:
+    """Observed against predicted median, one panel per model: every point with its 90 % interval, the 1:1 line,
+    n, RMSE, pooled R² and PICP90. The axes end at 1.05 x the 99.5th percentile of observed and predicted values;
+    points beyond are drawn at the edge as triangles and counted in the panel. Returns those counts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    name, units = summary.get("target", "SOC"), summary.get("units", "")
+    unit = f" ({units})" if units else ""
     cols = min(3, len(models))
     rows = -(-len(models) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False, dpi=110)
     limit = float(np.nanpercentile(predictions[["observed", "q50"]].to_numpy(), 99.5)) * 1.05
+    beyond = {}
     for ax, model in zip(axes.ravel(), models):
         part = predictions[predictions["model"] == model]
-        ax.scatter(part["observed"], part["q50"], s=6, alpha=0.5)
+        observed, median = part["observed"].to_numpy(), part["q50"].to_numpy()
+        x, y = np.minimum(observed, limit), np.minimum(median, limit)
+        outside = (observed > limit) | (median > limit)
+        beyond[model] = int(outside.sum())
+        lower, upper = np.minimum(part["q05"].to_numpy(), limit), np.minimum(part["q95"].to_numpy(), limit)
+        ax.errorbar(x, y, yerr=[np.maximum(y - lower, 0), np.maximum(upper - y, 0)], fmt="none", ecolor="0.75",
+                    elinewidth=0.5, zorder=1)
+        ax.scatter(x[~outside], y[~outside], s=6, alpha=0.6, zorder=2)
+        ax.scatter(x[outside], y[outside], s=14, marker="^", color="C3", zorder=3)
         ax.plot([0, limit], [0, limit], color="k", linewidth=0.8)
-        ax.set_xlim(0, limit)
-        ax.set_ylim(0, limit)
-        r2 = summary["models"][model]["pooled"]["r2"]
-        ax.set_title(f"{model}: R² {r2:.3f}" if r2 is not None else model, fontsize=10)
-        ax.set_xlabel(f"observed SOC ({units})")
-        ax.set_ylabel(f"predicted median ({units})")
+        ax.set_xlim(0, limit * 1.01)
+        ax.set_ylim(0, limit * 1.01)
+        pooled = summary["models"][model]["pooled"]
+        shown = {"rmse": "RMSE", "r2": "R²", "picp": "PICP90"}
+        lines = [f"n {len(part)}"] + [f"{shown[k]} {pooled[k]:.3g}" for k in shown if pooled.get(k) is not None]
+        if beyond[model]:
+            lines.append(f"{beyond[model]} beyond the axes (▲ at the edge)")
+        ax.text(0.03, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=8)
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel(f"observed {name}{unit}")
+        ax.set_ylabel(f"predicted median {name}{unit}, 90 % interval")
     for ax in axes.ravel()[len(models):]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return beyond
