@@ -325,7 +325,7 @@ def evaluate(
     folds: int | None = typer.Option(None, "--folds", min=2, help="Number of folds (default: the SampleSet's)."),
     models: str | None = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf (default: all)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Repeat the cross-validation with other fold seeds."),
-    epochs: int | None = EpochsOpt,
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs of the network runs (default: the catalog's); it does not reach pretraining, which `geosoc pretrain --epochs N` extends. Other epochs make new runs."),
     threads: int | None = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -349,6 +349,10 @@ def print_evaluation(summary: dict[str, Any]) -> None:
     """The evaluation table, then the best model by pooled R² and how to map with it."""
     # written to a file or a pipe, rich would cut the table to 80 columns ("0.5…"): give it room instead
     (console if console.is_terminal else Console(width=200)).print(evaluation_table(summary))
+    reused = {m: s["reused_runs"] for m, s in summary["models"].items() if s.get("reused_runs")}
+    if reused:
+        console.print("reused from earlier runs with the same folds and settings: " + ", ".join(
+            f"{m} {n} of {summary['models'][m]['folds']}" for m, n in reused.items()), highlight=False)
     pooled = {m: s["pooled"]["r2"] for m, s in summary["models"].items() if s["pooled"]["r2"] is not None}
     if pooled:
         best = max(pooled, key=pooled.__getitem__)

@@ -166,7 +166,7 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     assert set(predictions.columns) >= {"sample_id", "x", "y", "fold", "observed", "q05", "q50", "q95"}
     assert (folder / "scatter.png").read_bytes()[:4] == b"\x89PNG"
     assert np.isnan(metrics.loc[metrics["model"] == "rf", "picp"]).all()
-    ssl_runs = json.loads(next(folder.glob("runs/spatial-k3-*/ssl/r0-f1/config.json")).read_text())
+    ssl_runs = json.loads(next(folder.glob("runs/spatial-k3-*/ssl-*/r0-f1/config.json")).read_text())
     assert ssl_runs["test_fold"] == 1 and ssl_runs["pretrained"].endswith("models/pretrain")
 
     calls: list[str] = []
@@ -180,6 +180,13 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     monkeypatch.setattr(evaluation.baselines, "fit_predict", counting)
     again = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=2, progress=False)
     assert calls == [] and len(again.metrics) == len(metrics)  # every (model, fold) was already done
+    assert all(s["reused_runs"] == 3 for s in again.summary["models"].values())
+    monkeypatch.setattr(evaluation, "predict_samples", lambda run, data, rows, device: (np.zeros(len(rows)),) * 3)
+    other = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=3, models=("supervised", "rf"),
+                                       progress=False)  # other epochs: the network runs again, the trees do not
+    assert calls == ["finetune"] * 3 and other.summary["models"]["rf"]["reused_runs"] == 3
+    assert other.summary["models"]["supervised"]["reused_runs"] == 0
+    calls.clear()
     random = evaluation.evaluate_region(load_catalog(path=path).config, root, cv="random", folds=2,
                                         models=("rf", "qrf"), progress=False)
     assert random.summary["cv"] == "random" and len(random.metrics) == 4 and calls == ["tree"] * 4

@@ -5,8 +5,8 @@ Every model sees the same folds: the SampleSet's spatial blocks (`cv="spatial"`)
 entirely: networks pick their checkpoint and conformal calibration on a validation part of the other folds;
 trees are fitted on the other folds. Pretraining runs once, on the unlabelled SampleSet (no targets).
 Each finished (model, repeat, fold) leaves its held-out predictions (and, for networks, its checkpoint) under
-`evaluation/runs/<cv>-k<folds>-<digest>/`, so a re-run skips it; the tables and the figure are then made from
-all of them.
+`evaluation/runs/<cv>-k<folds>-<digest>/<model>-<settings>/`, so a re-run with the same folds and settings skips
+it; the tables and the figure are then made from all of them, and the summary says how many runs were reused.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from geosoc.learn import baselines, checkpoint
 from geosoc.learn.device import resolve_device
 from geosoc.learn.training import Context, finetune_region, forward_all, predict_samples, pretrain_region, stage_urls
 from geosoc.stats.metrics import METRICS, regression_metrics
+from geosoc.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,12 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
         if not checkpoint.is_checkpoint(urls["pretrain"]) and not exists(urls["unlabelled"]):
             raise NotFoundError(f"models ssl and hybrid need pretrained encoders: create {urls['unlabelled']} "
                                 "(`geosoc sample --random N`) or leave them out with --models")
-        pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))  # resumes; no-op when done
         pretrained = urls["pretrain"]
+        if _trained_epochs(pretrained) >= catalog.training.pretrain.epochs:
+            log.info("ssl and hybrid use the pretrained encoders at %s as they are (evaluate's --epochs sets "
+                     "fine-tuning only; `geosoc pretrain --epochs N` trains them further)", pretrained)
+        else:  # resumes an unfinished pretraining
+            pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))
     batch = data.rows(labelled)
     features = baselines.covariate_features(batch, data.bands, data.variables, data.time).values
     embeddings = _embeddings(pretrained, data, labelled, device) if "hybrid" in models else None
@@ -111,15 +116,19 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
     observed = data.target[labelled]
     tasks = [(m, r, int(k)) for r, fs in enumerate(sets) for k in np.unique(fs) for m in models]
     runs = join(out, "runs", _campaign(cv, sets, ids, observed))
+    folders = {m: f"{m}-{_settings(m, catalog, epochs, pretrained)}" for m in models}
     parts = []
+    reused: dict[str, int] = dict.fromkeys(models, 0)
     for model, repeat, fold in tqdm(tasks, desc="evaluate", unit="run", disable=not progress):
-        url = join(runs, model, f"r{repeat}-f{fold}.parquet")
-        if not exists(url):
+        url = join(runs, folders[model], f"r{repeat}-f{fold}.parquet")
+        if exists(url):
+            reused[model] += 1
+        else:
             full = np.full(data.size, -1, dtype=np.int64)
             full[labelled] = sets[repeat]
             test = sets[repeat] == fold
             if model in NETWORKS:
-                run = join(runs, model, f"r{repeat}-f{fold}")
+                run = join(runs, folders[model], f"r{repeat}-f{fold}")
                 finetune_region(catalog, root, epochs=epochs, test_fold=fold, ctx=ctx, out=run, folds=full,
                                 pretrained=pretrained if model == "ssl" else False,
                                 seed=catalog.training.seed + repeat)
@@ -138,7 +147,25 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
         parts.append(pd.read_parquet(fs.open(path, "rb")))
     predictions = pd.concat(parts, ignore_index=True)
     return _report(predictions, out, models, samples["target"].attrs.get("units", ""), cv,
-                   samples["target"].attrs.get("long_name", "SOC"))
+                   samples["target"].attrs.get("long_name", "SOC"), reused)
+
+
+def _trained_epochs(url: str) -> int:
+    """Epochs a training stage's checkpoint holds (0 when there is none yet)."""
+    last = join(url, "last")
+    return int(checkpoint.state_info(last)["epoch"]) if checkpoint.is_checkpoint(last) else 0
+
+
+def _settings(model: str, catalog: Catalog, epochs: int | None, pretrained: str | None) -> str:
+    """A digest of everything besides the folds that changes a model's held-out predictions: the catalog's model
+    and training sections (with evaluate's --epochs), the seed, the pretrained encoders (their config.json names
+    every weight file by SHA-256) and geosoc's version. Runs with other settings go to another folder."""
+    parts = [model, __version__, str(catalog.training.seed)]
+    if model in NETWORKS:
+        parts += [catalog.model.model_dump_json(), catalog.training.finetune.model_dump_json(), str(epochs)]
+    if model in NEEDS_PRETRAINING and pretrained is not None:
+        parts.append(checkpoint.config_bytes(pretrained).decode())
+    return fingerprint(*parts, length=8)
 
 
 def _campaign(cv: str, sets: list[np.ndarray], ids: np.ndarray, observed: np.ndarray) -> str:
@@ -163,7 +190,7 @@ def _metrics(group: pd.DataFrame) -> dict[str, float]:
 
 
 def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units: str, cv: str,
-            target: str = "SOC") -> Evaluation:
+            target: str = "SOC", reused: dict[str, int] | None = None) -> Evaluation:
     rows = []
     for (model, repeat, fold), group in predictions.groupby(["model", "repeat", "fold"], sort=False):
         rows.append({"model": model, "repeat": repeat, "fold": fold, "n": len(group), **_metrics(group)})
@@ -178,6 +205,7 @@ def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units:
             "mean": {m: _finite(per_fold[m].mean()) for m in METRICS},
             "sd": {m: _finite(per_fold[m].std(ddof=1)) for m in METRICS},
             "pooled": {m: _finite(v) for m, v in pooled.items()},
+            "reused_runs": (reused or {}).get(model, 0),  # from earlier runs with the same folds and settings
         }
     outputs = {name: join(out, name) for name in ("metrics.csv", "summary.json", "predictions.parquet", "scatter.png")}
     with published(outputs["metrics.csv"]) as path:
