@@ -13,6 +13,7 @@ normalisation and augmentation run on the training device; every loss comes from
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 from collections.abc import Callable, Iterable, Sized
@@ -307,7 +308,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     model = ctx.wrap(net.to(ctx.device))
     optimizer = make_optimizer(model, stage.learning_rate, ctx.device)
     last = join(out_url, "last")
-    start, history, best = 0, [], math.inf
+    start, history, best, stale, saved_rng = 0, [], math.inf, 0, None
     meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
     run = {k: meta.get(k) for k in ("stage", "samples", "seed", "test_fold", "pretrained", "folds")}
     if resume and checkpoint.is_checkpoint(last):
@@ -320,6 +321,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
         checkpoint.fit_weights(last, getattr(model, "module", model), checkpoint.load_weights(last))
         checkpoint.load_state(last, optimizer)
         start, history, best = info["epoch"], info["history"], info["best"]
+        stale, saved_rng = int(info.get("stale", 0)), info.get("rng")
         log.info("%s: resuming from %s at epoch %d", stage_name, last, start)
     stream = SampleStream(data, train, stage.batch_size, shuffle=True, seed=seed, rank=ctx.rank, world=ctx.world)
     if not len(stream):
@@ -327,13 +329,14 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
                          "per worker; use fewer workers or more samples")
     loader = data_loader(stream, ctx.device, ctx.loader_workers)
     generator = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
+    if saved_rng is not None and ctx.world == 1:  # one worker: the resumed run is the run it resumes, to the bit
+        set_rng_state(saved_rng, generator, ctx.device)
     autocast = precision(ctx.device)
     if start >= stage.epochs:
         log.warning("%s: nothing left to train: %s holds %d epochs and %d were asked; ask for more (--epochs) or "
                     "start over (--fresh)", stage_name, out_url, start, stage.epochs)
         if history:
             ctx.report(history[-1], out_url if ctx.is_main else None)
-    stale = 0
     for epoch in range(start, stage.epochs):
         stream.set_epoch(epoch)
         train_loss, steps = train_epoch(model, optimizer, loader, loss_fn, ctx, generator, autocast,
@@ -350,13 +353,41 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
             if improved:
                 checkpoint.save_model(out_url, model, config, {**meta, "epoch": epoch + 1, "metrics": metrics})
             checkpoint.save_model(last, model, config, meta, optimizer,
-                                  {"epoch": epoch + 1, "history": history, "best": best, "run": run})
+                                  {"epoch": epoch + 1, "history": history, "best": best, "run": run,
+                                   "stale": stale, "rng": rng_state(generator, ctx.device)})
             tqdm.write(_format(stage_name, metrics)) if ctx.progress else log.info(_format(stage_name, metrics))
         ctx.report(metrics, out_url if ctx.is_main else None)
         if patience is not None and stale >= patience:
             log.info("%s: no validation improvement for %d epochs; stopping", stage_name, patience)
             break
     return {"best_val_loss": best, "history": history, "checkpoint": out_url}
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, str]:
+    """The random streams a training epoch draws from (augmentation generator, torch's global RNG for dropout,
+    CUDA's), as base64 text for the resumable state's JSON."""
+    states = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    encoded = {name: base64.b64encode(state.numpy().tobytes()).decode() for name, state in states.items()}
+    return {"device": device.type, **encoded}
+
+
+def set_rng_state(saved: dict[str, str], generator: torch.Generator, device: torch.device) -> None:
+    """Put back what `rng_state` saved on the same kind of device (a CUDA generator's state is not a CPU one's:
+    a run moved between them starts its random streams afresh)."""
+    if saved.get("device") != device.type:
+        log.info("the saved random streams are a %s device's: this %s run starts them afresh", saved.get("device"),
+                 device.type)
+        return
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(saved[name])), dtype=torch.uint8)
+
+    generator.set_state(tensor("generator"))
+    torch.set_rng_state(tensor("torch"))
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tensor("cuda"), device)
 
 
 def make_optimizer(model: torch.nn.Module, learning_rate: float, device: torch.device) -> torch.optim.Optimizer:
