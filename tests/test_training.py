@@ -152,6 +152,16 @@ def test_finetune_killed_during_checkpoint_writes_resumes_cleanly(tmp_path: Path
     assert all(torch.equal(resumed[name], undisturbed[name]) for name in undisturbed)
 
 
+def test_a_run_that_stopped_early_stays_stopped_when_run_again(tmp_path: Path) -> None:
+    """The early-stopping count is part of the resumable state: running a finished run again trains nothing."""
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    stage = FinetuneConfig(epochs=60, batch_size=8, patience=1, learning_rate=0.05)
+    first = finetune(url, str(tmp_path / "ft"), config_for(url), stage, ctx=CPU)
+    assert len(first["history"]) < 60, "did not stop early"
+    again = finetune(url, str(tmp_path / "ft"), config_for(url), stage, ctx=CPU)
+    assert again["history"] == first["history"]
+
+
 def test_validation_is_whole_spatial_blocks_large_enough_to_calibrate() -> None:
     """Fine-tuning's validation part (epoch choice, CQR offset) is whole blocks of the fold grid, none shared with
     the training part, and at least MIN_CALIBRATION samples, so the 90 % conformal quantile is not the largest

@@ -364,12 +364,17 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     if saved_rng is not None and ctx.world == 1:  # one worker: the resumed run is the run it resumes, to the bit
         set_rng_state(saved_rng, generator, ctx.device)
     autocast = precision(ctx.device)
-    if start >= stage.epochs:
-        log.warning("%s: nothing left to train: %s holds %d epochs and %d were asked; ask for more (--epochs) or "
-                    "start over (--fresh)", stage_name, out_url, start, stage.epochs)
+    stopped_early = patience is not None and stale >= patience  # a resumed run that had stopped stays stopped
+    if start >= stage.epochs or stopped_early:
+        if stopped_early:
+            log.info("%s: %s stopped early at epoch %d (no validation improvement for %d epochs); nothing left to "
+                     "train", stage_name, out_url, start, patience)
+        else:
+            log.warning("%s: nothing left to train: %s holds %d epochs and %d were asked; ask for more (--epochs) "
+                        "or start over (--fresh)", stage_name, out_url, start, stage.epochs)
         if history:
             ctx.report(history[-1], out_url if ctx.is_main else None)
-    for epoch in range(start, stage.epochs):
+    for epoch in range(start, start if stopped_early else stage.epochs):
         stream.set_epoch(epoch)
         train_loss, steps = train_epoch(model, optimizer, loader, loss_fn, ctx, generator, autocast,
                                         desc=f"{stage_name} {epoch + 1}/{stage.epochs}")
