@@ -301,10 +301,9 @@ def print_map_plan(loaded: Any, root: str, model: str, resolution: float | None,
         f"of {plan.bands} bands, {plan.months} months x {plan.variables} climate variables")
     per_window = plan.read_bytes / max(plan.windows_inside, 1)
     say(f"reads (decoded bytes of whole cube chunks, halo included): imagery {_size(plan.imagery_bytes)}, climate "
-        f"{_size(plan.climate_bytes)}; {_size(int(per_window))} per window, "
-        f"{_size(int(plan.read_bytes / max(plan.cells_inside, 1)))} per cell")
+        f"{_size(plan.climate_bytes)}; {_size(int(per_window))} per window, {_size(int(plan.bytes_per_cell))} per cell")
     say(f"compute rate: {source}")
-    needed = plan.read_bytes / max(plan.cells_inside, 1) * rate / 1e6
+    needed = plan.bytes_per_cell * rate / 1e6
     say(f"read rate: {read_mbps:,.0f} MB/s per actor assumed (--read-mbps); keeping one actor computing needs "
         f"{needed:,.0f} MB/s")
     for n in sorted({1, actors}):
@@ -347,8 +346,7 @@ def evaluate(
 
 def print_evaluation(summary: dict[str, Any]) -> None:
     """The evaluation table, then the best model by pooled R² and how to map with it."""
-    # written to a file or a pipe, rich would cut the table to 80 columns ("0.5…"): give it room instead
-    (console if console.is_terminal else Console(width=200)).print(evaluation_table(summary))
+    print_table(evaluation_table(summary))
     reused = {m: s["reused_runs"] for m, s in summary["models"].items() if s.get("reused_runs")}
     if reused:
         console.print("reused from earlier runs with the same folds and settings: " + ", ".join(
@@ -366,6 +364,11 @@ def how_to_map(model: str) -> str:
     if model == "hybrid":
         return "not possible yet (maps need the encoders' embeddings at every cell); the best other model will do"
     return "geosoc finetune" + (" --from-scratch" if model == "supervised" else "") + ", then geosoc predict"
+
+
+def print_table(table: Table) -> None:
+    """A table whole: written to a file or a pipe, rich would cut it to 80 columns ("0.5…"), so it gets room."""
+    (console if console.is_terminal else Console(width=200)).print(table)
 
 
 def evaluation_table(summary: dict[str, Any]) -> Table:

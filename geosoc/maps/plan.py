@@ -121,6 +121,11 @@ class CatalogPlan:
     def read_bytes(self) -> int:
         return self.imagery_bytes + self.climate_bytes
 
+    @property
+    def bytes_per_cell(self) -> float:
+        """Bytes read per cell computed: the read rate one actor needs is this x its cells/s."""
+        return self.read_bytes / max(self.cells_inside, 1)
+
     def compute_seconds(self, rate: float, actors: int) -> float:
         return self.cells_inside / (rate * actors)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from geosoc.catalog import load_catalog
-from geosoc.cli import console, evaluation_table
+from geosoc.cli import evaluation_table, print_table
 from geosoc.data.cube import build_cube
 from geosoc.data.points import read_points
 from geosoc.data.sampling import random_points, sample_points, samples_url
@@ -80,7 +80,7 @@ def main() -> None:
             prepare(args.region, root, labelled=500, unlabelled=10_000 if args.region == "demo" else 2_000)
         result = evaluate_region(load_catalog(args.region).config, root, repeats=args.repeats, threads=threads,
                                  progress=False)
-        console.print(evaluation_table(result.summary))
+        print_table(evaluation_table(result.summary))
         stats = result.summary["models"]
         if args.region == "demo":
             print(f"ssl_vs_supervised_rmse_ratio={stats['ssl']['mean']['rmse'] / stats['supervised']['mean']['rmse']:.3f}")
