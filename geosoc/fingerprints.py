@@ -3,7 +3,9 @@ re-run resumes its own work and never another's."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from pathlib import Path
 
 
 def fingerprint(*parts: bytes | str, length: int = 16) -> str:
@@ -13,3 +15,12 @@ def fingerprint(*parts: bytes | str, length: int = 16) -> str:
         digest.update(part.encode() if isinstance(part, str) else part)
     return digest.hexdigest()[:length]
 
+
+
+@functools.cache
+def model_code() -> str:
+    """A fingerprint of the code that turns samples into held-out predictions (geosoc.learn, geosoc.stats and the
+    sample reader): an evaluation run made by other code is not reused, whatever the version number says."""
+    package = Path(__file__).parent
+    files = sorted([*package.glob("learn/*.py"), *package.glob("stats/*.py"), package / "data" / "streaming.py"])
+    return fingerprint(*(f"{f.relative_to(package)}\n".encode() + f.read_bytes() for f in files))

@@ -112,15 +112,26 @@ def test_written_map_equals_lazy_map_and_reruns_do_nothing(region: tuple[Path, s
 
 
 def test_aoa_true_at_training_points_false_far_outside(region: tuple[Path, str], tmp_path: Path) -> None:
-    """A map at the cube's resolution: the cells of training samples have DI ~0; cells whose covariates were
-    pushed far outside the training range are outside the AOA."""
+    """A map at the cube's resolution: the cells of training samples have DI ~0; cells whose covariates, imagery
+    and climate both, were pushed far outside the training range are outside the AOA."""
     _, root = region
     alien = tmp_path / "alien"
     shutil.copytree(root, alien)
-    data = zarr.open_array(str(alien / "cube.zarr"), path="imagery/data", mode="r+")
+    cube = zarr.open_group(str(alien / "cube.zarr"), mode="r+")
+    imagery = cube["imagery/data"]
     # One chunk far outside anything seen in training: mirrored and stretched 20-fold. (A constant offset of
     # thousands is no test: a ViT's layer norms map every such patch to one fixed, arbitrary embedding.)
-    data[:, :32, :32] = data[:, :32, :32] * -20
+    imagery[:, :32, :32] = imagery[:, :32, :32] * -20
+    # ... and the climate cells under it alike: the climate half of the features would otherwise stay familiar.
+    half = abs(float(cube["climate/x"][1] - cube["climate/x"][0])) / 2
+    chunk_right, chunk_bottom = float(cube["imagery/x"][31]) + 15, float(cube["imagery/y"][31]) - 15
+    cols = np.flatnonzero(cube["climate/x"][:] - half < chunk_right)
+    rows = np.flatnonzero(cube["climate/y"][:] + half > chunk_bottom)
+    climate = cube["climate/data"]
+    block = climate[:, :, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    climate[:, :, rows.min():rows.max() + 1, cols.min():cols.max() + 1] = block * -20
+    changed_right = float(cube["climate/x"][cols.max()]) + half  # where some feature changed: above-left of this
+    changed_bottom = float(cube["climate/y"][rows.max()]) - half
     ds = predict(str(alien / "cube.zarr"), resolution=30, chunk=32).compute()
     reference = checkpoint.load_aoa(f"{root}/models/finetune")
     assert reference is not None and reference.threshold > 0
@@ -128,12 +139,15 @@ def test_aoa_true_at_training_points_false_far_outside(region: tuple[Path, str],
     assert np.nanmax(outside) == 0 and np.nanmin(ds["di"].values[4:28, 4:28]) > reference.threshold
     samples = open_sampleset(f"{root}/samples/labelled.zarr")
     fold, xs, ys = samples.fold.values, samples.x.values, samples.y.values
-    keep = (fold != 0) & ~((xs < ds.x.values[36]) & (ys > ds.y.values[36]))  # trained on, away from the change
-    rows = np.searchsorted(-ds.y.values, -ys[keep])
-    cols = np.searchsorted(ds.x.values, xs[keep])
-    assert np.allclose(ds.x.values[cols], xs[keep]) and np.allclose(ds.y.values[rows], ys[keep])
-    at_points = ds["aoa"].values[rows, cols]
-    assert np.nanmin(at_points) == 1 and np.nanmax(ds["di"].values[rows, cols]) < 1e-3
+    halo = 4 * 30  # half a patch: a sample's patch may reach into the changed part from this far
+    near = (xs < changed_right + halo) & (ys > changed_bottom - halo)
+    keep = (fold != 0) & ~near  # trained on, away from the change
+    rows_at = np.searchsorted(-ds.y.values, -ys[keep])
+    cols_at = np.searchsorted(ds.x.values, xs[keep])
+    assert keep.sum() >= 20
+    assert np.allclose(ds.x.values[cols_at], xs[keep]) and np.allclose(ds.y.values[rows_at], ys[keep])
+    at_points = ds["aoa"].values[rows_at, cols_at]
+    assert np.nanmin(at_points) == 1 and np.nanmax(ds["di"].values[rows_at, cols_at]) < 1e-3
 
 
 def _chunk_mtimes(url: str) -> dict[str, int]:

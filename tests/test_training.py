@@ -4,6 +4,7 @@ peeking at the test fold, and the Ray job path on a real local Ray head."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,30 @@ def test_a_run_that_stopped_early_stays_stopped_when_run_again(tmp_path: Path) -
     assert len(first["history"]) < 60, "did not stop early"
     again = finetune(url, str(tmp_path / "ft"), config_for(url), stage, ctx=CPU)
     assert again["history"] == first["history"]
+
+
+def test_validation_is_whole_spatial_blocks_large_enough_to_calibrate() -> None:
+    """Fine-tuning's validation part (epoch choice, CQR offset) is whole blocks of the fold grid, none shared with
+    the training part, and at least MIN_CALIBRATION samples, so the 90 % conformal quantile is not the largest
+    residual; with every sample in one block it falls back to a random share."""
+    from types import SimpleNamespace
+
+    from geosoc.learn.training import MIN_CALIBRATION
+
+    rng = np.random.default_rng(1)
+    n = 120
+    x, y = rng.uniform(0, 4000, n), rng.uniform(0, 4000, n)
+    data = SimpleNamespace(url="s.zarr", size=n, fold=np.arange(n) % 4, target=rng.uniform(5, 30, n), x=x, y=y,
+                           block_size=1000.0)
+    train, val = split(data, 0.1, 0, test_fold=3, labelled=True)  # type: ignore[arg-type]
+    assert not (data.fold[np.concatenate([train, val])] == 3).any() and not set(train) & set(val)
+    block = lambda rows: {(int(a // 1000), int(b // 1000)) for a, b in zip(x[rows], y[rows])}  # noqa: E731
+    assert not block(train) & block(val)
+    assert MIN_CALIBRATION <= len(val) <= (len(train) + len(val)) // 2
+    assert math.ceil(0.9 * (len(val) + 1)) < len(val)  # the conformal rank is not the maximum
+    one_block = SimpleNamespace(**{**vars(data), "block_size": 1e6})
+    train, val = split(one_block, 0.1, 0, test_fold=3, labelled=True)  # type: ignore[arg-type]
+    assert len(val) == round(0.1 * 90)
 
 
 def test_test_fold_is_never_used(tmp_path: Path) -> None:

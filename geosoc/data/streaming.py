@@ -50,6 +50,8 @@ class SampleData:
         self.time = ds["time"].values if "time" in ds.coords and self.variables else None
         self.patch_size = ds.sizes.get("py", 0)
         self.fold = ds["fold"].values.astype(np.int64)
+        self.x, self.y = ds["x"].values.astype(np.float64), ds["y"].values.astype(np.float64)
+        self.block_size = float(ds.attrs.get("fold_block_size") or 0)  # the side of its spatial folds' blocks
         self.target = ds["target"].values.astype(np.float64)
         self.names = [name for name, present in (("patch", self.bands), ("climate", self.variables)) if present]
         self.nbytes = sum(ds[name].nbytes for name in self.names)

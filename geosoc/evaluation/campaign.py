@@ -26,7 +26,7 @@ from geosoc.catalog import Catalog
 from geosoc.data.sampling import open_sampleset, spatial_folds
 from geosoc.data.streaming import SampleData
 from geosoc.errors import InputError, NotFoundError
-from geosoc.fingerprints import fingerprint
+from geosoc.fingerprints import fingerprint, model_code
 from geosoc.io.storage import exists, filesystem, join, published
 from geosoc.learn import baselines, checkpoint
 from geosoc.learn.device import resolve_device
@@ -136,7 +136,8 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
             else:
                 table = features if model != "hybrid" else np.concatenate([features, embeddings], axis=1)
                 lower, median, upper = baselines.fit_predict(model, table[~test], observed[~test], table[test],
-                                                             catalog.training.seed + repeat, threads)
+                                                             catalog.training.seed + repeat, threads,
+                                                             groups=sets[repeat][~test])
             frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": fold,
                                   "sample_id": [str(i) for i in ids[test]],
                                   "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
@@ -159,8 +160,9 @@ def _trained_epochs(url: str) -> int:
 def _settings(model: str, catalog: Catalog, epochs: int | None, pretrained: str | None) -> str:
     """A digest of everything besides the folds that changes a model's held-out predictions: the catalog's model
     and training sections (with evaluate's --epochs), the seed, the pretrained encoders (their config.json names
-    every weight file by SHA-256) and geosoc's version. Runs with other settings go to another folder."""
-    parts = [model, __version__, str(catalog.training.seed)]
+    every weight file by SHA-256), geosoc's version and its model code (`fingerprints.model_code`). Runs with
+    other settings go to another folder."""
+    parts = [model, __version__, model_code(), str(catalog.training.seed)]
     if model in NETWORKS:
         parts += [catalog.model.model_dump_json(), catalog.training.finetune.model_dump_json(), str(epochs)]
     if model in NEEDS_PRETRAINING and pretrained is not None:

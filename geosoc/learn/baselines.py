@@ -107,10 +107,13 @@ def _boosted(train_x: np.ndarray, train_z: np.ndarray, seed: int) -> list[Any]:
                                           random_state=seed).fit(train_x, train_z) for q in QUANTILES]
 
 
-def fit(name: str, train_x: np.ndarray, train_y: np.ndarray, seed: int, threads: int) -> Fitted:
+def fit(name: str, train_x: np.ndarray, train_y: np.ndarray, seed: int, threads: int,
+        groups: np.ndarray | None = None) -> Fitted:
     """Fit a tabular model on log1p(SOC). Boosting (gbm, hybrid) gets a conformalized interval: the CQR offset
-    comes from out-of-fold predictions of an inner 3-fold split of the training part (quantile boosting alone
-    under-covers). The plain random forest has no interval."""
+    comes from out-of-fold predictions of an inner split of the training part (quantile boosting alone
+    under-covers), cross-conformal over `groups` (the training part's spatial folds) so that the held-out
+    residuals are as far from their training data as a held-out fold is; a shuffled 3-fold split only when
+    there are fewer than two groups. The plain random forest has no interval."""
     usable = ~np.isnan(train_x).all(axis=0)
     x, z = train_x[:, usable], np.log1p(train_y)
     if name == "rf":
@@ -125,18 +128,25 @@ def fit(name: str, train_x: np.ndarray, train_y: np.ndarray, seed: int, threads:
         return Fitted(name, [model.fit(x, z)], usable)
     if name not in ("gbm", "hybrid"):
         raise ValueError(f"unknown tabular model {name!r}; one of {', '.join(NAMES)}")
-    from sklearn.model_selection import KFold
-
     from geosoc.stats.calibration import conformal_offset
 
     oof = np.empty((len(z), len(QUANTILES)))
-    for part, held in KFold(3, shuffle=True, random_state=seed).split(x):
+    for part, held in _calibration_splits(len(z), groups, seed):
         oof[held] = np.stack([m.predict(x[held]) for m in _boosted(x[part], z[part], seed)], axis=1)
     offset = conformal_offset(oof[:, 0], oof[:, -1], z, QUANTILES[-1] - QUANTILES[0])
     return Fitted(name, _boosted(x, z, seed), usable, float(offset))
 
 
+def _calibration_splits(n: int, groups: np.ndarray | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Inner (fit, held-out) splits for the CQR offset: whole groups held out, at most 3 splits."""
+    from sklearn.model_selection import GroupKFold, KFold
+
+    if groups is not None and len(np.unique(groups)) >= 2:
+        return list(GroupKFold(min(3, len(np.unique(groups)))).split(np.zeros(n), groups=groups))
+    return list(KFold(3, shuffle=True, random_state=seed).split(np.zeros(n)))
+
+
 def fit_predict(model: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
-                threads: int) -> Prediction:
+                threads: int, groups: np.ndarray | None = None) -> Prediction:
     """Fit a tabular model (`hybrid`: boosting on covariates + pretrained embeddings) and predict."""
-    return fit(model, train_x, train_y, seed, threads).predict(test_x)
+    return fit(model, train_x, train_y, seed, threads, groups).predict(test_x)

@@ -58,7 +58,7 @@ def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None
         raise InputError(f"{url}: only {len(labelled)} labelled samples; a tree model needs at least 10")
     features = baselines.covariate_features(data.rows(labelled), data.bands, data.variables, data.time)
     seed = catalog.training.seed
-    fitted = baselines.fit(name, features.values, data.target[labelled], seed, threads)
+    fitted = baselines.fit(name, features.values, data.target[labelled], seed, threads, groups=data.fold[labelled])
     medians = _medians(features.values[:, fitted.usable])
     reference = aoa.fit(_filled(features.values[:, fitted.usable], medians), data.fold[labelled], seed)
     config = NetworkConfig(bands=data.bands, variables=data.variables, patch_size=baselines.WINDOW,
