@@ -92,12 +92,12 @@ def _log_to_the_job() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _train_on_ray(stage: str, args: argparse.Namespace) -> Any:
+def _train_on_ray(stage: str, args: argparse.Namespace) -> str:
     own = ("region", "catalog", "root", "workers", "gpus_per_worker", "max_failures", "fresh")
     options = {k: v for k, v in vars(args).items() if k not in own}
     return train_on_ray(stage, args.region, args.catalog, args.root, workers=args.workers,
                         gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures, fresh=args.fresh,
-                        **options).metrics
+                        **options)
 
 
 def _predict_on_ray(args: argparse.Namespace) -> str:

@@ -3,7 +3,7 @@
 After pretraining and fine-tuning both ranks hold identical weights (every loss comes through the
 DistributedDataParallel forward), both made the same number of steps from an odd sample count, and NT-Xent
 with negatives gathered across the workers equals the single-process loss over both batches, gradient
-included."""
+included. Ranks that see different validation losses still stop together, on rank 0's figures."""
 
 from __future__ import annotations
 
@@ -66,31 +66,41 @@ def _worker(config: dict[str, Any]) -> None:
         history = run()["history"]
         out[stage] = {"steps": history[-1]["steps"], "weights": _digest(models[-1]),
                       "is_ddp": type(models[-1]).__name__ == "DistributedDataParallel"}
+    out["disagreeing"] = _disagreeing_finetune(ctx, model, config["samples"], f"{config['out']}/disagree")
     Path(config["out"], f"rank{ctx.rank}.json").write_text(json.dumps(out))
 
 
-def test_two_ray_workers_train_as_one(ray_head: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module")
+def two_workers(ray_head: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One TorchTrainer run of `_worker` on 2 CPU workers (a Ray Train start costs ~20 s: the tests share it)."""
     import ray
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    url = tiny_sampleset(str(tmp_path / "s.zarr"), n=67)  # odd: 60 training samples, 30 a rank, 4 batches
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests package
-    ray.init(address=ray_head["gcs"], logging_level="ERROR")
-    try:
-        TorchTrainer(
-            _worker,
-            train_loop_config={"samples": url, "model": config_for(url).to_dict(), "out": str(tmp_path)},
-            scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-            run_config=RunConfig(name="geosoc-ddp-test", storage_path=str(tmp_path / "ray-results")),
-        ).fit()
-    finally:
-        ray.shutdown()
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    folder = tmp_path_factory.mktemp("two-workers")
+    url = tiny_sampleset(str(folder / "s.zarr"), n=67)  # odd: 60 training samples, 30 a rank, 4 batches
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests package
+        ray.init(address=ray_head["gcs"], logging_level="ERROR")
+        try:
+            TorchTrainer(
+                _worker,
+                train_loop_config={"samples": url, "model": config_for(url).to_dict(), "out": str(folder)},
+                scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+                torch_config=TorchConfig(timeout_s=300),  # a hang guard: ranks that part ways fail, not wait
+                run_config=RunConfig(name="geosoc-ddp-test", storage_path=str(folder / "ray-results")),
+            ).fit()
+        finally:
+            ray.shutdown()
+            cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    return folder
+
+
+def test_two_ray_workers_train_as_one(two_workers: Path) -> None:
+    ranks = [json.loads((two_workers / f"rank{r}.json").read_text()) for r in range(2)]
     for stage in ("pretrain", "finetune"):
         assert ranks[0][stage]["is_ddp"] and ranks[0][stage]["steps"] == ranks[1][stage]["steps"] == 4
         assert ranks[0][stage]["weights"] == ranks[1][stage]["weights"], stage
@@ -160,7 +170,9 @@ def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_p
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]
     # The driver's own lines: less `ray job`'s and the workers' (streamed to the log in their own time).
     own = [line for line in logs.strip().splitlines() if " cli.py:" not in line and "pid=" not in line]
-    assert own[-1].startswith("pretrain finished: {") and "'epoch': 4" in own[-1], "\n".join(own[-15:])
+    best = checkpoint.load_config(str(root / "models" / "pretrain"))[1]["metrics"]
+    assert own[-1] == f"pretrain finished: the model saved at {root / 'models' / 'pretrain'} is epoch " \
+                      f"{best['epoch']} of 4: {best}", "\n".join(own[-15:])
 
 
 def test_finetune_jobs_train_on_s3_and_gcs(ray_head: dict[str, Any], s3: dict[str, str], gcs: dict[str, str],
@@ -194,7 +206,7 @@ def test_finetune_jobs_train_on_s3_and_gcs(ray_head: dict[str, Any], s3: dict[st
     for job, (bucket, root) in jobs.items():
         logs = subprocess.run([ray_head["ray"], "job", "logs", "--address", ray_head["address"], "--follow", job],
                               env=ray_head["env"], capture_output=True, text=True, timeout=600).stdout
-        assert "finetune finished: {'epoch': 1," in logs, logs[-3000:]  # a leftover read back would have failed it
+        assert "is epoch 1 of 1: {'epoch': 1," in logs, logs[-3000:]  # a leftover read back would have failed it
         snapshot = bucket_python(bucket, f"import fsspec; print(fsspec.filesystem({bucket['scheme']!r}).cat("
                                          f"{root!r} + '/{earlier[1]}'))")
         assert "from an earlier run" not in snapshot  # Ray wrote its own after the old one was removed
@@ -202,3 +214,38 @@ def test_finetune_jobs_train_on_s3_and_gcs(ray_head: dict[str, Any], s3: dict[st
         assert "models/finetune/config.json" in names
         ray_records = [n for n in names if n.startswith("ray/geosoc-demo-finetune/")]
         assert any(n.endswith("geosoc.json") for n in ray_records), names  # Ray's checkpoint, pointing at geosoc's
+
+
+def _disagreeing_finetune(ctx: Any, model: Any, samples: str, out: str) -> dict[str, Any]:
+    """A fine-tuning whose ranks see different validation losses (as bf16 kernels may give): rank 0 improves
+    every epoch, rank 1 never after the first. Deciding alone with patience 1, rank 1 would stop after epoch 2
+    and leave rank 0 waiting in the next epoch's collectives."""
+    from geosoc.catalog import FinetuneConfig
+    from geosoc.learn import training
+
+    validate, seen = training._validate, []
+
+    def perturbed(*args: Any, **kwargs: Any) -> dict[str, float]:
+        metrics = validate(*args, **kwargs)
+        seen.append(dict(metrics))  # what the whole validation part gave this rank, before the fault
+        metrics["val_loss"] = 10.0 - len(seen) if ctx.rank == 0 else 10.0
+        return metrics
+
+    training._validate = perturbed
+    try:
+        result = training.finetune(samples, out, model, FinetuneConfig(epochs=4, batch_size=8, patience=1), ctx=ctx)
+    finally:
+        training._validate = validate
+    return {"history": result["history"], "seen": seen}
+
+
+def test_ranks_that_disagree_on_validation_stop_together(two_workers: Path) -> None:
+    """Stopping and the best model follow rank 0's figures on every rank: no hang, both ranks train the same
+    epochs, and the saved model is the epoch the metrics name. Validation is sharded and its sums combined, so
+    both ranks see the whole part's figures before the fault."""
+    ranks = [json.loads((two_workers / f"rank{r}.json").read_text())["disagreeing"] for r in range(2)]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert [m["val_loss"] for m in ranks[0]["history"]] == [9.0, 8.0, 7.0, 6.0]
+    assert ranks[0]["seen"] == ranks[1]["seen"] and "val_r2" in ranks[0]["seen"][0]
+    _, meta = checkpoint.load_config(str(two_workers / "disagree"))
+    assert meta["epoch"] == 4 and meta["metrics"]["val_loss"] == 6.0

@@ -94,8 +94,9 @@ def ray_storage(root: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
 
 
 def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str | None, *, workers: int = 1,
-                 gpus_per_worker: float = 0, max_failures: int = 2, fresh: bool = False, **options: Any) -> Any:
-    """Run a stage under Ray Train's TorchTrainer on the cluster this process is connected to.
+                 gpus_per_worker: float = 0, max_failures: int = 2, fresh: bool = False, **options: Any) -> str:
+    """Run a stage under Ray Train's TorchTrainer on the cluster this process is connected to; say which epoch
+    the saved model is, with its metrics (Ray's last report is the last epoch's, which early stopping passed by).
 
     A failed worker (a killed process, a lost node) restarts the worker group up to `max_failures` times; the
     loops then resume from the stage's last epoch under the root. `fresh` removes that checkpoint first, once,
@@ -106,6 +107,7 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
     from ray.train.torch import TorchTrainer
 
     from geosoc.io.progress import remove
+    from geosoc.learn import checkpoint
     from geosoc.learn.training import stage_urls
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # report() otherwise blocks ~2 s
@@ -130,4 +132,7 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    url = stage_urls(root)[stage]
+    best = checkpoint.load_config(url)[1].get("metrics", {})
+    return f"the model saved at {url} is epoch {best.get('epoch')} of {(result.metrics or {}).get('epoch')}: {best}"

@@ -29,7 +29,7 @@ from geosoc.data.streaming import SampleData, SampleStream, data_loader, on_devi
 from geosoc.errors import IncompatibleError, InputError
 from geosoc.fingerprints import fingerprint
 from geosoc.io.storage import check_writable, join
-from geosoc.learn import checkpoint
+from geosoc.learn import checkpoint, collective
 from geosoc.learn.device import precision, resolve_device
 from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.models.losses import nt_xent, pinball
@@ -355,6 +355,9 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
         start, history, best = info["epoch"], info["history"], info["best"]
         stale, saved_rng = int(info.get("stale", 0)), info.get("rng")
         log.info("%s: resuming from %s at epoch %d", stage_name, last, start)
+    if collective.from_rank0([start, stale], ctx) != [start, stale]:  # "nothing left to train" alike on all ranks
+        raise IncompatibleError(f"{last}: worker {ctx.rank} read another save than worker 0 (it changed while they "
+                                "read it); run again to resume from one save")
     stream = SampleStream(data, train, stage.batch_size, shuffle=True, seed=seed, rank=ctx.rank, world=ctx.world)
     if not len(stream):
         raise InputError(f"{data.url}: {len(train)} training samples over {ctx.world} worker(s) leave fewer than 2 "
@@ -380,6 +383,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
                                         desc=f"{stage_name} {epoch + 1}/{stage.epochs}")
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "steps": steps}
         metrics.update(_validate(model, data, val, stage.batch_size, loss_fn, evaluate, generator, autocast, ctx))
+        metrics = _agreed(metrics, ctx)  # stop, best model and history decided alike on every rank
         history.append(metrics)
         improved = metrics["val_loss"] < best
         if improved:
@@ -451,9 +455,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
         optimizer.step()
         running += loss.detach().float()
         steps += 1
-    if ctx.world > 1 and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(running)  # every rank made the same number of steps
-        running /= ctx.world
+    running = collective.summed(running, ctx) / ctx.world  # every rank made the same number of steps
     return (running / steps).item() if steps else float("nan"), steps
 
 
@@ -467,28 +469,42 @@ def _describe_run(run: dict[str, Any] | None) -> str:
 
 def _validate(model: torch.nn.Module, data: SampleData, val: np.ndarray, batch_size: int, loss_fn: Callable,
               evaluate: Callable | None, generator: torch.Generator, autocast: Any, ctx: Context) -> dict[str, float]:
-    """Loss (and metrics) on the whole validation part, on every worker alike: the unwrapped model, so that no
-    collective runs, and no sharding."""
+    """Loss (and metrics) on the whole validation part: each worker scores its share (rank r takes every
+    world-th sample from r) with the unwrapped model, so that no collective runs inside a forward; the sums and
+    the predictions are then combined, so every worker ends with the figures of the whole part."""
     module = getattr(model, "module", model)
     module.eval()
-    total, count = torch.zeros((), device=ctx.device), 0
+    shard = val[ctx.rank::ctx.world]
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss x samples, samples
     predictions, indices = [], []
-    stream = SampleStream(data, val, batch_size, shuffle=False)
+    stream = SampleStream(data, shard, batch_size, shuffle=False)
     with torch.no_grad(), autocast:
         for batch in data_loader(stream, ctx.device, ctx.loader_workers) if len(stream) else []:
             batch = to_device(batch, ctx.device)
             loss, prediction = loss_fn(module, batch, False, generator)
-            total += loss.float() * len(batch["index"])
-            count += len(batch["index"])
+            sums[0] += loss.double() * len(batch["index"])
+            sums[1] += len(batch["index"])
             if prediction is not None:
-                predictions.append(prediction)
+                predictions.append(prediction.float())
                 indices.append(batch["index"])
-    out = {"val_loss": (total / count).item() if count else float("nan")}
-    if evaluate is not None and predictions:
-        scored = torch.cat(indices).cpu().numpy()
-        out.update({f"val_{k}": v for k, v in evaluate(torch.cat(predictions).cpu().numpy(),
-                                                       data.target[scored]).items()})
+    total, count = collective.summed(sums, ctx).tolist()
+    out = {"val_loss": total / count if count else float("nan")}
+    if evaluate is not None and len(val):
+        sizes = [len(val[r::ctx.world]) for r in range(ctx.world)]
+        width = len(cast(SoilNet, module).config.quantiles)  # a rank with no share still sends (0, width) predictions
+        mine = torch.cat(predictions) if predictions else torch.empty((0, width), device=ctx.device)
+        where = torch.cat(indices).to(ctx.device) if indices else torch.empty(0, dtype=torch.int64, device=ctx.device)
+        scored = collective.gathered(where, sizes, ctx).cpu().numpy()
+        if len(scored):
+            everyone = collective.gathered(mine.reshape(len(where), -1), sizes, ctx).cpu().numpy()
+            out.update({f"val_{k}": v for k, v in evaluate(everyone, data.target[scored]).items()})
     return out
+
+
+def _agreed(metrics: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """The validation figures every rank decides from: rank 0's (see `collective`)."""
+    keys = sorted(k for k in metrics if k.startswith("val_"))
+    return {**metrics, **dict(zip(keys, collective.from_rank0([float(metrics[k]) for k in keys], ctx)))}
 
 
 def _format(stage: str, metrics: dict[str, Any]) -> str:
