@@ -581,7 +581,25 @@ def _client(address: str | None) -> Any:
 
 
 def main() -> None:
-    app(prog_name="geosoc")
+    """The `geosoc` command. A usage mistake (unknown command or option, bad value) ends like every other error:
+    one `error:` line with a pointer to --help, exit status 2 (click draws an "Error" box otherwise)."""
+    from typer._click import exceptions as click_errors  # typer's own click: the classes its parser raises
+
+    try:
+        code = app(prog_name="geosoc", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as err:
+        err.show()
+        raise SystemExit(err.exit_code) from None
+    except click_errors.ClickException as err:
+        context = getattr(err, "ctx", None)
+        helps = f" (see '{context.command_path} --help')" if context is not None else ""
+        errors.print(f"[bold red]error:[/] {escape(err.format_message())}{escape(helps)}", highlight=False,
+                     markup=True, soft_wrap=True)
+        raise SystemExit(err.exit_code) from None
+    except typer.Abort:
+        errors.print("[bold red]error:[/] aborted", highlight=False, markup=True)
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,17 @@ def test_a_job_refuses_out_of_range_flags_before_starting() -> None:
         with pytest.raises(SystemExit) as exit_info:
             job_parser(stage).parse_args(["--region", "demo", *args])
         assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("args,status,message", [
+    (("predict", "--resolution", "abc"), 2, "Invalid value for '--resolution'"),
+    (("predict", "--no-such-option"), 2, "No such option: --no-such-option"),
+    (("no-such-command",), 2, "No such command 'no-such-command'"),
+    (("predict", "--region", "no-such-region"), 1, "unknown region 'no-such-region'"),
+])
+def test_every_mistake_is_one_error_line(args: tuple[str, ...], status: int, message: str) -> None:
+    """Usage mistakes, which click reports itself, end like geosoc's own errors: one line that starts `error:`."""
+    done = subprocess.run([sys.executable, "-m", "geosoc.cli", *args], capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == status and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and message in lines[0] and not done.stdout

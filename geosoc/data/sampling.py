@@ -10,11 +10,9 @@ place when complete: an interrupted run leaves no half-written SampleSet (re-run
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import dask
@@ -38,6 +36,7 @@ from geosoc.io.storage import (
     tidy_beside,
     zarr_store,
 )
+from geosoc.threads import available_cores
 
 MAX_NODATA_FRACTION = 0.5  # default: a patch with a larger fraction of pixels without data is dropped
 ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
@@ -63,8 +62,9 @@ class Extracted:
         return f"{self.nodata[i]:.0%} of its patch has no data (more than sampling.max_nodata, {max_nodata:.0%})"
 
 
-@lru_cache(maxsize=8)
 def _cube_array(url: str, group: str) -> zarr.Array:
+    """The cube's `group` array, its metadata read afresh (one small read): a process that outlives a rebuild of
+    the cube at the same URL must not read the new chunks with the old shape or chunking."""
     return zarr.open_array(zarr_store(url, read_only=True), path=f"{group}/data", mode="r", zarr_format=3)
 
 
@@ -108,7 +108,7 @@ def extract_patches(
     order = np.argsort(keys, kind="stable")
     bounds = np.flatnonzero(np.diff(keys[order])) + 1
     groups = np.split(order, bounds) if len(order) else []
-    batch = 2 * (workers or os.cpu_count() or 1)
+    batch = 2 * (workers or available_cores())
 
     def task(indices: np.ndarray) -> Any:
         return dask.delayed(_extract_group, pure=False)(url, grid.shape, indices, rows[indices], cols[indices], patch)
@@ -128,7 +128,7 @@ def extract_patches(
             return
         for start in range(0, len(groups), batch):
             results = dask.compute(*[task(g) for g in groups[start : start + batch]], scheduler="threads",
-                                   num_workers=workers or os.cpu_count())
+                                   num_workers=workers or available_cores())
             for result in results:
                 bar.update(len(result.indices))
                 yield result

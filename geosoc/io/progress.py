@@ -11,7 +11,6 @@ about foreign objects inside it) and are removed when the store is complete.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import uuid
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from geosoc.errors import IncompatibleError
 from geosoc.io.storage import filesystem, join, read_group_attrs, zarr_store
+from geosoc.threads import available_cores
 from geosoc.version import __version__
 
 PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # a chunk write of Zarr's LocalStore, not finished
@@ -131,4 +131,4 @@ def run_tasks(tasks: list[Any], client: Any, workers: int | None, bar: tqdm) -> 
             bar.update(1)
 
     with _Tick():
-        dask.compute(*tasks, scheduler="threads", num_workers=workers or os.cpu_count())
+        dask.compute(*tasks, scheduler="threads", num_workers=workers or available_cores())
