@@ -8,12 +8,21 @@ Creation is atomic on every backend geosoc writes to: `O_EXCL` on a local disk, 
 left by a killed run is taken over once its lease has run out, or at once when it names a process of this
 machine that no longer runs. A second writer meanwhile stops with a clear error instead of mixing its
 writes with the first's.
+
+Every later change of the lock (a takeover, a renewal, the release) is a compare-and-swap on the lock as it
+was read, so two runs that both judge a lock dead cannot both take it: S3 replaces and deletes only
+`If-Match: <ETag>`, GCS only `ifGenerationMatch=<generation>`, and a local disk compares the file's bytes and
+writes holding a kernel lock (`lockf`) on a guard file beside it, which the kernel frees if its process dies
+(on a filesystem without locks, the guard file made exclusively).
+
+A renewal that fails is retried while the lease lasts; a run whose lock was taken over, or that could not
+renew it in time, ends with one `LockedError` (and `Lease.check()` raises it earlier for a caller that asks).
 """
 
 from __future__ import annotations
 
-import errno
 import json
+import logging
 import os
 import socket
 import threading
@@ -23,90 +32,123 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fsspec.implementations.local import LocalFileSystem
-
-from geosoc.errors import LockedError
-from geosoc.io.storage import filesystem, leaving_no_folders, put_bytes, unwritable
+from geosoc.errors import LockedError, first_line
+from geosoc.io.lock_stores import Seen, Store, remove, store_for, swap
+from geosoc.io.storage import filesystem, leaving_no_folders, unwritable
 
 LEASE_S = 120.0  # a lock not renewed for this long belongs to a run that is gone
 RENEW_S = 20.0
+RETRY_S = 1.0  # the first wait after a failed renewal; doubled each time, up to RENEW_S, within the lease
+
+log = logging.getLogger(__name__)
 
 
 def lock_url(url: str) -> str:
     return url.rstrip("/") + ".lock"
 
 
+class Lease:
+    """A held lock, as its run sees it: `check()` raises once the lease may be lost, so a step about to publish
+    can stop first; `exclusive` raises it at the end of its block in any case."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.lost = threading.Event()
+        self.reason = ""
+
+    def lose(self, reason: str) -> None:
+        """Called by the renewer: one error line now (the run may go on for a while), the error at the end."""
+        if not self.lost.is_set():
+            self.reason = reason
+            self.lost.set()
+            log.error("%s", self._message())
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LockedError(self._message())
+
+    def _message(self) -> str:
+        return (f"{self.url}: lost its lock ({self.reason}); another run may have written it meanwhile, "
+                f"so run this again")
+
+
 @contextmanager
-def exclusive(url: str, what: str) -> Iterator[None]:
-    """Hold the lock of the artefact at `url` for the block; `what` names the work in the refusal."""
-    lock = lock_url(url)
-    fs, path = filesystem(lock)
+def exclusive(url: str, what: str) -> Iterator[Lease]:
+    """Hold the lock of the artefact at `url` for the block; `what` names the work in the refusal. The block
+    gets the `Lease`; a lease lost meanwhile is a LockedError when the block ends."""
+    fs, path = filesystem(lock_url(url))
+    store = store_for(fs, path)
     token = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "work": what}
     with leaving_no_folders(fs, path):  # a run refused later (bad input) leaves no empty folder
-        _acquire(fs, path, token, url)
+        since = _acquire(store, token, url)
+        lease = Lease(url)
         stop = threading.Event()
-        renewer = threading.Thread(target=_renew, args=(fs, path, lock, token, stop), name="geosoc-lock",
+        renewer = threading.Thread(target=_renew, args=(store, token, since, lease, stop), name="geosoc-lock",
                                    daemon=True)
         renewer.start()
         try:
-            yield
+            yield lease
         finally:
             stop.set()
             renewer.join()
-            if (_holder(fs, path) or {}).get("owner") == token["owner"]:
-                fs.rm_file(path)
+            _release(store, token, url)
+    lease.check()  # reached only when the block ended without an error of its own
 
 
-def _create(fs: Any, path: str, data: bytes) -> None:
-    """Create `path` holding `data`; FileExistsError when it is there already."""
-    if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path) or "."
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except FileExistsError as err:  # a file where the folder should be: not "the lock is taken"
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder) from err
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-    else:
-        fs.pipe_file(path, data, mode="create")
+# Taking, renewing and releasing the lock.
 
 
 def _stamp(token: dict[str, Any]) -> bytes:
     return json.dumps({**token, "renewed": time.time()}).encode()
 
 
-def _acquire(fs: Any, path: str, token: dict[str, Any], url: str) -> None:
-    for _ in range(3):
-        try:
-            _create(fs, path, _stamp(token))
-            return
-        except FileExistsError:
-            pass
-        except Exception as err:  # any backend error but "already there" means the folder refuses writes
-            raise unwritable(url.rstrip("/").rpartition("/")[0] or ".", err) from err
-        holder = _holder(fs, path)
-        if holder is None:  # perhaps created but not yet written: look again before taking it over
-            time.sleep(0.5)
-            holder = _holder(fs, path)
-        if holder is not None and not _gone(holder):
-            since = time.strftime("%H:%M:%S", time.localtime(holder.get("renewed", 0)))
-            raise LockedError(
-                f"{url}: another run ({holder.get('work', '?')}, pid {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}, alive at {since}) is writing it; wait for it to end. A run that was "
-                f"killed frees it within {LEASE_S:.0f} s (or delete {path})")
-        if fs.exists(path):
-            fs.rm_file(path)  # unreadable or gone: take it over
-    raise LockedError(f"{url}: could not take its lock {path}; try again")
-
-
-def _holder(fs: Any, path: str) -> dict[str, Any] | None:
-    """The lock's content, or None when it cannot be read (gone, or not a geosoc lock)."""
+def _holder(seen: Seen) -> dict[str, Any] | None:
+    """The lock's content, or None when it is not a geosoc lock."""
     try:
-        holder = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, ValueError):
+        holder = json.loads(seen.data)
+    except ValueError:
         return None
     return holder if isinstance(holder, dict) else None
+
+
+def _acquire(store: Store, token: dict[str, Any], url: str) -> float:
+    """Take the lock (create it, or take over one whose run is gone): when its lease starts."""
+    for _ in range(3):
+        mine = _stamp(token)
+        try:
+            if _create_or_take_over(store, token, mine, url):
+                return float(json.loads(mine)["renewed"])
+        except LockedError:
+            raise
+        except Exception as err:  # any backend error but "already there" means the folder refuses writes
+            raise unwritable(url.rstrip("/").rpartition("/")[0] or ".", err) from err
+    raise LockedError(f"{url}: could not take its lock {lock_url(url)}; try again")
+
+
+def _create_or_take_over(store: Store, token: dict[str, Any], mine: bytes, url: str) -> bool:
+    try:
+        store.create(mine)
+        return True
+    except FileExistsError:
+        return _take_over(store, token, mine, url)
+
+
+def _take_over(store: Store, token: dict[str, Any], mine: bytes, url: str) -> bool:
+    """Replace a lock whose run is gone with `mine`, only if it is still the lock judged gone: of the runs
+    that judged the same lock gone, one takes it. False when another run changed or released it first."""
+    seen = store.read()
+    if seen is None:
+        return False  # released meanwhile: create it again
+    holder = _holder(seen)
+    if holder is not None and holder.get("owner") == token["owner"]:
+        return True  # this run's create was made, though its reply was lost
+    if holder is not None and not _gone(holder):
+        since = time.strftime("%H:%M:%S", time.localtime(holder.get("renewed", 0)))
+        raise LockedError(
+            f"{url}: another run ({holder.get('work', '?')}, pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, alive at {since}) is writing it; wait for it to end. A run that was "
+            f"killed frees it within {LEASE_S:.0f} s (or delete {lock_url(url)})")
+    return swap(store, seen, mine)  # not a geosoc lock, or its run is gone
 
 
 def _gone(holder: dict[str, Any]) -> bool:
@@ -123,11 +165,43 @@ def _gone(holder: dict[str, Any]) -> bool:
     return False
 
 
-def _renew(fs: Any, path: str, lock: str, token: dict[str, Any], stop: threading.Event) -> None:
-    while not stop.wait(RENEW_S):
+def _renew(store: Store, token: dict[str, Any], renewed: float, lease: Lease, stop: threading.Event) -> None:
+    """Renew the lock (last renewed at `renewed`) every RENEW_S until `stop`. Any failure may mean the lease is
+    being lost: it is retried, sooner than the next renewal, until the lease would run out; then, or once
+    another run holds the lock, the lease is lost and the run told."""
+    wait = RENEW_S
+    while not stop.wait(wait):
+        stamp = _stamp(token)
         try:
-            if (_holder(fs, path) or {}).get("owner") != token["owner"]:
-                return  # taken over (this run was thought gone): nothing of ours to renew
-            put_bytes(lock, _stamp(token))  # in one step: a reader never finds it empty
-        except OSError:
-            continue  # a passing storage error: the next renewal tries again
+            ours = _renew_once(store, token, stamp)
+        except Exception as err:  # gcsfs's HttpError is no OSError: whatever it is, the lease may be at stake
+            left = renewed + LEASE_S - time.time()
+            if left <= 0:
+                lease.lose(f"not renewed for {LEASE_S:g} s: {type(err).__name__}: {first_line(err)}")
+                return
+            wait = min(RETRY_S if wait >= RENEW_S else 2 * wait, RENEW_S, left)
+            continue
+        if not ours:
+            lease.lose("another run took it over")
+            return
+        renewed, wait = json.loads(stamp)["renewed"], RENEW_S
+
+
+def _renew_once(store: Store, token: dict[str, Any], stamp: bytes) -> bool:
+    """One renewal: False when the lock is no longer this run's (only this run writes its owner token)."""
+    seen = store.read()
+    if seen is None or (_holder(seen) or {}).get("owner") != token["owner"]:
+        return False
+    return swap(store, seen, stamp)
+
+
+def _release(store: Store, token: dict[str, Any], url: str) -> None:
+    """Delete the lock if it is still this run's. A release that fails is no failure of the run's work: the
+    next run takes the lock over once its lease has run out (at once on this machine)."""
+    try:
+        seen = store.read()
+        if seen is not None and (_holder(seen) or {}).get("owner") == token["owner"]:
+            remove(store, seen)
+    except Exception as err:
+        log.warning("%s: could not delete its lock (%s: %s); the next run takes it over once its lease has run out",
+                    url, type(err).__name__, first_line(err))
