@@ -74,7 +74,7 @@ CASES: dict[str, tuple[list[str], str, Callable[[Path], None] | None]] = {
     "samples into a root under a file": ([*SAMPLE[:4], "{f}/a-file/root", *SAMPLE[5:], "--points",
                                           "{f}/points.csv"], "no cube here", None),
     "models under a file (finetune)": (["finetune", "--catalog", "{f}/tiny.yaml", "--root", "{f}/root", "-q"],
-                                       "models/finetune: cannot write here",
+                                       "root/models: cannot write here",  # the lock models/finetune.lock goes first
                                        lambda folder: (folder / "root" / "models").write_text("")),
     "damaged cube metadata (sample)": ([*SAMPLE, "--points", "{f}/points.csv"],
                                        "cube.zarr: its Zarr metadata is damaged", _damage_cube),

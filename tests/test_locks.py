@@ -301,3 +301,24 @@ def test_a_guard_left_by_a_killed_process_does_not_block(kernel_locks: bool, tmp
     with locks.exclusive(url, "sample"):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "fit-tabular", "evaluate"])
+def test_models_and_evaluations_have_one_writer(command: str, trained_region: tuple[Path, str],
+                                                tmp_path: Path) -> None:
+    """A model or an evaluation campaign being written refuses a second writer, before any work."""
+    from typer.testing import CliRunner
+
+    from geosoc.cli import app
+    from tests.helpers import copy_region
+
+    path, root = copy_region(trained_region, tmp_path, leave_out=("maps",))
+    artefact = {"pretrain": "models/pretrain", "finetune": "models/finetune", "fit-tabular": "models/rf",
+                "evaluate": "evaluation"}[command]
+    args = {"fit-tabular": ["--model", "rf"], "evaluate": ["--models", "rf", "-q"]}.get(command, ["-q"])
+    with locks.exclusive(f"{root}/{artefact}", "a test"):
+        before = sorted(p.name for p in Path(root).rglob("*"))
+        done = CliRunner().invoke(app, [command, "--catalog", str(path), "--root", root, *args])
+        after = sorted(p.name for p in Path(root).rglob("*"))
+    assert done.exit_code == 1 and done.output.startswith("error: ") and "another run (a test" in done.output
+    assert after == before

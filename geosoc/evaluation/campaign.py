@@ -27,6 +27,7 @@ from geosoc.data.sampling import open_sampleset, spatial_folds
 from geosoc.data.streaming import SampleData
 from geosoc.errors import InputError, NotFoundError
 from geosoc.fingerprints import fingerprint, model_code
+from geosoc.io.locks import exclusive
 from geosoc.io.storage import exists, filesystem, join, published
 from geosoc.learn import baselines, checkpoint
 from geosoc.learn.device import resolve_device
@@ -86,9 +87,16 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
         raise InputError(f"--cv must be 'spatial' or 'random', got {cv!r}")
     if repeats < 1 or (folds is not None and folds < 2):
         raise InputError(f"need --repeats >= 1 and --folds >= 2 (got {repeats} and {folds})")
-    urls = stage_urls(root)
     out = join(root, "evaluation")
-    device = resolve_device(device)
+    with exclusive(out, "evaluate"):  # one campaign writes there at a time; the runs inside have their own locks
+        return _campaign_under_lock(catalog, root, out, cv, folds, models, repeats, epochs, threads, progress,
+                                    resolve_device(device))
+
+
+def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: int | None, models: tuple[str, ...],
+                         repeats: int, epochs: int | None, threads: int, progress: bool,
+                         device: torch.device) -> Evaluation:
+    urls = stage_urls(root)
     samples = open_sampleset(urls["labelled"])
     labelled = np.flatnonzero(np.isfinite(samples["target"].values))
     if len(labelled) < 10:

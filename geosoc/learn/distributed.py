@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from geosoc.catalog import load_catalog, parse_catalog
 from geosoc.errors import InputError
+from geosoc.io.locks import exclusive
 from geosoc.io.storage import default_root, filesystem, join
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def ray_context() -> Context:
         wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
         report=_report_to_ray,
         progress=False,
+        lock=False,  # the job's driver holds the checkpoint's lock for every attempt of the worker group
     )
 
 
@@ -102,10 +104,6 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
     loops then resume from the stage's last epoch under the root. `fresh` removes that checkpoint first, once,
     so that a restart after a failure still resumes, and Ray's records of the earlier run with it (Ray would
     otherwise load their snapshot and go on counting its checkpoints)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from geosoc.io.progress import remove
     from geosoc.learn import checkpoint
     from geosoc.learn.training import stage_urls
@@ -115,14 +113,28 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
     region_name = loaded.config.region.name
     root = shared_root(root, region_name)
     name = f"geosoc-{region_name}-{stage}"  # one Ray run per region and stage: a resubmitted job continues it
-    if fresh:
-        remove(stage_urls(root)[stage])
-        remove(join(root, "ray", name))
+    url = stage_urls(root)[stage]
+    with exclusive(url, f"{stage} on Ray"):  # one writer: a second job for the same stage is refused
+        if fresh:
+            remove(url)
+            remove(join(root, "ray", name))
+        result = _fit_on_ray(stage, loaded.text, root, name, workers, gpus_per_worker, max_failures, options)
+    best = checkpoint.load_config(url)[1].get("metrics", {})
+    return f"the model saved at {url} is epoch {best.get('epoch')} of {(result.metrics or {}).get('epoch')}: {best}"
+
+
+def _fit_on_ray(stage: str, catalog_text: str, root: str, name: str, workers: int, gpus_per_worker: float,
+                max_failures: int, options: dict[str, Any]) -> Any:
+    """The TorchTrainer run itself; Ray's result (its last report)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     if not ray.is_initialized():
         ray.init()
     storage_path, storage_filesystem = ray_storage(root)
     # Workers get the catalog's text: on other nodes the driver's file path does not exist.
-    config = {"stage": stage, "catalog_text": loaded.text, "root": root, **options}
+    config = {"stage": stage, "catalog_text": catalog_text, "root": root, **options}
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=config,
@@ -132,7 +144,4 @@ def train_on_ray(stage: str, region: str | None, catalog: str | None, root: str 
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    result = trainer.fit()
-    url = stage_urls(root)[stage]
-    best = checkpoint.load_config(url)[1].get("metrics", {})
-    return f"the model saved at {url} is epoch {best.get('epoch')} of {(result.metrics or {}).get('epoch')}: {best}"
+    return trainer.fit()

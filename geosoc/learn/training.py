@@ -16,7 +16,8 @@ from __future__ import annotations
 import base64
 import logging
 import math
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -28,6 +29,7 @@ from geosoc.catalog import Catalog, FinetuneConfig, ModelConfig, PretrainConfig
 from geosoc.data.streaming import SampleData, SampleStream, data_loader, on_device, to_device
 from geosoc.errors import IncompatibleError, InputError
 from geosoc.fingerprints import fingerprint
+from geosoc.io.locks import exclusive
 from geosoc.io.storage import check_writable, join
 from geosoc.learn import checkpoint, collective
 from geosoc.learn.device import precision, resolve_device
@@ -102,6 +104,7 @@ class Context:
     report: Callable[[dict[str, Any], str | None], None] = lambda metrics, checkpoint_url: None  # url: rank 0
     progress: bool = True
     loader_workers: int | None = None  # DataLoader processes (default: streaming.loader_workers)
+    lock: bool = True  # rank 0 takes the checkpoint's one-writer lock (False: a Ray job's driver holds it)
 
     @property
     def is_main(self) -> bool:
@@ -197,28 +200,36 @@ def contrastive_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], te
     return nt_xent(a, b, temperature, gather=train)
 
 
-def _check_writable_once(out_url: str, ctx: Context) -> None:
-    """Before any work, so a read-only root fails now and not after an epoch; by the writer (rank 0) only:
-    ranks probing side by side removed each other's new folders."""
+@contextmanager
+def _one_writer(out_url: str, ctx: Context, what: str) -> Iterator[None]:
+    """The checkpoint's one-writer lock for the block, taken by the writer (rank 0) unless the Ray job's driver
+    holds it for the workers (`ctx.lock`). Taking it, or the writability check without it, comes before any work,
+    so a read-only root fails now and not after an epoch (and only rank 0 probes: ranks probing side by side
+    removed each other's new folders)."""
+    if ctx.is_main and ctx.lock:
+        with exclusive(out_url, what):
+            yield
+        return
     if ctx.is_main:
         check_writable(out_url)
+    yield
 
 
 def pretrain(samples_url: str, out_url: str, config: NetworkConfig, stage: PretrainConfig, *, seed: int = 0,
              resume: bool = True, ctx: Context | None = None) -> dict[str, Any]:
     """Contrastive pretraining on (unlabelled) samples; checkpoints under `out_url`."""
     ctx = ctx or Context()
-    _check_writable_once(out_url, ctx)
-    data = SampleData(samples_url, _modalities(config))
-    train, val = split(data, stage.validation_fraction, seed, None, labelled=False)
-    norm = fit_normalisation(data, train, log_target=False, seed=seed)
+    with _one_writer(out_url, ctx, "pretrain"):
+        data = SampleData(samples_url, _modalities(config))
+        train, val = split(data, stage.validation_fraction, seed, None, labelled=False)
+        norm = fit_normalisation(data, train, log_target=False, seed=seed)
 
-    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], is_train: bool,
-                gen: torch.Generator) -> tuple[torch.Tensor, None]:
-        return contrastive_loss(model, norm.apply(batch), stage.temperature, is_train, gen), None
+        def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], is_train: bool,
+                    gen: torch.Generator) -> tuple[torch.Tensor, None]:
+            return contrastive_loss(model, norm.apply(batch), stage.temperature, is_train, gen), None
 
-    return _fit("pretrain", data, train, val, norm, config, stage, out_url, loss_fn, None, seed, resume, ctx,
-                patience=None)
+        return _fit("pretrain", data, train, val, norm, config, stage, out_url, loss_fn, None, seed, resume, ctx,
+                    patience=None)
 
 
 def finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: FinetuneConfig, *,
@@ -229,7 +240,12 @@ def finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: Finet
     `folds` (default: the SampleSet's) decides what `test_fold` holds out; it is also the grouping of the
     area-of-applicability reference."""
     ctx = ctx or Context()
-    _check_writable_once(out_url, ctx)
+    with _one_writer(out_url, ctx, "finetune"):
+        return _finetune(samples_url, out_url, config, stage, pretrained_url, test_fold, seed, resume, ctx, folds)
+
+
+def _finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: FinetuneConfig, pretrained_url: str | None,
+              test_fold: int | None, seed: int, resume: bool, ctx: Context, folds: np.ndarray | None) -> dict[str, Any]:
     data = SampleData(samples_url, _modalities(config))
     folds = data.fold if folds is None else np.asarray(folds)
     train, val = split(data, stage.validation_fraction, seed, test_fold, labelled=True, folds=folds)

@@ -18,7 +18,8 @@ import torch
 
 from geosoc.catalog import Catalog
 from geosoc.data.sampling import cut_patches
-from geosoc.errors import DamagedError, InputError
+from geosoc.errors import DamagedError, InputError, first_line
+from geosoc.io.locks import exclusive
 from geosoc.io.storage import join
 from geosoc.learn import baselines, checkpoint
 from geosoc.learn.device import resolve_device
@@ -45,13 +46,19 @@ def is_tabular(meta: dict[str, Any]) -> bool:
 
 def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None, threads: int = 1) -> str:
     """`geosoc fit-tabular`: the model `name` fitted on all labelled samples of the region -> models/<name>."""
-    from geosoc.data.streaming import SampleData
     from geosoc.learn.training import stage_urls
 
     if name not in MAP_MODELS:
         raise InputError(f"--model {name!r}: maps can be made with {', '.join(MAP_MODELS)} (the network is "
                          "`geosoc finetune`; hybrid needs the encoders' embeddings at every cell, not supported yet)")
-    url = stage_urls(root)["labelled"]
+    out = out or join(root, "models", name)
+    with exclusive(out, "fit-tabular"):  # one writer; also the check, before any work, that the folder takes writes
+        return _fit_and_save(catalog, stage_urls(root)["labelled"], name, out, threads)
+
+
+def _fit_and_save(catalog: Catalog, url: str, name: str, out: str, threads: int) -> str:
+    from geosoc.data.streaming import SampleData
+
     data = SampleData(url)
     labelled = np.flatnonzero(np.isfinite(data.target))
     if len(labelled) < 10:
@@ -68,7 +75,6 @@ def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None
             "units": data.attrs.get("units", ""), "features": features.names, "usable": fitted.usable.tolist(),
             "medians": medians.tolist(), "months": months,
             "calibration": {"method": "cqr", "offset": fitted.offset, "space": "log1p"} if fitted.offset else {}}
-    out = out or join(root, "models", name)
     import skops.io
 
     checkpoint.save_files(out, {ESTIMATOR_FILE: skops.io.dumps({"estimators": fitted.estimators}),
@@ -86,21 +92,160 @@ def _filled(values: np.ndarray, medians: np.ndarray) -> np.ndarray:
 
 
 def load(url: str) -> baselines.Fitted:
-    """The fitted estimators of a tabular checkpoint, refusing any type outside the trees it should hold."""
+    """The fitted estimators of a tree model's checkpoint, after checking every entry of its config.json that
+    mapping reads and that its estimator file holds what `fit_region` writes and nothing else (see `_stored`):
+    a damaged or hostile checkpoint is one DamagedError naming the file, before any work."""
+    config, meta = checkpoint.load_config(url)
+    where = join(url, ESTIMATOR_FILE)
+    data = checkpoint.read_file(url, ESTIMATOR_FILE)
+    _audit(where, data)  # foreign content is refused as such, whatever else is wrong
+    problem = _meta_problem(config, meta)
+    if problem is not None:
+        raise DamagedError(f"{join(url, checkpoint.CONFIG_FILE)}: {problem}; {checkpoint.FRESH_HINT}")
+    estimators = _stored(where, data)
+    fitted = baselines.Fitted(meta["estimator"], estimators, np.asarray(meta["usable"], dtype=bool),
+                              checkpoint.offset_of(meta))
+    try:  # inspecting what the file built: a hostile file's objects may fail in any way
+        problem = _estimators_problem(fitted)
+    except Exception as err:
+        problem = f"its estimators cannot be used ({type(err).__name__}: {first_line(err)})"
+    if problem is not None:
+        raise DamagedError(f"{where}: {problem}; {checkpoint.FRESH_HINT}")
+    return fitted
+
+
+def _meta_problem(config: NetworkConfig, meta: dict[str, Any]) -> str | None:
+    """What in a tree model's config.json does not describe one (None when nothing does): the entries the map
+    reads, each against the others."""
+    if not is_tabular(meta) or meta.get("estimator") not in MAP_MODELS:
+        return f"not a tree model's ('kind' must be 'tabular' and 'estimator' one of {', '.join(MAP_MODELS)})"
+    if config.patch_size != baselines.WINDOW or config.quantiles != list(baselines.QUANTILES):
+        return (f"a tree model reads the {baselines.WINDOW} px window around a cell ('patch_size') and predicts the "
+                f"quantiles {list(baselines.QUANTILES)}; this one says {config.patch_size} and {config.quantiles}")
+    try:
+        months = _months(meta.get("months"), config.months)
+    except ValueError as err:
+        return f"'months': {err}"
+    usable, medians = meta.get("usable"), meta.get("medians")
+    if meta.get("features") != _feature_names(config, months):
+        return "'features' are not those of the bands, variables and months in 'model'"
+    if (not isinstance(usable, list) or len(usable) != len(meta["features"]) or not any(usable)
+            or not all(isinstance(u, bool) for u in usable)):
+        return "'usable' must say true or false for each of 'features', true for at least one"
+    if not isinstance(medians, list) or len(medians) != sum(usable) or not all(map(checkpoint.is_number, medians)):
+        return "'medians' must hold a number for each usable feature"
+    return None
+
+
+def _months(value: Any, count: int) -> np.ndarray | None:
+    """The months of a tree model's climate series ("YYYY-MM", `count` of them), or None when it has none."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != count or not all(isinstance(m, str) for m in value):
+        raise ValueError(f"expected the {count} months of 'model' as YYYY-MM, got {value!r}")
+    try:
+        return np.array(value, dtype="datetime64[M]")
+    except ValueError as err:
+        raise ValueError(f"expected months as YYYY-MM ({err})") from err
+
+
+def _feature_names(config: NetworkConfig, months: np.ndarray | None) -> list[str]:
+    """The covariate features of a model of these bands, variables and months (their names, from one blank sample)."""
+    series = len(months) if months is not None else config.months
+    blank = {"patch": np.zeros((1, len(config.bands), baselines.WINDOW, baselines.WINDOW), np.float32),
+             "climate": np.zeros((1, series, len(config.variables)), np.float32)}
+    return baselines.covariate_features(blank, config.bands, config.variables, months).names
+
+
+def _audit(where: str, data: bytes) -> None:
+    """Refuse a skops file holding any type outside those a tree model is made of, from its schema alone (no
+    object is made). Whatever the parse of the bytes raises is the file's damage: skops raises what a damaged
+    zip or schema makes it meet (BadZipFile, KeyError, JSONDecodeError, ...)."""
     import skops.io
 
-    meta = checkpoint.load_config(url)[1]
-    data = checkpoint.read_file(url, ESTIMATOR_FILE)
-    unexpected = sorted(set(skops.io.get_untrusted_types(data=data)) - TRUSTED)
+    if not data:
+        raise DamagedError(f"{where}: empty; {checkpoint.FRESH_HINT}")
+    try:
+        unexpected = sorted(set(skops.io.get_untrusted_types(data=data)) - TRUSTED)
+    except Exception as err:
+        raise _unreadable(where, err) from err
     if unexpected:
-        raise DamagedError(f"{url}/{ESTIMATOR_FILE} holds types a geosoc tree model never contains: {unexpected}; "
-                           "refusing to load it")
+        raise DamagedError(f"{where} holds types a geosoc tree model never contains: {unexpected}; refusing to load it")
+
+
+def _stored(where: str, data: bytes) -> list[Any]:
+    """The estimators in an audited skops file; skops audits it again, against the same types, before it makes
+    any object (nothing is unpickled)."""
+    import skops.io
+
     try:
         stored = skops.io.loads(data, trusted=sorted(TRUSTED))
-    except Exception as err:  # a damaged file: skops raises several kinds
-        raise DamagedError(f"{url}/{ESTIMATOR_FILE} cannot be read ({type(err).__name__}: {err})") from err
-    return baselines.Fitted(meta["estimator"], list(stored["estimators"]), np.asarray(meta["usable"], dtype=bool),
-                            float(checkpoint.offset_of(meta)))
+    except Exception as err:
+        raise _unreadable(where, err) from err
+    estimators = stored.get("estimators") if isinstance(stored, dict) else None
+    if not isinstance(estimators, list):
+        raise DamagedError(f"{where}: expected {{'estimators': [...]}}, got a {type(stored).__name__}; "
+                           f"{checkpoint.FRESH_HINT}")
+    return estimators
+
+
+def _unreadable(where: str, err: Exception) -> DamagedError:
+    return DamagedError(f"{where}: not a skops file of tree models ({type(err).__name__}: {first_line(err)}); "
+                        f"{checkpoint.FRESH_HINT}")
+
+
+ESTIMATORS = {"rf": ("RandomForestRegressor", 1), "qrf": ("RandomForestQuantileRegressor", 1),
+              "gbm": ("HistGradientBoostingRegressor", len(baselines.QUANTILES))}  # what `baselines.fit` makes
+
+
+def _estimators_problem(fitted: baselines.Fitted) -> str | None:
+    """What makes the stored estimators not those of `fitted.name` on its usable features (None when nothing
+    does): their kind and number, their trees' structure, then one prediction, so that mapping cannot fail."""
+    kind, count = ESTIMATORS[fitted.name]
+    features = int(fitted.usable.sum())
+    if len(fitted.estimators) != count:
+        return f"{len(fitted.estimators)} estimators, a {fitted.name} model has {count}"
+    for estimator in fitted.estimators:
+        model = getattr(estimator, "_final_estimator", estimator)  # after a pipeline's imputer
+        if type(model).__name__ != kind or getattr(estimator, "n_features_in_", None) != features:
+            return (f"expected {kind} models of {features} features (config.json's 'usable'), found a "
+                    f"{type(model).__name__} of {getattr(estimator, 'n_features_in_', None)}")
+        problem = _trees_problem(model, features)
+        if problem is not None:
+            return problem
+    fitted.predict(np.zeros((1, len(fitted.usable)), np.float32))
+    return None
+
+
+def _trees_problem(model: Any, features: int) -> str | None:
+    """Every tree must lead from its root down to leaves and split on features the model has; a quantile forest's
+    leaves must name training samples it holds. A damaged tree would make a prediction read outside its arrays
+    or loop for ever."""
+    trees = [(t.tree_.children_left, t.tree_.children_right, t.tree_.feature, t.tree_.children_left == -1)
+             for t in getattr(model, "estimators_", [])]  # forests
+    trees += [(p.nodes["left"], p.nodes["right"], p.nodes["feature_idx"], p.nodes["is_leaf"] != 0)
+              for predictors in getattr(model, "_predictors", []) for p in predictors  # histogram boosting
+              if not p.nodes["is_categorical"].any()]  # never fitted here: such a tree is left out, and refused
+    expected = len(getattr(model, "estimators_", [])) + sum(map(len, getattr(model, "_predictors", [])))
+    if len(trees) != expected or not all(_tree_ok(*tree, features) for tree in trees):
+        return "a tree that does not lead from its root to leaves, or splits on a feature the model does not have"
+    forest = getattr(model, "forest_", None)
+    if forest is not None:
+        leaves, samples = np.asarray(forest.y_train_leaves), np.asarray(forest.y_train).shape[-1]
+        nodes = max((len(tree[0]) for tree in trees), default=0)
+        if (leaves.ndim != 4 or leaves.shape[0] != len(trees) or leaves.shape[1] < nodes or leaves.min() < 0
+                or leaves.max() > samples):  # indices from 1; 0 pads
+            return "a quantile forest whose leaves do not name its training samples"
+    return None
+
+
+def _tree_ok(left: np.ndarray, right: np.ndarray, feature: np.ndarray, leaf: np.ndarray, features: int) -> bool:
+    """Each inner node's children come after it (so every path ends at a leaf) and it splits on a feature."""
+    index = np.arange(len(left))
+    inner = ~np.asarray(leaf, dtype=bool)
+    left, right, feature = (np.asarray(a, dtype=np.int64)[inner] for a in (left, right, feature))
+    return len(index) > 0 and bool(((left > index[inner]) & (left < len(index)) & (right > index[inner])
+                                    & (right < len(index)) & (feature >= 0) & (feature < features)).all())
 
 
 class TabularPredictor:
@@ -112,7 +257,7 @@ class TabularPredictor:
         self.device = resolve_device(device)
         self.config, self.meta = checkpoint.load_config(model_url)
         self.fitted = load(model_url)
-        reference = checkpoint.load_aoa(model_url)
+        reference = checkpoint.load_aoa(model_url, features=int(self.fitted.usable.sum()))
         self.scorer = aoa.Scorer(reference, self.device) if reference is not None else None
         self.medians = np.asarray(self.meta["medians"], dtype=np.float64)
         self.months = np.array(self.meta["months"], dtype="datetime64[M]") if self.meta.get("months") else None
