@@ -35,6 +35,7 @@ RootOpt = typer.Option(
 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 BoundsOpt = typer.Option(None, "--bounds", help="xmin ymin xmax ymax in the region's CRS: only this part.")
+SeedsOpt = typer.Option(None, "--seeds", min=1, max=20, help="Networks as an ensemble of this many members, each with its own seed (default: the catalog's training.finetune.seeds).")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch and the trees (default: the cores this process is given).")
 
 
@@ -191,6 +192,7 @@ def finetune(
     test_fold: int | None = typer.Option(None, "--test-fold", help="Fold held out entirely (for evaluation)."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Ignore models/pretrain (supervised only)."),
     fresh: bool = FreshOpt,
+    seeds: int | None = SeedsOpt,
     threads: int | None = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -201,11 +203,12 @@ def finetune(
     use_threads(threads)
     loaded, root = _region(region, catalog, root)
     result = finetune_region(loaded.config, root, epochs=epochs, batch_size=batch_size, samples=samples,
-                             test_fold=test_fold, pretrained=not from_scratch, resume=not fresh,
+                             test_fold=test_fold, pretrained=not from_scratch, resume=not fresh, seeds=seeds,
                              ctx=Context(progress=not quiet))
     best = min(result["history"], key=lambda m: m["val_loss"])
     console.print(_metrics_line("best validation", best))
-    console.print(f"fine-tuned -> {result['checkpoint']}")
+    members = f" (an ensemble of {result['members']}: -m1 ... beside it)" if result["members"] > 1 else ""
+    console.print(f"fine-tuned -> {result['checkpoint']}{members}")
 
 
 @app.command("fit-tabular")
@@ -325,6 +328,7 @@ def evaluate(
     models: str | None = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf (default: all)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Repeat the cross-validation with other fold seeds."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs of the network runs (default: the catalog's); it does not reach pretraining, which `geosoc pretrain --epochs N` extends. Other epochs make new runs."),
+    seeds: int | None = SeedsOpt,
     threads: int | None = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -338,7 +342,7 @@ def evaluate(
     chosen = tuple(m.strip() for m in models.split(",") if m.strip()) if models else MODELS
     result = evaluate_region(loaded.config, root, cv=cv, folds=folds,  # type: ignore[arg-type]
                              models=chosen, repeats=repeats,
-                             epochs=epochs, threads=count, progress=not quiet)
+                             epochs=epochs, seeds=seeds, threads=count, progress=not quiet)
     print_evaluation(result.summary)
     for name, url in result.outputs.items():
         console.print(f"{name:>20}: {url}", highlight=False)
@@ -372,12 +376,13 @@ def print_table(table: Table) -> None:
 
 
 def evaluation_table(summary: dict[str, Any]) -> Table:
-    """Mean ± sd over the held-out folds, and the pooled R², per model."""
+    """Mean ± sd over the held-out folds, the pooled R², and for a network ensemble its members and the sd of
+    their pooled R² one by one (what one seed alone would have scored), per model."""
     units = summary.get("units", "")
     table = Table(title=f"{summary['cv']} cross-validation: means over held-out folds "
                         f"({summary.get('target', 'SOC')} in {units})",
                   box=box.SIMPLE_HEAD)
-    for column in ("model", "RMSE", "R² ± sd", "CCC", "bias", "PICP90", "width", "pooled R²"):
+    for column in ("model", "RMSE", "R² ± sd", "CCC", "bias", "PICP90", "width", "pooled R²", "seeds: R² sd"):
         table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
 
     def cell(value: float | None, digits: str = ".3g") -> str:
@@ -387,7 +392,8 @@ def evaluation_table(summary: dict[str, Any]) -> Table:
         mean, sd = stats["mean"], stats["sd"]
         r2 = f"{cell(mean['r2'], '.3f')} ± {cell(sd['r2'], '.2f')}" if mean["r2"] is not None else "-"
         table.add_row(model, cell(mean["rmse"]), r2, cell(mean["ccc"], ".3f"), cell(mean["bias"]),
-                      cell(mean["picp"], ".3f"), cell(mean["width"]), cell(stats["pooled"]["r2"], ".3f"))
+                      cell(mean["picp"], ".3f"), cell(mean["width"]), cell(stats["pooled"]["r2"], ".3f"),
+                      f"{stats['seeds']}: {cell(stats['seed_sd']['r2'], '.3f')}" if stats.get("seeds") else "-")
     return table
 
 

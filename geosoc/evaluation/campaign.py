@@ -29,9 +29,16 @@ from geosoc.errors import InputError, NotFoundError
 from geosoc.fingerprints import fingerprint, model_code
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import exists, filesystem, join, published
-from geosoc.learn import baselines, checkpoint
+from geosoc.learn import baselines, checkpoint, ensemble
 from geosoc.learn.device import resolve_device
-from geosoc.learn.training import Context, finetune_region, forward_all, predict_samples, pretrain_region, stage_urls
+from geosoc.learn.training import (
+    Context,
+    finetune_region,
+    forward_all,
+    member_predictions,
+    pretrain_region,
+    stage_urls,
+)
 from geosoc.stats.metrics import METRICS, regression_metrics
 from geosoc.version import __version__
 
@@ -78,8 +85,15 @@ def fold_sets(x: np.ndarray, y: np.ndarray, own: np.ndarray, cv: CV, folds: int 
 
 def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: int | None = None,
                     models: tuple[str, ...] = MODELS, repeats: int = 1, epochs: int | None = None,
-                    threads: int = 1, progress: bool = True, device: torch.device | None = None) -> Evaluation:
-    """Every model on the same folds of `<root>/samples/labelled.zarr`; results under `<root>/evaluation/`."""
+                    threads: int = 1, progress: bool = True, device: torch.device | None = None,
+                    seeds: int | None = None) -> Evaluation:
+    """Every model on the same folds of `<root>/samples/labelled.zarr`; results under `<root>/evaluation/`.
+    `seeds` replaces the catalog's ensemble size for the networks (and so starts runs of its own)."""
+    if seeds is not None:
+        if seeds < 1:
+            raise InputError(f"--seeds must be at least 1, got {seeds}")
+        finetune = catalog.training.finetune.model_copy(update={"seeds": seeds})
+        catalog = catalog.model_copy(update={"training": catalog.training.model_copy(update={"finetune": finetune})})
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise InputError(f"unknown model(s) {unknown}; choose among {', '.join(MODELS)}")
@@ -140,16 +154,19 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
                 finetune_region(catalog, root, epochs=epochs, test_fold=fold, ctx=ctx, out=run, folds=full,
                                 pretrained=pretrained if model == "ssl" else False,
                                 seed=catalog.training.seed + repeat)
-                lower, median, upper = predict_samples(run, data, labelled[test], device)
+                members = member_predictions(run, data, labelled[test], device)
+                lower, median, upper = ensemble.mean_interval(members)
+                each = {f"q50_seed{k}": part[1] for k, part in enumerate(members)}
             else:
                 table = features if model != "hybrid" else np.concatenate([features, embeddings], axis=1)
+                each = {}
                 lower, median, upper = baselines.fit_predict(model, table[~test], observed[~test], table[test],
                                                              catalog.training.seed + repeat, threads,
                                                              groups=sets[repeat][~test])
             frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": fold,
                                   "sample_id": [str(i) for i in ids[test]],
                                   "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
-                                  "q50": median, "q95": upper})
+                                  "q50": median, "q95": upper, **each})
             with published(url) as local:
                 frame.to_parquet(local, index=False)
         fs, path = filesystem(url)
@@ -215,6 +232,7 @@ def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units:
             "mean": {m: _finite(per_fold[m].mean()) for m in METRICS},
             "sd": {m: _finite(per_fold[m].std(ddof=1)) for m in METRICS},
             "pooled": {m: _finite(v) for m, v in pooled.items()},
+            **_seed_spread(predictions[predictions["model"] == model]),
             "reused_runs": (reused or {}).get(model, 0),  # from earlier runs with the same folds and settings
         }
     outputs = {name: join(out, name) for name in ("metrics.csv", "summary.json", "predictions.parquet", "scatter.png")}
@@ -227,6 +245,18 @@ def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units:
     with published(outputs["scatter.png"]) as path:
         _scatter(predictions, models, summary, path)
     return Evaluation(metrics, summary, predictions, outputs)
+
+
+def _seed_spread(part: pd.DataFrame) -> dict[str, Any]:
+    """A network ensemble's members scored one by one (pooled R² and RMSE of each member's medians) and their
+    spread: what one seed alone would have given. Empty for a model without members."""
+    columns = sorted(c for c in part.columns if c.startswith("q50_seed") and part[c].notna().all())
+    if not columns:
+        return {}
+    observed = part["observed"].to_numpy()
+    each = [regression_metrics(observed, part[c].to_numpy()) for c in columns]
+    return {"seeds": len(columns), "seed_r2": [_finite(m["r2"]) for m in each],
+            "seed_sd": {k: _finite(ensemble.spread([m[k] for m in each])) for k in ("r2", "rmse")}}
 
 
 def _finite(value: float) -> float | None:

@@ -31,7 +31,7 @@ from geosoc.errors import IncompatibleError, InputError
 from geosoc.fingerprints import fingerprint
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import check_writable, join
-from geosoc.learn import checkpoint, collective
+from geosoc.learn import checkpoint, collective, ensemble
 from geosoc.learn.device import precision, resolve_device
 from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.models.losses import nt_xent, pinball
@@ -310,12 +310,22 @@ def forward_all(model: SoilNet, data: SampleData, indices: np.ndarray, norm: Nor
 
 def predict_samples(url: str, data: SampleData, indices: np.ndarray, device: torch.device,
                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A fine-tuned checkpoint's (lower, median, upper) at samples, in the original units, calibrated."""
-    model, meta = checkpoint.load_model(url, device)
-    norm = checkpoint.normalisation(url, meta)
-    z, _ = forward_all(model, data, indices, norm, device, batch_size)
-    lower, median, upper = interval(z, model.config.quantiles, checkpoint.offset_of(meta))
-    return norm.decode_target(lower), norm.decode_target(median), norm.decode_target(upper)
+    """A fine-tuned checkpoint's (lower, median, upper) at samples, in the original units, calibrated; of an
+    ensemble, the members' averaged."""
+    return ensemble.mean_interval(member_predictions(url, data, indices, device, batch_size))
+
+
+def member_predictions(url: str, data: SampleData, indices: np.ndarray, device: torch.device,
+                       batch_size: int = 256) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each ensemble member's (lower, median, upper) at samples, in the original units, calibrated."""
+    parts = []
+    for member in ensemble.member_urls(url, checkpoint.load_config(url)[1]):
+        model, meta = checkpoint.load_model(member, device)
+        norm = checkpoint.normalisation(member, meta)
+        z, _ = forward_all(model, data, indices, norm, device, batch_size)
+        lower, median, upper = interval(z, model.config.quantiles, checkpoint.offset_of(meta))
+        parts.append((norm.decode_target(lower), norm.decode_target(median), norm.decode_target(upper)))
+    return parts
 
 
 def calibrate(url: str, data: SampleData, train: np.ndarray, val: np.ndarray, norm: Normalisation, batch_size: int,
@@ -554,9 +564,11 @@ def pretrain_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
 def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, batch_size: int | None = None,
                     samples: str | None = None, test_fold: int | None = None, pretrained: str | None | bool = True,
                     resume: bool = True, ctx: Context | None = None, out: str | None = None,
-                    folds: np.ndarray | None = None, seed: int | None = None) -> dict[str, Any]:
+                    folds: np.ndarray | None = None, seed: int | None = None,
+                    seeds: int | None = None) -> dict[str, Any]:
     """`geosoc finetune` (and each network run of `geosoc evaluate`): from the region's pretrained encoders when
-    there are any (`pretrained=False`: not), into `out` (default models/finetune)."""
+    there are any (`pretrained=False`: not), into `out` (default models/finetune). With `seeds` K > 1 (default:
+    the catalog's), an ensemble: K runs with seeds seed .. seed + K - 1, member 0 at `out` (see `ensemble`)."""
     urls = stage_urls(root)
     samples = samples or urls["labelled"]
     if pretrained is True:
@@ -573,9 +585,19 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     else:
         config = model_config(catalog, SampleData(samples))
     stage = _override(catalog.training.finetune, epochs, batch_size)
-    return finetune(samples, out or urls["finetune"], config, stage, pretrained_url=pretrained or None,
-                    test_fold=test_fold, seed=catalog.training.seed if seed is None else seed, resume=resume, ctx=ctx,
-                    folds=folds)
+    out = out or urls["finetune"]
+    seed = catalog.training.seed if seed is None else seed
+    members = stage.seeds if seeds is None else seeds
+    if members < 1:
+        raise InputError(f"an ensemble needs at least 1 member (--seeds), got {members}")
+    results = [finetune(samples, ensemble.member_url(out, member), config, stage, pretrained_url=pretrained or None,
+                        test_fold=test_fold, seed=seed + member, resume=resume, ctx=ctx, folds=folds)
+               for member in range(members)]
+    if ctx is None or ctx.is_main:
+        with _one_writer(out, ctx or Context(), "finetune"):
+            checkpoint.update_meta(out, {ensemble.MEMBERS: members})
+    return {**results[0], "members": members,
+            "member_val_loss": [result["best_val_loss"] for result in results]}
 
 
 def _override(stage: Any, epochs: int | None, batch_size: int | None) -> Any:

@@ -4,14 +4,17 @@ reference loaded with it), or a tree model through `TabularPredictor`; both pred
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from geosoc.errors import IncompatibleError
-from geosoc.learn import checkpoint
+from geosoc.learn import checkpoint, ensemble
 from geosoc.learn.device import precision, resolve_device
+from geosoc.learn.models import SoilNet
+from geosoc.learn.normalisation import Normalisation
 from geosoc.maps.outputs import output_names, quantile_name
 from geosoc.maps.tabular import TabularPredictor, is_tabular
 from geosoc.stats import aoa
@@ -38,19 +41,35 @@ def require_map_model(url: str, meta: dict[str, Any]) -> None:
 
 
 
+@dataclass
+class Member:
+    """One network of the ensemble on the device, with what turns its outputs into calibrated SOC."""
+
+    model: SoilNet
+    norm: Normalisation
+    offset: float
+
+
 class Predictor:
-    """A fine-tuned checkpoint loaded once on a device: normalisation, calibration and AOA reference with it."""
+    """A fine-tuned checkpoint loaded once on a device (every member of an ensemble): normalisation, calibration
+    and, from member 0, the AOA reference with it."""
 
     def __init__(self, model_url: str, device: torch.device | str | None = None,
                  batch_size: int = DEFAULT_BATCH) -> None:
         self.device = resolve_device(device)
-        self.model, meta = checkpoint.load_model(model_url, self.device)
+        model, meta = checkpoint.load_model(model_url, self.device)
         require_map_model(model_url, meta)
         self.meta = meta
-        self.norm = checkpoint.normalisation(model_url, meta)
-        self.config = self.model.config
+        self.members = [Member(model, checkpoint.normalisation(model_url, meta), checkpoint.offset_of(meta))]
+        for url in ensemble.member_urls(model_url, meta)[1:]:
+            other, other_meta = checkpoint.load_model(url, self.device)
+            if other.config.to_dict() != model.config.to_dict():
+                raise IncompatibleError(f"{url}: this ensemble member's config.json differs from {model_url}'s")
+            norm = checkpoint.normalisation(url, other_meta)
+            self.members.append(Member(other, norm, checkpoint.offset_of(other_meta)))
+        self.model = model
+        self.config = model.config
         self.batch_size = batch_size
-        self.offset = checkpoint.offset_of(meta)
         reference = checkpoint.load_aoa(model_url)
         if reference is None:
             log.warning("%s has no area-of-applicability reference (fine-tuned before geosoc had one): aoa and di "
@@ -68,7 +87,7 @@ class Predictor:
 
         Cells whose centre pixel has no data get NaN. `climate` (series, time, variable), when the model uses it,
         holds a series per cell, or per row of it that `climate_of` (cells,) names: the climate branch runs once
-        per series."""
+        per series. An ensemble's quantiles are its members' averaged; di and aoa are member 0's."""
         n = len(top)
         out = {name: np.full(n, np.nan, dtype=np.float32) for name in self.outputs}
         if n == 0:
@@ -85,44 +104,61 @@ class Predictor:
         raw = {"patch": window} if self.uses_patches else {}
         if self.uses_climate and climate is not None:
             raw["climate"] = torch.from_numpy(climate).to(self.device)
-        normalised = self.norm.apply(raw)  # the whole window at once, on the device
+        which = torch.from_numpy(climate_of).to(self.device) if climate_of is not None else None
+        totals: dict[str, torch.Tensor] = {}
+        for k, member in enumerate(self.members):
+            results = self._member(member, raw, cells, top_t[cells], left_t[cells], which, scored=k == 0)
+            for name, values in results.items():
+                totals[name] = values if name not in totals else totals[name] + values
+        for name, values in totals.items():
+            averaged = values if name in ("di", "aoa") else values / len(self.members)
+            out[name][valid.cpu().numpy()] = averaged.cpu().numpy()
+        return out
+
+    def _member(self, member: Member, raw: dict[str, torch.Tensor], cells: torch.Tensor, tops: torch.Tensor,
+                lefts: torch.Tensor, climate_of: torch.Tensor | None, scored: bool) -> dict[str, torch.Tensor]:
+        """One member's outputs for `cells` (di and aoa too when `scored`)."""
+        normalised = member.norm.apply(raw)  # the whole window at once, on the device
         if self.uses_patches:  # every cell's patch as a view of the window: (band, rows, cols, p, p)
             patches = normalised["patch"].unfold(1, self.patch, 1).unfold(2, self.patch, 1)
-        results: dict[str, list[torch.Tensor]] = {name: [] for name in self.outputs}
+        results: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad(), self._autocast:
             series = None
             if "climate" in normalised:
-                assert self.model.climate is not None
-                series = torch.cat([self.model.climate(part) for part in normalised["climate"].split(self.batch_size)])
+                assert member.model.climate is not None
+                series = torch.cat([member.model.climate(part)
+                                    for part in normalised["climate"].split(self.batch_size)])
                 if climate_of is not None:
-                    series = series[torch.from_numpy(climate_of).to(self.device)]
+                    series = series[climate_of]
             for start in range(0, len(cells), self.batch_size):
                 chosen = cells[start : start + self.batch_size]
                 inputs = {}
                 if self.uses_patches:
-                    inputs["patch"] = patches[:, top_t[chosen], left_t[chosen]].permute(1, 0, 2, 3)
+                    part = slice(start, start + self.batch_size)
+                    inputs["patch"] = patches[:, tops[part], lefts[part]].permute(1, 0, 2, 3)
                 if series is not None:
                     inputs["climate_embedding"] = series[chosen]
-                features = self.model.features(inputs).float()
-                self._collect(results, self.model.quantiles_of(features).float(), features)
-        for name, parts in results.items():
-            out[name][valid.cpu().numpy()] = torch.cat(parts).cpu().numpy()
-        return out
+                features = member.model.features(inputs).float()
+                self._collect(results, member, member.model.quantiles_of(features).float(), features, scored)
+        return {name: torch.cat(parts) for name, parts in results.items()}
 
-    def _collect(self, results: dict[str, list[torch.Tensor]], z: torch.Tensor, features: torch.Tensor) -> None:
+    def _collect(self, results: dict[str, list[torch.Tensor]], member: Member, z: torch.Tensor,
+                 features: torch.Tensor, scored: bool) -> None:
         quantiles = self.config.quantiles
-        lower, median, upper = interval(z, quantiles, self.offset)
+        lower, median, upper = interval(z, quantiles, member.offset)
         z = torch.cat([lower[:, None], z[:, 1:-1], upper[:, None]], dim=1) if z.shape[1] > 1 else z
-        decoded = self.norm.decode_target(z)
-        results["soc_median"].append(self.norm.decode_target(median))
+        decoded = member.norm.decode_target(z)
+        results.setdefault("soc_median", []).append(member.norm.decode_target(median))
         for i, q in enumerate(quantiles):
             if q != 0.5:
-                results[quantile_name(q)].append(decoded[:, i])
+                results.setdefault(quantile_name(q), []).append(decoded[:, i])
+        if not scored:
+            return
         if self.scorer is not None:
             di = self.scorer.di(features)
-            results["di"].append(di)
-            results["aoa"].append(self.scorer.inside(di).float())
+            results.setdefault("di", []).append(di)
+            results.setdefault("aoa", []).append(self.scorer.inside(di).float())
         else:
             nan = torch.full((len(z),), float("nan"), device=z.device)
-            results["di"].append(nan)
-            results["aoa"].append(nan)
+            results.setdefault("di", []).append(nan)
+            results.setdefault("aoa", []).append(nan)

@@ -1,0 +1,38 @@
+"""A fine-tuned network as an ensemble of K members: the same settings, seeds seed .. seed + K - 1 (so each holds
+out other validation blocks and starts from other weights), their calibrated quantiles averaged.
+
+One network's skill swings with its seed (R² by 0.1-0.2 on a small survey); the average of K members' quantiles
+(Vincentization) swings much less. Member 0 is the checkpoint itself (`models/finetune`) and names how many
+members there are; member i > 0 lives beside it (`models/finetune-m1`, ...), a checkpoint of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+MEMBERS = "members"  # member 0's metadata: how many members the ensemble has
+
+
+def member_url(url: str, member: int) -> str:
+    """Where member `member` of the ensemble at `url` lives."""
+    return url if member == 0 else f"{url.rstrip('/')}-m{member}"
+
+
+def member_urls(url: str, meta: dict[str, Any]) -> list[str]:
+    """Every member of the ensemble whose member 0 (at `url`) has metadata `meta`."""
+    return [member_url(url, i) for i in range(int(meta.get(MEMBERS, 1)))]
+
+
+def mean_interval(parts: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
+    """The members' (lower, median, upper), each already calibrated, averaged quantile by quantile (NumPy arrays
+    or torch tensors alike)."""
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(sum(values) / len(parts) for values in zip(*parts))
+
+
+def spread(values: list[float]) -> float:
+    """The sample standard deviation of a figure over members (NaN for one member)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
