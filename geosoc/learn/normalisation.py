@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -42,15 +43,34 @@ class Normalisation:
             norm.target_mean, norm.target_std = float(norm.target_mean), float(norm.target_std)
         except (TypeError, ValueError) as err:
             raise ValueError(f"expected lists of numbers and numbers ({err})") from err
+        problem = norm._problem()
+        if problem is not None:
+            raise ValueError(problem)
         return norm
 
+    def _problem(self) -> str | None:
+        """What makes read values no scaling (None when nothing does): a damaged one would turn every input or
+        prediction into NaN or infinity without an error."""
+        if not isinstance(self.log_target, bool):
+            return f"'log_target' must be true or false, got {self.log_target!r}"
+        for what, mean, std in (("band", self.band_mean, self.band_std), ("climate", self.climate_mean,
+                                                                          self.climate_std)):
+            if len(mean) != len(std):
+                return f"{len(mean)} {what} means but {len(std)} standard deviations"
+        values = [*self.band_mean, *self.climate_mean, self.target_mean]
+        deviations = [*self.band_std, *self.climate_std, self.target_std]
+        if not all(math.isfinite(v) for v in values) or not all(math.isfinite(v) and v > 0 for v in deviations):
+            return "means must be finite numbers and standard deviations finite and positive"
+        return None
+
     def apply(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Model inputs, normalised and NaN-filled on the batch's own device: patches (..., band, h, w) and
-        climate series (..., time, variable)."""
+        """Model inputs, normalised on the batch's own device: patches (..., band, h, w), whose pixels without
+        data stay NaN (the image encoder fills them and may mark them), and climate series (..., time, variable),
+        NaN-filled."""
         out = {}
         if "patch" in batch and self.band_mean:
             mean, std = _statistics(tuple(self.band_mean), tuple(self.band_std), (-1, 1, 1), batch["patch"].device)
-            out["patch"] = torch.nan_to_num((batch["patch"] - mean) / std)
+            out["patch"] = (batch["patch"] - mean) / std
         if "climate" in batch and self.climate_mean:
             mean, std = _statistics(tuple(self.climate_mean), tuple(self.climate_std), (-1,), batch["climate"].device)
             out["climate"] = torch.nan_to_num((batch["climate"] - mean) / std)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+_ARRAYS = (("embeddings", np.float32), ("folds", np.int64), ("mean", np.float32), ("std", np.float32))
 MEAN_DISTANCE_SAMPLES = 4000  # pairs for the mean training distance are taken among at most this many samples
 _CHUNK = 2048  # rows per distance block (bounds memory to _CHUNK x training samples)
 
@@ -45,11 +46,36 @@ class Reference:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Reference:
-        tensors = {k: v.numpy() for k, v in load_tensors(data).items()}
-        header_len = int.from_bytes(data[:8], "little")  # safetensors: 8-byte length, then a JSON header
-        meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["geosoc_aoa"])
-        return cls(tensors["embeddings"], tensors["folds"], tensors["mean"], tensors["std"],
-                   float(meta["mean_distance"]), tensors["training_di"], float(meta["threshold"]))
+        """What `to_bytes` wrote; ValueError saying what is wrong with anything else (a damaged or foreign file)."""
+        try:
+            tensors = {k: v.numpy() for k, v in load_tensors(data).items()}
+            header_len = int.from_bytes(data[:8], "little")  # safetensors: 8-byte length, then a JSON header
+            meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["geosoc_aoa"])
+            embeddings, folds, mean, std = (np.asarray(tensors[name], dtype) for name, dtype in _ARRAYS)
+            reference = cls(embeddings, folds, mean, std, float(meta["mean_distance"]),
+                            np.asarray(tensors["training_di"], np.float32), float(meta["threshold"]))
+        except Exception as err:  # the parse of the file's bytes alone: safetensors, torch and json raise several kinds
+            raise ValueError(f"{type(err).__name__}: {err}") from err
+        problem = reference._problem()
+        if problem is not None:
+            raise ValueError(problem)
+        return reference
+
+    def _problem(self) -> str | None:
+        """What makes read arrays no reference (None when nothing does): DIs from it would be NaN or meaningless."""
+        n, d = self.embeddings.shape if self.embeddings.ndim == 2 else (0, 0)
+        if n < 1 or d < 1:
+            return f"'embeddings' must be samples x features, got shape {self.embeddings.shape}"
+        shapes = {"folds": (n,), "mean": (d,), "std": (d,), "training_di": (n,)}
+        for name, shape in shapes.items():
+            if getattr(self, name).shape != shape:
+                return f"'{name}' has shape {getattr(self, name).shape}, expected {shape}"
+        if not all(np.isfinite(getattr(self, name)).all() for name in ("embeddings", "mean", "std", "training_di")):
+            return "its arrays hold NaN or infinite values"
+        if (self.std <= 0).any() or not self.mean_distance > 0 or not np.isfinite([self.mean_distance,
+                                                                                  self.threshold]).all():
+            return "standard deviations and the mean distance must be positive, the threshold finite"
+        return None
 
 
 def _nearest(queries: torch.Tensor, reference: torch.Tensor,

@@ -8,15 +8,25 @@ from torch import nn
 
 
 class ImageEncoder(nn.Module):
-    """ViT over (batch, bands, size, size) patches; built from the class, so no hub weights are ever fetched."""
+    """ViT over (batch, bands, size, size) patches; built from the class, so no hub weights are ever fetched.
 
-    def __init__(self, bands: int, size: int, patch: int, dim: int, depth: int, heads: int, embedding: int):
+    Pixels without data (NaN: a patch that reaches beyond the rasters, a gap in the imagery) enter as 0, and with
+    `nodata_mask` the ViT also sees where they are: one more input channel, 1 where any band has no data, so
+    a patch at the edge of the data is told apart from one whose values are near the mean."""
+
+    def __init__(self, bands: int, size: int, patch: int, dim: int, depth: int, heads: int, embedding: int,
+                 nodata_mask: bool = False):
         super().__init__()
+        self.nodata_mask = nodata_mask
         self.vit = VisionTransformer(
-            img_size=size, patch_size=patch, in_chans=bands, num_classes=0, embed_dim=dim, depth=depth,
+            img_size=size, patch_size=patch, in_chans=bands + nodata_mask, num_classes=0, embed_dim=dim, depth=depth,
             num_heads=heads, global_pool="avg", class_token=False, dynamic_img_size=False,
         )
         self.project = nn.Linear(dim, embedding)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.project(self.vit(patches))
+        filled = torch.nan_to_num(patches)
+        if self.nodata_mask:
+            missing = torch.isnan(patches).any(dim=-3, keepdim=True).to(filled.dtype)
+            filled = torch.cat([filled, missing], dim=-3)
+        return self.project(self.vit(filled))

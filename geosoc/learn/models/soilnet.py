@@ -32,6 +32,7 @@ class NetworkConfig:
     embedding: int = 128
     head_hidden: int = 128
     quantiles: list[float] = field(default_factory=lambda: [0.05, 0.5, 0.95])
+    nodata_mask: bool = False  # the ViT sees which pixels have no data (absent from checkpoints made before it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,7 +50,7 @@ class SoilNet(nn.Module):
         self.config = config
         self.image = (
             ImageEncoder(len(config.bands), config.patch_size, config.image_patch, config.image_dim,
-                         config.image_depth, config.image_heads, config.embedding)
+                         config.image_depth, config.image_heads, config.embedding, config.nodata_mask)
             if config.bands else None
         )
         self.climate = (
