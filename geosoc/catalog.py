@@ -206,8 +206,9 @@ class SamplingConfig(_Section):
     unlabelled: int = Field(10_000, ge=0)
     fold_block_size: float = Field(50_000, gt=0, description="side of spatial CV blocks, CRS units")
     folds: int = Field(5, ge=2)
-    max_nodata: float = Field(0.5, ge=0, le=1, description="a patch with a larger fraction of pixels without data "
-                                                           "(or none at its centre) is dropped")
+    max_nodata: float = Field(1.0, ge=0, le=1, description="a patch with a larger fraction of pixels without data "
+                              "is dropped (one without data at its centre always is); default 1: kept, the network "
+                              "sees which pixels are missing")
     depth: str | None = Field(None, description="the soil layer the samples measure, e.g. '0-20 cm': the map "
                                                 "predicts that layer, and its title and STAC item say so")
 

@@ -477,6 +477,10 @@ def sample(
     for line in result.dropped[:50]:
         errors.print(line, highlight=False)
     console.print(f"{result.samples:,} samples ({len(result.dropped)} dropped for missing data) -> {result.url}")
+    if result.mostly_nodata:
+        console.print(f"{result.mostly_nodata:,} of them have more than half their patch without data (at the edge "
+                      "of the rasters): kept, with a mask the network sees (geosoc dropped them before; "
+                      "sampling.max_nodata: 0.5 still does)", highlight=False)
     if not result.has_climate:
         console.print("this cube has no climate: the SampleSet holds patches only (image branch alone)")
 

@@ -38,7 +38,8 @@ from geosoc.io.storage import (
 )
 from geosoc.threads import available_cores
 
-MAX_NODATA_FRACTION = 0.5  # default: a patch with a larger fraction of pixels without data is dropped
+MAX_NODATA_FRACTION = 1.0  # default: a patch is kept whatever part of it has no data, if its centre pixel has
+OLD_MAX_NODATA = 0.5  # the default before: patches with more than half their pixels without data were dropped
 ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
 TARGET_CHUNK_BYTES = 8 * 2**20
 
@@ -282,6 +283,7 @@ class SampleReport:
     samples: int
     dropped: list[str]
     has_climate: bool
+    mostly_nodata: int = 0  # samples kept with more than half their patch without data (the old rule dropped them)
 
 
 def sample_points(
@@ -290,15 +292,20 @@ def sample_points(
     max_nodata: float = MAX_NODATA_FRACTION,
 ) -> SampleReport:
     """Write the SampleSet of `points`: patch and climate series at each, dropping patches without data at
-    their centre or with more than `max_nodata` of their pixels without data."""
+    their centre or with more than `max_nodata` of their pixels without data (by default none is dropped for
+    that: pixels beyond the rasters stay NaN, the network sees where they are, the trees use the centre pixel and
+    the window mean of what there is). The riverbank and coastal points a patch rule drops are often the
+    hardest and most telling ones, and every model would be scored without them."""
     imagery, grid, climate, climate_grid = cube_parts(cube_url)
     bands = [str(b) for b in imagery["band"].values]
     kept: list[np.ndarray] = []
     dropped: list[str] = []
+    mostly_nodata = 0
     with SampleSetWriter(out_url, bands, patch) as writer:
         for part in extract_patches(cube_url, grid, points.x, points.y, patch, client=client, workers=workers,
                                     progress=progress):
             valid = part.valid(max_nodata)
+            mostly_nodata += int((valid & (part.nodata > OLD_MAX_NODATA)).sum())
             writer.append(part.patches[valid])
             kept.append(part.indices[valid])
             for j in np.flatnonzero(~valid):
@@ -314,7 +321,7 @@ def sample_points(
         attrs = {"cube": cube_url, "patch_size": patch, "crs": grid.crs, "kind": kind, "source": points.source,
                  "fold_block_size": fold_block_size}
         url = writer.finish(sampleset_dataset(chosen, fold, series, months, variables, bands, attrs))
-    return SampleReport(url, len(chosen), dropped, series is not None)
+    return SampleReport(url, len(chosen), dropped, series is not None, mostly_nodata)
 
 
 def random_points(

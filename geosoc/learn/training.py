@@ -124,6 +124,7 @@ def network_config(m: ModelConfig, bands: list[str], variables: list[str], patch
         image_patch=m.image.patch, image_dim=m.image.dim, image_depth=m.image.depth, image_heads=m.image.heads,
         climate_dim=m.climate.dim, climate_layers=m.climate.layers, climate_heads=m.climate.heads,
         climate_feedforward=m.climate.feedforward, embedding=m.embedding, quantiles=list(m.quantiles),
+        nodata_mask=True,
     )
 
 
