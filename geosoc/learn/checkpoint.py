@@ -438,9 +438,15 @@ def load_model(url: str, device: str | torch.device = "cpu") -> tuple[SoilNet, d
     return model.to(device).eval(), meta
 
 
-def load_weights(url: str) -> dict[str, torch.Tensor]:
+def snapshot(url: str) -> dict[str, Any]:
+    """config.json as it is now: what `load_weights`, `state_info` and `load_state` read every file from when
+    given it, so that a resume takes weights, optimizer state and epoch from one save, never from two."""
+    return _document(url)
+
+
+def load_weights(url: str, document: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint, checked against its own config.json (to be loaded into another network)."""
-    document = _document(url)
+    document = _document(url) if document is None else document
     return _checked_weights(url, _config_of(url, document)[0], document)
 
 
@@ -467,23 +473,23 @@ def _state_files(optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> dict
             STATE_FILE: json.dumps({"param_groups": state["param_groups"], "state": structure, **info}).encode()}
 
 
-def _state(url: str) -> dict[str, Any]:
-    state = _json(join(url, STATE_FILE), read_file(url, STATE_FILE))
+def _state(url: str, document: dict[str, Any] | None = None) -> dict[str, Any]:
+    state = _json(join(url, STATE_FILE), read_file(url, STATE_FILE, document))
     needed = {"param_groups": list, "state": dict, "epoch": int, "history": list}
     if not isinstance(state, dict) or not all(isinstance(state.get(k), kind) for k, kind in needed.items()):
         raise DamagedError(f"{join(url, STATE_FILE)}: expected an object with {sorted(needed)}; {FRESH_HINT}")
     return state
 
 
-def state_info(url: str) -> dict[str, Any]:
+def state_info(url: str, document: dict[str, Any] | None = None) -> dict[str, Any]:
     """The saved `info` of a resumable state (epoch, history, run), without touching an optimizer."""
-    return {k: v for k, v in _state(url).items() if k not in ("param_groups", "state")}
+    return {k: v for k, v in _state(url, document).items() if k not in ("param_groups", "state")}
 
 
-def load_state(url: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_state(url: str, optimizer: torch.optim.Optimizer, document: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore the optimizer; return the saved `info`."""
-    info = _state(url)
-    tensors = _tensors(url, STATE_TENSORS, read_file(url, STATE_TENSORS))
+    info = _state(url, document)
+    tensors = _tensors(url, STATE_TENSORS, read_file(url, STATE_TENSORS, document))
     # How the optimizer runs (fused on CUDA, or not) belongs to this process's device, not to the saved run.
     how = ("fused", "foreach", "capturable", "differentiable")
     try:

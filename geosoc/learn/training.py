@@ -371,14 +371,15 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
     run = {k: meta.get(k) for k in ("stage", "samples", "seed", "test_fold", "pretrained", "folds")}
     if resume and checkpoint.is_checkpoint(last):
-        info = checkpoint.state_info(last)
+        saved = checkpoint.snapshot(last)  # one save: weights, optimizer and epoch all come from it
+        info = checkpoint.state_info(last, saved)
         if info.get("run") != run:
             raise IncompatibleError(
                 f"{out_url} holds another run ({_describe_run(info.get('run'))}); this one is {_describe_run(run)}. "
                 "Pass --fresh to start over there, or write this run elsewhere"
             )
-        checkpoint.fit_weights(last, getattr(model, "module", model), checkpoint.load_weights(last))
-        checkpoint.load_state(last, optimizer)
+        checkpoint.fit_weights(last, getattr(model, "module", model), checkpoint.load_weights(last, saved))
+        checkpoint.load_state(last, optimizer, saved)
         start, history, best = info["epoch"], info["history"], info["best"]
         stale, saved_rng = int(info.get("stale", 0)), info.get("rng")
         log.info("%s: resuming from %s at epoch %d", stage_name, last, start)
