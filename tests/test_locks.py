@@ -322,3 +322,22 @@ def test_models_and_evaluations_have_one_writer(command: str, trained_region: tu
         after = sorted(p.name for p in Path(root).rglob("*"))
     assert done.exit_code == 1 and done.output.startswith("error: ") and "another run (a test" in done.output
     assert after == before
+
+
+def test_a_writer_that_lost_its_lock_publishes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SampleSet writer whose lock another run took over meanwhile stops before it publishes: the SampleSet
+    that run may be writing is not replaced (cubes and maps check the same way before marking themselves
+    complete)."""
+    import xarray as xr
+
+    from geosoc.data.sampling import SampleSetWriter
+
+    monkeypatch.setattr(locks, "RENEW_S", 0.02)
+    url = str(tmp_path / "s.zarr")
+    with pytest.raises(LockedError, match="lost its lock"):
+        with SampleSetWriter(url, None, None) as writer:
+            with lock_stores._guarded(locks.lock_url(url)):
+                _plant(url, owner="other")
+            assert writer.lease.lost.wait(60)
+            writer.finish(xr.Dataset({"target": ("sample", [1.0])}))
+    assert not Path(url).exists()

@@ -29,7 +29,7 @@ from geosoc.catalog import LoadedCatalog, load_catalog
 from geosoc.errors import IncompleteError
 from geosoc.fingerprints import fingerprint
 from geosoc.grid import Grid, Window
-from geosoc.io.locks import exclusive
+from geosoc.io.locks import Lease, exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, run_tasks, template_written
 from geosoc.io.storage import default_root, join, open_store, zarr_store
 from geosoc.sources.from_catalog import open_layers
@@ -116,12 +116,12 @@ def build_cube(
             layer.reader.prepare()
     readers = {layer.group: layer.reader for layer in layers}
     url = cube_url(catalog, root)
-    with exclusive(url, "build-cube"):  # also the check, before any work, that the root takes writes
-        return _build(url, catalog, layers, readers, client, workers, progress)
+    with exclusive(url, "build-cube") as lease:  # also the check, before any work, that the root takes writes
+        return _build(url, catalog, layers, readers, client, workers, progress, lease)
 
 
 def _build(url: str, catalog: LoadedCatalog, layers: list[Layer], readers: dict[str, WindowReader], client: Any,
-           workers: int | None, progress: bool) -> str:
+           workers: int | None, progress: bool, lease: Lease) -> str:
     fingerprint = _fingerprint(catalog)
     attrs = resumable(url, fingerprint, "exists and was built from a different catalog or bounds; remove it or "
                                         "choose another --root")
@@ -146,6 +146,7 @@ def _build(url: str, catalog: LoadedCatalog, layers: list[Layer], readers: dict[
     ]
     with tqdm(total=total, initial=total - len(todo), desc="build-cube", unit="chunk", disable=not progress) as bar:
         run_tasks(tasks, client, workers, bar)
+    lease.check()  # a run that lost its lock meanwhile must not mark another's writes complete
     _finish(url, layers, markers)
     return url
 

@@ -200,7 +200,7 @@ class SampleSetWriter:
 
     def __enter__(self) -> SampleSetWriter:
         with self.exit as on_error:
-            self.exit.enter_context(exclusive(self.url, "sample"))  # also the check that the folder takes writes
+            self.lease = self.exit.enter_context(exclusive(self.url, "sample"))  # also: the folder takes writes
             tidy_beside(self.url)
             self.tmp = beside(self.url, "partial")
             self.exit.callback(self._remove_tmp)
@@ -229,6 +229,7 @@ class SampleSetWriter:
             rows = self.patch.chunks[0] if self.patch is not None else sample_chunk_rows(months * variables * 4)
             encoding["climate"] = {"chunks": (rows, months, variables)}
         dataset.to_zarr(self.store, mode="a", zarr_format=3, consolidated=False, encoding=encoding)
+        self.lease.check()  # a run that lost its lock meanwhile must not replace another's SampleSet
         publish_tree(self.tmp, self.url)
         return self.url
 

@@ -34,7 +34,7 @@ from geosoc.catalog import Catalog, PredictConfig, parse_catalog
 from geosoc.data.cube import group_grid, open_cube
 from geosoc.errors import IncompleteError, InputError, NotFoundError
 from geosoc.grid import Grid, Window
-from geosoc.io.locks import exclusive
+from geosoc.io.locks import Lease, exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, template_written
 from geosoc.io.storage import join, open_store, read_group_attrs, zarr_store
 from geosoc.learn import checkpoint
@@ -227,12 +227,12 @@ def _lazy(spec: MapSpec, device: str | None) -> xr.Dataset:
 def build(spec: MapSpec, out: str, *, engine: Engine = "local", device: str | None = None,
           sizing: RaySizing | None = None, max_retries: int = 3, fresh: bool = False, progress: bool = True) -> str:
     """Write (or finish writing) the map of `spec` at `out`; windows already written are not redone."""
-    with exclusive(out, "predict"):  # also the check, before any work, that the output's folder takes writes
-        return _build(spec, out, engine, device, sizing or RaySizing(), max_retries, fresh, progress)
+    with exclusive(out, "predict") as lease:  # also the check, before any work, that the output's folder takes writes
+        return _build(spec, out, engine, device, sizing or RaySizing(), max_retries, fresh, progress, lease)
 
 
 def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, sizing: RaySizing, max_retries: int,
-           fresh: bool, progress: bool) -> str:
+           fresh: bool, progress: bool, lease: Lease) -> str:
     cube_attrs = read_group_attrs(spec.cube) or {}
     fingerprint = spec.fingerprint(checkpoint.config_bytes(spec.model), str(cube_attrs.get("geosoc_build_id", "")))
     attrs = resumable(out, fingerprint, "holds a map of another model, cube, grid or map layout; pass --fresh "
@@ -260,6 +260,7 @@ def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, sizing: 
     missing = [w.key for w in spec.grid.windows() if w.key not in done]
     if missing:
         raise IncompleteError(f"{out}: windows still missing after the run: {missing[:10]}; run predict again")
+    lease.check()  # a run that lost its lock meanwhile must not mark another's writes complete
     complete(out, {"geosoc_windows": spec.grid.n_chunks})
     return out
 
