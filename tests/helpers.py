@@ -3,14 +3,16 @@ at random, finding and stopping the processes of one Ray head. Fixtures are in c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import random
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,72 +37,166 @@ EDGEROI = REPO / "geosoc" / "data" / "edgeroi"
 
 
 READY = 'print("ready", flush=True)\n'
+HANG_GUARD_S = 600  # the longest wait for a child's next line: a guard against a hang, never a deadline on work
 # Runs a script's part before READY once (its imports: seconds on 2 cores), then forks a fresh process for each
-# round that runs the part after it with that round's arguments.
+# round that runs the part after it with that round's arguments. The script calls `step(label)` where it reaches
+# a moment worth killing at; the zygote and its children report on the file descriptor argv[3]: "ready <pid>",
+# "step <label>", "gone <wait status>". A child told to stop at its n-th step (of `label`, or of any label)
+# stops itself there with SIGSTOP, to be killed at exactly that point.
 _ZYGOTE = """
-import json, os, sys
+import json, os, signal, sys, threading, traceback
 setup, work = sys.argv[1].split(sys.argv[2], 1)
-args = json.loads(sys.stdin.readline())
-sys.argv = ["-c", *args]
-scope = {"__name__": "__main__"}
+report = int(sys.argv[3])
+child, count, stop, stop_label, lock = False, 0, None, None, threading.Lock()
+
+def tell(line):
+    os.write(report, (line + "\\n").encode())
+
+def step(label=""):
+    global count
+    label = "_".join(str(label).split()) or "-"
+    if not child:
+        return
+    with lock:
+        tell("step " + label)
+        if stop_label in (None, label):
+            count += 1
+            if count == stop:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+def run(args):
+    sys.argv = ["-c", *args]
+    tell(f"ready {os.getpid()}")
+    code = 0
+    try:
+        exec(compile(work, "<work>", "exec"), scope)
+    except SystemExit as end:
+        code = end.code if isinstance(end.code, int) else int(end.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+order = json.loads(sys.stdin.readline())
+sys.argv = ["-c", *order["args"]]
+scope = {"__name__": "__main__", "step": step}
 exec(compile(setup, "<setup>", "exec"), scope)
-while args is not None:
+while order is not None:
     pid = os.fork()
     if pid == 0:
-        sys.argv = ["-c", *args]
-        print("ready", os.getpid(), flush=True)
-        exec(compile(work, "<work>", "exec"), scope)
-        os._exit(0)
-    os.waitpid(pid, 0)
-    print("gone", flush=True)
+        child, stop, stop_label = True, order["stop"], order["label"]
+        run(order["args"])
+    tell(f"gone {os.waitpid(pid, 0)[1]}")
     line = sys.stdin.readline()
-    args = json.loads(line) if line else None
+    order = json.loads(line) if line else None
 """
 
 
 class RandomKiller:
-    """SIGKILLs a script at random moments of its work, round after round.
+    """SIGKILLs a script at moments of its work chosen by its progress, never by the clock, round after round.
 
-    The script (the repository importable) prints "ready" (`READY`) where its work starts; each round runs what
-    follows in a process forked from one that ran what precedes once, then kills it `low` to `high` seconds
-    after it starts. The forked process is what a fresh one would be, without the seconds of imports."""
+    On a busy machine a child may take seconds to get anywhere: a kill timed from its start may land before any
+    work. Here the script (the repository importable) prints "ready" (`READY`) where its work starts and calls
+    `step(label)` (a name the zygote provides) at each moment worth killing at: a write done, a chunk finished.
+    Each round runs what follows READY in a process forked from one that ran what precedes it once (the fork is
+    what a fresh process would be, without the seconds of imports), and kills it at or after its n-th step."""
 
     def __init__(self, script: str) -> None:
         assert READY in script
         self.script = script
         self.zygote: subprocess.Popen[bytes] | None = None
+        self.child: int | None = None  # the pid of this round's child while it may live
+        self.lines: queue.Queue[str] = queue.Queue()
 
-    def kill_at_random(self, args: list[str], rng: random.Random, low: float, high: float,
-                       after: Callable[[], bool] | None = None) -> None:
-        """One round: kill `low` to `high` seconds into the work, counted from when `after()` first holds (e.g.
-        "one save is done": on a busy machine the first one may take longer than any fixed delay)."""
+    def kill_at_step(self, args: list[str], n: int, label: str | None = None) -> list[str]:
+        """One round, killed exactly after its n-th step (of `label`, or of any): the child stops itself there,
+        so the kill lands at that point whatever the machine's load. Returns the labels of the steps it made."""
+        return self._round(args, n, label, stop=True, delay=0.0)
+
+    def kill_after_step(self, args: list[str], n: int, delay: float, label: str | None = None) -> list[str]:
+        """One round, killed `delay` seconds after its n-th step (of `label`, or of any): at a random moment of
+        the work that follows (how far it got depends on the load), never before. Returns the labels of its
+        steps up to the n-th (more may have followed)."""
+        return self._round(args, n, label, stop=False, delay=delay)
+
+    def _round(self, args: list[str], n: int, label: str | None, stop: bool, delay: float) -> list[str]:
+        self._order({"args": args, "stop": n if stop else None, "label": label})
+        kind, pid = self._next()
+        assert kind == "ready", (kind, pid)
+        self.child = int(pid)
+        labels: list[str] = []
+        while sum(label in (None, seen) for seen in labels) < n:
+            kind, rest = self._next()
+            assert kind == "step", f"the child ended (wait status {rest}) before its step {n}: {labels[-5:]}"
+            labels.append(rest)
+        time.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):  # it ended by itself: told by the status below
+            os.kill(self.child, signal.SIGKILL)
+        while kind != "gone":
+            kind, rest = self._next()
+        self.child, status = None, int(rest)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the child ended by itself: {status}"
+        return labels
+
+    def _order(self, order: dict[str, Any]) -> None:
+        """Start the zygote on the first round's order (it runs the setup with its arguments), or send it one."""
         if self.zygote is None:
-            self.zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE, self.script, READY], cwd=REPO,
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            read, write = os.pipe()
+            self.zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE, self.script, READY, str(write)],
+                                           cwd=REPO, stdin=subprocess.PIPE, pass_fds=(write,),
                                            env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert self.zygote.stdin is not None and self.zygote.stdout is not None
-        self.zygote.stdin.write(json.dumps(args).encode() + b"\n")
+            os.close(write)
+            threading.Thread(target=self._read, args=(read,), daemon=True).start()
+        assert self.zygote.stdin is not None
+        self.zygote.stdin.write(json.dumps(order).encode() + b"\n")
         self.zygote.stdin.flush()
-        ready, pid = self.zygote.stdout.readline().split()
-        assert ready == b"ready"
-        for _ in range(30_000):  # polls, a hundredth of a second apart: a guard against a child that died early
-            if after is None or after():
-                break
-            time.sleep(0.01)
-        else:
-            raise AssertionError(f"the work never reached its starting point: {self.script[-300:]}")
-        time.sleep(rng.uniform(low, high))
-        os.kill(int(pid), signal.SIGKILL)
-        assert self.zygote.stdout.readline().strip() == b"gone"
+
+    def _read(self, fd: int) -> None:
+        """Every report line into the queue, then "" when every writer has closed it (the zygote ended)."""
+        with os.fdopen(fd, "rb") as reports:
+            for line in reports:
+                self.lines.put(line.decode().rstrip("\n"))
+        self.lines.put("")
+
+    def _next(self) -> tuple[str, str]:
+        try:
+            line = self.lines.get(timeout=HANG_GUARD_S)
+        except queue.Empty:
+            raise AssertionError(f"no word from the child in {HANG_GUARD_S} s: {self.script[-300:]}") from None
+        assert line, "the zygote ended (its error is in the captured stderr)"
+        kind, _, rest = line.partition(" ")
+        return kind, rest
 
     def __enter__(self) -> RandomKiller:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.child is not None:  # a round that failed: its child would keep the zygote waiting for it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child, signal.SIGKILL)
         if self.zygote is not None:
             assert self.zygote.stdin is not None
             self.zygote.stdin.close()
             self.zygote.wait()
+
+
+# A geosoc CLI command whose every finished chunk (a cube's, a map's window) is a step labelled with its key.
+MARKING_CLI = """
+import sys
+from geosoc.cli import app
+from geosoc.io.progress import Markers
+mark = Markers.mark
+
+def marking(self, key):
+    mark(self, key)
+    step(key)
+
+Markers.mark = marking
+print("ready", flush=True)
+app(sys.argv[1:], prog_name="geosoc")
+"""
 
 
 def unprivileged(command: list[str]) -> list[str]:

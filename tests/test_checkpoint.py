@@ -88,38 +88,52 @@ def test_a_save_that_fails_before_publishing_leaves_the_old_checkpoint(tmp_path:
 
 SAVER = textwrap.dedent("""
     import sys
+    from geosoc.io import storage
     from tests.test_checkpoint import _save
-    url = sys.argv[1]
+    put = storage.put_bytes
+
+    def putting(url, data):  # every object and manifest a save writes is a moment worth killing after
+        put(url, data)
+        step(url.rsplit("/", 1)[-1])
+
+    storage.put_bytes = putting
     print("ready", flush=True)
-    epoch = int(sys.argv[2])
+    url, epoch = sys.argv[1], int(sys.argv[2])
     while True:
         epoch += 1
         _save(url, epoch)
 """)
+WRITES = 4  # what a save writes: its three objects, then config.json
 
 
-def _epoch_now(url: str) -> int:
-    """The epoch saved at `url`, or -1 while a save replaces what this read had started on."""
-    try:
-        return int(checkpoint.state_info(url)["epoch"])
-    except GeosocError:
-        return -1
+def _unnamed(url: str) -> set[str]:
+    """What is in the checkpoint's folder that its config.json does not name: what a save killed midway left."""
+    named = {entry["object"] for entry in json.loads(Path(url, "config.json").read_text())["files"].values()}
+    return {p.name for p in Path(url).iterdir()} - named - {"config.json"}
 
 
 def test_killed_at_any_moment_a_checkpoint_is_the_old_one_or_the_new(tmp_path: Path) -> None:
-    """A process saving epoch after epoch is killed with SIGKILL at random moments: every time, what is there
-    loads, with weights, optimizer state and epoch from one save; the next save tidies what the kill left."""
+    """A process saving epoch after epoch is killed with SIGKILL: exactly after each write of a save in turn
+    (the second save of its round, so one is whole), and at random moments after a random write. Every time,
+    what is there loads, with weights, optimizer state and epoch from one save: the last one published before
+    the kill. The next save tidies what the kills left."""
     url = str(tmp_path / "ckpt")
     _save(url, 0)
     rng, epoch = random.Random(0), 0
+    exact = rng.sample(range(1, WRITES + 1), WRITES)  # each point between two writes once, in a random order
     with RandomKiller(SAVER) as killer:
-        for _ in range(4):
-            killer.kill_at_random([url, str(epoch)], rng, 0.05, 0.6,
-                                  after=lambda started=epoch: _epoch_now(url) > started)  # one save done
+        for write in exact:
+            written = killer.kill_at_step([url, str(epoch)], WRITES + write)
+            assert _saved_epoch(url) == epoch + written.count("config.json")  # the old one or the new
+            # Beside it: the killed save's objects written so far, or once it was published, the old ones.
+            assert len(_unnamed(url)) == (write if write < WRITES else WRITES - 1)
             epoch = _saved_epoch(url)
-    assert epoch > 0  # the savers got somewhere
+            written = killer.kill_after_step([url, str(epoch)], rng.randint(1, 2 * WRITES), rng.uniform(0, 0.1))
+            assert _saved_epoch(url) >= epoch + written.count("config.json")
+            epoch = _saved_epoch(url)
+    assert epoch >= len(exact)
     _save(url, epoch + 1)
-    assert len(list(Path(url).iterdir())) == 4
+    assert len(list(Path(url).iterdir())) == WRITES
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERING))

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -161,21 +156,22 @@ def test_a_rerun_removes_markers_a_kill_left_after_the_build_completed(tmp_path:
 
 
 def test_kill_9_then_resume_gives_identical_cube(tmp_path: Path, write_catalog, monkeypatch) -> None:
-    """SIGKILL the CLI build early, then twice mid-way; the re-run finishes without redoing finished work."""
+    """SIGKILL the CLI build early, then mid-way at a random moment, then once 250 chunks are done (kills after
+    its n-th finished chunk, whatever the machine's load); the re-run finishes without redoing finished work."""
+    import random
+
+    from tests.helpers import MARKING_CLI, RandomKiller
+
     path = write_catalog(size_px=768, chunk=32, climate=True)
     catalog = load_catalog(path=path)
     root = tmp_path / "killed"
     url = str(root / "cube.zarr")
-    command = [sys.executable, "-m", "geosoc.cli", "build-cube", "--catalog", str(path), "--root", str(root),
-               "--workers", "1", "-q"]
-    for seconds, markers_wanted in ((0.5, 0), (60, 50), (60, 250)):
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not (markers_wanted and len(_markers(url)) >= markers_wanted):
-            assert proc.poll() is None, f"build ended before it was killed: {proc.stderr.read().decode()}"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    args = ["build-cube", "--catalog", str(path), "--root", str(root), "--workers", "1", "-q"]
+    rng = random.Random(3)
+    with RandomKiller(MARKING_CLI) as killer:
+        killer.kill_at_step(args, rng.randint(1, 8))
+        killer.kill_after_step(args, rng.randint(40, 80), rng.uniform(0, 0.05))
+        killer.kill_at_step(args, max(1, 250 - len(_markers(url))) + rng.randint(0, 20))
 
     attrs = dict(zarr.open_group(url, mode="r").attrs)
     assert attrs["geosoc_status"] == "building"

@@ -137,31 +137,46 @@ def _epochs_saved(url: str) -> int:
 
 
 def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_path: Path) -> None:
-    """`ray job submit` of jobs/pretrain.py with two workers; one is killed with SIGKILL after the first epochs:
-    Ray restarts the group, the loops resume from the last epoch, the job finishes every epoch and ends with the
-    final metrics."""
+    """`ray job submit` of jobs/pretrain.py with two workers; one is killed with SIGKILL after the first epoch
+    (the worker that published it waits, so the kill lands there whatever the machine's load): Ray restarts the
+    group, the loops resume from the last epoch, the job finishes every epoch and ends with the final metrics."""
     import signal
     import subprocess
     import time
     import uuid
+
+    from tests.ray_pause import HANG_GUARD_S, PAUSE_ENV
 
     root = tmp_path / "demo"
     tiny_sampleset(str(root / "samples" / "unlabelled.zarr"), n=240)
     job = f"geosoc-kill-{uuid.uuid4().hex[:8]}"
     ray = [ray_head["ray"], "job"]
     address = ["--address", ray_head["address"]]
-    submitted = submit_job(ray_head, [
-        "--no-wait", "--submission-id", job, "--", "python", "jobs/pretrain.py", "--catalog",
-        str(_tiny_catalog(tmp_path)), "--root", str(root), "--workers", "2", "--epochs", "4", "--batch-size", "8"])
-    assert submitted.returncode == 0, submitted.stderr
     last = str(root / "models" / "pretrain" / "last")
-    deadline = time.time() + 300
-    while _epochs_saved(last) < 2:
-        assert time.time() < deadline, "no epoch finished in time"
-        time.sleep(0.5)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    runtime_env = {"worker_process_setup_hook": "tests.ray_pause.pause_at_first_publish",
+                   "env_vars": {PAUSE_ENV: json.dumps({"at": f"{last}/config.json", "marks": str(marks)})}}
+    submitted = submit_job(ray_head, [
+        "--no-wait", "--submission-id", job, "--runtime-env-json", json.dumps(runtime_env), "--", "python",
+        "jobs/pretrain.py", "--catalog", str(_tiny_catalog(tmp_path)), "--root", str(root), "--workers", "2",
+        "--epochs", "4", "--batch-size", "8"])
+    assert submitted.returncode == 0, submitted.stderr
+    for tick in range(HANG_GUARD_S * 10):  # a hang guard: how long the job takes to get there does not matter
+        if (marks / "paused").exists():
+            break
+        if tick % 100 == 99:  # every 10 s: a job that ended without getting there fails now, not in 10 minutes
+            asked = subprocess.run([*ray, "status", *address, job], env=ray_head["env"], capture_output=True,
+                                   text=True)
+            said = asked.stdout + asked.stderr
+            assert asked.returncode != 0 or ": PENDING" in said or ": RUNNING" in said, said[-3000:]
+        time.sleep(0.1)
+    assert (marks / "paused").exists(), "no worker published the first epoch"
+    assert _epochs_saved(last) == 1
     workers = ray_actor_pids(Path(ray_head["temp"]), "RayTrainWorker")
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
+    (marks / "go").touch()
     logs = subprocess.run([*ray, "logs", *address, "--follow", job], env=ray_head["env"], capture_output=True,
                           text=True, timeout=600).stdout
     status = subprocess.run([*ray, "status", *address, job], env=ray_head["env"], capture_output=True, text=True)

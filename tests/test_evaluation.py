@@ -198,7 +198,8 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     again = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=2, progress=False)
     assert calls == [] and len(again.metrics) == len(metrics)  # every (model, fold) was already done
     assert all(s["reused_runs"] == 3 for s in again.summary["models"].values())
-    monkeypatch.setattr(evaluation, "predict_samples", lambda run, data, rows, device: (np.zeros(len(rows)),) * 3)
+    monkeypatch.setattr(evaluation, "member_predictions",
+                        lambda run, data, rows, device: [(np.zeros(len(rows)),) * 3])
     other = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=3, models=("supervised", "rf"),
                                        progress=False)  # other epochs: the network runs again, the trees do not
     assert calls == ["finetune"] * 3 and other.summary["models"]["rf"]["reused_runs"] == 3

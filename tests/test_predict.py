@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,21 +160,20 @@ def _marked(url: str) -> set[str]:
 
 
 def test_kill_9_then_resume_gives_identical_map(region: tuple[Path, str], tmp_path: Path) -> None:
+    import random
+
+    from tests.helpers import MARKING_CLI, RandomKiller
+
     path, root = region
     work = tmp_path / "root"
     shutil.copytree(root, work, ignore=shutil.ignore_patterns("maps"))
     out = str(work / "maps" / "soc.zarr")
     command = [sys.executable, "-m", "geosoc.cli", "predict", "--catalog", str(path), "--root", str(work),
                "--resolution", "30", "--chunk", "12", "--no-export", "-q"]  # 64 windows
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while len(_marked(out)) < 16 and time.monotonic() < deadline:
-        assert proc.poll() is None, f"predict ended before it was killed: {proc.stderr.read().decode()}"
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with RandomKiller(MARKING_CLI) as killer:  # killed right after its n-th window, whatever the machine's load
+        written = killer.kill_at_step(command[3:], random.Random(4).randint(16, 48))
     done = _marked(out)
-    assert 16 <= len(done) < 8 * 8
+    assert len(written) <= len(done) < 8 * 8
     assert zarr.open_group(out, mode="r").attrs["geosoc_status"] == "writing"
     before = _chunk_mtimes(out)
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -324,20 +324,14 @@ def test_ray_actor_killed_mid_run_gives_identical_map(ray_head, region: tuple[Pa
         out = str(tmp_path / "killed.zarr")
         killed: list[int] = []
 
-        def killer() -> None:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                pids = ray_actor_pids(Path(ray_head["temp"]), "WindowWorker")
-                if pids and len(_marked(out)) >= 2:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-                    return
-                time.sleep(0.002)
+        def kill_an_actor() -> None:
+            pids = ray_actor_pids(Path(ray_head["temp"]), "WindowWorker")
+            assert pids, "no map actor to kill"
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
 
-        thread = threading.Thread(target=killer)
-        thread.start()
+        _once_windows_are_written(monkeypatch, out, 2, kill_an_actor)
         got = predict(f"{root}/cube.zarr", out=out, **options)
-        thread.join()
         assert killed, "no actor was killed"
         assert got.attrs["geosoc_status"] == "complete"
         for name in one_thread_map.data_vars:  # an undisturbed map, to the bit
@@ -346,10 +340,35 @@ def test_ray_actor_killed_mid_run_gives_identical_map(ray_head, region: tuple[Pa
         ray.shutdown()
 
 
+def _once_windows_are_written(monkeypatch: pytest.MonkeyPatch, out: str, windows: int,
+                              act: Callable[[], None]) -> None:
+    """Run `act` once, in the map's driver, at the first result it collects once `windows` windows of `out` are
+    written: mid-run whatever the machine's load (it has collected at most that many results), where a thread
+    polling beside the map could come too late."""
+    from geosoc.maps import ray_engine
+
+    result = ray_engine._result
+    acted: list[bool] = []
+
+    def collecting(ref: Any, task_error: type[Exception]) -> Any:
+        got = result(ref, task_error)
+        if not acted and len(_marked(out)) >= windows:
+            acted.append(True)
+            act()
+        return got
+
+    monkeypatch.setattr(ray_engine, "_result", collecting)
+
+
 def _wait_while(job: threading.Thread, condition: Any) -> None:
-    """Poll until `condition()` holds; fail if the map job ended first (so the wait cannot outlive the job)."""
+    """Poll until `condition()` holds; fail if the map job ended first (so the wait cannot outlive the job), or
+    after HANG_GUARD_S (a job held up by a stopped actor would otherwise hang the suite)."""
+    from tests.helpers import HANG_GUARD_S
+
+    guard = time.monotonic() + HANG_GUARD_S
     while not condition():
         assert job.is_alive(), "the map finished or failed before the awaited moment"
+        assert time.monotonic() < guard, f"nothing came in {HANG_GUARD_S} s"
         time.sleep(0.01)
 
 
@@ -374,15 +393,18 @@ def test_ray_map_grows_onto_a_node_that_joins_after_it_started(ray_head, region:
     stopped: list[int] = []
     caplog.set_level(logging.INFO, logger="geosoc.maps.ray_engine")
     try:
+        def stop_the_actor() -> None:
+            (first,) = ray_actor_pids(Path(ray_head["temp"]), "WindowWorker")
+            os.kill(first, signal.SIGSTOP)
+            stopped.append(first)
+
+        _once_windows_are_written(monkeypatch, out, 3, stop_the_actor)
         result: dict[str, Any] = {}
         job = threading.Thread(target=lambda: result.update(ds=predict(
             f"{root}/cube.zarr", out=out, resolution=30, chunk=16, engine="ray", max_actors=2, cpus_per_actor=2,
             progress=False)))  # 36 windows
         job.start()
-        _wait_while(job, lambda: len(_marked(out)) >= 3 and ray_actor_pids(Path(ray_head["temp"]), "WindowWorker"))
-        (first,) = ray_actor_pids(Path(ray_head["temp"]), "WindowWorker")
-        os.kill(first, signal.SIGSTOP)
-        stopped.append(first)
+        _wait_while(job, lambda: stopped)
         before = len(_marked(out))
         worker_ports = free_port() % 1000  # a worker port range of its own, away from the head's
         node = subprocess.Popen(
@@ -394,8 +416,7 @@ def test_ray_map_grows_onto_a_node_that_joins_after_it_started(ray_head, region:
              f"--max-worker-port={40_000 + worker_ports * 10 + 9}", "--disable-usage-stats"],
             env=ray_head["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         _wait_while(job, lambda: len(_marked(out)) > before + 3)  # written by the second actor only
-        os.kill(first, signal.SIGCONT)
-        stopped.clear()
+        os.kill(stopped.pop(), signal.SIGCONT)
         job.join()
         assert result["ds"].attrs["geosoc_status"] == "complete"
         assert "map actor 2 of 2 up" in caplog.text

@@ -111,6 +111,29 @@ def test_the_nodata_threshold_is_a_setting_and_exactly_half_is_kept(cube: str, t
         "point p0: 50% of its patch has no data (more than sampling.max_nodata, 40%); dropped"]
 
 
+def test_an_edge_sample_is_kept_with_its_mask(cube: str, tmp_path: Path) -> None:
+    """A point in the grid's corner (3/4 of its patch beyond the rasters) is kept by default and counted; its
+    patch keeps NaN where there is no data, and the network sees which pixels those are: the same values with
+    the gaps filled by zeros (what it saw before the mask) give another prediction."""
+    import torch
+
+    from geosoc.learn.models import NetworkConfig, SoilNet
+
+    report = sample_points(cube, at_pixels(cube, [0, 40], [0, 40]), str(tmp_path / "s.zarr"), PATCH,
+                           fold_block_size=1000, folds=2)
+    assert report.samples == 2 and report.dropped == [] and report.mostly_nodata == 1
+    patch = open_sampleset(str(tmp_path / "s.zarr"))["patch"].values[0]
+    assert np.isnan(patch[:, : PATCH // 2]).all() and np.isnan(patch[:, :, : PATCH // 2]).all()
+    assert not np.isnan(patch[:, PATCH // 2 :, PATCH // 2 :]).any()
+    torch.manual_seed(0)
+    net = SoilNet(NetworkConfig(bands=[str(b) for b in range(patch.shape[0])], patch_size=PATCH, image_patch=4,
+                                image_dim=16, image_depth=1, image_heads=2, embedding=8, nodata_mask=True)).eval()
+    gaps = torch.from_numpy(patch[None])
+    with torch.no_grad():
+        masked, zeros = net({"patch": gaps}), net({"patch": torch.nan_to_num(gaps)})
+    assert torch.isfinite(masked).all() and not torch.allclose(masked, zeros)
+
+
 def test_random_locations_reproducible_and_on_data(cube: str) -> None:
     a = random_points(cube, 40, PATCH, seed=3, min_spacing=120)
     b = random_points(cube, 40, PATCH, seed=3, min_spacing=120)
@@ -247,9 +270,23 @@ def test_region_mask_blanks_imagery_and_random_sampling_respects_it(tmp_path: Pa
 
 
 RESAMPLER = """
-import sys
-from geosoc.data.sampling import sample_points
+import os, sys, types
+from geosoc.data.sampling import SampleSetWriter, sample_points
+from geosoc.io import storage
 from tests.test_sampling import PATCH, two_point_sets
+append = SampleSetWriter.append
+
+def appending(self, patches):  # patches written into the SampleSet being made beside the old one
+    append(self, patches)
+    step("append")
+
+def replace(source, target):  # a publish's renames: the old SampleSet set aside, then the new one in place
+    os.replace(source, target)
+    if ".old-" in target or ".partial-" in source:  # (not a lock's or a file's own rename)
+        step("aside" if ".old-" in target else "in")
+
+SampleSetWriter.append = appending
+storage.os = types.SimpleNamespace(**{**vars(os), "replace": replace})
 cube, url = sys.argv[1:3]
 sets = two_point_sets(cube)
 print("ready", flush=True)
@@ -260,6 +297,26 @@ while True:
 """
 
 
+def _put_back(url: str) -> None:
+    """What the next run does first: a SampleSet set aside by a run killed between its two renames goes back."""
+    from geosoc.io.storage import tidy_beside
+
+    if not Path(url).exists():
+        assert list(Path(url).parent.glob(Path(url).name + ".old-*")), "neither the old SampleSet nor the new"
+    tidy_beside(url)
+
+
+def _sampleset_target(url: str, sizes: dict[float, int]) -> float:
+    """The target of the one whole SampleSet at `url` (of as many samples as its point set gave)."""
+    ds = open_sampleset(url)
+    targets = set(ds["target"].values.tolist())
+    assert len(targets) == 1
+    target = targets.pop()
+    assert ds.sizes["sample"] == sizes[target]
+    assert ds["patch"].notnull().any(dim=("band", "py", "px")).all()
+    return target
+
+
 def two_point_sets(cube: str) -> list[Points]:
     """Two point sets told apart by their size and their target."""
     return [at_pixels(cube, [20, 40, 60], [20, 40, 60], target=5.0),
@@ -267,27 +324,30 @@ def two_point_sets(cube: str) -> list[Points]:
 
 
 def test_killed_while_replacing_a_sampleset_leaves_the_old_or_the_new(cube: str, tmp_path: Path) -> None:
-    """A process re-sampling in a loop is killed with SIGKILL at random moments: what is at the SampleSet's
-    place is always one whole SampleSet (or, killed between its two renames, the old one set aside, which the
-    next run puts back); the next run leaves nothing beside it."""
+    """A process re-sampling in a loop is killed with SIGKILL: exactly after it wrote patches, set the old
+    SampleSet aside, or moved the new one in, and at random moments after those. What is at the SampleSet's
+    place is always one whole SampleSet, the last one moved in (or, killed between the two renames, the old one
+    set aside, which the next run puts back); the next run leaves nothing beside it."""
     import random
 
-    from geosoc.io.storage import tidy_beside
     from tests.helpers import RandomKiller
 
     url = str(tmp_path / "samples" / "labelled.zarr")
+    sets = two_point_sets(cube)
     sizes = {float(p.target[0]): sample_points(cube, p, url, PATCH, fold_block_size=1000, folds=2).samples
-             for p in two_point_sets(cube)}
+             for p in sets}
     rng = random.Random(1)
+    moments = rng.sample(["append", "aside", "in"], 3)
     with RandomKiller(RESAMPLER) as killer:
-        for _ in range(4):
-            killer.kill_at_random([cube, url], rng, 0.1, 1.5)
-            if not Path(url).exists():
-                assert [p.name for p in Path(url).parent.glob("labelled.zarr.old-*")], "neither old nor new"
-                tidy_beside(url)  # what the next run does first
-            ds = open_sampleset(url)
-            targets = set(ds["target"].values.tolist())
-            assert len(targets) == 1 and ds.sizes["sample"] == sizes[targets.pop()]
-            assert ds["patch"].notnull().any(dim=("band", "py", "px")).all()
+        for moment in moments:
+            before = _sampleset_target(url, sizes)
+            steps = killer.kill_at_step([cube, url], rng.randint(1, 2), label=moment)
+            assert Path(url).exists() == (steps[-1] != "aside"), steps
+            _put_back(url)
+            moved_in = steps.count("in")  # each round starts with the first set: they alternate from there
+            assert _sampleset_target(url, sizes) == (float(sets[(moved_in - 1) % 2].target[0]) if moved_in else before)
+            killer.kill_after_step([cube, url], rng.randint(1, 3), rng.uniform(0, 0.3))
+            _put_back(url)
+            _sampleset_target(url, sizes)
     sample_points(cube, two_point_sets(cube)[0], url, PATCH, fold_block_size=1000, folds=2)  # takes the lock over
     assert sorted(p.name for p in Path(url).parent.iterdir()) == ["labelled.zarr"]

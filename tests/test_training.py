@@ -95,15 +95,15 @@ def test_resume_continues_from_last_epoch(tmp_path: Path, caplog: pytest.LogCapt
 
 
 KILLED_FINETUNE = """
-import sys, time
+import sys
 from geosoc.io import storage
 put = storage.put_bytes
 
-def slow_put(url, data):  # widen each checkpoint write, so that kills land inside writes
+def putting(url, data):  # every checkpoint write is a moment worth killing after: labelled "last/config.json" ...
     put(url, data)
-    time.sleep(0.05)
+    step("/".join(url.split("/")[-2:]))
 
-storage.put_bytes = slow_put
+storage.put_bytes = putting
 import torch
 torch.set_num_threads(1)  # as the test's own runs: sums in the same order
 from geosoc.catalog import FinetuneConfig
@@ -113,29 +113,38 @@ url, out = sys.argv[1:3]
 print("ready", flush=True)
 finetune(url, out, config_for(url), FinetuneConfig(epochs=10_000, batch_size=8, patience=10_000), ctx=CPU)
 """
+EPOCH_WRITES = 6  # the most an epoch writes: the best model (weights, config) and the resumable state (4)
 
 
 def test_finetune_killed_during_checkpoint_writes_resumes_cleanly(tmp_path: Path) -> None:
-    """SIGKILL a fine-tuning run (whose checkpoint writes are slowed, so most kills land inside one) at random
-    moments: the resumable state always loads whole, and the next run resumes it without a gap in the epochs and
-    ends where an undisturbed run of as many epochs ends, to the bit (random streams and the patience count are
-    part of the state)."""
+    """SIGKILL a fine-tuning run right after one of its checkpoint writes (after a whole epoch's, so each run
+    gets somewhere), and at a random moment after one: the resumable state always loads whole, holds every epoch
+    published before the kill, and the next run resumes it without a gap in the epochs and ends where an
+    undisturbed run of as many epochs ends, to the bit (random streams and the patience count are part of the
+    state)."""
     import random
 
     from tests.helpers import RandomKiller
 
     url = tiny_sampleset(str(tmp_path / "s.zarr"))
     out = str(tmp_path / "ft")
+    last = out + "/last"
     rng = random.Random(2)
     with RandomKiller(KILLED_FINETUNE) as killer:
-        for _ in range(3):
-            killer.kill_at_random([url, out], rng, 1.0, 3.0, after=lambda: checkpoint.is_checkpoint(out + "/last"))
-            last = out + "/last"
-            if checkpoint.is_checkpoint(last):
-                info = checkpoint.state_info(last)
-                assert [m["epoch"] for m in info["history"]] == list(range(1, info["epoch"] + 1))
-                model, _ = checkpoint.load_model(last)
-                checkpoint.load_state(last, torch.optim.Adam(model.parameters()))
+        for exact in (True, False, True):
+            before = checkpoint.state_info(last)["epoch"] if checkpoint.is_checkpoint(last) else 0
+            writes = rng.randint(EPOCH_WRITES + 1, 2 * EPOCH_WRITES)
+            if exact:
+                written = killer.kill_at_step([url, out], writes)
+            else:
+                written = killer.kill_after_step([url, out], writes, rng.uniform(0, 0.3))
+            info = checkpoint.state_info(last)
+            published = before + written.count("last/config.json")
+            assert published > before, written  # a whole epoch's writes came before the kill
+            assert info["epoch"] == published if exact else info["epoch"] >= published
+            assert [m["epoch"] for m in info["history"]] == list(range(1, info["epoch"] + 1))
+            model, _ = checkpoint.load_model(last)
+            checkpoint.load_state(last, torch.optim.Adam(model.parameters()))
     done = checkpoint.state_info(out + "/last")["epoch"]
     assert done >= 1, "no epoch finished before the kills"
     stage = FinetuneConfig(epochs=done + 1, batch_size=8, patience=10_000)
@@ -231,3 +240,63 @@ def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_
     import zarr
 
     assert zarr.open_group(str(maps / "soc.zarr"), mode="r").attrs["geosoc_status"] == "complete"
+
+
+def test_an_ensemble_trains_its_members_and_averages_them(trained_region: tuple[Path, str], tmp_path: Path) -> None:
+    """`seeds=2`: member 0 at the checkpoint (naming 2 members), member 1 beside it with the next seed; samples
+    and maps get the members' calibrated quantiles averaged, on one numeric path."""
+    from geosoc.catalog import load_catalog
+    from geosoc.learn import ensemble
+    from geosoc.learn.training import finetune_region, member_predictions, predict_samples
+    from geosoc.maps.predictor import Predictor
+
+    path, root = trained_region
+    catalog = load_catalog(path=path).config
+    out = str(tmp_path / "ensemble")
+    result = finetune_region(catalog, root, out=out, test_fold=0, pretrained=False, seeds=2, ctx=CPU)
+    assert result["members"] == 2 and len(result["member_val_loss"]) == 2
+    meta = checkpoint.load_config(out)[1]
+    urls = ensemble.member_urls(out, meta)
+    assert urls == [out, f"{out}-m1"] and meta["seed"] == catalog.training.seed
+    assert checkpoint.load_config(urls[1])[1]["seed"] == catalog.training.seed + 1
+    data = SampleData(f"{root}/samples/labelled.zarr")
+    samples = np.arange(12)
+    members = member_predictions(out, data, samples, CPU.device)
+    assert not np.allclose(members[0][1], members[1][1])  # other seeds, other networks
+    combined = predict_samples(out, data, samples, CPU.device)
+    for k in range(3):
+        np.testing.assert_allclose(combined[k], (members[0][k] + members[1][k]) / 2, rtol=1e-6)
+    predictor = Predictor(out, "cpu")
+    rows = data.rows(samples)
+    for i in range(len(samples)):  # each sample's patch as a one-cell window
+        mapped = predictor.predict(rows["patch"][i], np.array([0]), np.array([0]), rows["climate"][i : i + 1])
+        for name, k in (("soc_q05", 0), ("soc_median", 1), ("soc_q95", 2)):
+            np.testing.assert_allclose(mapped[name][0], combined[k][i], rtol=1e-5, err_msg=name)
+
+
+def test_resume_takes_everything_from_one_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another save published into last/ right after the resume read config.json (its objects first, its
+    config.json last, as a writer publishes) changes nothing: weights, optimizer state and epoch all come from
+    the save that was read, so the run ends where an undisturbed one ends, to the bit."""
+    import shutil
+
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    stage = FinetuneConfig(epochs=2, batch_size=16, patience=100)
+    finetune(url, str(tmp_path / "a"), config_for(url), stage, ctx=CPU)
+    other = FinetuneConfig(epochs=3, batch_size=16, patience=100, learning_rate=0.01)  # the same run, other saves
+    finetune(url, str(tmp_path / "b"), config_for(url), other, ctx=CPU)
+    undisturbed = finetune(url, str(tmp_path / "c"), config_for(url), stage.model_copy(update={"epochs": 3}), ctx=CPU)
+    snapshot = checkpoint.snapshot
+
+    def then_another_save(where: str) -> dict:
+        document = snapshot(where)
+        if where == str(tmp_path / "a" / "last"):
+            for item in sorted((tmp_path / "b" / "last").iterdir(), key=lambda p: p.name == "config.json"):
+                shutil.copy(item, Path(where) / item.name)
+        return document
+
+    monkeypatch.setattr(checkpoint, "snapshot", then_another_save)
+    resumed = finetune(url, str(tmp_path / "a"), config_for(url), stage.model_copy(update={"epochs": 3}), ctx=CPU)
+    assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"] == undisturbed["history"]
+    assert checkpoint.state_info(str(tmp_path / "a" / "last"))["epoch"] == 3
