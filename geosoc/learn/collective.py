@@ -9,12 +9,16 @@ With one worker (or no process group) every function is the identity.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from geosoc.learn.training import Context
+
+class Context(Protocol):
+    """What these functions need of a loop's `training.Context`: how many workers, and this one's device."""
+
+    world: int
+    device: torch.device
 
 
 def _several(ctx: Context) -> bool:
