@@ -167,9 +167,8 @@ def _clear_if_stale(guard: str) -> None:
     time.sleep(0.001)
 
 
-class _S3Store:
-    """A lock object on S3: created `If-None-Match: *`, replaced and deleted `If-Match: <its ETag>`. Its
-    bytes and ETag are read in one request, so the ETag is that of the bytes judged."""
+class _BucketObject:
+    """A lock object in a bucket: created by fsspec's exclusive put (a conditional request on S3 and GCS)."""
 
     def __init__(self, fs: Any, path: str) -> None:
         self.fs, self.path = fs, path
@@ -177,6 +176,11 @@ class _S3Store:
 
     def create(self, data: bytes) -> None:
         self.fs.pipe_file(self.path, data, mode="create")
+
+
+class _S3Store(_BucketObject):
+    """A lock object on S3: created `If-None-Match: *`, replaced and deleted `If-Match: <its ETag>`. Its
+    bytes and ETag are read in one request, so the ETag is that of the bytes judged."""
 
     def read(self) -> Seen | None:
         try:
@@ -205,16 +209,9 @@ class _S3Store:
             self.fs.invalidate_cache(self.path)
 
 
-class _GcsStore:
+class _GcsStore(_BucketObject):
     """A lock object on GCS: created `ifGenerationMatch=0`, replaced and deleted `ifGenerationMatch=<its
     generation>`. Its bytes and generation are read in one request (the download's `X-Goog-Generation`)."""
-
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs, self.path = fs, path
-        self.bucket, self.key, _ = fs.split_path(path)
-
-    def create(self, data: bytes) -> None:
-        self.fs.pipe_file(self.path, data, mode="create")
 
     def read(self) -> Seen | None:
         try:

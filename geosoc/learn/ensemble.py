@@ -8,9 +8,16 @@ members there are; member i > 0 lives beside it (`models/finetune-m1`, ...), a c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from geosoc.errors import IncompatibleError
+from geosoc.learn import checkpoint
+from geosoc.learn.models import SoilNet
+from geosoc.learn.normalisation import Normalisation
 
 MEMBERS = "members"  # member 0's metadata: how many members the ensemble has
 
@@ -23,6 +30,28 @@ def member_url(url: str, member: int) -> str:
 def member_urls(url: str, meta: dict[str, Any]) -> list[str]:
     """Every member of the ensemble whose member 0 (at `url`) has metadata `meta`."""
     return [member_url(url, i) for i in range(int(meta.get(MEMBERS, 1)))]
+
+
+@dataclass
+class Member:
+    """One network of the ensemble on a device, with what turns its outputs into calibrated SOC."""
+
+    model: SoilNet
+    norm: Normalisation
+    offset: float
+
+
+def load_members(url: str, device: str | torch.device = "cpu") -> tuple[list[Member], dict[str, Any]]:
+    """Every member of the ensemble at `url` (one for a single network), and member 0's metadata. Members must
+    share member 0's architecture: their quantiles are averaged one by one."""
+    model, meta = checkpoint.load_model(url, device)
+    members = [Member(model, checkpoint.normalisation(url, meta), checkpoint.offset_of(meta))]
+    for other_url in member_urls(url, meta)[1:]:
+        other, other_meta = checkpoint.load_model(other_url, device)
+        if other.config.to_dict() != model.config.to_dict():
+            raise IncompatibleError(f"{other_url}: this ensemble member's config.json differs from {url}'s")
+        members.append(Member(other, checkpoint.normalisation(other_url, other_meta), checkpoint.offset_of(other_meta)))
+    return members, meta
 
 
 def mean_interval(parts: list[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:

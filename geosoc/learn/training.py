@@ -320,12 +320,10 @@ def member_predictions(url: str, data: SampleData, indices: np.ndarray, device: 
                        batch_size: int = 256) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Each ensemble member's (lower, median, upper) at samples, in the original units, calibrated."""
     parts = []
-    for member in ensemble.member_urls(url, checkpoint.load_config(url)[1]):
-        model, meta = checkpoint.load_model(member, device)
-        norm = checkpoint.normalisation(member, meta)
-        z, _ = forward_all(model, data, indices, norm, device, batch_size)
-        lower, median, upper = interval(z, model.config.quantiles, checkpoint.offset_of(meta))
-        parts.append((norm.decode_target(lower), norm.decode_target(median), norm.decode_target(upper)))
+    for member in ensemble.load_members(url, device)[0]:
+        z, _ = forward_all(member.model, data, indices, member.norm, device, batch_size)
+        lower, median, upper = interval(z, member.model.config.quantiles, member.offset)
+        parts.append(tuple(member.norm.decode_target(v) for v in (lower, median, upper)))
     return parts
 
 

@@ -4,17 +4,15 @@ reference loaded with it), or a tree model through `TabularPredictor`; both pred
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from geosoc.errors import IncompatibleError
-from geosoc.learn import checkpoint, ensemble
+from geosoc.learn import checkpoint
 from geosoc.learn.device import precision, resolve_device
-from geosoc.learn.models import SoilNet
-from geosoc.learn.normalisation import Normalisation
+from geosoc.learn.ensemble import Member, load_members
 from geosoc.maps.outputs import output_names, quantile_name
 from geosoc.maps.tabular import TabularPredictor, is_tabular
 from geosoc.stats import aoa
@@ -41,15 +39,6 @@ def require_map_model(url: str, meta: dict[str, Any]) -> None:
 
 
 
-@dataclass
-class Member:
-    """One network of the ensemble on the device, with what turns its outputs into calibrated SOC."""
-
-    model: SoilNet
-    norm: Normalisation
-    offset: float
-
-
 class Predictor:
     """A fine-tuned checkpoint loaded once on a device (every member of an ensemble): normalisation, calibration
     and, from member 0, the AOA reference with it."""
@@ -57,18 +46,10 @@ class Predictor:
     def __init__(self, model_url: str, device: torch.device | str | None = None,
                  batch_size: int = DEFAULT_BATCH) -> None:
         self.device = resolve_device(device)
-        model, meta = checkpoint.load_model(model_url, self.device)
-        require_map_model(model_url, meta)
-        self.meta = meta
-        self.members = [Member(model, checkpoint.normalisation(model_url, meta), checkpoint.offset_of(meta))]
-        for url in ensemble.member_urls(model_url, meta)[1:]:
-            other, other_meta = checkpoint.load_model(url, self.device)
-            if other.config.to_dict() != model.config.to_dict():
-                raise IncompatibleError(f"{url}: this ensemble member's config.json differs from {model_url}'s")
-            norm = checkpoint.normalisation(url, other_meta)
-            self.members.append(Member(other, norm, checkpoint.offset_of(other_meta)))
-        self.model = model
-        self.config = model.config
+        self.members, self.meta = load_members(model_url, self.device)
+        require_map_model(model_url, self.meta)
+        self.model = self.members[0].model
+        self.config = self.model.config
         self.batch_size = batch_size
         reference = checkpoint.load_aoa(model_url)
         if reference is None:
