@@ -41,16 +41,21 @@ class Member:
     offset: float
 
 
+def _load_member(url: str, device: str | torch.device) -> tuple[Member, dict[str, Any]]:
+    model, meta = checkpoint.load_model(url, device)
+    return Member(model, checkpoint.normalisation(url, meta), checkpoint.offset_of(meta)), meta
+
+
 def load_members(url: str, device: str | torch.device = "cpu") -> tuple[list[Member], dict[str, Any]]:
     """Every member of the ensemble at `url` (one for a single network), and member 0's metadata. Members must
     share member 0's architecture: their quantiles are averaged one by one."""
-    model, meta = checkpoint.load_model(url, device)
-    members = [Member(model, checkpoint.normalisation(url, meta), checkpoint.offset_of(meta))]
+    first, meta = _load_member(url, device)
+    members = [first]
     for other_url in member_urls(url, meta)[1:]:
-        other, other_meta = checkpoint.load_model(other_url, device)
-        if other.config.to_dict() != model.config.to_dict():
+        other, _ = _load_member(other_url, device)
+        if other.model.config.to_dict() != first.model.config.to_dict():
             raise IncompatibleError(f"{other_url}: this ensemble member's config.json differs from {url}'s")
-        members.append(Member(other, checkpoint.normalisation(other_url, other_meta), checkpoint.offset_of(other_meta)))
+        members.append(other)
     return members, meta
 
 
