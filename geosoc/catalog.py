@@ -218,6 +218,8 @@ class ImageEncoderConfig(_Section):
     dim: int = 768
     depth: int = 12
     heads: int = 12
+    centre_pixel: bool = Field(True, description="the head also reads each band's centre pixel and the mean of "
+                               "the 5 x 5 px around it, beside the ViT's embedding")
 
 
 class ClimateEncoderConfig(_Section):
