@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from geosoc.learn import baselines
 from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.models.climate import ClimateEncoder, sinusoidal_positions
-from geosoc.learn import baselines
 from geosoc.learn.models.image import ImageEncoder, centre_statistics
 from geosoc.learn.models.losses import nt_xent, pinball
 
