@@ -172,3 +172,69 @@ def _lon_of(tree) -> np.ndarray:
     grid = _grid_of(tree)
     x, y = np.meshgrid(grid.x, grid.y)
     return Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(x, y)[0]
+
+
+# --- Earth Engine: the expression offline, the real xee path through a fake computePixels ---------------------
+
+
+@pytest.fixture
+def offline_ee():
+    ee = pytest.importorskip("ee")
+    pytest.importorskip("xee")
+    from tests.ee_fake import initialize_offline
+
+    initialize_offline()
+    yield ee
+    ee.Reset()
+
+
+def test_earthengine_expression(offline_ee, write_catalog) -> None:
+    import json
+
+    from geosoc.sources import earthengine
+
+    grid = aef_catalog(write_catalog, "earthengine").config.embeddings_grid
+    image = earthengine.embedding_image("GOOGLE/SATELLITE_EMBEDDING/V1/ANNUAL", 2022, grid)
+    text = json.dumps(offline_ee.serializer.encode(image, for_cloud_api=True))
+    assert '"GOOGLE/SATELLITE_EMBEDDING/V1/ANNUAL"' in text
+    assert '"2022-01-01"' in text and '"2023-01-01"' in text  # the catalog's year, whole
+    assert '"Image.reduceResolution"' in text and '"Reducer.mean"' in text and '"maxPixels": {"constantValue": 16}' in text
+    assert '"Image.reproject"' in text and '"EPSG:3035"' in text and "4033800" in text  # onto the region grid
+    assert '"ImageCollection.mosaic"' in text
+    assert '"Image.pow"' in text and '"Reducer.sum"' in text and '"Image.sqrt"' in text and '"Image.divide"' in text
+    assert '"A00"' in text and '"A63"' in text
+
+
+def test_earthengine_cube_equals_cog_cube(offline_ee, write_catalog, tmp_path: Path, cog_cube) -> None:
+    """The same cube from Earth Engine (a fake computePixels serving the field's cell means) as from the COGs,
+    within the quantisation error; every axis of a window in one request, as planned."""
+    from geosoc.sources.earthengine import earthengine_embeddings
+    from geosoc.sources.from_catalog import open_layers
+    from tests.ee_fake import FAST_RETRY
+
+    catalog = aef_catalog(write_catalog, "earthengine", max_concurrency=3)
+    grid = catalog.config.embeddings_grid
+    fake = aef_fake.FakeEmbeddingEngine(grid)
+    layer = earthengine_embeddings(catalog, fake, FAST_RETRY)
+    url = build_cube(catalog, str(tmp_path / "ee"), layers=[open_layers(catalog)[0], layer], progress=False)
+    got = open_cube(url)["embeddings"].to_dataset()["data"]
+    assert list(got.band.values) == list(EMBEDDING_BANDS) and got.attrs["source"] == "earthengine"
+    ee_values, cog_values = got.values, cog_cube[1]
+    both = np.isfinite(ee_values[0]) & np.isfinite(cog_values[0])
+    assert both.mean() > 0.9
+    assert np.abs(ee_values[:, both] - cog_values[:, both]).max() < QUANTISATION_TOLERANCE
+    norm = np.sqrt((ee_values[:, np.isfinite(ee_values[0])].astype(np.float64) ** 2).sum(axis=0))
+    np.testing.assert_allclose(norm, 1.0, atol=1e-5)
+    assert fake.calls == layer.reader.requests() == grid.n_chunks  # 64 axes x 20 x 20 px: one request a window
+    assert layer.reader.plan()["concurrency"] == 3
+
+
+def test_europe_dry_run_lists_the_embeddings() -> None:
+    from geosoc.data.cube import plan_cube
+    from geosoc.sources.ee_plan import MAX_REQUEST_BYTES
+
+    plan = {layer.group: layer for layer in plan_cube(load_catalog("europe")).layers}
+    layer = plan["embeddings"]
+    assert layer.shape[0] == 64 and layer.requests and layer.concurrency == 40
+    assert layer.request_bytes is not None and layer.request_bytes <= MAX_REQUEST_BYTES
+    assert layer.requests == layer.chunks * 2  # 64 axes x 512 x 512 px is over 48 MiB: two requests a chunk

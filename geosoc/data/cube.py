@@ -1,13 +1,13 @@
 """Assemble a region's sources into a Zarr v3 cube, chunk by chunk, resumably; open cubes lazily.
 
-Layout (docs/architecture.md): groups `imagery` (band, y, x), `climate` (time, variable, y, x) and
-`embeddings` (band, y, x), each with one `data` variable on the region's CRS. The build follows the
-xarray-beam pattern: a metadata-only template is written first, then every chunk is computed and written by
-exactly one task into its own Zarr chunk, so parallel writers never share a chunk. After a chunk is written, a marker object is put beside the cube
-(`cube.zarr.progress/<build id>/<group>/<iy>.<ix>`); a re-run skips chunks with a marker and so never
-rewrites finished work, whatever moment the previous run was killed at. Markers live outside the Zarr
-hierarchy (zarr warns about foreign objects inside it); when every chunk is marked, the root attrs record the
-status and a per-group count of chunks, and the markers are removed.
+Layout (docs/architecture.md): groups `imagery` (band, y, x), `climate` (time, variable, y, x) and `embeddings`
+(band, y, x), each with one `data` variable on the region's CRS. The build follows the xarray-beam pattern: a
+metadata-only template is written first, then every chunk is computed and written by exactly one task into its
+own Zarr chunk, so parallel writers never share a chunk. After a chunk is written, a marker object is put beside
+the cube (`cube.zarr.progress/<build id>/<group>/<iy>.<ix>`); a re-run skips chunks with a marker and so never
+rewrites finished work, whatever moment the previous run was killed at. Markers live outside the Zarr hierarchy
+(zarr warns about foreign objects inside it); when every chunk is marked, the root attrs record the status and a
+per-group count of chunks, and the markers are removed.
 """
 
 from __future__ import annotations
