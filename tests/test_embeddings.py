@@ -238,3 +238,29 @@ def test_europe_dry_run_lists_the_embeddings() -> None:
     assert layer.shape[0] == 64 and layer.requests and layer.concurrency == 40
     assert layer.request_bytes is not None and layer.request_bytes <= MAX_REQUEST_BYTES
     assert layer.requests == layer.chunks * 2  # 64 axes x 512 x 512 px is over 48 MiB: two requests a chunk
+
+
+def test_maps_carry_the_attribution(cog_cube, tmp_path: Path) -> None:
+    """A map made from a cube with embeddings says what the licence asks: in its attributes (from the cube),
+    its COGs' metadata and its STAC item."""
+    import rasterio
+    import xarray as xr
+
+    from geosoc.maps import export
+    from geosoc.maps.inference import source_attribution
+
+    tree, _ = cog_cube
+    attrs = source_attribution(tree.encoding["source"])
+    assert attrs == {"attribution": [embeddings.ATTRIBUTION]}
+    values = np.linspace(5, 30, 16 * 16, dtype=np.float32).reshape(16, 16)
+    ds = xr.Dataset({"soc_median": (("y", "x"), values, {"long_name": "median SOC", "units": "g/kg"})},
+                    coords={"y": 2995000.0 - 30 * np.arange(16), "x": 4034000.0 + 30 * np.arange(16)}, attrs=attrs)
+    ds = ds.rio.write_crs("EPSG:3035")
+    tags = {"ATTRIBUTION": " ".join(export.attribution(ds))}
+    cog = export.write_cog(ds["soc_median"], str(tmp_path / "soc_median.tif"), "EPSG:3035", ds.rio.transform(), tags)
+    with rasterio.open(cog) as src:
+        assert src.tags()["ATTRIBUTION"] == embeddings.ATTRIBUTION
+    item = export.stac_item(ds, str(tmp_path), {"soc_median": "soc_median.tif"}, "geosoc-aef-soc")
+    assert item["properties"]["geosoc:attribution"] == [embeddings.ATTRIBUTION]
+    assert "geosoc:attribution" not in export.stac_item(ds.assign_attrs(attribution=[]), str(tmp_path), {},
+                                                        "plain")["properties"]
