@@ -108,9 +108,9 @@ def write_dataset(folder: Path) -> Path:
               REGION_BOUNDS[3] + margin)
     write_zone(folder, 31, bounds, pieces=2, bottom_up_piece=1)
     write_zone(folder, 32, bounds)
-    write_zone(folder, 31, bounds, year=YEAR - 1, constant=127)
-    far = (bounds[0], bounds[1] + 50_000, bounds[2], bounds[3] + 50_000)
-    write_zone(folder, 32, far, image="far")
+    x, y = REGION_BOUNDS[0] + 300, REGION_BOUNDS[1] + 300  # in zone 31N, away from the lake
+    write_zone(folder, 31, (x, y, x + 200, y + 200), year=YEAR - 1, constant=127)
+    write_zone(folder, 32, (x + 600, y + 50_000, x + 800, y + 50_200), image="far")
     return folder
 
 

@@ -118,6 +118,9 @@ def test_no_data_is_left_out_not_averaged_in(cog_folder: Path, write_catalog) ->
     layer = open_layers(catalog)[1]
     rows, cols = slice(16, 28), slice(10, 22)  # around the lake's south-west corner
     got = layer.reader.read(rows, cols)
+    # the files of the year under the region: not 2021's, not the 32N file far to the north
+    assert sorted(Path(f.url).name for f in layer.reader.files) == [
+        "fake31a-0000000000-0000000000.tiff", "fake31a-0000000082-0000000000.tiff", "fake32a-0000000000-0000000000.tiff"]
     truth = aef_fake.cell_means(layer.grid, rows, cols)
     both = np.isfinite(got[0]) & np.isfinite(truth[0])
     assert np.isnan(got[0]).any() and both.sum() > 80
