@@ -36,6 +36,12 @@ CLIMATE_VARIABLES = (
     "aet", "def", "pdsi", "pet", "pr", "ro", "soil", "srad", "swe", "tmmn", "tmmx", "vap", "vpd", "vs",
 )  # fmt: skip
 SOURCE_KINDS = ("synthetic", "earthengine", "raster")
+# AlphaEarth Foundations annual Satellite Embedding: 64 axes of a unit vector per 10 m pixel, 2017 onwards.
+EMBEDDING_BANDS = tuple(f"A{i:02d}" for i in range(64))
+EMBEDDING_SOURCES = ("earthengine", "cog")
+AEF_COLLECTION = "GOOGLE/SATELLITE_EMBEDDING/V1/ANNUAL"
+AEF_COG_URL = "gs://alphaearth_foundations/satellite_embedding/v1/annual"
+AEF_FIRST_YEAR = 2017
 
 
 class _Section(BaseModel):
@@ -201,6 +207,46 @@ class ClimateConfig(_Section):
         return out
 
 
+_COG_ONLY = ("url",)
+_EARTHENGINE_ONLY = ("collection", "max_concurrency", "max_retries", "initial_backoff_s", "seconds_per_request",
+                     "high_volume")
+
+
+class EmbeddingsConfig(_Section):
+    """The AlphaEarth Foundations Satellite Embedding of one year, from Earth Engine or from the public COGs,
+    averaged from 10 m onto its own grid (default: the imagery's) and re-normalised to unit length."""
+
+    source: Literal["earthengine", "cog"]
+    year: int = Field(ge=AEF_FIRST_YEAR, description="the annual embedding to use (2017 onwards)")
+    resolution: float | None = Field(None, gt=0, description="CRS units; default: the imagery's")
+    chunk: int | None = Field(None, ge=16, le=8192, description="pixels per chunk side; default: the imagery's")
+    url: str = Field(AEF_COG_URL, min_length=1, description="cog: the folder holding <year>/<UTM zone>/*.tiff "
+                     "(any fsspec URL, or a path relative to the catalog)")
+    collection: str = AEF_COLLECTION
+    max_concurrency: int = Field(40, ge=1, le=200, description="requests in flight for the whole build")
+    max_retries: int = Field(8, ge=0, le=20, description="per request, on 429/5xx/timeouts")
+    initial_backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles, with full jitter")
+    seconds_per_request: float = Field(2.0, gt=0, description="assumed in --dry-run duration estimates")
+    high_volume: bool = Field(False, description="use the high-volume endpoint (for automated, batch use)")
+
+    @model_validator(mode="after")
+    def _keys_of_its_source(self) -> EmbeddingsConfig:
+        other = _EARTHENGINE_ONLY if self.source == "cog" else _COG_ONLY
+        misplaced = [key for key in other if key in self.model_fields_set]
+        if misplaced:
+            owner = "earthengine" if self.source == "cog" else "cog"
+            verb = "applies" if len(misplaced) == 1 else "apply"
+            raise ValueError(f"{', '.join(misplaced)} {verb} only to source {owner!r}, not {self.source!r}")
+        return self
+
+    def earthengine_source(self) -> EarthEngineSource:
+        """The request settings (throttle, retries, endpoint) as the other Earth Engine layers take them."""
+        return EarthEngineSource(
+            kind="earthengine", max_concurrency=self.max_concurrency, max_retries=self.max_retries,
+            initial_backoff_s=self.initial_backoff_s, seconds_per_request=self.seconds_per_request,
+            high_volume=self.high_volume)
+
+
 class SamplingConfig(_Section):
     patch_size: int = Field(64, ge=1, le=1024)
     unlabelled: int = Field(10_000, ge=0)
@@ -218,6 +264,8 @@ class ImageEncoderConfig(_Section):
     dim: int = 768
     depth: int = 12
     heads: int = 12
+    centre_pixel: bool = Field(True, description="the head also reads each band's centre pixel and the mean of "
+                               "the 5 x 5 px around it, beside the ViT's embedding")
 
 
 class ClimateEncoderConfig(_Section):
@@ -272,6 +320,7 @@ class Catalog(_Section):
     region: RegionConfig
     imagery: ImageryConfig
     climate: ClimateConfig | None = None
+    embeddings: EmbeddingsConfig | None = None
     sampling: SamplingConfig = SamplingConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
@@ -288,6 +337,17 @@ class Catalog(_Section):
         if self.climate is None:
             return None
         return self.imagery_grid.with_resolution(self.climate.resolution, self.climate.chunk)
+
+    @cached_property
+    def embeddings_grid(self) -> Grid | None:
+        """The embeddings' grid: the imagery's unless the section sets its own resolution or chunk."""
+        if self.embeddings is None:
+            return None
+        resolution = self.embeddings.resolution or self.imagery.resolution
+        chunk = self.embeddings.chunk or self.imagery.chunk
+        if resolution == self.imagery.resolution and chunk == self.imagery.chunk:
+            return self.imagery_grid
+        return self.imagery_grid.with_resolution(resolution, chunk)
 
 
 class LoadedCatalog(BaseModel):

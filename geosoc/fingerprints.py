@@ -22,5 +22,5 @@ def model_code() -> str:
     """A fingerprint of the code that turns samples into held-out predictions (geosoc.learn, geosoc.stats and the
     sample reader): an evaluation run made by other code is not reused, whatever the version number says."""
     package = Path(__file__).parent
-    files = sorted([*package.glob("learn/*.py"), *package.glob("stats/*.py"), package / "data" / "streaming.py"])
+    files = sorted([*package.glob("learn/**/*.py"), *package.glob("stats/*.py"), package / "data" / "streaming.py"])
     return fingerprint(*(f"{f.relative_to(package)}\n".encode() + f.read_bytes() for f in files))

@@ -159,6 +159,8 @@ CONFIG_EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {  # con
     "one band less": (lambda d: d["model"]["bands"].pop(), "'normalisation' has 14 band means for the 13"),
     "no-data mask switched off": (lambda d: d["model"].update(nodata_mask=False),
                                   "'bands' has 14 entries, but model.safetensors holds a network of 15 input"),
+    "centre pixel switched off": (lambda d: d["model"].update(centre_pixel=False),
+                                  "'centre_pixel' is false, but model.safetensors holds a head reading 28"),
     "another embedding": (lambda d: d["model"].update(embedding=8), "'embedding' is 8"),
     "a fourth quantile": (lambda d: d["model"].update(quantiles=[0.05, 0.25, 0.5, 0.95]), "'quantiles' has 4"),
     "months beyond reason": (lambda d: d["model"].update(months=10**9), "'months' is 1000000000"),

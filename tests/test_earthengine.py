@@ -155,7 +155,7 @@ def test_europe_dry_run_plan() -> None:
     from geosoc.data.cube import plan_cube
 
     plan = plan_cube(load_catalog("europe"))
-    imagery, climate = plan.layers
+    imagery, climate = plan.layers[:2]  # then the embeddings (tests/test_embeddings.py)
     assert imagery.requests == 21_440 * 14 and imagery.concurrency == 40
     assert imagery.request_bytes <= MAX_REQUEST_BYTES and climate.request_bytes <= MAX_REQUEST_BYTES
     assert climate.requests == 90 * 14

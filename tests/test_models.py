@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from geosoc.learn import baselines
 from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.models.climate import ClimateEncoder, sinusoidal_positions
-from geosoc.learn.models.image import ImageEncoder
+from geosoc.learn.models.image import ImageEncoder, centre_statistics
 from geosoc.learn.models.losses import nt_xent, pinball
 
 TINY = dict(patch_size=16, months=6, image_patch=4, image_dim=32, image_depth=1, image_heads=2, climate_dim=32,
@@ -52,6 +53,22 @@ def test_soilnet_with_either_or_both_branches(bands, variables) -> None:
     assert (out[:, 0] <= out[:, 1]).all() and (out[:, 1] <= out[:, 2]).all()  # quantiles never cross
     out.sum().backward()
     assert set(model.embed(batch())) == ({"image"} if not variables else {"climate"} if not bands else {"image", "climate"})
+
+
+@pytest.mark.parametrize("variables", [["x", "y"], []])
+def test_the_head_reads_the_centre_pixel_as_the_trees_see_it(variables) -> None:
+    """The head's extra inputs are the trees' centre and window features (NaN, i.e. no data, as 0), and the
+    network's output moves with the centre pixel alone."""
+    inputs = batch()
+    inputs["patch"][0, 1, 6:9, 7] = torch.nan  # no data beside the centre and at it
+    expected = baselines.covariate_features({"patch": inputs["patch"].numpy()}, ["a", "b", "c"], [], None).values
+    torch.testing.assert_close(centre_statistics(inputs["patch"]), torch.nan_to_num(torch.from_numpy(expected)))
+    model = SoilNet(NetworkConfig(bands=["a", "b", "c"], variables=variables, centre_pixel=True, **TINY)).eval()
+    assert model.features(inputs).shape == (4, 16 * (1 + bool(variables)) + 6)
+    moved = {k: v.clone() for k, v in inputs.items()}
+    moved["patch"][:, :, 8, 8] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model.features(inputs)[:, -6:], model.features(moved)[:, -6:])
 
 
 def test_model_needs_a_branch() -> None:

@@ -99,6 +99,33 @@ def test_soc_depends_on_texture_only_a_patch_reveals() -> None:
     assert abs(np.corrcoef(centre_value, mosaic)[0, 1]) < 0.3
 
 
+def test_drainage_raises_soc_and_shows_in_climate_and_in_hollows_only_a_patch_counts() -> None:
+    """The latent for self-supervision: climate cells carry it in soil moisture; the imagery in the density of
+    darker wet hollows across a 32 px patch, which one pixel or a 5 x 5 window gives poorly."""
+    cells = LAND.normals(COARSE.x_of(np.arange(25))[None, :], COARSE.y_of(np.arange(25))[:, None], COARSE.crs)
+    soil = LAND.climate(COARSE, slice(0, 25), slice(0, 25), MONTHS, ["soil"])[:, 0].mean(axis=0)
+    assert np.corrcoef(soil.ravel(), cells["drainage"].ravel())[0, 1] > 0.5
+
+    rng = np.random.default_rng(2)
+    cx, cy = rng.uniform(4.0e6, 4.1e6, 200), rng.uniform(2.8e6, 2.9e6, 200)
+    offsets = (np.arange(32) - 15.5) * 30.0
+    px = np.broadcast_to(cx[:, None, None] + offsets[None, None, :], (200, 32, 32))
+    py = np.broadcast_to(cy[:, None, None] + offsets[None, :, None], (200, 32, 32))
+    f = LAND.fields(px, py, "EPSG:3035")
+    drainage = f["drainage"][:, 16, 16]
+    density = f["hollow"].mean(axis=(1, 2))
+    window = f["hollow"][:, 14:19, 14:19].mean(axis=(1, 2))
+    assert np.corrcoef(density, drainage)[0, 1] > 0.8
+    assert np.corrcoef(window, drainage)[0, 1] < np.corrcoef(density, drainage)[0, 1] - 0.2
+    land = np.isfinite(f["soc"][:, 16, 16])
+    assert np.corrcoef(np.log(f["soc"][land, 16, 16]), drainage[land])[0, 1] > 0.3
+
+    grid = Grid.from_bounds("EPSG:3035", (4_000_000, 2_800_000, 4_000_000 + 64 * 30, 2_800_000 + 64 * 30), 30, 64)
+    red = LAND.imagery(grid, slice(0, 64), slice(0, 64), ["SR_B4"])[0]
+    hollow = LAND.fields(grid.x_of(np.arange(64))[None, :], grid.y_of(np.arange(64))[:, None], grid.crs)["hollow"]
+    assert np.nanmean(red[hollow]) < np.nanmean(red[~hollow])  # darker: wet soil, more plants
+
+
 def test_climate_has_seasons_gradients_and_genuine_zeros() -> None:
     months = [dt.date(2013 + (m // 12), m % 12 + 1, 1) for m in range(24)]
     grid = Grid.from_bounds("EPSG:3035", (2_700_000, 1_500_000, 6_500_000, 5_000_000), 100_000, 64)

@@ -1,13 +1,13 @@
 """Assemble a region's sources into a Zarr v3 cube, chunk by chunk, resumably; open cubes lazily.
 
-Layout (docs/architecture.md): groups `imagery` (band, y, x) and `climate` (time, variable, y, x), each with one
-`data` variable on the region's CRS. The build follows the xarray-beam pattern: a metadata-only template is
-written first, then every chunk is computed and written by exactly one task into its own Zarr chunk, so
-parallel writers never share a chunk. After a chunk is written, a marker object is put beside the cube
-(`cube.zarr.progress/<build id>/<group>/<iy>.<ix>`); a re-run skips chunks with a marker and so never
-rewrites finished work, whatever moment the previous run was killed at. Markers live outside the Zarr
-hierarchy (zarr warns about foreign objects inside it); when every chunk is marked, the root attrs record the
-status and a per-group count of chunks, and the markers are removed.
+Layout (docs/architecture.md): groups `imagery` (band, y, x), `climate` (time, variable, y, x) and `embeddings`
+(band, y, x), each with one `data` variable on the region's CRS. The build follows the xarray-beam pattern: a
+metadata-only template is written first, then every chunk is computed and written by exactly one task into its
+own Zarr chunk, so parallel writers never share a chunk. After a chunk is written, a marker object is put beside
+the cube (`cube.zarr.progress/<build id>/<group>/<iy>.<ix>`); a re-run skips chunks with a marker and so never
+rewrites finished work, whatever moment the previous run was killed at. Markers live outside the Zarr hierarchy
+(zarr warns about foreign objects inside it); when every chunk is marked, the root attrs record the status and a
+per-group count of chunks, and the markers are removed.
 """
 
 from __future__ import annotations
@@ -164,15 +164,20 @@ def _open_data_array(url: str, group: str, build: str) -> zarr.Array:
 
 
 def _fingerprint(catalog: LoadedCatalog) -> str:
-    """What defines a cube's contents: the region and the imagery and climate sections (not training)."""
+    """What defines a cube's contents: the region and the imagery, climate and embeddings sections (not
+    training). A catalog without embeddings keeps the fingerprint it had before the section existed."""
     config = catalog.config
-    return fingerprint(config.model_dump_json(include={"region", "imagery", "climate"}))
+    sections = {"region", "imagery", "climate"} | ({"embeddings"} if config.embeddings is not None else set())
+    return fingerprint(config.model_dump_json(include=sections))
 
 
 def _write_template(url: str, catalog: LoadedCatalog, layers: list[Layer], fingerprint: str) -> dict[str, Any]:
     """Metadata and coordinates only; the root's `geosoc_template_complete` flag is written last."""
     store = zarr_store(url)
-    attrs = new_build(url, fingerprint, "building", region=catalog.config.region.name, catalog=catalog.text)
+    attribution = sorted({str(layer.attrs["attribution"]) for layer in layers if "attribution" in layer.attrs})
+    extra = {"attribution": attribution} if attribution else {}  # what the sources' licences require
+    attrs = new_build(url, fingerprint, "building", region=catalog.config.region.name, catalog=catalog.text,
+                      **extra)
     zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
     for layer in layers:
         _template_dataset(layer).to_zarr(

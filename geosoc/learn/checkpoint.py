@@ -29,6 +29,7 @@ from geosoc.errors import DamagedError, NotFoundError, first_line
 from geosoc.io import storage
 from geosoc.io.storage import filesystem, join
 from geosoc.learn.models import NetworkConfig, SoilNet
+from geosoc.learn.models.soilnet import head_inputs
 from geosoc.learn.normalisation import Normalisation
 from geosoc.stats.aoa import Reference
 
@@ -282,8 +283,9 @@ def _config_problem(config: NetworkConfig) -> str | None:
             return f"'{name}' must be a list of names, got {names!r}"
     if not config.bands and not config.variables:
         return "it needs 'bands', 'variables' or both"
-    if not isinstance(config.nodata_mask, bool):
-        return f"'nodata_mask' must be true or false, got {config.nodata_mask!r}"
+    for flag in ("nodata_mask", "centre_pixel"):
+        if not isinstance(getattr(config, flag), bool):
+            return f"'{flag}' must be true or false, got {getattr(config, flag)!r}"
     needed = (*SHARED_SIZES, *(IMAGE_SIZES if config.bands else ()), *(CLIMATE_SIZES if config.variables else ()))
     for name in (*SHARED_SIZES, *IMAGE_SIZES, *CLIMATE_SIZES):
         value = getattr(config, name)
@@ -362,7 +364,8 @@ def _config_sizes(config: NetworkConfig) -> dict[str, int]:
             "image_depth": config.image_depth * image, "variables": len(config.variables),
             "climate_dim": config.climate_dim * climate, "climate_layers": config.climate_layers * climate,
             "climate_feedforward": config.climate_feedforward * climate, "embedding": config.embedding,
-            "head_hidden": config.head_hidden, "quantiles": len(config.quantiles)}
+            "head_hidden": config.head_hidden, "quantiles": len(config.quantiles),
+            "centre_pixel": head_inputs(config) - (image + climate) * config.embedding}
 
 
 def _weight_sizes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -376,13 +379,15 @@ def _weight_sizes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
         return len({name[len(prefix):].split(".")[0] for name in shapes if name.startswith(prefix)})
 
     patches = "image.vit.patch_embed.proj.weight"  # (dim, bands, patch, patch)
+    embedding = size("image.project.weight", 0) or size("climate.project.weight", 0)
+    branches = int("image.project.weight" in shapes) + int("climate.project.weight" in shapes)
     return {"bands": size(patches, 1), "image_patch": size(patches, 2), "image_dim": size(patches, 0),
             "patch_size": size("image.vit.pos_embed", 1), "image_depth": count("image.vit.blocks."),
             "variables": size("climate.embed.weight", 1), "climate_dim": size("climate.embed.weight", 0),
             "climate_layers": count("climate.encoder.layers."),
             "climate_feedforward": size("climate.encoder.layers.0.linear1.weight", 0),
-            "embedding": size("image.project.weight", 0) or size("climate.project.weight", 0),
-            "head_hidden": size("head.0.weight", 0), "quantiles": size("head.2.weight", 0)}
+            "embedding": embedding, "head_hidden": size("head.0.weight", 0), "quantiles": size("head.2.weight", 0),
+            "centre_pixel": size("head.0.weight", 1) - embedding * branches}
 
 
 def _disagreement(name: str, config: NetworkConfig, theirs: int) -> str:
@@ -395,6 +400,9 @@ def _disagreement(name: str, config: NetworkConfig, theirs: int) -> str:
         mask = " and a no-data mask ('nodata_mask')" if config.nodata_mask else ""
         return (f"'bands' has {len(config.bands)} entries{mask}, but {MODEL_FILE} holds a network of {theirs} input "
                 "channels")
+    if name == "centre_pixel":
+        return (f"'centre_pixel' is {str(config.centre_pixel).lower()}, but {MODEL_FILE} holds a head reading "
+                f"{theirs} centre-pixel statistics")
     value = getattr(config, name)
     if isinstance(value, list):
         return f"'{name}' has {len(value)} entries, but {MODEL_FILE} holds a network for {theirs}"

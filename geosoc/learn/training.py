@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
@@ -124,7 +124,7 @@ def network_config(m: ModelConfig, bands: list[str], variables: list[str], patch
         image_patch=m.image.patch, image_dim=m.image.dim, image_depth=m.image.depth, image_heads=m.image.heads,
         climate_dim=m.climate.dim, climate_layers=m.climate.layers, climate_heads=m.climate.heads,
         climate_feedforward=m.climate.feedforward, embedding=m.embedding, quantiles=list(m.quantiles),
-        nodata_mask=True,
+        nodata_mask=True, centre_pixel=m.image.centre_pixel,
     )
 
 
@@ -556,7 +556,8 @@ def pretrain_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     """`geosoc pretrain`: the catalog's pretraining on the region's unlabelled SampleSet."""
     urls = stage_urls(root)
     samples = samples or urls["unlabelled"]
-    config = model_config(catalog, SampleData(samples))
+    # the encoders only: the head and what it reads besides them come with fine-tuning
+    config = replace(model_config(catalog, SampleData(samples)), centre_pixel=False)
     stage = _override(catalog.training.pretrain, epochs, batch_size)
     return pretrain(samples, urls["pretrain"], config, stage, seed=catalog.training.seed, resume=resume, ctx=ctx)
 
@@ -574,8 +575,8 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     if pretrained is True:
         pretrained = urls["pretrain"] if checkpoint.is_checkpoint(urls["pretrain"]) else None
     if pretrained:
-        config = checkpoint.load_config(pretrained)[0]
-        config.quantiles = list(catalog.model.quantiles)
+        config = checkpoint.load_config(pretrained)[0]  # the encoders'; the head is the catalog's
+        config.quantiles, config.centre_pixel = list(catalog.model.quantiles), catalog.model.image.centre_pixel
         data = SampleData(samples)
         if (config.bands, config.variables) != (data.bands, data.variables):
             raise IncompatibleError(

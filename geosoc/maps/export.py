@@ -32,10 +32,10 @@ def cog_variables(ds: xr.Dataset) -> list[str]:
     return sorted(names, key=lambda name: (name != "soc_median", name == "aoa", name))  # median, bounds, AOA
 
 
-def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any) -> str:
+def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any, tags: dict[str, str] | None = None) -> str:
     """A COG (deflate, 512 px tiles, overviews) of a 2-D map variable, with its description, unit and nodata as
-    band metadata (what QGIS and `gdalinfo` show); AOA as uint8 (1 in, 0 out, 255 none). GDAL's COG driver
-    lays it out and carries the band metadata over."""
+    band metadata (what QGIS and `gdalinfo` show) and `tags` as dataset metadata (e.g. ATTRIBUTION); AOA as
+    uint8 (1 in, 0 out, 255 none). GDAL's COG driver lays it out and carries the metadata over."""
     import rasterio
     import rasterio.shutil
 
@@ -56,6 +56,7 @@ def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any) -> str:
                     values = np.where(np.isnan(values), 255, values).astype(np.uint8)
                 dst.write(values.astype(dtype), 1, window=rasterio.windows.Window(0, start, width, size))
                 start += size
+            dst.update_tags(**(tags or {}))
             dst.set_band_description(1, str(da.attrs.get("long_name", da.name)))
             if da.attrs.get("units"):
                 dst.set_band_unit(1, str(da.attrs["units"]))
@@ -150,6 +151,12 @@ def relative_to(target: str, folder: str) -> str:
     return posixpath.relpath(path, folder_path)
 
 
+def attribution(ds: xr.Dataset) -> list[str]:
+    """The attribution texts the licences of the map's sources require (from its cube), [] when none do."""
+    texts = ds.attrs.get("attribution") or []
+    return [texts] if isinstance(texts, str) else [str(text) for text in texts]
+
+
 def imagery_period(ds: xr.Dataset) -> tuple[str | None, str | None]:
     """The first and last day of the imagery the map was made from (None, None when the cube did not say)."""
     start, end = ds.attrs.get("period") or (None, None)
@@ -189,7 +196,8 @@ def stac_item(ds: xr.Dataset, folder: str, assets: dict[str, str], item_id: str)
                                    "applicability (Meyer & Pebesma 2021).",
                     "created": created, "geosoc:model": relative_to(ds.attrs.get("model", ""), folder),
                     "geosoc:cube": relative_to(ds.attrs.get("cube", ""), folder),
-                    **({"geosoc:depth": ds.attrs["depth"]} if ds.attrs.get("depth") else {})},
+                    **({"geosoc:depth": ds.attrs["depth"]} if ds.attrs.get("depth") else {}),
+                    **({"geosoc:attribution": attribution(ds)} if attribution(ds) else {})},
     )
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     proj.code = crs.to_string()
@@ -224,8 +232,9 @@ def export_maps(ds: xr.Dataset, folder: str, zarr_name: str = "soc.zarr") -> dic
     """COGs of every SOC layer and the AOA, `quicklook.png` and `item.json` in `folder` (beside the Zarr)."""
     crs, transform = ds.rio.crs.to_string(), ds.rio.transform()
     assets = {}
+    tags = {"ATTRIBUTION": " ".join(attribution(ds))} if attribution(ds) else {}
     for name in cog_variables(ds):
-        assets[name] = write_cog(ds[name], join(folder, f"{name}.tif"), crs, transform)
+        assets[name] = write_cog(ds[name], join(folder, f"{name}.tif"), crs, transform, tags)
     region = ds.attrs.get("region") or "map"
     start, end = imagery_period(ds)
     when = f", imagery {start} to {end}" if start else ""

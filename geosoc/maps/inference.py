@@ -273,7 +273,7 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
     check_compatible(config, CubeAccess.open(spec.cube), spec.model)
     reference = checkpoint.load_aoa(spec.model)
     attrs = new_build(out, fingerprint, "writing", region=spec.region, cube=spec.cube, model=spec.model,
-                      period=list(spec.period or []), depth=spec.depth,
+                      period=list(spec.period or []), depth=spec.depth, **source_attribution(spec.cube),
                       calibration=json.dumps(checkpoint.calibration_of(meta)),
                       aoa_threshold=reference.threshold if reference is not None else None)
     outputs = output_names(config.quantiles)
@@ -281,6 +281,13 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
         zarr_store(out), mode="w", compute=False, zarr_format=3, consolidated=False,
         encoding={name: {"chunks": spec.grid.chunks, "grid_mapping": "spatial_ref"} for name in outputs})
     return template_written(out, attrs)
+
+
+def source_attribution(cube: str) -> dict[str, Any]:
+    """The attribution texts the licences of the cube's sources require (e.g. the AlphaEarth embeddings'),
+    carried into the map's attributes, and from there into its COGs and STAC item."""
+    texts = (read_group_attrs(cube) or {}).get("attribution")
+    return {"attribution": [str(text) for text in texts]} if texts else {}
 
 
 def map_region(catalog: Catalog, root: str, *, model: str | None = None, resolution: float | None = None,

@@ -5,6 +5,8 @@ clouds, shadows, cirrus, snow and dilated clouds masked from QA_PIXEL; a wall-to
 the paper's scene choice (median of clear winter observations, Nov-Feb, gaps filled by a minimum-NDVI
 mosaic of the rest of the period); the five soil indices; SRTM elevation and slope.
 Climate: TerraClimate monthly variables with each band's scale factor applied and no masking of zeros.
+Embeddings: the AlphaEarth Foundations annual Satellite Embedding of one year, each UTM zone's 10 m vectors
+averaged over the cells of the region grid and the mosaic re-normalised to unit length.
 
 Pixels are read through xee's store and backend array (its tiling, grid projection and mask handling), with
 two seams of ours: the pixel fetcher (throttle, retries, fault injection in tests) and the collection
@@ -14,6 +16,7 @@ metadata, which we know because we built the expressions (xee would otherwise as
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from geosoc.catalog import IMAGERY_BANDS, INDICES, EarthEngineSource, LoadedCatalog
+from geosoc.catalog import EMBEDDING_BANDS, IMAGERY_BANDS, INDICES, EarthEngineSource, LoadedCatalog
 from geosoc.errors import CredentialsError, ServiceError, first_line
 from geosoc.grid import Grid
 from geosoc.sources.ee_credentials import ENV_KEY_FILE, ENV_PROJECT, find_credentials
 from geosoc.sources.ee_fetch import Fetch, PixelFetcher, RetryPolicy, Throttle
 from geosoc.sources.ee_plan import TileShape, count_requests, plan_tile
+from geosoc.sources.embeddings import GROUP as EMBEDDINGS
+from geosoc.sources.embeddings import embeddings_attrs
 from geosoc.sources.layers import Layer
 
 LANDSAT_SR_BANDS = ["SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"]
@@ -41,6 +46,8 @@ TERRACLIMATE_SCALE = {
     "tmmn": 0.1, "tmmx": 0.1, "vap": 0.001, "vpd": 0.01, "vs": 0.01,
 }  # fmt: skip
 CHECK_DEADLINE_MS = 20_000
+EMBEDDING_PIXEL = 10.0  # metres: the embedding's native pixel
+MAX_REDUCE_PIXELS = 65_535  # reduceResolution's largest maxPixels
 
 
 # --- expressions -------------------------------------------------------------------------------------------
@@ -100,6 +107,39 @@ def climate_collection(source: EarthEngineSource, months: list[dt.date], variabl
         .sort("system:time_start")
         .map(scaled)
     )
+
+
+def embedding_image(collection: str, year: int, grid: Grid) -> Any:
+    """The year's embedding on `grid`: in each UTM zone's image, the mean of the 10 m vectors under each cell
+    (reduceResolution in the image's own projection, then onto the grid), the zones mosaicked, and the mean
+    re-normalised to unit length, as the dataset's own overviews are."""
+    import ee
+
+    t = grid.transform
+    max_pixels = min(MAX_REDUCE_PIXELS, math.ceil(grid.resolution / EMBEDDING_PIXEL + 1) ** 2)
+
+    def onto_grid(image: Any) -> Any:
+        mean = image.reduceResolution(reducer=ee.Reducer.mean(), maxPixels=max_pixels)
+        return mean.reproject(crs=grid.crs, crsTransform=[t.a, t.b, t.c, t.d, t.e, t.f])
+
+    mosaic = (
+        ee.ImageCollection(collection)
+        .filterDate(f"{year}-01-01", f"{year + 1}-01-01")
+        .select(list(EMBEDDING_BANDS))
+        .map(onto_grid)
+        .mosaic()
+    )
+    length = mosaic.pow(2).reduce(ee.Reducer.sum()).sqrt()
+    return mosaic.divide(length).rename(list(EMBEDDING_BANDS)).toFloat()
+
+
+def embedding_collection(collection: str, year: int, grid: Grid) -> Any:
+    """The embedding as a collection of 64 one-band images (`embedding`), one per axis: xee then fetches many
+    axes in one request (a request's index range), not one request per axis."""
+    import ee
+
+    image = embedding_image(collection, year, grid)
+    return ee.ImageCollection([image.select([band]).rename(["embedding"]) for band in EMBEDDING_BANDS])
 
 
 def _next_month(month: dt.date) -> dt.date:
@@ -168,14 +208,15 @@ def _unreachable(err: BaseException) -> bool:
 # --- xee ---------------------------------------------------------------------------------------------------
 
 
-def _xee_dataset(image_collection: Any, grid: Grid, bands: list[str], times: list[dt.date],
+def _xee_dataset(image_collection: Any, grid: Grid, bands: list[str], index: list[Any],
                  tile: TileShape, fetcher: PixelFetcher) -> Any:
-    """An xarray Dataset (one variable per band, dims time, y, x) over the collection, read by xee."""
+    """An xarray Dataset (one variable per band, dims time, y, x) over the collection, read by xee; `index`
+    labels its images (dates, or the embedding's axis names)."""
     from xarray.backends.store import StoreBackendEntrypoint
     from xee import ext
 
     info = {
-        "size": len(times),
+        "size": len(index),
         "props": {},
         "first": {
             "type": "Image",
@@ -186,8 +227,9 @@ def _xee_dataset(image_collection: Any, grid: Grid, bands: list[str], times: lis
             ],
         },
         "properties": [
-            [f"geosoc/{t.isoformat()}" for t in times],
-            [int(dt.datetime(t.year, t.month, t.day, tzinfo=dt.UTC).timestamp() * 1000) for t in times],
+            [f"geosoc/{t.isoformat() if isinstance(t, dt.date) else t}" for t in index],
+            [int(dt.datetime(t.year, t.month, t.day, tzinfo=dt.UTC).timestamp() * 1000) if isinstance(t, dt.date)
+             else i for i, t in enumerate(index)],
         ],
     }
 
@@ -212,25 +254,29 @@ def _xee_dataset(image_collection: Any, grid: Grid, bands: list[str], times: lis
 
 @dataclass
 class EarthEngineReader:
-    """Reads a cube window of one layer through xee; builds its expression and dataset once per process."""
+    """Reads a cube window of one layer through xee; builds its expression and dataset once per process.
+
+    `index` are the images of its collection: one for imagery, the months for climate, the 64 axes for the
+    embeddings (one variable, `embedding`)."""
 
     group: str
     grid: Grid
     source: EarthEngineSource
     variables: list[str]
-    times: list[dt.date]
+    index: list[Any]
     period: tuple[dt.date, dt.date]
     fetch: Fetch | None = None
     retry: RetryPolicy | None = None
+    collection: str = ""  # embeddings: the collection (the catalog's `embeddings.collection`)
     _dataset: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def tile(self) -> TileShape:
-        return plan_tile(len(self.times), *self.grid.chunks)
+        return plan_tile(len(self.index), *self.grid.chunks)
 
     def requests(self) -> int:
-        return count_requests(self.grid, self.variables, len(self.times), self.tile)
+        return count_requests(self.grid, self.variables, len(self.index), self.tile)
 
     def plan(self) -> dict[str, Any]:
         """What `--dry-run` shows: requests, their largest size, concurrency and assumed time each."""
@@ -254,12 +300,14 @@ class EarthEngineReader:
 
                 if self.group == "imagery":
                     collection = ee.ImageCollection([imagery_image(self.source, self.period, self.variables)])
+                elif self.group == EMBEDDINGS:
+                    collection = embedding_collection(self.collection, self.period[0].year, self.grid)
                 else:
-                    collection = climate_collection(self.source, self.times, self.variables)
+                    collection = climate_collection(self.source, self.index, self.variables)
                 retry = self.retry or RetryPolicy(self.source.max_retries, self.source.initial_backoff_s)
                 semaphore = Throttle(self.source.max_concurrency).semaphore()
                 fetcher = PixelFetcher(self.grid, semaphore, retry, self.fetch)
-                self._dataset = _xee_dataset(collection, self.grid, self.variables, self.times, self.tile, fetcher)
+                self._dataset = _xee_dataset(collection, self.grid, self.variables, self.index, self.tile, fetcher)
             return self._dataset
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
@@ -271,7 +319,9 @@ class EarthEngineReader:
         with ThreadPoolExecutor(max_workers=len(self.variables)) as pool:
             per_variable = list(pool.map(one, self.variables))  # each (time, h, w)
         stacked = np.stack(per_variable, axis=1)  # (time, variable, h, w)
-        return stacked[0] if self.group == "imagery" else stacked
+        if self.group == "imagery":
+            return stacked[0]
+        return stacked[:, 0] if self.group == EMBEDDINGS else stacked
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -309,3 +359,16 @@ def earthengine_climate(catalog: LoadedCatalog, fetch: Fetch | None = None,
     )
     attrs = {"source": "earthengine", "collections": [climate.source.climate]}
     return Layer("climate", grid, {"time": climate.months, "variable": variables}, reader, attrs)
+
+
+def earthengine_embeddings(catalog: LoadedCatalog, fetch: Fetch | None = None,
+                           retry: RetryPolicy | None = None) -> Layer:
+    """The embedding layer (`embeddings.source: earthengine`), throttled with the other Earth Engine layers."""
+    config = catalog.config.embeddings
+    grid = catalog.config.embeddings_grid
+    assert config is not None and grid is not None
+    year = (dt.date(config.year, 1, 1), dt.date(config.year, 12, 31))
+    reader = EarthEngineReader(EMBEDDINGS, grid, config.earthengine_source(), ["embedding"], list(EMBEDDING_BANDS),
+                               year, fetch, retry, config.collection)
+    attrs = embeddings_attrs(catalog, collections=[config.collection])
+    return Layer(EMBEDDINGS, grid, {"band": list(EMBEDDING_BANDS)}, reader, attrs)

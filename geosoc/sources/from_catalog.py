@@ -1,5 +1,6 @@
-"""The layers a catalog names: its imagery source (masked by the region's mask, if any) and its climate source.
-Each source module is imported only when a catalog uses it (Earth Engine's client is heavy)."""
+"""The layers a catalog names: its imagery source and, when it has them, its embeddings (both masked by the
+region's mask, if any) and its climate source. Each source module is imported only when a catalog uses it
+(Earth Engine's client is heavy)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,25 @@ from geosoc.sources.layers import Layer
 
 
 def open_layers(catalog: LoadedCatalog) -> list[Layer]:
-    """The catalog's imagery layer and, when it has climate, its climate layer."""
+    """The catalog's imagery layer, its climate layer when it has climate, its embeddings when it has them."""
     config = catalog.config
-    imagery = _imagery_layer(catalog)
-    if config.region.mask is not None:
-        from geosoc.sources.raster import masked
-
-        imagery = masked(imagery, catalog.resolve(config.region.mask))
-    layers = [imagery]
+    layers = [_in_mask(catalog, _imagery_layer(catalog))]
     if config.climate is not None:
         layers.append(_climate_layer(catalog))
+    if config.embeddings is not None:
+        from geosoc.sources.embeddings import embeddings_layer
+
+        layers.append(_in_mask(catalog, embeddings_layer(catalog)))
     return layers
+
+
+def _in_mask(catalog: LoadedCatalog, layer: Layer) -> Layer:
+    """The layer with no data outside the region's mask, if the catalog has one."""
+    if catalog.config.region.mask is None:
+        return layer
+    from geosoc.sources.raster import masked
+
+    return masked(layer, catalog.resolve(catalog.config.region.mask))
 
 
 def _imagery_layer(catalog: LoadedCatalog) -> Layer:

@@ -31,7 +31,7 @@ class WindowReader(Protocol):
 
 @dataclass(frozen=True)
 class Layer:
-    """One cube group (`imagery` or `climate`): leading axes (band, or time + variable) then (y, x)."""
+    """One cube group (`imagery`, `climate` or `embeddings`): leading axes (band, or time + variable) then (y, x)."""
 
     group: str
     grid: Grid

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -96,30 +97,47 @@ class RasterReader:
         return np.concatenate(blocks)[list(self.select)]
 
     def _warp(self, item: RasterInput, rows: slice, cols: slice) -> np.ndarray:
-        shape = (rows.stop - rows.start, cols.stop - cols.start)
-        empty = np.full((len(item.bands), *shape), np.nan, np.float32)
-        transform = self.grid.window_transform(rows, cols)
-        to_src = Transformer.from_crs(self.grid.crs, item.crs, always_xy=True)
-        xmin, ymin, xmax, ymax = to_src.transform_bounds(*self.grid.window_bounds(rows, cols))
-        pad = _MARGIN_PIXELS * item.resolution
         src = _open(item.url)
         if src.rio.crs is None:
             src = src.rio.write_crs(item.crs)
-        try:
-            clip = src.rio.clip_box(xmin - pad, ymin - pad, xmax + pad, ymax + pad)
-        except (NoDataInBounds, OneDimensionalRaster):
-            return empty
+        clip = clip_window(src, item.resolution, self.grid, rows, cols)
+        if clip is None:
+            return np.full((len(item.bands), rows.stop - rows.start, cols.stop - cols.start), np.nan, np.float32)
         clip = clip.astype(np.float32)
         if item.nodata is not None:
             clip = clip.where(clip != item.nodata)
-        warped = clip.rio.write_nodata(np.nan, encoded=False).rio.reproject(
-            self.grid.crs,
-            shape=shape,
-            transform=transform,
-            resampling=Resampling[item.resampling],
-            nodata=np.nan,
-        )
-        return warped.values.astype(np.float32)
+        return warp_window(clip, self.grid, rows, cols, item.resampling)
+
+
+@lru_cache(maxsize=64)
+def transformer(source: str, target: str) -> Transformer:
+    """x/y from one CRS to another, made once per pair (making one costs ~50 ms; pyproj >= 3.1 makes them
+    thread-safe)."""
+    return Transformer.from_crs(source, target, always_xy=True)
+
+
+def clip_window(src: xr.DataArray, resolution: float, grid: Grid, rows: slice, cols: slice) -> xr.DataArray | None:
+    """The part of a raster (with its CRS) under a window of `grid`, with a margin of a few source pixels so
+    that resampling at the window's edge sees its neighbours; None where the raster does not reach."""
+    to_src = transformer(grid.crs, src.rio.crs.to_wkt())
+    xmin, ymin, xmax, ymax = to_src.transform_bounds(*grid.window_bounds(rows, cols))
+    pad = _MARGIN_PIXELS * resolution
+    try:
+        return src.rio.clip_box(xmin - pad, ymin - pad, xmax + pad, ymax + pad)
+    except (NoDataInBounds, OneDimensionalRaster):
+        return None
+
+
+def warp_window(clip: xr.DataArray, grid: Grid, rows: slice, cols: slice, resampling: str) -> np.ndarray:
+    """A float clip (NaN: no data, left out of every resampling) warped onto exactly a window of `grid`."""
+    warped = clip.rio.write_nodata(np.nan, encoded=False).rio.reproject(
+        grid.crs,
+        shape=(rows.stop - rows.start, cols.stop - cols.start),
+        transform=grid.window_transform(rows, cols),
+        resampling=Resampling[resampling],
+        nodata=np.nan,
+    )
+    return warped.values.astype(np.float32)
 
 
 def raster_imagery(catalog: LoadedCatalog, grid: Grid) -> Layer:

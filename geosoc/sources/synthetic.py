@@ -8,6 +8,13 @@ varies smoothly (visible only as texture across a patch), climate gradients with
 season, and a hidden *true SOC* (g/kg): log-normal-ish and right-skewed like LUCAS (median about 20 g/kg,
 tail to several hundred in wetlands), depending non-linearly on climate, precipitation seasonality,
 land cover, clay, elevation and the parcel texture contrast.
+
+One soil-forming latent is there for self-supervised learning to find: *drainage* (impeded drainage, a few km
+across), which raises SOC and which both modalities carry, neither plainly. The climate grid shows it in soil
+moisture and the drought index of its 4 km cells; the imagery shows it only as the density of small wet hollows
+(90 m, darker and greener) across a patch, so that a pixel or a 5 x 5 window says little and a patch says it
+well. A model has to learn to read hollow density from labels, which a small survey has few of; contrastive
+pretraining on unlabelled places can learn it by matching patches to their climate cells.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ _SOIL_SPECTRUM = np.array([0.07, 0.09, 0.13, 0.19, 0.25, 0.33, 0.28])
 _VEGETATION_SPECTRUM = np.array([0.03, 0.04, 0.075, 0.045, 0.42, 0.22, 0.10])
 _PARCEL_SIZE = 420.0  # m
 _STRIPE_PERIOD = 150.0  # m: about five 30 m pixels, so a single pixel cannot tell stripe contrast
+_DRAINAGE_SCALE = 6e3  # m: larger than a climate cell (4 km), so that the climate grid resolves it
+_HOLLOW_SIZE = 90.0  # m: three 30 m pixels; a 32 px patch holds about a hundred hollow sites
 _LAT_LATTICE = 20_000.0
 
 _transformers = threading.local()
@@ -73,7 +82,9 @@ class Landscape:
         wet = np.clip(0.5 + 0.45 * fbm(x, y, 250e3, 3, k("wet")) + 0.12 * (elevation - 600) / 800, 0, 1)
         tmean = 27.0 - 0.42 * np.abs(lat) - 6.5 * elevation / 1000.0
         seasonality = np.clip(0.45 + 0.45 * fbm(x, y, 300e3, 2, k("season")), 0.0, 0.95)
-        return {"lat": lat, "elevation": elevation, "wet": wet, "tmean": tmean, "seasonality": seasonality}
+        drainage = np.clip(0.5 + 0.9 * fbm(x, y, _DRAINAGE_SCALE, 2, k("drainage")), 0.0, 1.0)  # 1: impeded
+        return {"lat": lat, "elevation": elevation, "wet": wet, "tmean": tmean, "seasonality": seasonality,
+                "drainage": drainage}
 
     def fields(self, x: np.ndarray, y: np.ndarray, crs: str) -> dict[str, np.ndarray]:
         """Every per-pixel quantity: normals, soil properties, land cover, parcel texture and true SOC."""
@@ -104,6 +115,10 @@ class Landscape:
         farmed = (land == CROPLAND) | (land == GRASSLAND)
         f["mosaic"] = mosaic
         f["texture"] = np.where(farmed, mosaic * np.sin(2 * np.pi * along / _STRIPE_PERIOD + phase), 0.0)
+        # Wet hollows: each 90 m site is one with a probability that grows with impeded drainage.
+        hx = np.floor(x / _HOLLOW_SIZE).astype(np.int64)
+        hy = np.floor(y / _HOLLOW_SIZE).astype(np.int64)
+        f["hollow"] = (land != WATER) & (hash_uniform(hx, hy, k("hollow")) < 0.05 + 0.45 * f["drainage"])
         f["soc"] = self._soc(f, land, farmed, x, y)
         return f
 
@@ -124,6 +139,7 @@ class Landscape:
             + 0.1 * ez
             + _LC_SOC_EFFECT[land]
             + np.where(farmed, 0.9 * (f["mosaic"] - 0.5), 0.0)  # hedgerows and field margins store carbon
+            + 0.8 * (f["drainage"] - 0.5)  # waterlogging slows decomposition
             + 0.15 * value_noise(x, y, 2e3, self._key("soc-noise"))
         )
         return 20.0 * np.exp(0.85 * (z - _SOC_MEDIAN_OFFSET))
@@ -155,8 +171,9 @@ class Landscape:
         soil[4] *= 1 - 0.12 * f["iron"]
         soil[6] *= 1 - 0.35 * f["clay"]  # SWIR2: clay hydroxyl absorption
         soil[2] *= 1 + 0.15 * f["carbonate"]
+        soil *= np.where(f["hollow"], 0.75, 1.0)  # wet soil is darker
         crop_texture = 0.2 * np.where(land == CROPLAND, texture, 0)
-        cover = np.clip(_FRACTION_COVER[land] * (0.6 + 0.5 * f["wet"]) + crop_texture, 0, 0.95)
+        cover = np.clip(_FRACTION_COVER[land] * (0.6 + 0.5 * f["wet"]) + crop_texture + 0.15 * f["hollow"], 0, 0.95)
         sensor = 0.004 * value_noise(x, y, 30.0, self._key("sensor"))
         reflectance = (1 - cover) * soil + cover * _VEGETATION_SPECTRUM[:, None, None] + sensor
         b = {f"SR_B{i + 1}": reflectance[i] for i in range(7)}
@@ -187,7 +204,7 @@ class Landscape:
         x = grid.x_of(np.arange(cols.start, cols.stop))[None, :]
         y = grid.y_of(np.arange(rows.start, rows.stop))[:, None]
         n = self.normals(x, y, grid.crs)
-        lat, wet, tmean, season = n["lat"], n["wet"], n["tmean"], n["seasonality"]
+        lat, wet, tmean, season, drainage = n["lat"], n["wet"], n["tmean"], n["seasonality"], n["drainage"]
         hemisphere = np.where(lat >= 0, 1.0, -1.0)
         amplitude = 6.0 + 0.2 * np.abs(lat)
         range_ = 8.0 + 6.0 * (1.0 - wet)
@@ -204,13 +221,13 @@ class Landscape:
             pr = np.maximum(0.0, mean_pr * (1 - 1.6 * season * summer) * (1 + pr_anomaly))
             srad = np.maximum(20.0, 190.0 - 2.2 * np.abs(lat) + (90.0 + 1.2 * np.abs(lat)) * summer)
             pet = np.maximum(0.0, (t_mean + 5.0) * 3.2 * srad / 200.0)
-            soil = np.clip(40.0 + 260.0 * wet - 0.3 * (pet - pr), 0.0, 400.0)
+            soil = np.clip(40.0 + 260.0 * wet + 120.0 * (drainage - 0.5) - 0.3 * (pet - pr), 0.0, 400.0)
             aet = np.minimum(pet, pr + 0.2 * soil)
             vap = _saturation_vapour_pressure(tmmn) * (0.7 + 0.3 * wet)
             values = {
                 "aet": aet,
                 "def": pet - aet,
-                "pdsi": np.clip((pr - pet) / 40.0 + 2.0 * (wet - 0.5), -8.0, 8.0),
+                "pdsi": np.clip((pr - pet) / 40.0 + 2.0 * (wet - 0.5) + 1.5 * (drainage - 0.5), -8.0, 8.0),
                 "pet": pet,
                 "pr": pr,
                 "ro": np.maximum(0.0, pr - pet) * (0.3 + 0.4 * wet),

@@ -94,7 +94,7 @@ def main() -> None:
         print_table(evaluation_table(result.summary))
         stats = result.summary["models"]
         for model in ("ssl", "supervised"):
-            if stats[model].get("seeds"):
+            if stats[model].get("seeds", 1) > 1:
                 print(f"{model}_one_seed_r2_sd={stats[model]['seed_sd']['r2']:.3f} (over its {stats[model]['seeds']} "
                       f"members, each alone: {', '.join(f'{r:.3f}' for r in stats[model]['seed_r2'])})")
             width = stats[model]["pooled"]["width"] / stats["qrf"]["pooled"]["width"]

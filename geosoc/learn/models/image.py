@@ -6,6 +6,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from geosoc.learn.baselines import WINDOW
+
+CENTRE_STATISTICS = 2  # per band: the centre pixel and the mean of the window around it
+
 
 class ImageEncoder(nn.Module):
     """ViT over (batch, bands, size, size) patches; built from the class, so no hub weights are ever fetched.
@@ -30,3 +34,13 @@ class ImageEncoder(nn.Module):
             missing = torch.isnan(patches).any(dim=-3, keepdim=True).to(filled.dtype)
             filled = torch.cat([filled, missing], dim=-3)
         return self.project(self.vit(filled))
+
+
+def centre_statistics(patches: torch.Tensor) -> torch.Tensor:
+    """(batch, 2 x bands): each band's centre pixel, then the mean of the WINDOW x WINDOW px around it: what the
+    trees see (`baselines.covariate_features`), handed to the head beside the ViT's tokens so that the network
+    need not learn where the centre lies among its tokens from a few hundred labels. No data counts as 0 (the
+    band's mean after normalisation)."""
+    c, h = patches.shape[-1] // 2, WINDOW // 2
+    window = patches[..., c - h : c + h + 1, c - h : c + h + 1].flatten(-2)
+    return torch.nan_to_num(torch.cat([patches[..., c, c], torch.nanmean(window, dim=-1)], dim=-1))

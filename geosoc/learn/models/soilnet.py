@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from geosoc.learn.models.climate import ClimateEncoder
-from geosoc.learn.models.image import ImageEncoder
+from geosoc.learn.models.image import CENTRE_STATISTICS, ImageEncoder, centre_statistics
 
 
 @dataclass
@@ -33,6 +33,7 @@ class NetworkConfig:
     head_hidden: int = 128
     quantiles: list[float] = field(default_factory=lambda: [0.05, 0.5, 0.95])
     nodata_mask: bool = False  # the ViT sees which pixels have no data (absent from checkpoints made before it)
+    centre_pixel: bool = False  # the head also reads the centre pixel and its window mean (absent before it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,6 +41,12 @@ class NetworkConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def head_inputs(config: NetworkConfig) -> int:
+    """The width of what the head reads (see `SoilNet.features`)."""
+    branches = int(bool(config.bands)) + int(bool(config.variables))
+    return branches * config.embedding + CENTRE_STATISTICS * len(config.bands) * config.centre_pixel
 
 
 class SoilNet(nn.Module):
@@ -58,9 +65,8 @@ class SoilNet(nn.Module):
                            config.climate_heads, config.climate_feedforward, config.embedding)
             if config.variables else None
         )
-        branches = int(self.image is not None) + int(self.climate is not None)
         self.head = nn.Sequential(
-            nn.Linear(branches * config.embedding, config.head_hidden), nn.ReLU(),
+            nn.Linear(head_inputs(config), config.head_hidden), nn.ReLU(),
             nn.Linear(config.head_hidden, len(config.quantiles)),
         )
 
@@ -76,9 +82,13 @@ class SoilNet(nn.Module):
         return out
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The embeddings the head reads, concatenated (image, then climate): also the space of the AOA."""
+        """What the head reads, concatenated: the embeddings (image, then climate) and, with `centre_pixel`, the
+        centre pixel's statistics. Also the space of the AOA."""
         embeddings = self.embed(batch)
-        return torch.cat([embeddings[k] for k in ("image", "climate") if k in embeddings], dim=1)
+        parts = [embeddings[k] for k in ("image", "climate") if k in embeddings]
+        if self.config.centre_pixel and self.image is not None:
+            parts.append(centre_statistics(batch["patch"]))
+        return torch.cat(parts, dim=1)
 
     def quantiles_of(self, features: torch.Tensor) -> torch.Tensor:
         """(batch, quantiles) in the normalised target space, sorted so they never cross."""
