@@ -22,6 +22,7 @@ members), then the results table and `total_s=<wall of pretraining and the six m
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import tempfile
 import time
@@ -122,7 +123,7 @@ def epochs_trained(root: str, model: str) -> list[int]:
     """Epochs each fine-tuning run of `model` (every fold and ensemble member) trained before it stopped."""
     runs = sorted(Path(join(root, "evaluation", "runs")).glob(f"*/{model}-*/r*-f*"))
     out = []
-    for run in (r for r in runs if r.is_dir() and checkpoint.is_checkpoint(str(r))):
+    for run in (r for r in runs if re.fullmatch(r"r\d+-f\d+", r.name) and checkpoint.is_checkpoint(str(r))):
         members = ensemble.member_urls(str(run), checkpoint.load_config(str(run))[1])
         out += [int(checkpoint.state_info(join(url, "last"))["epoch"]) for url in members]
     return out
