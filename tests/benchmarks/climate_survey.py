@@ -3,18 +3,19 @@ N sites with 61 monthly values of 13 TerraClimate variables each and nothing els
 defaults (CPU; not a test).
 
     python tests/benchmarks/climate_survey.py [--sites 6000] [--unlabelled N] [--root DIR] [--catalog FILE]
+                                              [--models ssl supervised ...] [--threads T]
 
 The survey: N random land sites (the conus catalog's bounds and land mask, EPSG:5070) of the synthetic landscape,
-each with its 2010-01 .. 2015-01 series of 13 of TerraClimate's 14 variables (all but wind speed `vs`; the RaCA
-survey of the paper had 13) and the landscape's true SOC times a 10 % log-normal lab error (as `geosoc demo`
+each with its 2010-01 .. 2015-01 series of 13 of TerraClimate's 14 variables (all but wind speed `vs`: the user's
+RaCA survey had 13) and the landscape's true SOC times a 10 % log-normal lab error (as `geosoc demo`
 labels its samples), written as a CSV of `<variable>_<YYYY-MM>` columns and read by `sampleset_from_table` (the
 path of `geosoc sample-table`) into samples/labelled.zarr. Another `--unlabelled` sites (default: as many) without
 SOC make samples/unlabelled.zarr, which ssl and hybrid pretrain on.
 
 The evaluation runs phase by phase, each timed (wall and CPU seconds): pretraining, then each model alone
 (`evaluate_region(models=(m,))`), then all six together, which reuses every run and makes the table. Lines:
-`<phase>_s=<wall> cpu_s=<cpu>`, `network=` (the architecture the catalog's `model:` section resolves to for this
-survey, see training.resolve_model), `<network>_epochs=` (epochs trained per fine-tuning run, mean over folds and
+`<phase>_s=<wall> cpu_s=<cpu>`, `network_ssl=` and `network_supervised=` (the architecture the catalog's `model:` section resolves to for this
+survey, see geosoc.learn.sizing), `<network>_epochs=` (epochs trained per fine-tuning run, mean over folds and
 members), then the results table and `total_s=<wall of pretraining and the six models>`. Scale down with
 `--sites 600` for a quick run; the issue's goal is `total_s` < 3600 at 6,000 sites on 2 cores.
 """
