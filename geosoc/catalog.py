@@ -259,26 +259,31 @@ class SamplingConfig(_Section):
                                                 "predicts that layer, and its title and STAC item say so")
 
 
+# Sizes left unset (None) are chosen from the number of samples the network learns from, when it is built:
+# geosoc.learn.sizing (small on a survey, the paper's size on a continental sample). Set values always win.
+BY_DATA = "default: from the data size (geosoc.learn.sizing)"
+
+
 class ImageEncoderConfig(_Section):
-    patch: int = 8
-    dim: int = 768
-    depth: int = 12
-    heads: int = 12
+    patch: int = Field(8, ge=1)
+    dim: int | None = Field(None, ge=1, description=BY_DATA)
+    depth: int | None = Field(None, ge=1, description=BY_DATA)
+    heads: int | None = Field(None, ge=1, description=BY_DATA)
     centre_pixel: bool = Field(True, description="the head also reads each band's centre pixel and the mean of "
                                "the 5 x 5 px around it, beside the ViT's embedding")
 
 
 class ClimateEncoderConfig(_Section):
-    dim: int = 512
-    layers: int = 6
-    heads: int = 8
-    feedforward: int = 2048
+    dim: int | None = Field(None, ge=1, description=BY_DATA)
+    layers: int | None = Field(None, ge=1, description=BY_DATA)
+    heads: int | None = Field(None, ge=1, description=BY_DATA)
+    feedforward: int | None = Field(None, ge=1, description=BY_DATA)
 
 
 class ModelConfig(_Section):
     image: ImageEncoderConfig = ImageEncoderConfig()
     climate: ClimateEncoderConfig = ClimateEncoderConfig()
-    embedding: int = 128
+    embedding: int | None = Field(None, ge=1, description=BY_DATA)
     quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
 
 

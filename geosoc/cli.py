@@ -300,7 +300,8 @@ def print_map_plan(loaded: Any, root: str, model: str, resolution: float | None,
         "cells inside the mask (the others read only empty chunks)")
     url = model_url(root, model)
     say(f"map model: {url}" + ("" if checkpoint.is_checkpoint(url) else f" (not made yet: {how_to_make(url)})"))
-    say(f"network (the catalog's model section): {plan.parameters / 1e6:.1f} M parameters, {plan.patch} px patches "
+    say(f"network (the catalog's model section; sizes it leaves unset for {loaded.config.sampling.unlabelled:,} "
+        f"samples, its sampling.unlabelled): {plan.parameters / 1e6:.1f} M parameters, {plan.patch} px patches "
         f"of {plan.bands} bands, {plan.months} months x {plan.variables} climate variables")
     per_window = plan.read_bytes / max(plan.windows_inside, 1)
     say(f"reads (decoded bytes of whole cube chunks, halo included): imagery {_size(plan.imagery_bytes)}, climate "

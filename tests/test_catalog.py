@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from geosoc.catalog import CLIMATE_VARIABLES, IMAGERY_BANDS, known_regions, load_catalog
+from geosoc.catalog import CLIMATE_VARIABLES, IMAGERY_BANDS, ModelConfig, known_regions, load_catalog
 from geosoc.errors import GeosocError
+from geosoc.learn.sizing import PAPER_FROM, resolve_model
 from tests.helpers import tiny_catalog_dict
 
 
@@ -23,10 +24,27 @@ def test_paper_defaults_in_europe() -> None:
     assert config.region.crs == "EPSG:3035" and config.imagery.resolution == 30
     assert config.climate is not None and config.climate.variables == list(CLIMATE_VARIABLES)
     assert len(config.climate.months) == 61  # 2010-01 .. 2015-01
-    assert config.model.image.dim == 768 and config.model.image.depth == 12 and config.model.image.heads == 12
-    assert config.model.climate.dim == 512 and config.model.climate.layers == 6
-    assert config.model.embedding == 128 and config.training.pretrain.temperature == 0.5
+    paper = resolve_model(config.model, config.sampling.unlabelled)  # 100,000 unlabelled: the paper's network
+    assert paper.image.dim == 768 and paper.image.depth == 12 and paper.image.heads == 12
+    assert paper.climate.dim == 512 and paper.climate.layers == 6 and paper.climate.feedforward == 2048
+    assert paper.embedding == 128 and config.training.pretrain.temperature == 0.5
     assert load_catalog("conus").config.region.crs == "EPSG:5070"
+
+
+def test_model_size_from_data_size() -> None:
+    """Sizes a catalog leaves unset: small for a survey, the paper's for a continental sample; set ones win."""
+    unset = load_catalog("conus").config.model
+    survey = resolve_model(unset, 6_000)
+    assert (survey.climate.dim, survey.climate.layers, survey.climate.heads, survey.climate.feedforward,
+            survey.image.dim, survey.image.depth, survey.embedding) == (64, 2, 4, 128, 64, 2, 32)
+    assert resolve_model(unset, PAPER_FROM).climate.dim == 512 and resolve_model(unset, PAPER_FROM - 1) == survey
+    explicit = ModelConfig.model_validate({"climate": {"dim": 96, "heads": 8}, "embedding": 16})
+    for samples in (100, 1_000_000):
+        resolved = resolve_model(explicit, samples)
+        assert (resolved.climate.dim, resolved.climate.heads, resolved.embedding) == (96, 8, 16)
+        assert resolved.climate.layers == (2 if samples < PAPER_FROM else 6)  # unset: by data size
+    with pytest.raises(GeosocError, match=r"model.climate: dim 90 is not a multiple of heads 4"):
+        resolve_model(ModelConfig.model_validate({"climate": {"dim": 90}}), 6_000)
 
 
 def test_bounds_override_and_grids() -> None:

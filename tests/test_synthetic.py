@@ -39,6 +39,14 @@ def test_climate_does_not_depend_on_window() -> None:
     assert np.array_equal(part, full[:, :, 3:11, 17:24])
 
 
+def test_climate_at_points_is_the_cells_series() -> None:
+    full = LAND.climate(COARSE, slice(0, 25), slice(0, 25), MONTHS, CLIMATE_VARIABLES)
+    rows, cols = np.array([0, 7, 24]), np.array([3, 24, 11])
+    at = LAND.climate_at(COARSE.x_of(cols), COARSE.y_of(rows), COARSE.crs, MONTHS, CLIMATE_VARIABLES)
+    assert at.shape == (3, len(MONTHS), len(CLIMATE_VARIABLES))
+    assert np.array_equal(at, np.moveaxis(full[:, :, rows, cols], -1, 0))
+
+
 def test_point_and_grid_evaluation_agree() -> None:
     soc_grid = LAND.true_soc(GRID, slice(0, 160), slice(0, 160))
     rows, cols = np.array([0, 17, 99, 159]), np.array([5, 80, 3, 159])

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from geosoc.catalog import FinetuneConfig, PretrainConfig
+from geosoc.catalog import Catalog, FinetuneConfig, PretrainConfig
 from geosoc.data.streaming import SampleData
 from geosoc.learn import checkpoint
-from geosoc.learn.training import Context, augment_patches, finetune, pretrain, split
-from tests.helpers import CPU, config_for, tiny_sampleset
+from geosoc.learn.models import SoilNet
+from geosoc.learn.training import Context, augment_patches, finetune, finetune_network, pretrain, split
+from tests.helpers import CPU, config_for, tiny_catalog_dict, tiny_sampleset
 
 
 def test_augmentation_rotates_and_flips() -> None:
@@ -61,6 +62,23 @@ def test_pretrained_encoders_are_loaded(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "ft" / "config.json").read_text())
     pre_meta = json.loads((tmp_path / "pre" / "config.json").read_text())
     assert meta["normalisation"]["band_mean"] == pre_meta["normalisation"]["band_mean"]
+
+
+def test_from_scratch_the_region_network_without_its_weights(tmp_path: Path) -> None:
+    """Fine-tuning from scratch builds the network of the region's pretrained encoders when there are some (the
+    `supervised` of an evaluation is then the `ssl` network without pretraining), else the one for its labelled
+    count; sizes the catalog sets win either way."""
+    samples = tiny_sampleset(str(tmp_path / "samples.zarr"))
+    encoders = str(tmp_path / "pretrain")
+    config = config_for(samples)
+    checkpoint.save_model(encoders, SoilNet(config), config, {"stage": "pretrain"})
+    catalog = Catalog.model_validate(tiny_catalog_dict())
+    alone = finetune_network(catalog, samples, None)
+    assert (alone.climate_dim, alone.climate_layers, alone.embedding) == (64, 2, 32)  # 48 labelled: small
+    like = finetune_network(catalog, samples, None, encoders)
+    assert (like.climate_dim, like.climate_layers, like.image_dim, like.embedding) == (32, 1, 32, 16)
+    catalog = Catalog.model_validate({**tiny_catalog_dict(), "model": {"climate": {"layers": 3}}})
+    assert finetune_network(catalog, samples, None, encoders).climate_layers == 3
 
 
 def test_checkpoint_round_trip_without_pickle(tmp_path: Path) -> None:

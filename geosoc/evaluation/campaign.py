@@ -31,12 +31,15 @@ from geosoc.io.locks import exclusive
 from geosoc.io.storage import exists, filesystem, join, published
 from geosoc.learn import baselines, checkpoint, ensemble
 from geosoc.learn.device import resolve_device
+from geosoc.learn.models import NetworkConfig
 from geosoc.learn.training import (
     Context,
+    finetune_network,
     finetune_region,
     forward_all,
     member_predictions,
     pretrain_region,
+    region_encoders,
     stage_urls,
 )
 from geosoc.stats.metrics import METRICS, regression_metrics
@@ -138,7 +141,9 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
     observed = data.target[labelled]
     tasks = [(m, r, int(k)) for r, fs in enumerate(sets) for k in np.unique(fs) for m in models]
     runs = join(out, "runs", _campaign(cv, sets, ids, observed))
-    folders = {m: f"{m}-{_settings(m, catalog, epochs, pretrained)}" for m in models}
+    scratch = None if "supervised" not in models else finetune_network(catalog, urls["labelled"], None,
+                                                                          region_encoders(root))
+    folders = {m: f"{m}-{_settings(m, catalog, epochs, pretrained, scratch)}" for m in models}
     parts = []
     reused: dict[str, int] = dict.fromkeys(models, 0)
     for model, repeat, fold in tqdm(tasks, desc="evaluate", unit="run", disable=not progress):
@@ -182,14 +187,18 @@ def _trained_epochs(url: str) -> int:
     return int(checkpoint.state_info(last)["epoch"]) if checkpoint.is_checkpoint(last) else 0
 
 
-def _settings(model: str, catalog: Catalog, epochs: int | None, pretrained: str | None) -> str:
+def _settings(model: str, catalog: Catalog, epochs: int | None, pretrained: str | None,
+              scratch: NetworkConfig | None = None) -> str:
     """A digest of everything besides the folds that changes a model's held-out predictions: the catalog's model
     and training sections (with evaluate's --epochs), the seed, the pretrained encoders (their config.json names
-    every weight file by SHA-256), geosoc's version and its model code (`fingerprints.model_code`). Runs with
-    other settings go to another folder."""
+    every weight file by SHA-256), the network `supervised` trains from scratch (`scratch`: its sizes may come from
+    the data size or the pretrained encoders), geosoc's version and its model code (`fingerprints.model_code`).
+    Runs with other settings go to another folder."""
     parts = [model, __version__, model_code(), str(catalog.training.seed)]
     if model in NETWORKS:
         parts += [catalog.model.model_dump_json(), catalog.training.finetune.model_dump_json(), str(epochs)]
+    if model == "supervised" and scratch is not None:
+        parts.append(json.dumps(scratch.to_dict(), sort_keys=True))
     if model in NEEDS_PRETRAINING and pretrained is not None:
         parts.append(checkpoint.config_bytes(pretrained).decode())
     return fingerprint(*parts, length=8)

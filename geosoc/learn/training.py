@@ -36,6 +36,7 @@ from geosoc.learn.device import precision, resolve_device
 from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.models.losses import nt_xent, pinball
 from geosoc.learn.normalisation import Normalisation
+from geosoc.learn.sizing import resolve_model, sizes_of
 from geosoc.stats import aoa
 from geosoc.stats.calibration import conformal_offset, interval
 from geosoc.stats.metrics import regression_metrics
@@ -111,21 +112,44 @@ class Context:
         return self.rank == 0
 
 
-def model_config(catalog: Catalog, data: SampleData) -> NetworkConfig:
-    """The catalog's architecture on the SampleSet's bands, variables, patch size and months."""
-    return network_config(catalog.model, data.bands, data.variables, data.patch_size, data.months)
+def model_config(catalog: Catalog, data: SampleData, labelled: bool, like: ModelConfig | None = None) -> NetworkConfig:
+    """The catalog's architecture on the SampleSet's bands, variables, patch size and months, its unset sizes
+    chosen for the samples a stage learns from: the labelled ones (`labelled`, fine-tuning) or all (or `like`'s)."""
+    samples = int(np.isfinite(data.target).sum()) if labelled else data.size
+    return network_config(catalog.model, data.bands, data.variables, data.patch_size, data.months, samples, like)
 
 
-def network_config(m: ModelConfig, bands: list[str], variables: list[str], patch_size: int,
-                   months: int) -> NetworkConfig:
-    """A `model:` section resolved against the data's shape (also what `predict --dry-run` sizes from)."""
+def network_config(m: ModelConfig, bands: list[str], variables: list[str], patch_size: int, months: int,
+                   samples: int, like: ModelConfig | None = None) -> NetworkConfig:
+    """A `model:` section resolved against the data's shape and size (`samples`, or the sizes of `like`: see
+    `sizing.resolve_model`; also what `predict --dry-run` sizes from)."""
+    m = resolve_model(m, samples, like)
+    image, climate = m.image.model_dump(), m.climate.model_dump()
     return NetworkConfig(
         bands=bands, variables=variables, patch_size=patch_size, months=months,
-        image_patch=m.image.patch, image_dim=m.image.dim, image_depth=m.image.depth, image_heads=m.image.heads,
-        climate_dim=m.climate.dim, climate_layers=m.climate.layers, climate_heads=m.climate.heads,
-        climate_feedforward=m.climate.feedforward, embedding=m.embedding, quantiles=list(m.quantiles),
-        nodata_mask=True, centre_pixel=m.image.centre_pixel,
+        image_patch=image["patch"], image_dim=image["dim"], image_depth=image["depth"], image_heads=image["heads"],
+        climate_dim=climate["dim"], climate_layers=climate["layers"], climate_heads=climate["heads"],
+        climate_feedforward=climate["feedforward"], embedding=m.model_dump()["embedding"],
+        quantiles=list(m.quantiles), nodata_mask=True, centre_pixel=m.image.centre_pixel,
     )
+
+
+def finetune_network(catalog: Catalog, samples: str, pretrained: str | None, like: str | None = None) -> NetworkConfig:
+    """The network fine-tuning trains: the pretrained encoders' (`pretrained`) with the catalog's quantiles; from
+    scratch, the catalog's model for the labelled samples, its unset sizes those of the encoders at `like` when
+    given (the region's pretrained ones: `supervised` is then the same network as `ssl`, without pretraining)."""
+    data = SampleData(samples)
+    if pretrained is None:
+        return model_config(catalog, data, labelled=True,
+                            like=sizes_of(checkpoint.load_config(like)[0]) if like is not None else None)
+    config = checkpoint.load_config(pretrained)[0]  # the encoders'; the head is the catalog's
+    config.quantiles, config.centre_pixel = list(catalog.model.quantiles), catalog.model.image.centre_pixel
+    if (config.bands, config.variables) != (data.bands, data.variables):
+        raise IncompatibleError(
+            f"{samples} has bands {data.bands} and variables {data.variables}, but the pretrained model at "
+            f"{pretrained} expects {config.bands} and {config.variables}"
+        )
+    return config
 
 
 MIN_CALIBRATION = 19  # validation samples at least: the 90 % CQR quantile, rank ceil(0.9 (n + 1)), is then not
@@ -557,7 +581,7 @@ def pretrain_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     urls = stage_urls(root)
     samples = samples or urls["unlabelled"]
     # the encoders only: the head and what it reads besides them come with fine-tuning
-    config = replace(model_config(catalog, SampleData(samples)), centre_pixel=False)
+    config = replace(model_config(catalog, SampleData(samples), labelled=False), centre_pixel=False)
     stage = _override(catalog.training.pretrain, epochs, batch_size)
     return pretrain(samples, urls["pretrain"], config, stage, seed=catalog.training.seed, resume=resume, ctx=ctx)
 
@@ -568,23 +592,14 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
                     folds: np.ndarray | None = None, seed: int | None = None,
                     seeds: int | None = None) -> dict[str, Any]:
     """`geosoc finetune` (and each network run of `geosoc evaluate`): from the region's pretrained encoders when
-    there are any (`pretrained=False`: not), into `out` (default models/finetune). With `seeds` K > 1 (default:
-    the catalog's), an ensemble: K runs with seeds seed .. seed + K - 1, member 0 at `out` (see `ensemble`)."""
+    there are any (`pretrained=False`: not, but with their architecture, see `finetune_network`), into `out`
+    (default models/finetune). With `seeds` K > 1 (default: the catalog's), an ensemble: K runs with seeds
+    seed .. seed + K - 1, member 0 at `out` (see `ensemble`)."""
     urls = stage_urls(root)
     samples = samples or urls["labelled"]
     if pretrained is True:
         pretrained = urls["pretrain"] if checkpoint.is_checkpoint(urls["pretrain"]) else None
-    if pretrained:
-        config = checkpoint.load_config(pretrained)[0]  # the encoders'; the head is the catalog's
-        config.quantiles, config.centre_pixel = list(catalog.model.quantiles), catalog.model.image.centre_pixel
-        data = SampleData(samples)
-        if (config.bands, config.variables) != (data.bands, data.variables):
-            raise IncompatibleError(
-                f"{samples} has bands {data.bands} and variables {data.variables}, but the pretrained model at "
-                f"{pretrained} expects {config.bands} and {config.variables}"
-            )
-    else:
-        config = model_config(catalog, SampleData(samples))
+    config = finetune_network(catalog, samples, pretrained or None, region_encoders(root))
     stage = _override(catalog.training.finetune, epochs, batch_size)
     out = out or urls["finetune"]
     seed = catalog.training.seed if seed is None else seed
@@ -599,6 +614,12 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
             checkpoint.update_meta(out, {ensemble.MEMBERS: members})
     return {**results[0], "members": members,
             "member_val_loss": [result["best_val_loss"] for result in results]}
+
+
+def region_encoders(root: str) -> str | None:
+    """The region's pretrained encoders (models/pretrain), if it has any."""
+    url = stage_urls(root)["pretrain"]
+    return url if checkpoint.is_checkpoint(url) else None
 
 
 def _override(stage: Any, epochs: int | None, batch_size: int | None) -> Any:

@@ -146,7 +146,7 @@ def plan_from_catalog(catalog: LoadedCatalog, *, resolution: float | None = None
     variables = climate.shape[1] if climate is not None else 0
     months = climate.shape[0] if climate is not None else 0
     network = network_config(config.model, [str(i) for i in range(bands)], [str(i) for i in range(variables)],
-                             config.sampling.patch_size, months)
+                             config.sampling.patch_size, months, config.sampling.unlabelled)  # pretrained on those
     patch = network.patch_size
     grid = output_grid(cube_grid, resolution or config.predict.resolution, bands, patch, bounds, chunk)
     inside = _inside_fraction(grid, catalog.resolve(config.region.mask) if config.region.mask else None)

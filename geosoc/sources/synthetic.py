@@ -203,7 +203,19 @@ class Landscape:
         """
         x = grid.x_of(np.arange(cols.start, cols.stop))[None, :]
         y = grid.y_of(np.arange(rows.start, rows.stop))[:, None]
-        n = self.normals(x, y, grid.crs)
+        return self._climate(x, y, grid.crs, months, variables)
+
+    def climate_at(self, x: np.ndarray, y: np.ndarray, crs: str, months: Sequence[dt.date],
+                   variables: Sequence[str]) -> np.ndarray:
+        """(points, time, variable) float32 monthly values at points given in `crs` (for survey-like tables
+        whose series come from elsewhere: the same values a climate cell centred on the point would hold)."""
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        return np.moveaxis(self._climate(x, y, crs, months, variables), -1, 0)
+
+    def _climate(self, x: np.ndarray, y: np.ndarray, crs: str, months: Sequence[dt.date],
+                 variables: Sequence[str]) -> np.ndarray:
+        """(time, variable, *shape of x and y broadcast) float32."""
+        n = self.normals(x, y, crs)
         lat, wet, tmean, season, drainage = n["lat"], n["wet"], n["tmean"], n["seasonality"], n["drainage"]
         hemisphere = np.where(lat >= 0, 1.0, -1.0)
         amplitude = 6.0 + 0.2 * np.abs(lat)
