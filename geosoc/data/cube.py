@@ -295,3 +295,12 @@ def cube_parts(cube_url: str) -> tuple[xr.Dataset, Grid, xr.Dataset | None, Grid
     imagery = tree["imagery"].to_dataset()
     climate = tree["climate"].to_dataset() if "climate" in tree.children else None
     return imagery, group_grid(imagery), climate, group_grid(climate) if climate is not None else None
+
+
+def embeddings_part(cube_url: str) -> tuple[xr.Dataset, Grid] | None:
+    """A cube's embeddings group and its grid, or None when the cube has none."""
+    tree = open_cube(cube_url)
+    if "embeddings" not in tree.children:
+        return None
+    ds = tree["embeddings"].to_dataset()
+    return ds, group_grid(ds)
