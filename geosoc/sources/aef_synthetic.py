@@ -5,11 +5,11 @@ COG source (`aef_cog.CogEmbeddingReader`: de-quantised, area-weighted onto the r
 
 What a vector holds: a fixed (seeded) random projection of the landscape's surface-observable latents (terrain,
 climate normals, land cover, vegetation mosaic, the density of wet hollows, soil colour factors), each
-standardised and box-averaged over 150 m (an embedding model summarises a neighbourhood, not one pixel), passed
-through tanh (a model's output is not linear in its inputs), plus per-pixel noise (seeded: the same raster gets
-the same noise), normalised to unit length.
+standardised and box-averaged over 5 x 5 written pixels (300 m in the demo: an embedding summarises a
+neighbourhood, not one pixel), passed through tanh (a model's output is not linear in its inputs), plus
+per-pixel noise (seeded: the same raster gets the same noise), normalised to unit length.
 It never sees the true SOC, nor drainage except through the hollows it makes. The files are written at the
-region's resolution (30 m for the demo), not 10 m: 9 times smaller, and the demo must stay fast.
+catalog's embedding resolution (60 m for the demo), not 10 m: far smaller, and the demo must stay fast.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ LATENTS = (("elevation", 600.0, 400.0), ("wet", 0.5, 0.2), ("tmean", 8.0, 6.0), 
            ("clay", 0.28, 0.12), ("carbonate", 0.3, 0.35), ("iron", 0.5, 0.25), ("mosaic", 0.5, 0.3),
            ("hollow", 0.25, 0.25), ("texture", 0.3, 0.3))
 LAND_COVERS = 6  # one-hot columns (water ... bare) beside the latents
-CONTEXT_PX = 5  # box average over 5 x 5 px (150 m at 30 m): the neighbourhood a vector summarises
+CONTEXT_PX = 5  # box average over 5 x 5 written px (300 m at the demo's 60 m): what a vector summarises
 NOISE = 0.35  # sd of the per-pixel noise added to each axis before normalising (the projection's sd is ~1)
 MARGIN_PX = 8  # written beyond the region on every side, so that the warp onto its grid has data at the edges
 DONE = "_SUCCESS"  # written last in the folder: the COGs are complete
