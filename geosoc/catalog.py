@@ -38,7 +38,7 @@ CLIMATE_VARIABLES = (
 SOURCE_KINDS = ("synthetic", "earthengine", "raster")
 # AlphaEarth Foundations annual Satellite Embedding: 64 axes of a unit vector per 10 m pixel, 2017 onwards.
 EMBEDDING_BANDS = tuple(f"A{i:02d}" for i in range(64))
-EMBEDDING_SOURCES = ("earthengine", "cog")
+EMBEDDING_SOURCES = ("earthengine", "cog", "synthetic")
 AEF_COLLECTION = "GOOGLE/SATELLITE_EMBEDDING/V1/ANNUAL"
 AEF_COG_URL = "gs://alphaearth_foundations/satellite_embedding/v1/annual"
 AEF_FIRST_YEAR = 2017
@@ -210,13 +210,16 @@ class ClimateConfig(_Section):
 _COG_ONLY = ("url",)
 _EARTHENGINE_ONLY = ("collection", "max_concurrency", "max_retries", "initial_backoff_s", "seconds_per_request",
                      "high_volume")
+_SYNTHETIC_ONLY = ("seed",)
+_KEYS_OF = {"cog": _COG_ONLY, "earthengine": _EARTHENGINE_ONLY, "synthetic": _SYNTHETIC_ONLY}
 
 
 class EmbeddingsConfig(_Section):
     """The AlphaEarth Foundations Satellite Embedding of one year, from Earth Engine or from the public COGs,
-    averaged from 10 m onto its own grid (default: the imagery's) and re-normalised to unit length."""
+    averaged from 10 m onto its own grid (default: the imagery's) and re-normalised to unit length. `synthetic`
+    (the demo's): int8 COGs in the dataset's layout made from the synthetic landscape, read back as `cog` is."""
 
-    source: Literal["earthengine", "cog"]
+    source: Literal["earthengine", "cog", "synthetic"]
     year: int = Field(ge=AEF_FIRST_YEAR, description="the annual embedding to use (2017 onwards)")
     resolution: float | None = Field(None, gt=0, description="CRS units; default: the imagery's")
     chunk: int | None = Field(None, ge=16, le=8192, description="pixels per chunk side; default: the imagery's")
@@ -228,15 +231,15 @@ class EmbeddingsConfig(_Section):
     initial_backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles, with full jitter")
     seconds_per_request: float = Field(2.0, gt=0, description="assumed in --dry-run duration estimates")
     high_volume: bool = Field(False, description="use the high-volume endpoint (for automated, batch use)")
+    seed: int = Field(0, description="synthetic: the landscape the vectors are made from (the imagery's seed)")
 
     @model_validator(mode="after")
     def _keys_of_its_source(self) -> EmbeddingsConfig:
-        other = _EARTHENGINE_ONLY if self.source == "cog" else _COG_ONLY
-        misplaced = [key for key in other if key in self.model_fields_set]
-        if misplaced:
-            owner = "earthengine" if self.source == "cog" else "cog"
-            verb = "applies" if len(misplaced) == 1 else "apply"
-            raise ValueError(f"{', '.join(misplaced)} {verb} only to source {owner!r}, not {self.source!r}")
+        for owner, keys in _KEYS_OF.items():
+            misplaced = [key for key in keys if key in self.model_fields_set] if owner != self.source else []
+            if misplaced:
+                verb = "applies" if len(misplaced) == 1 else "apply"
+                raise ValueError(f"{', '.join(misplaced)} {verb} only to source {owner!r}, not {self.source!r}")
         return self
 
     def earthengine_source(self) -> EarthEngineSource:

@@ -217,7 +217,7 @@ def fit_tabular(
     region: str | None = RegionOpt,
     catalog: Path | None = CatalogOpt,
     root: str | None = RootOpt,
-    model: str = typer.Option(..., "--model", help="rf, gbm or qrf: the tree model to map with (see `geosoc evaluate`)."),
+    model: str = typer.Option(..., "--model", help="rf, gbm or qrf, or (with AlphaEarth embeddings) aef-rf, aef-qrf, aef+cov-qrf or aef-hybrid: the tree model to map with (see `geosoc evaluate`)."),
     threads: int | None = ThreadsOpt,
 ) -> None:
     """Fit a tree model on all labelled samples, for maps (-> models/<model>; then `geosoc predict --model <model>`)."""
@@ -235,7 +235,7 @@ def predict(
     region: str | None = RegionOpt,
     catalog: Path | None = CatalogOpt,
     root: str | None = RootOpt,
-    model: str | None = typer.Option(None, "--model", help="A model under <root>/models/ (finetune, rf, gbm, qrf) or a URL (default: the catalog's predict.model, finetune)."),
+    model: str | None = typer.Option(None, "--model", help="A model under <root>/models/ (finetune, rf, gbm, qrf, aef-qrf, ...) or a URL (default: the catalog's predict.model, finetune)."),
     resolution: float | None = typer.Option(None, "--resolution", min=0, help="Output cell size (default: catalog predict.resolution)."),
     bounds: tuple[float, float, float, float] | None = BoundsOpt,
     engine: str = typer.Option("local", "--engine", help="local: this process; ray: Ray actors."),
@@ -326,7 +326,7 @@ def evaluate(
     root: str | None = RootOpt,
     cv: str = typer.Option("spatial", "--cv", help="spatial: the SampleSet's block folds; random: seeded random folds."),
     folds: int | None = typer.Option(None, "--folds", min=2, help="Number of folds (default: the SampleSet's)."),
-    models: str | None = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf (default: all)."),
+    models: str | None = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf, and with AlphaEarth embeddings aef-rf, aef-qrf, aef+cov-qrf, aef-hybrid (default: all the SampleSet has inputs for)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Repeat the cross-validation with other fold seeds."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs of the network runs (default: the catalog's); it does not reach pretraining, which `geosoc pretrain --epochs N` extends. Other epochs make new runs."),
     seeds: int | None = SeedsOpt,
@@ -335,12 +335,12 @@ def evaluate(
 ) -> None:
     """Every model on the same held-out folds (-> evaluation/: metrics.csv, summary.json, predictions.parquet,
     scatter.png). A re-run skips finished (model, fold) pairs."""
-    from geosoc.evaluation.campaign import MODELS, evaluate_region
+    from geosoc.evaluation.campaign import evaluate_region
     from geosoc.threads import use_threads
 
     count = use_threads(threads)
     loaded, root = _region(region, catalog, root)
-    chosen = tuple(m.strip() for m in models.split(",") if m.strip()) if models else MODELS
+    chosen = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
     result = evaluate_region(loaded.config, root, cv=cv, folds=folds,  # type: ignore[arg-type]
                              models=chosen, repeats=repeats,
                              epochs=epochs, seeds=seeds, threads=count, progress=not quiet)
@@ -364,7 +364,9 @@ def print_evaluation(summary: dict[str, Any]) -> None:
 
 def how_to_map(model: str) -> str:
     """The commands that make a map with an evaluated model."""
-    if model in ("rf", "gbm", "qrf"):
+    from geosoc.maps.tabular import MAP_MODELS
+
+    if model in MAP_MODELS:
         return f"geosoc fit-tabular --model {model}, then geosoc predict --model {model}"
     if model == "hybrid":
         return "not possible yet (maps need the encoders' embeddings at every cell); the best other model will do"

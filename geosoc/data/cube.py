@@ -82,7 +82,7 @@ def cube_url(catalog: LoadedCatalog, root: str | None = None) -> str:
 
 def plan_cube(catalog: LoadedCatalog, root: str | None = None) -> CubePlan:
     """What a build would write (sizes and chunk counts), computed without reading or writing anything."""
-    plans = tuple(_plan_layer(layer) for layer in open_layers(catalog))
+    plans = tuple(_plan_layer(layer) for layer in open_layers(catalog, root))
     return CubePlan(cube_url(catalog, root), catalog.config.region.crs, plans)
 
 
@@ -110,7 +110,7 @@ def build_cube(
     """
     if isinstance(catalog, str):
         catalog = load_catalog(catalog)
-    layers = layers if layers is not None else open_layers(catalog)
+    layers = layers if layers is not None else open_layers(catalog, root)
     for layer in layers:
         if hasattr(layer.reader, "prepare"):
             layer.reader.prepare()
@@ -295,3 +295,12 @@ def cube_parts(cube_url: str) -> tuple[xr.Dataset, Grid, xr.Dataset | None, Grid
     imagery = tree["imagery"].to_dataset()
     climate = tree["climate"].to_dataset() if "climate" in tree.children else None
     return imagery, group_grid(imagery), climate, group_grid(climate) if climate is not None else None
+
+
+def embeddings_part(cube_url: str) -> tuple[xr.Dataset, Grid] | None:
+    """A cube's embeddings group and its grid, or None when the cube has none."""
+    tree = open_cube(cube_url)
+    if "embeddings" not in tree.children:
+        return None
+    ds = tree["embeddings"].to_dataset()
+    return ds, group_grid(ds)

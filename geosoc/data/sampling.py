@@ -22,7 +22,8 @@ import zarr
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from geosoc.data.cube import axis_coordinate, cube_parts, with_axis_names
+from geosoc.catalog import EMBEDDING_BANDS
+from geosoc.data.cube import axis_coordinate, cube_parts, embeddings_part, with_axis_names
 from geosoc.data.points import Points, lonlat
 from geosoc.errors import InputError
 from geosoc.grid import Grid
@@ -42,6 +43,7 @@ MAX_NODATA_FRACTION = 1.0  # default: a patch is kept whatever part of it has no
 OLD_MAX_NODATA = 0.5  # the default before: patches with more than half their pixels without data were dropped
 ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
 TARGET_CHUNK_BYTES = 8 * 2**20
+EMBEDDING_PATCH = 5  # cells of the embeddings grid around a sample kept in its SampleSet (the trees' window)
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,13 @@ def _cube_array(url: str, group: str) -> zarr.Array:
 
 def read_imagery(url: str, shape: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
     """(band, r1 - r0, c1 - c0) pixels of the cube's imagery, NaN beyond the grid (patches at the edge)."""
+    return read_block(url, "imagery", shape, r0, r1, c0, c1)
+
+
+def read_block(url: str, group: str, shape: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """(band, r1 - r0, c1 - c0) pixels of a (band, y, x) cube group, NaN beyond the grid."""
     rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, shape[0]), min(c1, shape[1])
-    array = _cube_array(url, "imagery")
+    array = _cube_array(url, group)
     window = np.full((array.shape[0], r1 - r0, c1 - c0), np.nan, dtype=np.float32)
     if rr1 > rr0 and cc1 > cc0:
         window[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = array[:, rr0:rr1, cc0:cc1]
@@ -157,6 +164,22 @@ def climate_at(url: str, grid: Grid, x: np.ndarray, y: np.ndarray) -> np.ndarray
         r1, c1 = int(rows[members].max()) + 1, int(cols[members].max()) + 1
         block = np.asarray(array[:, :, r0:r1, c0:c1])
         out[members] = np.moveaxis(block[:, :, rows[members] - r0, cols[members] - c0], -1, 0)
+    return out
+
+
+def embeddings_at(url: str, grid: Grid, x: np.ndarray, y: np.ndarray, size: int = EMBEDDING_PATCH) -> np.ndarray:
+    """(n, 64, size, size) embedding vectors of the `size` x `size` cells of the cube's embeddings grid centred on
+    each point's cell (NaN beyond the grid or without data); each group of points read once per chunk."""
+    rows, cols = grid.rowcol(x, y)
+    out = np.full((len(x), len(EMBEDDING_BANDS), size, size), np.nan, dtype=np.float32)
+    keys = grid.chunk_index(np.clip(rows, 0, grid.shape[0] - 1), np.clip(cols, 0, grid.shape[1] - 1))
+    half = size // 2
+    for key in np.unique(keys):
+        members = np.flatnonzero(keys == key)
+        r0, c0 = int(rows[members].min()) - half, int(cols[members].min()) - half
+        block = read_block(url, "embeddings", grid.shape, r0, int(rows[members].max()) - half + size, c0,
+                           int(cols[members].max()) - half + size)
+        out[members] = cut_patches(block, rows[members] - half - r0, cols[members] - half - c0, size)
     return out
 
 
@@ -246,8 +269,10 @@ class SampleSetWriter:
 def sampleset_dataset(
     points: Points, fold: np.ndarray, climate: np.ndarray | None, months: list[Any] | None,
     variables: list[str] | None, bands: list[str] | None, attrs: dict[str, Any],
+    embeddings: np.ndarray | None = None,
 ) -> xr.Dataset:
-    """Everything but the patches, in SampleSet layout (integer axis coords, names in attrs)."""
+    """Everything but the patches, in SampleSet layout (integer axis coords, names in attrs); `embeddings`:
+    (sample, 64, ey, ex) AlphaEarth vectors around each sample, when the cube has them."""
     coords: dict[str, Any] = {
         "sample_id": ("sample", np.asarray(points.ids, dtype=object)),
         "x": ("sample", points.x),
@@ -265,6 +290,9 @@ def sampleset_dataset(
         data["climate"] = (("sample", "time", "variable"), climate.astype(np.float32))
         coords["time"] = axis_coordinate("time", months)
         coords["variable"] = axis_coordinate("variable", variables)
+    if embeddings is not None:
+        data["embedding"] = (("sample", "embedding_band", "ey", "ex"), embeddings.astype(np.float32))
+        coords["embedding_band"] = axis_coordinate("embedding_band", list(EMBEDDING_BANDS))
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(
         attrs,
@@ -272,6 +300,7 @@ def sampleset_dataset(
         variable_names=list(variables or []),
         has_patches=bands is not None,
         has_climate=climate is not None,
+        has_embeddings=embeddings is not None,
         units=points.units,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
@@ -292,7 +321,8 @@ def sample_points(
     seed: int = 0, client: Any = None, workers: int | None = None, progress: bool = False, kind: str = "labelled",
     max_nodata: float = MAX_NODATA_FRACTION,
 ) -> SampleReport:
-    """Write the SampleSet of `points`: patch and climate series at each, dropping patches without data at
+    """Write the SampleSet of `points`: patch and climate series at each (and the 5 x 5 cells of embedding vectors
+    around it, when the cube has embeddings), dropping patches without data at
     their centre or with more than `max_nodata` of their pixels without data (by default none is dropped for
     that: pixels beyond the rasters stay NaN, the network sees where they are, the trees use the centre pixel and
     the window mean of what there is). The riverbank and coastal points a patch rule drops are often the
@@ -321,7 +351,14 @@ def sample_points(
         fold = spatial_folds(chosen.x, chosen.y, fold_block_size, folds, seed)
         attrs = {"cube": cube_url, "patch_size": patch, "crs": grid.crs, "kind": kind, "source": points.source,
                  "fold_block_size": fold_block_size}
-        url = writer.finish(sampleset_dataset(chosen, fold, series, months, variables, bands, attrs))
+        embedding = embeddings_part(cube_url)
+        vectors = None
+        if embedding is not None:
+            vectors = embeddings_at(cube_url, embedding[1], chosen.x, chosen.y)
+            kept_attrs = ("source", "year", "attribution", "license", "seed")
+            attrs["embeddings"] = {**{k: v for k, v in embedding[0]["data"].attrs.items() if k in kept_attrs},
+                                   "resolution": embedding[1].resolution}
+        url = writer.finish(sampleset_dataset(chosen, fold, series, months, variables, bands, attrs, vectors))
     return SampleReport(url, len(chosen), dropped, series is not None, mostly_nodata)
 
 

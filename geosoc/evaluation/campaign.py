@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+import xarray as xr
 from tqdm.auto import tqdm
 
 from geosoc.catalog import Catalog
@@ -47,7 +48,9 @@ from geosoc.version import __version__
 
 log = logging.getLogger(__name__)
 
-MODELS = ("ssl", "supervised", "hybrid", "rf", "gbm", "qrf")
+MODELS = ("ssl", "supervised", "hybrid", "rf", "gbm", "qrf")  # the default models of any SampleSet
+AEF_MODELS = baselines.AEF_NAMES  # added by default when the SampleSet carries AlphaEarth embeddings
+ALL_MODELS = (*MODELS, *AEF_MODELS)
 NETWORKS = ("ssl", "supervised")
 NEEDS_PRETRAINING = ("ssl", "hybrid")
 DESCRIPTIONS = {
@@ -57,6 +60,10 @@ DESCRIPTIONS = {
     "rf": "random forest on covariates",
     "gbm": "gradient boosting on covariates (quantile loss)",
     "qrf": "quantile regression forest on covariates",
+    "aef-rf": "random forest on the AlphaEarth embedding (cell and 5 x 5 mean)",
+    "aef-qrf": "quantile regression forest on the AlphaEarth embedding (cell and 5 x 5 mean)",
+    "aef+cov-qrf": "quantile regression forest on the AlphaEarth embedding and the covariates",
+    "aef-hybrid": "gradient boosting on covariates + the AlphaEarth embedding",
 }
 CV = Literal["spatial", "random"]
 
@@ -87,19 +94,20 @@ def fold_sets(x: np.ndarray, y: np.ndarray, own: np.ndarray, cv: CV, folds: int 
 
 
 def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: int | None = None,
-                    models: tuple[str, ...] = MODELS, repeats: int = 1, epochs: int | None = None,
+                    models: tuple[str, ...] | None = None, repeats: int = 1, epochs: int | None = None,
                     threads: int = 1, progress: bool = True, device: torch.device | None = None,
                     seeds: int | None = None) -> Evaluation:
     """Every model on the same folds of `<root>/samples/labelled.zarr`; results under `<root>/evaluation/`.
-    `seeds` replaces the catalog's ensemble size for the networks (and so starts runs of its own)."""
+    `seeds` replaces the catalog's ensemble size for the networks (and so starts runs of its own). `models`
+    defaults to MODELS, and AEF_MODELS besides when the SampleSet carries AlphaEarth embeddings."""
     if seeds is not None:
         if seeds < 1:
             raise InputError(f"--seeds must be at least 1, got {seeds}")
         finetune = catalog.training.finetune.model_copy(update={"seeds": seeds})
         catalog = catalog.model_copy(update={"training": catalog.training.model_copy(update={"finetune": finetune})})
-    unknown = [m for m in models if m not in MODELS]
+    unknown = [m for m in models or () if m not in ALL_MODELS]
     if unknown:
-        raise InputError(f"unknown model(s) {unknown}; choose among {', '.join(MODELS)}")
+        raise InputError(f"unknown model(s) {unknown}; choose among {', '.join(ALL_MODELS)}")
     if cv not in ("spatial", "random"):
         raise InputError(f"--cv must be 'spatial' or 'random', got {cv!r}")
     if repeats < 1 or (folds is not None and folds < 2):
@@ -110,11 +118,28 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
                                     resolve_device(device))
 
 
-def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: int | None, models: tuple[str, ...],
+def default_models(samples: xr.Dataset) -> tuple[str, ...]:
+    """What `evaluate` runs unless told: every model the SampleSet has the inputs of."""
+    return (*MODELS, *AEF_MODELS) if "embedding" in samples else MODELS
+
+
+def require_embeddings(samples: xr.Dataset, url: str, models: tuple[str, ...]) -> None:
+    """Refuse models that read the AlphaEarth embedding when the SampleSet has none, saying how to get it."""
+    wanting = [m for m in models if baselines.uses_aef(m)]
+    if wanting and "embedding" not in samples:
+        raise InputError(f"{url} has no AlphaEarth embeddings, which {', '.join(wanting)} read: add an `embeddings:` "
+                         "section to the catalog (source: cog or earthengine, year: ...), rebuild the cube "
+                         "(`geosoc build-cube`) and sample again (`geosoc sample`), or leave them out with --models")
+
+
+def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: int | None,
+                         models: tuple[str, ...] | None,
                          repeats: int, epochs: int | None, threads: int, progress: bool,
                          device: torch.device) -> Evaluation:
     urls = stage_urls(root)
     samples = open_sampleset(urls["labelled"])
+    models = models or default_models(samples)
+    require_embeddings(samples, urls["labelled"], models)
     labelled = np.flatnonzero(np.isfinite(samples["target"].values))
     if len(labelled) < 10:
         raise InputError(f"{urls['labelled']}: only {len(labelled)} labelled samples; evaluation needs at least 10")
@@ -135,15 +160,19 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
         else:  # resumes an unfinished pretraining
             pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))
     batch = data.rows(labelled)
-    features = baselines.covariate_features(batch, data.bands, data.variables, data.time).values
-    embeddings = _embeddings(pretrained, data, labelled, device) if "hybrid" in models else None
+    inputs = {"covariates": baselines.covariate_features(batch, data.bands, data.variables, data.time).values}
+    if "hybrid" in models:
+        inputs["ssl"] = _embeddings(pretrained, data, labelled, device)
+    if any(baselines.uses_aef(m) for m in models):
+        inputs["aef"] = aef_features(samples, labelled).values
     ids = samples["sample_id"].values[labelled]
     observed = data.target[labelled]
     tasks = [(m, r, int(k)) for r, fs in enumerate(sets) for k in np.unique(fs) for m in models]
     runs = join(out, "runs", _campaign(cv, sets, ids, observed))
     scratch = None if "supervised" not in models else finetune_network(catalog, urls["labelled"], None,
                                                                           region_encoders(root))
-    folders = {m: f"{m}-{_settings(m, catalog, epochs, pretrained, scratch)}" for m in models}
+    aef = fingerprint(inputs["aef"].tobytes()) if "aef" in inputs else ""  # other vectors: other runs
+    folders = {m: f"{m}-{_settings(m, catalog, epochs, pretrained, scratch, aef)}" for m in models}
     parts = []
     reused: dict[str, int] = dict.fromkeys(models, 0)
     for model, repeat, fold in tqdm(tasks, desc="evaluate", unit="run", disable=not progress):
@@ -163,7 +192,7 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
                 lower, median, upper = ensemble.mean_interval(members)
                 each = {f"q50_seed{k}": part[1] for k, part in enumerate(members)}
             else:
-                table = features if model != "hybrid" else np.concatenate([features, embeddings], axis=1)
+                table = np.concatenate([inputs[name] for name in baselines.INPUTS[model]], axis=1)
                 each = {}
                 lower, median, upper = baselines.fit_predict(model, table[~test], observed[~test], table[test],
                                                              catalog.training.seed + repeat, threads,
@@ -187,13 +216,19 @@ def _trained_epochs(url: str) -> int:
     return int(checkpoint.state_info(last)["epoch"]) if checkpoint.is_checkpoint(last) else 0
 
 
+def aef_features(samples: xr.Dataset, indices: np.ndarray) -> baselines.Features:
+    """The AlphaEarth embedding features of samples (`baselines.embedding_features`) from their SampleSet."""
+    bands = [str(b) for b in samples["embedding_band"].values]
+    return baselines.embedding_features(np.asarray(samples["embedding"].values[indices], np.float32), bands)
+
+
 def _settings(model: str, catalog: Catalog, epochs: int | None, pretrained: str | None,
-              scratch: NetworkConfig | None = None) -> str:
+              scratch: NetworkConfig | None = None, aef: str = "") -> str:
     """A digest of everything besides the folds that changes a model's held-out predictions: the catalog's model
     and training sections (with evaluate's --epochs), the seed, the pretrained encoders (their config.json names
     every weight file by SHA-256), the network `supervised` trains from scratch (`scratch`: its sizes may come from
-    the data size or the pretrained encoders), geosoc's version and its model code (`fingerprints.model_code`).
-    Runs with other settings go to another folder."""
+    the data size or the pretrained encoders), the AlphaEarth features' digest (`aef`), geosoc's version and its
+    model code (`fingerprints.model_code`). Runs with other settings go to another folder."""
     parts = [model, __version__, model_code(), str(catalog.training.seed)]
     if model in NETWORKS:
         parts += [catalog.model.model_dump_json(), catalog.training.finetune.model_dump_json(), str(epochs)]
@@ -201,6 +236,8 @@ def _settings(model: str, catalog: Catalog, epochs: int | None, pretrained: str 
         parts.append(json.dumps(scratch.to_dict(), sort_keys=True))
     if model in NEEDS_PRETRAINING and pretrained is not None:
         parts.append(checkpoint.config_bytes(pretrained).decode())
+    if baselines.uses_aef(model):
+        parts.append(aef)
     return fingerprint(*parts, length=8)
 
 

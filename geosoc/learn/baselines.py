@@ -7,6 +7,11 @@ conformalized (CQR on out-of-fold predictions of the training part), like the ne
 Covariate features, per sample: for every band the patch-centre value and the mean of the 5 x 5 px window
 around it; for every climate variable the mean, the seasonal amplitude (range of the monthly climatology) and
 the mean of each calendar month.
+
+Embedding features (the `aef-*` models), per sample: for each of the AlphaEarth embedding's 64 axes the value
+at the sample's cell and the mean over the 5 x 5 cells around it (the SampleSet's `embedding`). `aef-rf` and
+`aef-qrf` use them alone, `aef+cov-qrf` beside the covariate features, `aef-hybrid` is boosting on both (the
+hybrid with the AlphaEarth embedding in place of the pretrained encoders').
 """
 
 from __future__ import annotations
@@ -62,8 +67,31 @@ def covariate_features(batch: dict[str, np.ndarray], bands: list[str], variables
     return Features(np.concatenate(columns, axis=1).astype(np.float32), names)
 
 
+def embedding_features(patches: np.ndarray, bands: list[str]) -> Features:
+    """Tabular features of (n, band, p, p) embedding vectors around samples: the centre cell and the mean of
+    the p x p cells (NaN where none has data)."""
+    c = patches.shape[-1] // 2
+    with _all_nan_is_nan():
+        window = np.nanmean(patches, axis=(2, 3))
+    names = [f"{b}_centre" for b in bands] + [f"{b}_window{patches.shape[-1]}" for b in bands]
+    return Features(np.concatenate([patches[:, :, c, c], window], axis=1).astype(np.float32), names)
+
+
 Prediction = tuple[np.ndarray, np.ndarray, np.ndarray]  # q05, median, q95 in the original units
-NAMES = ("rf", "gbm", "qrf", "hybrid")
+AEF_NAMES = ("aef-rf", "aef-qrf", "aef+cov-qrf", "aef-hybrid")
+NAMES = ("rf", "gbm", "qrf", "hybrid", *AEF_NAMES)
+# The estimator each model is (what `fit` makes, how `Fitted.predict` reads it) ...
+ESTIMATOR = {"rf": "rf", "gbm": "gbm", "qrf": "qrf", "hybrid": "gbm", "aef-rf": "rf", "aef-qrf": "qrf",
+             "aef+cov-qrf": "qrf", "aef-hybrid": "gbm"}
+# ... and the features it reads: covariates, AlphaEarth embedding features, the pretrained encoders' embeddings.
+INPUTS = {"rf": ("covariates",), "gbm": ("covariates",), "qrf": ("covariates",), "hybrid": ("covariates", "ssl"),
+          "aef-rf": ("aef",), "aef-qrf": ("aef",), "aef+cov-qrf": ("covariates", "aef"),
+          "aef-hybrid": ("covariates", "aef")}
+
+
+def uses_aef(name: str) -> bool:
+    """Whether a model reads the AlphaEarth embedding (its SampleSet needs an `embedding` array)."""
+    return "aef" in INPUTS.get(name, ())
 
 
 def _imputed(model: Any) -> Any:
@@ -78,7 +106,7 @@ class Fitted:
     """A fitted tabular model: its estimators (one, or one per quantile for boosting), the features it uses and
     the CQR offset of its interval (log space). Saved with `geosoc.maps.tabular` (skops, no pickle)."""
 
-    name: str
+    name: str  # the estimator: rf, qrf or gbm (ESTIMATOR)
     estimators: list[Any]
     usable: np.ndarray  # bool per feature: those with a value somewhere in the training part
     offset: float = 0.0
@@ -113,7 +141,11 @@ def fit(name: str, train_x: np.ndarray, train_y: np.ndarray, seed: int, threads:
     comes from out-of-fold predictions of an inner split of the training part (quantile boosting alone
     under-covers), cross-conformal over `groups` (the training part's spatial folds) so that the held-out
     residuals are as far from their training data as a held-out fold is; a shuffled 3-fold split only when
-    there are fewer than two groups. The plain random forest has no interval."""
+    there are fewer than two groups. The plain random forest has no interval. `name` is any model of NAMES; the
+    result is named by its estimator (rf, qrf or gbm)."""
+    if name not in ESTIMATOR:
+        raise ValueError(f"unknown tabular model {name!r}; one of {', '.join(NAMES)}")
+    name = ESTIMATOR[name]
     usable = ~np.isnan(train_x).all(axis=0)
     x, z = train_x[:, usable], np.log1p(train_y)
     if name == "rf":
@@ -126,8 +158,6 @@ def fit(name: str, train_x: np.ndarray, train_y: np.ndarray, seed: int, threads:
 
         model = _imputed(RandomForestQuantileRegressor(n_estimators=TREES, n_jobs=threads, random_state=seed))
         return Fitted(name, [model.fit(x, z)], usable)
-    if name not in ("gbm", "hybrid"):
-        raise ValueError(f"unknown tabular model {name!r}; one of {', '.join(NAMES)}")
     from geosoc.stats.calibration import conformal_offset
 
     oof = np.empty((len(z), len(QUANTILES)))
@@ -148,5 +178,5 @@ def _calibration_splits(n: int, groups: np.ndarray | None, seed: int) -> list[tu
 
 def fit_predict(model: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
                 threads: int, groups: np.ndarray | None = None) -> Prediction:
-    """Fit a tabular model (`hybrid`: boosting on covariates + pretrained embeddings) and predict."""
+    """Fit a tabular model (any of NAMES, on the features its INPUTS name) and predict."""
     return fit(model, train_x, train_y, seed, threads, groups).predict(test_x)

@@ -156,7 +156,9 @@ def model_url(root: str, model: str) -> str:
 
 def how_to_make(model: str) -> str:
     name = model.rstrip("/").rsplit("/", 1)[-1]
-    return f"`geosoc fit-tabular --model {name}`" if name in ("rf", "gbm", "qrf") else "`geosoc finetune`"
+    from geosoc.maps.tabular import MAP_MODELS
+
+    return f"`geosoc fit-tabular --model {name}`" if name in MAP_MODELS else "`geosoc finetune`"
 
 
 def map_spec(cube: str | xr.DataTree, model: str | None = None, *, resolution: float | None = None,
@@ -205,7 +207,7 @@ def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: fl
 def _lazy(spec: MapSpec, device: str | None) -> xr.Dataset:
     predictor = load_predictor(spec.model, device, spec.batch_size)
     cube = CubeAccess.open(spec.cube)
-    check_compatible(predictor.config, cube, spec.model)
+    check_compatible(predictor.config, cube, spec.model, predictor.meta)
 
     def compute(window: Window) -> dict[str, np.ndarray]:
         return predict_window(predictor, read_window(cube, spec.grid, window, predictor))
@@ -270,7 +272,7 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
     `geosoc_template_complete` flag is written last."""
     config, meta = checkpoint.load_config(spec.model)
     require_map_model(spec.model, meta)
-    check_compatible(config, CubeAccess.open(spec.cube), spec.model)
+    check_compatible(config, CubeAccess.open(spec.cube), spec.model, meta)
     reference = checkpoint.load_aoa(spec.model)
     attrs = new_build(out, fingerprint, "writing", region=spec.region, cube=spec.cube, model=spec.model,
                       period=list(spec.period or []), depth=spec.depth, **source_attribution(spec.cube),

@@ -63,7 +63,7 @@ class Predictor:
         self._autocast = precision(self.device)
 
     def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray, climate: np.ndarray | None,
-                climate_of: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                climate_of: np.ndarray | None = None, embedding: Any = None) -> dict[str, np.ndarray]:
         """Outputs for cells whose patches start at (top, left) of the imagery `block` (band, h, w).
 
         Cells whose centre pixel has no data get NaN. `climate` (series, time, variable), when the model uses it,

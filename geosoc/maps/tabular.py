@@ -7,6 +7,9 @@ checkpoint folder like the network's: `config.json` (the same manifest, `"kind":
 `aoa.safetensors` and `estimator.skops`. skops stores the estimators without pickle; loading accepts only the
 tree types these models are made of and refuses a file holding anything else. `TabularPredictor` makes the map
 from it with the same per-window interface as the network's predictor.
+
+The `aef-*` models read the AlphaEarth embedding too: their SampleSet's `embedding` at fitting, and at every map
+cell the 5 x 5 cells of the cube's `embeddings` group around it; their AOA is in that feature space as well.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from geosoc.catalog import Catalog
 from geosoc.data.sampling import cut_patches
-from geosoc.errors import DamagedError, InputError, first_line
+from geosoc.errors import DamagedError, IncompatibleError, InputError, first_line
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import join
 from geosoc.learn import baselines, checkpoint
@@ -29,7 +32,8 @@ from geosoc.stats import aoa
 
 ESTIMATOR_FILE = "estimator.skops"
 BATCH = 65536  # map cells per scikit-learn call: it is fastest on large batches
-MAP_MODELS = ("rf", "gbm", "qrf")
+MAP_MODELS = ("rf", "gbm", "qrf", "aef-rf", "aef-qrf", "aef+cov-qrf", "aef-hybrid")
+ESTIMATOR_KINDS = ("rf", "gbm", "qrf")  # config.json's 'estimator' (`baselines.ESTIMATOR`)
 # Types skops does not trust by default, and that these models legitimately contain.
 TRUSTED = frozenset({
     "numpy.dtype",
@@ -50,7 +54,8 @@ def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None
 
     if name not in MAP_MODELS:
         raise InputError(f"--model {name!r}: maps can be made with {', '.join(MAP_MODELS)} (the network is "
-                         "`geosoc finetune`; hybrid needs the encoders' embeddings at every cell, not supported yet)")
+                         "`geosoc finetune`; hybrid needs the encoders' embeddings at every cell, not supported yet; "
+                         "aef-hybrid maps)")
     out = out or join(root, "models", name)
     with exclusive(out, "fit-tabular"):  # one writer; also the check, before any work, that the folder takes writes
         return _fit_and_save(catalog, stage_urls(root)["labelled"], name, out, threads)
@@ -63,7 +68,7 @@ def _fit_and_save(catalog: Catalog, url: str, name: str, out: str, threads: int)
     labelled = np.flatnonzero(np.isfinite(data.target))
     if len(labelled) < 10:
         raise InputError(f"{url}: only {len(labelled)} labelled samples; a tree model needs at least 10")
-    features = baselines.covariate_features(data.rows(labelled), data.bands, data.variables, data.time)
+    features = _training_features(url, name, data, labelled)
     seed = catalog.training.seed
     fitted = baselines.fit(name, features.values, data.target[labelled], seed, threads, groups=data.fold[labelled])
     medians = _medians(features.values[:, fitted.usable])
@@ -71,7 +76,8 @@ def _fit_and_save(catalog: Catalog, url: str, name: str, out: str, threads: int)
     config = NetworkConfig(bands=data.bands, variables=data.variables, patch_size=baselines.WINDOW,
                            months=data.months, quantiles=list(baselines.QUANTILES))
     months = [str(m) for m in data.time.astype("datetime64[M]")] if data.time is not None else None
-    meta = {"stage": "fit-tabular", "kind": "tabular", "estimator": name, "samples": url, "seed": seed,
+    meta = {"stage": "fit-tabular", "kind": "tabular", "estimator": baselines.ESTIMATOR[name], "tabular_model": name,
+            "samples": url, "seed": seed, **_embedding_meta(url, name),
             "units": data.attrs.get("units", ""), "features": features.names, "usable": fitted.usable.tolist(),
             "medians": medians.tolist(), "months": months,
             "calibration": {"method": "cqr", "offset": fitted.offset, "space": "log1p"} if fitted.offset else {}}
@@ -80,6 +86,33 @@ def _fit_and_save(catalog: Catalog, url: str, name: str, out: str, threads: int)
     checkpoint.save_files(out, {ESTIMATOR_FILE: skops.io.dumps({"estimators": fitted.estimators}),
                                 checkpoint.AOA_FILE: reference.to_bytes()}, config, meta)
     return out
+
+
+def _training_features(url: str, name: str, data: Any, labelled: np.ndarray) -> baselines.Features:
+    """The model's features of the labelled samples: covariates and/or AlphaEarth embedding features."""
+    parts = []
+    if "covariates" in baselines.INPUTS[name]:
+        parts.append(baselines.covariate_features(data.rows(labelled), data.bands, data.variables, data.time))
+    if baselines.uses_aef(name):
+        from geosoc.data.sampling import open_sampleset
+        from geosoc.evaluation.campaign import aef_features, require_embeddings
+
+        samples = open_sampleset(url)
+        require_embeddings(samples, url, (name,))
+        parts.append(aef_features(samples, labelled))
+    return baselines.Features(np.concatenate([p.values for p in parts], axis=1),
+                              [n for p in parts for n in p.names])
+
+
+def _embedding_meta(url: str, name: str) -> dict[str, Any]:
+    """What a map of an aef model must find in the cube: the embedding's axes and window, and where it came from."""
+    if not baselines.uses_aef(name):
+        return {}
+    from geosoc.data.sampling import EMBEDDING_PATCH, open_sampleset
+
+    samples = open_sampleset(url)
+    return {"embedding_bands": [str(b) for b in samples["embedding_band"].values], "embedding_patch": EMBEDDING_PATCH,
+            "embeddings": samples.attrs.get("embeddings", {})}
 
 
 def _medians(values: np.ndarray) -> np.ndarray:
@@ -117,8 +150,15 @@ def load(url: str) -> baselines.Fitted:
 def _meta_problem(config: NetworkConfig, meta: dict[str, Any]) -> str | None:
     """What in a tree model's config.json does not describe one (None when nothing does): the entries the map
     reads, each against the others."""
-    if not is_tabular(meta) or meta.get("estimator") not in MAP_MODELS:
-        return f"not a tree model's ('kind' must be 'tabular' and 'estimator' one of {', '.join(MAP_MODELS)})"
+    if not is_tabular(meta) or meta.get("estimator") not in ESTIMATOR_KINDS:
+        return f"not a tree model's ('kind' must be 'tabular' and 'estimator' one of {', '.join(ESTIMATOR_KINDS)})"
+    model = model_name(meta)
+    if model not in MAP_MODELS or baselines.ESTIMATOR[model] != meta["estimator"]:
+        return f"'tabular_model' must be one of {', '.join(MAP_MODELS)} whose estimator is 'estimator', got {model!r}"
+    bands = meta.get("embedding_bands")
+    if baselines.uses_aef(model) and (not isinstance(bands, list) or not bands or meta.get("embedding_patch")
+                                      not in (1, 3, 5, 7) or not all(isinstance(b, str) for b in bands)):
+        return "an aef model needs 'embedding_bands' (names) and 'embedding_patch' (an odd window of cells)"
     if config.patch_size != baselines.WINDOW or config.quantiles != list(baselines.QUANTILES):
         return (f"a tree model reads the {baselines.WINDOW} px window around a cell ('patch_size') and predicts the "
                 f"quantiles {list(baselines.QUANTILES)}; this one says {config.patch_size} and {config.quantiles}")
@@ -127,7 +167,7 @@ def _meta_problem(config: NetworkConfig, meta: dict[str, Any]) -> str | None:
     except ValueError as err:
         return f"'months': {err}"
     usable, medians = meta.get("usable"), meta.get("medians")
-    if meta.get("features") != _feature_names(config, months):
+    if meta.get("features") != _feature_names(config, months, meta):
         return "'features' are not those of the bands, variables and months in 'model'"
     if (not isinstance(usable, list) or len(usable) != len(meta["features"]) or not any(usable)
             or not all(isinstance(u, bool) for u in usable)):
@@ -149,12 +189,24 @@ def _months(value: Any, count: int) -> np.ndarray | None:
         raise ValueError(f"expected months as YYYY-MM ({err})") from err
 
 
-def _feature_names(config: NetworkConfig, months: np.ndarray | None) -> list[str]:
-    """The covariate features of a model of these bands, variables and months (their names, from one blank sample)."""
-    series = len(months) if months is not None else config.months
-    blank = {"patch": np.zeros((1, len(config.bands), baselines.WINDOW, baselines.WINDOW), np.float32),
-             "climate": np.zeros((1, series, len(config.variables)), np.float32)}
-    return baselines.covariate_features(blank, config.bands, config.variables, months).names
+def model_name(meta: dict[str, Any]) -> str:
+    """The model a tree checkpoint is (checkpoints before the aef models name their estimator only)."""
+    return str(meta.get("tabular_model", meta.get("estimator")))
+
+
+def _feature_names(config: NetworkConfig, months: np.ndarray | None, meta: dict[str, Any]) -> list[str]:
+    """The features of a model of these bands, variables and months (and embedding axes), from one blank sample."""
+    model = model_name(meta)
+    names = []
+    if "covariates" in baselines.INPUTS[model]:
+        series = len(months) if months is not None else config.months
+        blank = {"patch": np.zeros((1, len(config.bands), baselines.WINDOW, baselines.WINDOW), np.float32),
+                 "climate": np.zeros((1, series, len(config.variables)), np.float32)}
+        names += baselines.covariate_features(blank, config.bands, config.variables, months).names
+    if baselines.uses_aef(model):
+        size, bands = int(meta["embedding_patch"]), list(meta["embedding_bands"])
+        names += baselines.embedding_features(np.zeros((1, len(bands), size, size), np.float32), bands).names
+    return names
 
 
 def _audit(where: str, data: bytes) -> None:
@@ -248,10 +300,14 @@ def _tree_ok(left: np.ndarray, right: np.ndarray, feature: np.ndarray, leaf: np.
                                     & (right < len(index)) & (feature >= 0) & (feature < features)).all())
 
 
+EmbeddingWindow = tuple[np.ndarray, np.ndarray, np.ndarray]  # (band, h, w) embedding block, each cell's top, left
+
+
 class TabularPredictor:
-    """A tree model applied to map cells: per cell the same covariate features as its training samples (the
-    5 x 5 px window around the cell's pixel and the climate series), then the model, then the AOA distance in
-    covariate space. Runs on the host (scikit-learn); `device` only places the AOA distances."""
+    """A tree model applied to map cells: per cell the same features as its training samples (the 5 x 5 px
+    window around the cell's pixel and the climate series; for aef models the 5 x 5 embedding cells around it),
+    then the model, then the AOA distance in that feature space. Runs on the host (scikit-learn); `device` only
+    places the AOA distances."""
 
     def __init__(self, model_url: str, device: torch.device | str | None = None) -> None:
         self.device = resolve_device(device)
@@ -261,25 +317,41 @@ class TabularPredictor:
         self.scorer = aoa.Scorer(reference, self.device) if reference is not None else None
         self.medians = np.asarray(self.meta["medians"], dtype=np.float64)
         self.months = np.array(self.meta["months"], dtype="datetime64[M]") if self.meta.get("months") else None
+        self.model = model_name(self.meta)
+        self.uses_covariates = "covariates" in baselines.INPUTS[self.model]
         self.uses_patches = bool(self.config.bands)
-        self.uses_climate = bool(self.config.variables)
+        self.uses_climate = bool(self.config.variables) and self.uses_covariates
+        self.embedding_bands: list[str] = list(self.meta.get("embedding_bands") or [])
+        self.embedding_patch = int(self.meta.get("embedding_patch") or 0)  # 0: no embedding
         self.patch = baselines.WINDOW
         self.outputs = output_names(self.config.quantiles)
 
     def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray, climate: np.ndarray | None,
-                climate_of: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                climate_of: np.ndarray | None = None,
+                embedding: EmbeddingWindow | None = None) -> dict[str, np.ndarray]:
         """Outputs for cells whose 5 x 5 windows start at (top, left) of `block` (band, h, w); NaN where the
-        cell's pixel has no data. `climate` holds a series per cell, or per row of it that `climate_of` names."""
+        cell's pixel has no data. `climate` holds a series per cell, or per row of it that `climate_of` names;
+        `embedding` the embedding block and where each cell's window starts in it (aef models)."""
+        if self.embedding_patch and embedding is None:
+            raise IncompatibleError(f"{self.model} reads the AlphaEarth embedding at every cell, and none was given")
         out = {name: np.full(len(top), np.nan, dtype=np.float32) for name in self.outputs}
         half = self.patch // 2
         valid = ~np.isnan(block[:, top + half, left + half]).any(axis=0)
         cells = np.flatnonzero(valid)
         for start in range(0, len(cells), BATCH):
             chosen = cells[start : start + BATCH]
-            batch = {"patch": cut_patches(block, top[chosen], left[chosen], self.patch)}  # (n, band, 5, 5)
-            if climate is not None:
-                batch["climate"] = climate[chosen if climate_of is None else climate_of[chosen]]
-            values = baselines.covariate_features(batch, self.config.bands, self.config.variables, self.months).values
+            parts = []
+            if self.uses_covariates:
+                batch = {"patch": cut_patches(block, top[chosen], left[chosen], self.patch)}  # (n, band, 5, 5)
+                if climate is not None:
+                    batch["climate"] = climate[chosen if climate_of is None else climate_of[chosen]]
+                parts.append(baselines.covariate_features(batch, self.config.bands, self.config.variables,
+                                                          self.months).values)
+            if embedding is not None and self.embedding_patch:
+                vectors, e_top, e_left = embedding
+                cut = cut_patches(vectors, e_top[chosen], e_left[chosen], self.embedding_patch)
+                parts.append(baselines.embedding_features(cut, self.embedding_bands).values)
+            values = np.concatenate(parts, axis=1)
             lower, median, upper = self.fitted.predict(values)
             out["soc_median"][chosen] = median
             out["soc_q05"][chosen], out["soc_q95"][chosen] = lower, upper

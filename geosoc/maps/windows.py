@@ -7,12 +7,13 @@ import json
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import zarr
 
-from geosoc.data.cube import cube_parts
-from geosoc.data.sampling import climate_at, read_imagery
+from geosoc.data.cube import cube_parts, embeddings_part
+from geosoc.data.sampling import climate_at, read_block, read_imagery
 from geosoc.errors import IncompatibleError
 from geosoc.fingerprints import fingerprint
 from geosoc.grid import Grid, Window
@@ -20,7 +21,7 @@ from geosoc.io.progress import Markers
 from geosoc.io.storage import zarr_store
 from geosoc.learn.models import NetworkConfig
 from geosoc.maps.predictor import DEFAULT_BATCH, Predictor
-from geosoc.maps.tabular import TabularPredictor
+from geosoc.maps.tabular import EmbeddingWindow, TabularPredictor
 
 MAP_LAYOUT = 2  # in the resume fingerprint: a map written with other variables (1: soc_mean) is not continued
 IN_FLIGHT = 3  # windows a process holds at once: one read ahead, one on the device, one being written
@@ -64,6 +65,7 @@ class WindowInput:
     left: np.ndarray
     climate: np.ndarray | None  # (climate cells, time, variable): each climate cell under the window once
     climate_of: np.ndarray | None  # (cells,): each cell's row of `climate`
+    embedding: EmbeddingWindow | None = None  # aef models: the embedding cells under the window, plus halo
 
 
 @dataclass
@@ -75,12 +77,15 @@ class CubeAccess:
     climate: Grid | None
     bands: list[str] = field(default_factory=list)
     variables: list[str] = field(default_factory=list)
+    embeddings: Grid | None = None
 
     @classmethod
     def open(cls, url: str) -> CubeAccess:
         imagery, grid, climate, climate_grid = cube_parts(url)
         variables = [str(v) for v in climate["variable"].values] if climate is not None else []
-        return cls(url, grid, climate_grid, [str(b) for b in imagery["band"].values], variables)
+        embedding = embeddings_part(url)
+        return cls(url, grid, climate_grid, [str(b) for b in imagery["band"].values], variables,
+                   embedding[1] if embedding is not None else None)
 
 
 def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predictor | TabularPredictor) -> WindowInput:
@@ -102,16 +107,30 @@ def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predict
         _, first, climate_of = np.unique(climate_rows * cube.climate.width + climate_cols, return_index=True,
                                          return_inverse=True)
         series = climate_at(cube.url, cube.climate, x.ravel()[first], y.ravel()[first])
-    return WindowInput(window, block, rows - half - r0, cols - half - c0, series, climate_of)
+    embedding = None
+    size = getattr(predictor, "embedding_patch", 0)
+    if size and cube.embeddings is not None:
+        e_rows, e_cols = cube.embeddings.rowcol(x.ravel(), y.ravel())
+        e_half = size // 2
+        e0, f0 = int(e_rows.min()) - e_half, int(e_cols.min()) - e_half
+        vectors = read_block(cube.url, "embeddings", cube.embeddings.shape, e0, int(e_rows.max()) - e_half + size,
+                             f0, int(e_cols.max()) - e_half + size)
+        embedding = (vectors, e_rows - e_half - e0, e_cols - e_half - f0)
+    return WindowInput(window, block, rows - half - r0, cols - half - c0, series, climate_of, embedding)
 
 
 def predict_window(predictor: Predictor | TabularPredictor, data: WindowInput) -> dict[str, np.ndarray]:
     """(h, w) arrays of every output of one window."""
-    flat = predictor.predict(data.block, data.top, data.left, data.climate, data.climate_of)
+    flat = predictor.predict(data.block, data.top, data.left, data.climate, data.climate_of, data.embedding)
     return {name: values.reshape(data.window.shape) for name, values in flat.items()}
 
 
-def check_compatible(config: NetworkConfig, cube: CubeAccess, model_url: str) -> None:
+def check_compatible(config: NetworkConfig, cube: CubeAccess, model_url: str,
+                     meta: dict[str, Any] | None = None) -> None:
+    """The cube has what the model reads: its bands, its climate variables and (aef models) an embeddings group."""
+    if (meta or {}).get("embedding_bands") and cube.embeddings is None:
+        raise IncompatibleError(f"{model_url} reads the AlphaEarth embedding, but {cube.url} has no embeddings group: "
+                                "add an `embeddings:` section to the catalog and rebuild the cube")
     if config.bands and config.bands != cube.bands:
         raise IncompatibleError(f"{model_url} was trained on bands {config.bands}, but {cube.url} has {cube.bands}")
     if config.variables and config.variables != cube.variables:

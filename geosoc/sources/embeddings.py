@@ -37,6 +37,14 @@ def dequantise(raw: np.ndarray) -> np.ndarray:
     return np.where(raw == NODATA, np.float32(np.nan), out).astype(np.float32)
 
 
+def quantise(values: np.ndarray) -> np.ndarray:
+    """Embedding values in [-1, 1] -> the COGs' int8 (the inverse of `dequantise`): sign(v) sqrt(|v|) 127.5,
+    rounded, in -127..127 (-128 stays the no-data value); NaN -> -128."""
+    values = np.asarray(values, dtype=np.float64)
+    raw = np.clip(np.round(np.sign(values) * np.sqrt(np.abs(values)) * QUANTISATION_SCALE), -127, 127)
+    return np.where(np.isnan(values), NODATA, np.nan_to_num(raw)).astype(np.int8)
+
+
 def unit_vectors(total: np.ndarray) -> np.ndarray:
     """(band, h, w) sums (or means) of embedding vectors -> their directions as float32; NaN where nothing was
     summed (a zero vector)."""
@@ -55,10 +63,14 @@ def embeddings_attrs(catalog: LoadedCatalog, **extra: Any) -> dict[str, Any]:
             "length", **extra}
 
 
-def embeddings_layer(catalog: LoadedCatalog) -> Layer:
-    """The catalog's embedding layer from the source it names."""
+def embeddings_layer(catalog: LoadedCatalog, root: str | None = None) -> Layer:
+    """The catalog's embedding layer from the source it names (`synthetic` writes its COGs under `root`)."""
     config = catalog.config.embeddings
     assert config is not None
+    if config.source == "synthetic":
+        from geosoc.sources.aef_synthetic import synthetic_embeddings
+
+        return synthetic_embeddings(catalog, root)
     if config.source == "cog":
         from geosoc.sources.aef_cog import cog_embeddings
 

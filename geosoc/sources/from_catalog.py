@@ -8,8 +8,9 @@ from geosoc.catalog import LoadedCatalog, RasterSource, SyntheticSource
 from geosoc.sources.layers import Layer
 
 
-def open_layers(catalog: LoadedCatalog) -> list[Layer]:
-    """The catalog's imagery layer, its climate layer when it has climate, its embeddings when it has them."""
+def open_layers(catalog: LoadedCatalog, root: str | None = None) -> list[Layer]:
+    """The catalog's imagery layer, its climate layer when it has climate, its embeddings when it has them
+    (`root`: the region's root, where synthetic embeddings write their COGs)."""
     config = catalog.config
     layers = [_in_mask(catalog, _imagery_layer(catalog))]
     if config.climate is not None:
@@ -17,7 +18,7 @@ def open_layers(catalog: LoadedCatalog) -> list[Layer]:
     if config.embeddings is not None:
         from geosoc.sources.embeddings import embeddings_layer
 
-        layers.append(_in_mask(catalog, embeddings_layer(catalog)))
+        layers.append(_in_mask(catalog, embeddings_layer(catalog, root)))
     return layers
 
 

@@ -10,6 +10,10 @@ quantile forest, every model on the same 5 spatial folds (not a test; CPU, the c
   grids, image only (SimCLR pretraining on 2,000 unlabelled Edgeroi patches). Last lines:
   `edgeroi_best_network_minus_rf_r2=<x>` (ssl or supervised, chosen without the test fold, minus the random
   forest; goal >= 0) and the same with the hybrid among the candidates.
+- demo, with the synthetic AlphaEarth embedding of the demo catalog: each embedding model's pooled
+  `<model>: r2=<x> rmse=<y> picp90=<z>` and `embeddings_vs_covariates_qrf_r2=<x>` (aef-qrf's pooled R² minus
+  qrf's). The synthetic embedding is a projection of the very latents SOC is made from: this shows the models
+  run and what they make of such an embedding, not what the real one is worth (README, "AlphaEarth embeddings").
 - both: for each network `<region>_<model>_picp90=<x> width_vs_qrf=<y>` (pooled; goal 0.85-0.95 and <= 1.15)
   and, for an ensemble (`--seeds K`, K > 1), `<model>_one_seed_r2_sd=<x>`: the sd of its members' pooled R²
   scored one by one, i.e. what the choice of one seed moves the score by (goal <= 0.02 for the ensemble).
@@ -35,7 +39,7 @@ from geosoc.data.cube import build_cube
 from geosoc.data.points import read_points
 from geosoc.data.sampling import random_points, sample_points, samples_url
 from geosoc.demo import simulated_lab_points
-from geosoc.evaluation.campaign import evaluate_region
+from geosoc.evaluation.campaign import AEF_MODELS, evaluate_region
 from geosoc.threads import use_threads
 
 EDGEROI_POINTS = Path(__file__).resolve().parents[2] / "geosoc" / "data" / "edgeroi" / "edgeroi_topsoil_first_horizon.csv"
@@ -100,6 +104,13 @@ def main() -> None:
             width = stats[model]["pooled"]["width"] / stats["qrf"]["pooled"]["width"]
             print(f"{region_name(args)}_{model}_picp90={stats[model]['pooled']['picp']:.3f} "
                   f"width_vs_qrf={width:.2f}")
+        for model in (m for m in AEF_MODELS if m in stats):
+            pooled = stats[model]["pooled"]
+            picp = "-" if pooled["picp"] is None else f"{pooled['picp']:.3f}"
+            print(f"{model}: r2={pooled['r2']:.3f} rmse={pooled['rmse']:.3g} picp90={picp}")
+        if "aef-qrf" in stats:
+            gain = stats["aef-qrf"]["pooled"]["r2"] - stats["qrf"]["pooled"]["r2"]
+            print(f"embeddings_vs_covariates_qrf_r2={gain:.3f}")
         if args.region == "demo":
             ratio = stats["ssl"]["pooled"]["rmse"] / stats["supervised"]["pooled"]["rmse"]
             print(f"demo_ssl_vs_supervised_rmse_ratio_{args.labels}_labels={ratio:.3f}")
