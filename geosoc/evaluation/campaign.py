@@ -123,15 +123,6 @@ def default_models(samples: xr.Dataset) -> tuple[str, ...]:
     return (*MODELS, *AEF_MODELS) if "embedding" in samples else MODELS
 
 
-def require_embeddings(samples: xr.Dataset, url: str, models: tuple[str, ...]) -> None:
-    """Refuse models that read the AlphaEarth embedding when the SampleSet has none, saying how to get it."""
-    wanting = [m for m in models if baselines.uses_aef(m)]
-    if wanting and "embedding" not in samples:
-        raise InputError(f"{url} has no AlphaEarth embeddings, which {', '.join(wanting)} read: add an `embeddings:` "
-                         "section to the catalog (source: cog or earthengine, year: ...), rebuild the cube "
-                         "(`geosoc build-cube`) and sample again (`geosoc sample`), or leave them out with --models")
-
-
 def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: int | None,
                          models: tuple[str, ...] | None,
                          repeats: int, epochs: int | None, threads: int, progress: bool,
@@ -139,7 +130,7 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
     urls = stage_urls(root)
     samples = open_sampleset(urls["labelled"])
     models = models or default_models(samples)
-    require_embeddings(samples, urls["labelled"], models)
+    baselines.require_embeddings(samples, urls["labelled"], models)
     labelled = np.flatnonzero(np.isfinite(samples["target"].values))
     if len(labelled) < 10:
         raise InputError(f"{urls['labelled']}: only {len(labelled)} labelled samples; evaluation needs at least 10")
@@ -164,7 +155,7 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
     if "hybrid" in models:
         inputs["ssl"] = _embeddings(pretrained, data, labelled, device)
     if any(baselines.uses_aef(m) for m in models):
-        inputs["aef"] = aef_features(samples, labelled).values
+        inputs["aef"] = baselines.aef_features(samples, labelled).values
     ids = samples["sample_id"].values[labelled]
     observed = data.target[labelled]
     tasks = [(m, r, int(k)) for r, fs in enumerate(sets) for k in np.unique(fs) for m in models]
@@ -214,12 +205,6 @@ def _trained_epochs(url: str) -> int:
     """Epochs a training stage's checkpoint holds (0 when there is none yet)."""
     last = join(url, "last")
     return int(checkpoint.state_info(last)["epoch"]) if checkpoint.is_checkpoint(last) else 0
-
-
-def aef_features(samples: xr.Dataset, indices: np.ndarray) -> baselines.Features:
-    """The AlphaEarth embedding features of samples (`baselines.embedding_features`) from their SampleSet."""
-    bands = [str(b) for b in samples["embedding_band"].values]
-    return baselines.embedding_features(np.asarray(samples["embedding"].values[indices], np.float32), bands)
 
 
 def _settings(model: str, catalog: Catalog, epochs: int | None, pretrained: str | None,

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from geosoc.errors import InputError
+
 WINDOW = 5  # px: the small window around the patch centre
 QUANTILES = (0.05, 0.5, 0.95)
 TREES = 300  # per forest
@@ -92,6 +94,21 @@ INPUTS = {"rf": ("covariates",), "gbm": ("covariates",), "qrf": ("covariates",),
 def uses_aef(name: str) -> bool:
     """Whether a model reads the AlphaEarth embedding (its SampleSet needs an `embedding` array)."""
     return "aef" in INPUTS.get(name, ())
+
+
+def aef_features(samples: Any, indices: np.ndarray) -> Features:
+    """The AlphaEarth embedding features of samples (`embedding_features`) from their SampleSet."""
+    bands = [str(b) for b in samples["embedding_band"].values]
+    return embedding_features(np.asarray(samples["embedding"].values[indices], np.float32), bands)
+
+
+def require_embeddings(samples: Any, url: str, models: tuple[str, ...]) -> None:
+    """Refuse models that read the AlphaEarth embedding when the SampleSet has none, saying how to get it."""
+    wanting = [m for m in models if uses_aef(m)]
+    if wanting and "embedding" not in samples:
+        raise InputError(f"{url} has no AlphaEarth embeddings, which {', '.join(wanting)} read: add an `embeddings:` "
+                         "section to the catalog (source: cog or earthengine, year: ...), rebuild the cube "
+                         "(`geosoc build-cube`) and sample again (`geosoc sample`), or leave them out with --models")
 
 
 def _imputed(model: Any) -> Any:

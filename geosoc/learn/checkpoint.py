@@ -224,7 +224,7 @@ def load_aoa(url: str, features: int | None = None) -> Reference | None:
         raise DamagedError(f"{where}: not an area-of-applicability reference ({err}); {FRESH_HINT}") from err
     if features is None and document.get("kind") != "tabular":
         config = _config_of(url, document)[0]
-        features = config.embedding * (bool(config.bands) + bool(config.variables))
+        features = head_inputs(config)
     if features is not None and reference.embeddings.shape[1] != features:
         raise DamagedError(f"{where}: embeddings of {reference.embeddings.shape[1]} features, but the model in "
                            f"{CONFIG_FILE} has {features}; {FRESH_HINT}")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from geosoc.catalog import Catalog
-from geosoc.data.sampling import cut_patches
+from geosoc.data.sampling import cut_patches, open_sampleset
 from geosoc.errors import DamagedError, IncompatibleError, InputError, first_line
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import join
@@ -94,12 +94,9 @@ def _training_features(url: str, name: str, data: Any, labelled: np.ndarray) -> 
     if "covariates" in baselines.INPUTS[name]:
         parts.append(baselines.covariate_features(data.rows(labelled), data.bands, data.variables, data.time))
     if baselines.uses_aef(name):
-        from geosoc.data.sampling import open_sampleset
-        from geosoc.evaluation.campaign import aef_features, require_embeddings
-
         samples = open_sampleset(url)
-        require_embeddings(samples, url, (name,))
-        parts.append(aef_features(samples, labelled))
+        baselines.require_embeddings(samples, url, (name,))
+        parts.append(baselines.aef_features(samples, labelled))
     return baselines.Features(np.concatenate([p.values for p in parts], axis=1),
                               [n for p in parts for n in p.names])
 
@@ -108,7 +105,7 @@ def _embedding_meta(url: str, name: str) -> dict[str, Any]:
     """What a map of an aef model must find in the cube: the embedding's axes and window, and where it came from."""
     if not baselines.uses_aef(name):
         return {}
-    from geosoc.data.sampling import EMBEDDING_PATCH, open_sampleset
+    from geosoc.data.sampling import EMBEDDING_PATCH
 
     samples = open_sampleset(url)
     return {"embedding_bands": [str(b) for b in samples["embedding_band"].values], "embedding_patch": EMBEDDING_PATCH,

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from geosoc.catalog import LoadedCatalog
-from geosoc.sources.layers import Layer
 
 GROUP = "embeddings"
 # The licence (CC-BY 4.0) requires this text with the data and what is made from it: the wording of the
@@ -61,20 +60,3 @@ def embeddings_attrs(catalog: LoadedCatalog, **extra: Any) -> dict[str, Any]:
     return {"source": config.source, "year": config.year, "attribution": ATTRIBUTION, "license": LICENSE,
             "dataset": DATASET_URL, "aggregation": "mean of the 10 m vectors in each cell, re-normalised to unit "
             "length", **extra}
-
-
-def embeddings_layer(catalog: LoadedCatalog, root: str | None = None) -> Layer:
-    """The catalog's embedding layer from the source it names (`synthetic` writes its COGs under `root`)."""
-    config = catalog.config.embeddings
-    assert config is not None
-    if config.source == "synthetic":
-        from geosoc.sources.aef_synthetic import synthetic_embeddings
-
-        return synthetic_embeddings(catalog, root)
-    if config.source == "cog":
-        from geosoc.sources.aef_cog import cog_embeddings
-
-        return cog_embeddings(catalog)
-    from geosoc.sources.earthengine import earthengine_embeddings
-
-    return earthengine_embeddings(catalog)

@@ -16,9 +16,7 @@ def open_layers(catalog: LoadedCatalog, root: str | None = None) -> list[Layer]:
     if config.climate is not None:
         layers.append(_climate_layer(catalog))
     if config.embeddings is not None:
-        from geosoc.sources.embeddings import embeddings_layer
-
-        layers.append(_in_mask(catalog, embeddings_layer(catalog, root)))
+        layers.append(_in_mask(catalog, _embeddings_layer(catalog, root)))
     return layers
 
 
@@ -58,3 +56,20 @@ def _climate_layer(catalog: LoadedCatalog) -> Layer:
     from geosoc.sources.earthengine import earthengine_climate
 
     return earthengine_climate(catalog)
+
+
+def _embeddings_layer(catalog: LoadedCatalog, root: str | None) -> Layer:
+    """The catalog's embedding layer from the source it names (`synthetic` writes its COGs under `root`)."""
+    config = catalog.config.embeddings
+    assert config is not None
+    if config.source == "synthetic":
+        from geosoc.sources.aef_synthetic import synthetic_embeddings
+
+        return synthetic_embeddings(catalog, root)
+    if config.source == "cog":
+        from geosoc.sources.aef_cog import cog_embeddings
+
+        return cog_embeddings(catalog)
+    from geosoc.sources.earthengine import earthengine_embeddings
+
+    return earthengine_embeddings(catalog)
