@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from geosoc.catalog import Catalog
-from geosoc.data.sampling import cut_patches, open_sampleset
+from geosoc.data.sampling import EMBEDDING_PATCH, cut_patches, open_sampleset
 from geosoc.errors import DamagedError, IncompatibleError, InputError, first_line
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import join
@@ -105,8 +105,6 @@ def _embedding_meta(url: str, name: str) -> dict[str, Any]:
     """What a map of an aef model must find in the cube: the embedding's axes and window, and where it came from."""
     if not baselines.uses_aef(name):
         return {}
-    from geosoc.data.sampling import EMBEDDING_PATCH
-
     samples = open_sampleset(url)
     return {"embedding_bands": [str(b) for b in samples["embedding_band"].values], "embedding_patch": EMBEDDING_PATCH,
             "embeddings": samples.attrs.get("embeddings", {})}
