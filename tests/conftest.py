@@ -25,6 +25,16 @@ from tests.helpers import BUCKET, free_port, stop_ray_processes_under, tiny_cata
 LONGEST_FIRST = ("test_distributed.py", "test_predict.py", "test_cloud.py", "test_training.py")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `make test`'s workers, each worker and what it starts (commands, Ray heads and jobs) runs on cores of its
+    own: with both on every core, torch's and OpenMP's thread pools of two workers fought over the same cores."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0))
+    if worker is None or count < 2 or len(cores) < count:
+        return
+    os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count :: count])
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order

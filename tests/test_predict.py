@@ -372,6 +372,21 @@ def _wait_while(job: threading.Thread, condition: Any) -> None:
         time.sleep(0.01)
 
 
+def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_path: Path) -> None:
+    """`ray job submit` of jobs/predict.py: Ray actors on the real head write the map and its exports."""
+    from tests.helpers import copy_region, submit_job
+
+    catalog, root = copy_region(trained_region, tmp_path)
+    done = submit_job(ray_head, ["--", "python", "jobs/predict.py", "--catalog", str(catalog), "--root", root,
+                                 "--max-actors", "1"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "predict finished: " in done.stdout
+    assert "map actor 1 of 1 up" in done.stdout + done.stderr  # geosoc's own log lines reach the job's log
+    maps = Path(root) / "maps"
+    assert {"soc_median.tif", "aoa.tif", "quicklook.png", "item.json"} <= {p.name for p in maps.iterdir()}
+    assert zarr.open_group(str(maps / "soc.zarr"), mode="r").attrs["geosoc_status"] == "complete"
+
+
 def test_ray_map_grows_onto_a_node_that_joins_after_it_started(ray_head, region: tuple[Path, str], tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture,

@@ -243,23 +243,6 @@ def test_pretrain_and_finetune_on_cuda_streamed_then_resume_on_cpu(tmp_path: Pat
     assert [m["epoch"] for m in more["history"]] == [1, 2, 3, 4]
 
 
-def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_path: Path) -> None:
-    """`ray job submit` of jobs/predict.py: Ray actors on the real head write the map and its exports."""
-    from tests.helpers import copy_region, submit_job
-
-    catalog, root = copy_region(trained_region, tmp_path)
-    done = submit_job(ray_head, ["--", "python", "jobs/predict.py", "--catalog", str(catalog), "--root", root,
-                                 "--max-actors", "1"])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "predict finished: " in done.stdout
-    assert "map actor 1 of 1 up" in done.stdout + done.stderr  # geosoc's own log lines reach the job's log
-    maps = Path(root) / "maps"
-    assert {"soc_median.tif", "aoa.tif", "quicklook.png", "item.json"} <= {p.name for p in maps.iterdir()}
-    import zarr
-
-    assert zarr.open_group(str(maps / "soc.zarr"), mode="r").attrs["geosoc_status"] == "complete"
-
-
 def test_an_ensemble_trains_its_members_and_averages_them(trained_region: tuple[Path, str], tmp_path: Path) -> None:
     """`seeds=2`: member 0 at the checkpoint (naming 2 members), member 1 beside it with the next seed; samples
     and maps get the members' calibrated quantiles averaged, on one numeric path."""

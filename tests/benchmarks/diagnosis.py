@@ -1,6 +1,7 @@
 """Why the networks trail the forests on the demo, measured (not a test; CPU, the demo catalog's small models).
 
     python tests/benchmarks/diagnosis.py [--root DIR] [--labels 50,100,200,500] [--models ...] [--probe-only]
+                                    [--pretrain-epochs N]
 
 1. A learning curve: ssl, supervised, hybrid, rf and qrf in 5-fold spatial cross-validation with 50, 100, 200
    and 500 simulated lab samples. One cube, one unlabelled SampleSet (10,000 random locations) and one
@@ -47,8 +48,9 @@ LATENTS = ("drainage", "wet", "tmean", "clay", "mosaic", "log_soc")
 PROBE_SAMPLES = 4000  # of the unlabelled locations: enough for a stable ridge fit, seconds to embed
 
 
-def shared_root(root: Path) -> str:
-    """The cube, the unlabelled SampleSet and the pretrained encoders every label count shares."""
+def shared_root(root: Path, pretrain_epochs: int | None) -> str:
+    """The cube, the unlabelled SampleSet and the pretrained encoders every label count shares (pretrained for
+    `pretrain_epochs`, default the catalog's; a pretraining with fewer epochs is continued)."""
     loaded = load_catalog("demo")
     config = loaded.config
     shared = str(root / "shared")
@@ -58,10 +60,9 @@ def shared_root(root: Path) -> str:
         points = random_points(cube, 10_000, config.sampling.patch_size, config.training.seed)
         sample_points(cube, points, unlabelled, config.sampling.patch_size, kind="unlabelled",
                       fold_block_size=config.sampling.fold_block_size, folds=5, seed=config.training.seed)
-    if not checkpoint.is_checkpoint(stage_urls(shared)["pretrain"]):  # or copied there from a skill.py root
-        started = time.perf_counter()
-        pretrain_region(config, shared, ctx=None)
-        print(f"pretraining: {time.perf_counter() - started:.0f} s")
+    started = time.perf_counter()
+    metrics = pretrain_region(config, shared, epochs=pretrain_epochs, ctx=None)  # resumes; nothing if finished
+    print(f"pretraining: {time.perf_counter() - started:.0f} s, {metrics}")
     return shared
 
 
@@ -161,11 +162,12 @@ def main() -> None:
     parser.add_argument("--labels", default="50,100,200,500", help="label counts of the learning curve")
     parser.add_argument("--models", default="ssl,supervised,hybrid,rf,qrf")
     parser.add_argument("--probe-only", action="store_true", help="only the probes (no learning curve)")
+    parser.add_argument("--pretrain-epochs", type=int, help="pretraining epochs (default: the demo catalog's)")
     args = parser.parse_args()
     threads = use_threads()
     folder = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="geosoc-diagnosis-"))
     try:
-        shared = shared_root(folder)
+        shared = shared_root(folder, args.pretrain_epochs)
         probes(shared)
         if not args.probe_only:
             learning_curve(folder, shared, [int(n) for n in args.labels.split(",")],
