@@ -122,7 +122,7 @@ def demo(
         table.add_column(column, justify="right")
     for band, stats in cube_summary(tree).items():
         table.add_row(band, *(f"{stats[k]:.4g}" for k in ("min", "mean", "max")), f"{stats['nodata']:.1%}")
-    console.print(table)
+    print_table(table)
     console.print(f"samples: {result.unlabelled:,} unlabelled, {result.labelled:,} labelled "
                   f"(simulated lab values; fold {TEST_FOLD} held out)")
     console.print(f"pretraining: best validation NT-Xent {result.pretrain['best_val_loss']:.4f}")
@@ -554,7 +554,7 @@ def print_plan(plan: Any) -> None:
     if remote:
         total += [f"{sum(layer.requests for layer in remote):,}", ""]
     table.add_row(*total)
-    console.print(table)
+    print_table(table)
     for layer in remote:
         console.print(
             f"{layer.group}: {layer.requests:,} Earth Engine requests, {layer.concurrency} at a time, at an assumed "

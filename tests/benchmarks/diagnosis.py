@@ -62,7 +62,8 @@ def shared_root(root: Path, pretrain_epochs: int | None) -> str:
                       fold_block_size=config.sampling.fold_block_size, folds=5, seed=config.training.seed)
     started = time.perf_counter()
     metrics = pretrain_region(config, shared, epochs=pretrain_epochs, ctx=None)  # resumes; nothing if finished
-    print(f"pretraining: {time.perf_counter() - started:.0f} s, {metrics}")
+    print(f"pretraining: {time.perf_counter() - started:.0f} s, {len(metrics.get('history', []))} epochs, best "
+          f"validation NT-Xent {metrics.get('best_val_loss', float('nan')):.3f}")
     return shared
 
 
