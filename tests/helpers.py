@@ -350,6 +350,16 @@ TINY_MODEL = {"image": {"patch": 4, "dim": 32, "depth": 1, "heads": 2},
               "climate": {"dim": 32, "layers": 1, "heads": 2, "feedforward": 64}, "embedding": 16}
 
 
+def labelled_samples(cube: str, root: str, n: int) -> Points:
+    """`n` random points of a tiny catalog's cube labelled with the landscape's true SOC, sampled into the root's
+    labelled SampleSet (8 px patches, 3 folds of 600 m blocks)."""
+    points = random_points(cube, n, 8, seed=1)
+    truth = Landscape(7).soc_at(points.x, points.y, "EPSG:3035")
+    lab = Points(points.ids, points.x, points.y, points.lon, points.lat, truth, "g/kg", "simulated")
+    sample_points(cube, lab, f"{root}/samples/labelled.zarr", 8, fold_block_size=600, folds=3)
+    return lab
+
+
 def tiny_region(folder: Path, climate: bool = True) -> tuple[Path, str]:
     """A 96 x 96 px synthetic region with a cube, 150 labelled samples (fold 0 held out by its fine-tuned tiny
     model) and 200 unlabelled ones."""
@@ -362,10 +372,7 @@ def tiny_region(folder: Path, climate: bool = True) -> tuple[Path, str]:
     catalog = load_catalog(path=path)
     root = str(folder / "root")
     cube = build_cube(catalog, root, progress=False)
-    points = random_points(cube, 150, 8, seed=1)
-    truth = Landscape(7).soc_at(points.x, points.y, "EPSG:3035")
-    lab = Points(points.ids, points.x, points.y, points.lon, points.lat, truth, "g/kg", "simulated")
-    sample_points(cube, lab, f"{root}/samples/labelled.zarr", 8, fold_block_size=600, folds=3)
+    labelled_samples(cube, root, 150)
     finetune_region(catalog.config, root, test_fold=0, pretrained=False, ctx=CPU)
     unlabelled = random_points(cube, 200, 8, seed=5)
     sample_points(cube, unlabelled, f"{root}/samples/unlabelled.zarr", 8, fold_block_size=600, folds=3,

@@ -13,13 +13,12 @@ import yaml
 
 from geosoc.catalog import load_catalog
 from geosoc.data.cube import build_cube, embeddings_part, open_cube
-from geosoc.data.points import Points
-from geosoc.data.sampling import open_sampleset, random_points, sample_points
+from geosoc.data.sampling import open_sampleset
 from geosoc.errors import IncompatibleError, InputError
 from geosoc.evaluation import campaign
 from geosoc.sources.embeddings import dequantise, quantise
 from geosoc.sources.synthetic import Landscape
-from tests.helpers import tiny_catalog_dict, tiny_sampleset
+from tests.helpers import labelled_samples, tiny_catalog_dict, tiny_sampleset
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +33,7 @@ def aef_region(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     catalog = load_catalog(path=path)
     root = str(folder / "root")
     cube = build_cube(catalog, root, progress=False)
-    points = random_points(cube, 90, 8, seed=1)
-    truth = Landscape(7).soc_at(points.x, points.y, "EPSG:3035")
-    lab = Points(points.ids, points.x, points.y, points.lon, points.lat, truth, "g/kg", "simulated")
-    sample_points(cube, lab, f"{root}/samples/labelled.zarr", 8, fold_block_size=600, folds=3)
+    lab = labelled_samples(cube, root, 90)
     return {"catalog": catalog, "root": root, "cube": cube, "points": lab}
 
 
