@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.geosoc-installed
 
-.PHONY: install demo test bench lock clean
+.PHONY: install demo test test-slow bench lock clean
 
 install: $(STAMP)
 
@@ -26,7 +26,10 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check geosoc jobs tests
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m slow
 
 bench: install
 	$(PY) tests/benchmarks/startup.py

@@ -21,18 +21,9 @@ from tests.helpers import BUCKET, free_port, stop_ray_processes_under, tiny_cata
 
 # The files that take longest start first: `make test` hands whole files to two workers in collection order
 # (`--dist loadfile --no-loadscope-reorder`; xdist's default order, most tests first, started these last, and one
-# worker ran on alone for over a minute). Seconds on 2 cores, measured: 154, 78, 77, 70; the rest under 35 each.
-LONGEST_FIRST = ("test_distributed.py", "test_predict.py", "test_cloud.py", "test_training.py")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Under `make test`'s workers, each worker and what it starts (commands, Ray heads and jobs) runs on cores of its
-    own: with both on every core, torch's and OpenMP's thread pools of two workers fought over the same cores."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    cores = sorted(os.sched_getaffinity(0))
-    if worker is None or count < 2 or len(cores) < count:
-        return
-    os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count :: count])
+# worker ran on alone for over a minute). Seconds on 2 cores, measured: 98, 92, about 60 (without its `slow`
+# tests), 51; the rest under 40 each.
+LONGEST_FIRST = ("test_predict.py", "test_cloud.py", "test_distributed.py", "test_training.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

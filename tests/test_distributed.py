@@ -136,6 +136,7 @@ def _epochs_saved(url: str) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_path: Path) -> None:
     """`ray job submit` of jobs/pretrain.py with two workers; one is killed with SIGKILL after the first epoch
     (the worker that published it waits, so the kill lands there whatever the machine's load): Ray restarts the
@@ -190,6 +191,7 @@ def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_p
                       f"{best['epoch']} of 4: {best}", "\n".join(own[-15:])
 
 
+@pytest.mark.slow
 def test_finetune_jobs_train_on_s3_and_gcs(ray_head: dict[str, Any], s3: dict[str, str], gcs: dict[str, str],
                                           tmp_path: Path) -> None:
     """`ray job submit jobs/finetune.py --root s3://…` (moto) and `--root gs://…` (the loopback GCS server), each
