@@ -120,7 +120,7 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
 
 def default_models(samples: xr.Dataset) -> tuple[str, ...]:
     """What `evaluate` runs unless told: every model the SampleSet has the inputs of."""
-    return (*MODELS, *AEF_MODELS) if "embedding" in samples else MODELS
+    return ALL_MODELS if "embedding" in samples else MODELS
 
 
 def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: int | None,
