@@ -68,7 +68,8 @@ def _fit_and_save(catalog: Catalog, url: str, name: str, out: str, threads: int)
     labelled = np.flatnonzero(np.isfinite(data.target))
     if len(labelled) < 10:
         raise InputError(f"{url}: only {len(labelled)} labelled samples; a tree model needs at least 10")
-    features = _training_features(url, name, data, labelled)
+    samples = open_sampleset(url) if baselines.uses_aef(name) else None  # the embedding is read from it, once
+    features = _training_features(url, name, data, labelled, samples)
     seed = catalog.training.seed
     fitted = baselines.fit(name, features.values, data.target[labelled], seed, threads, groups=data.fold[labelled])
     medians = _medians(features.values[:, fitted.usable])
@@ -77,7 +78,7 @@ def _fit_and_save(catalog: Catalog, url: str, name: str, out: str, threads: int)
                            months=data.months, quantiles=list(baselines.QUANTILES))
     months = [str(m) for m in data.time.astype("datetime64[M]")] if data.time is not None else None
     meta = {"stage": "fit-tabular", "kind": "tabular", "estimator": baselines.ESTIMATOR[name], "tabular_model": name,
-            "samples": url, "seed": seed, **_embedding_meta(url, name),
+            "samples": url, "seed": seed, **_embedding_meta(samples),
             "units": data.attrs.get("units", ""), "features": features.names, "usable": fitted.usable.tolist(),
             "medians": medians.tolist(), "months": months,
             "calibration": {"method": "cqr", "offset": fitted.offset, "space": "log1p"} if fitted.offset else {}}
@@ -88,24 +89,23 @@ def _fit_and_save(catalog: Catalog, url: str, name: str, out: str, threads: int)
     return out
 
 
-def _training_features(url: str, name: str, data: Any, labelled: np.ndarray) -> baselines.Features:
+def _training_features(url: str, name: str, data: Any, labelled: np.ndarray, samples: Any) -> baselines.Features:
     """The model's features of the labelled samples: covariates and/or AlphaEarth embedding features."""
     parts = []
     if "covariates" in baselines.INPUTS[name]:
         parts.append(baselines.covariate_features(data.rows(labelled), data.bands, data.variables, data.time))
-    if baselines.uses_aef(name):
-        samples = open_sampleset(url)
+    if samples is not None:
         baselines.require_embeddings(samples, url, (name,))
         parts.append(baselines.aef_features(samples, labelled))
     return baselines.Features(np.concatenate([p.values for p in parts], axis=1),
                               [n for p in parts for n in p.names])
 
 
-def _embedding_meta(url: str, name: str) -> dict[str, Any]:
-    """What a map of an aef model must find in the cube: the embedding's axes and window, and where it came from."""
-    if not baselines.uses_aef(name):
+def _embedding_meta(samples: Any) -> dict[str, Any]:
+    """What a map of an aef model must find in the cube: the embedding's axes and window, and where it came from
+    (nothing for a model without embeddings: `samples` is None)."""
+    if samples is None:
         return {}
-    samples = open_sampleset(url)
     return {"embedding_bands": [str(b) for b in samples["embedding_band"].values], "embedding_patch": EMBEDDING_PATCH,
             "embeddings": samples.attrs.get("embeddings", {})}
 
