@@ -306,8 +306,8 @@ class FinetuneConfig(StageConfig):
     learning_rate: float = Field(1e-3, gt=0)
     log_target: bool = True
     patience: int = Field(10, ge=1, description="epochs without validation improvement before stopping")
-    seeds: int = Field(1, ge=1, le=20, description="ensemble members, each trained with its own seed (and so its own "
-                       "validation blocks); their calibrated quantiles are averaged")
+    seeds: int = Field(1, ge=1, le=20, description="ensemble members, each trained with its own seed on the same "
+                       "validation blocks; their quantiles are averaged, and the average calibrated as one")
 
 
 class TrainingConfig(_Section):

@@ -244,8 +244,9 @@ def test_pretrain_and_finetune_on_cuda_streamed_then_resume_on_cpu(tmp_path: Pat
 
 
 def test_an_ensemble_trains_its_members_and_averages_them(trained_region: tuple[Path, str], tmp_path: Path) -> None:
-    """`seeds=2`: member 0 at the checkpoint (naming 2 members), member 1 beside it with the next seed; samples
-    and maps get the members' calibrated quantiles averaged, on one numeric path."""
+    """`seeds=2`: member 0 at the checkpoint (naming 2 members), member 1 beside it with the next seed and the same
+    validation blocks; one offset, written into both, makes the members' averaged interval cover the conformal
+    share of those blocks; samples and maps get the members' calibrated quantiles averaged, on one numeric path."""
     from geosoc.catalog import load_catalog
     from geosoc.learn import ensemble
     from geosoc.learn.training import finetune_region, member_predictions, predict_samples
@@ -259,8 +260,16 @@ def test_an_ensemble_trains_its_members_and_averages_them(trained_region: tuple[
     meta = checkpoint.load_config(out)[1]
     urls = ensemble.member_urls(out, meta)
     assert urls == [out, f"{out}-m1"] and meta["seed"] == catalog.training.seed
-    assert checkpoint.load_config(urls[1])[1]["seed"] == catalog.training.seed + 1
+    second = checkpoint.load_config(urls[1])[1]
+    assert second["seed"] == catalog.training.seed + 1 and second["validation_seed"] == catalog.training.seed
+    calibrations = [checkpoint.calibration_of(url) for url in urls]
+    shared = [{k: c[k] for k in ("method", "offset", "members", "samples")} for c in calibrations]
+    assert shared[0] == shared[1] and shared[0]["method"] == "cqr-ensemble"
     data = SampleData(f"{root}/samples/labelled.zarr")
+    _, val = split(data, catalog.training.finetune.validation_fraction, catalog.training.seed, 0, labelled=True)
+    lower, _, upper = predict_samples(out, data, val, CPU.device)
+    covered = int(np.sum((data.target[val] >= lower - 1e-4) & (data.target[val] <= upper + 1e-4)))
+    assert covered >= min(len(val), math.ceil(0.9 * (len(val) + 1))) and len(val) == calibrations[0]["samples"]
     samples = np.arange(12)
     members = member_predictions(out, data, samples, CPU.device)
     assert not np.allclose(members[0][1], members[1][1])  # other seeds, other networks

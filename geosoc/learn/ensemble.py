@@ -1,5 +1,6 @@
-"""A fine-tuned network as an ensemble of K members: the same settings, seeds seed .. seed + K - 1 (so each holds
-out other validation blocks and starts from other weights), their calibrated quantiles averaged.
+"""A fine-tuned network as an ensemble of K members: the same settings and validation blocks, seeds seed .. seed +
+K - 1 (other starting weights, batches and dropout), their calibrated quantiles averaged. One CQR offset, fitted
+on the shared validation blocks for that average and written into every member, calibrates the ensemble as one.
 
 One network's skill swings with its seed (R² by 0.1-0.2 on a small survey); the average of K members' quantiles
 (Vincentization) swings much less. Member 0 is the checkpoint itself (`models/finetune`) and names how many

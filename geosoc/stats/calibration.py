@@ -10,6 +10,7 @@ stored in the checkpoint so that every later prediction applies it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,12 @@ import numpy as np
 def conformal_offset(lower: np.ndarray, upper: np.ndarray, observed: np.ndarray, level: float) -> float:
     """The CQR offset for intervals meant to cover `level` (e.g. 0.9) of observations."""
     lower, upper, observed = (np.asarray(a, dtype=np.float64) for a in (lower, upper, observed))
-    scores = np.sort(np.maximum(lower - observed, observed - upper))
+    return conformal_quantile(np.maximum(lower - observed, observed - upper), level)
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> float:
+    """The ceil((n + 1) level)-th smallest of n conformity scores (the largest when n is too small); 0 for none."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
     n = len(scores)
     if n == 0:
         return 0.0
@@ -26,7 +32,38 @@ def conformal_offset(lower: np.ndarray, upper: np.ndarray, observed: np.ndarray,
     return float(scores[min(rank, n) - 1])
 
 
-def widen(lower: Any, upper: Any, median: Any, offset: float) -> tuple[Any, Any]:
+def covering_offset(bounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], observed: np.ndarray,
+                    level: float, steps: int = 60) -> float:
+    """The CQR offset of an interval that is not its members' offset-shifted bounds but a function of them: an
+    ensemble's mean of its members' widened, decoded bounds. `bounds(offsets)` gives the (lower, upper) of each
+    sample with its own offset, and must widen as the offset grows. Each sample's score is then the least offset
+    whose interval covers it (found by bisection), and the offset their conformal quantile: the same rule as
+    `conformal_offset`, which it equals when `bounds` is the shifted bounds themselves."""
+    observed = np.asarray(observed, dtype=np.float64)
+    if len(observed) == 0:
+        return 0.0
+
+    def covers(offsets: np.ndarray) -> np.ndarray:
+        lower, upper = bounds(offsets)
+        return (lower <= observed) & (observed <= upper)
+
+    low, high = np.full(len(observed), -1.0), np.full(len(observed), 1.0)
+    for _ in range(steps):  # brackets: high covers every sample, low none that it need not
+        if covers(high).all():
+            break
+        high = np.where(covers(high), high, high * 2)
+    for _ in range(steps):
+        if not covers(low).any():
+            break
+        low = np.where(covers(low), low * 2, low)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        covered = covers(middle)
+        high, low = np.where(covered, middle, high), np.where(covered, low, middle)
+    return conformal_quantile(high, level)
+
+
+def widen(lower: Any, upper: Any, median: Any, offset: float | np.ndarray) -> tuple[Any, Any]:
     """Apply an offset to NumPy arrays or torch tensors; a narrowing never moves a bound past the median."""
     if isinstance(lower, np.ndarray):
         return np.minimum(lower - offset, median), np.maximum(upper + offset, median)
@@ -35,8 +72,9 @@ def widen(lower: Any, upper: Any, median: Any, offset: float) -> tuple[Any, Any]
     return torch.minimum(lower - offset, median), torch.maximum(upper + offset, median)
 
 
-def interval(z: Any, quantiles: list[float], offset: float) -> tuple[Any, Any, Any]:
-    """(lower, median, upper) from (n, quantiles) predictions (NumPy or torch), the CQR `offset` applied.
+def interval(z: Any, quantiles: list[float], offset: float | np.ndarray) -> tuple[Any, Any, Any]:
+    """(lower, median, upper) from (n, quantiles) predictions (NumPy or torch), the CQR `offset` (one, or one per
+    sample) applied.
 
     The median is the 0.5 quantile, or the mean of the quantiles when the model has none."""
     median = z[:, quantiles.index(0.5)] if 0.5 in quantiles else z.mean(1)
