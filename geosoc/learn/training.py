@@ -544,7 +544,8 @@ def _describe_run(run: dict[str, Any] | None) -> str:
         return "a run made by an older geosoc, without a record of what defines it"
     held = "no test fold" if run.get("test_fold") is None else f"test fold {run['test_fold']} held out"
     origin = "from pretrained encoders" if run.get("pretrained") else "from scratch"
-    return f"{run.get('stage')} of {run.get('samples')}, {held}, {origin}, seed {run.get('seed')}"
+    blocks = "" if run.get("validation_seed") is None else f", validation blocks of seed {run['validation_seed']}"
+    return f"{run.get('stage')} of {run.get('samples')}, {held}, {origin}, seed {run.get('seed')}{blocks}"
 
 
 def _validate(model: torch.nn.Module, data: SampleData, val: np.ndarray, batch_size: int, loss_fn: Callable,

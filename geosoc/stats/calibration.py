@@ -48,14 +48,16 @@ def covering_offset(bounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]
         return (lower <= observed) & (observed <= upper)
 
     low, high = np.full(len(observed), -1.0), np.full(len(observed), 1.0)
-    for _ in range(steps):  # brackets: high covers every sample, low none that it need not
-        if covers(high).all():
+    for _ in range(steps):  # brackets: `high` covers every sample, `low` none (unless it must: y at the median)
+        short = ~covers(high)
+        if not short.any():
             break
-        high = np.where(covers(high), high, high * 2)
+        high = np.where(short, high * 2, high)
     for _ in range(steps):
-        if not covers(low).any():
+        over = covers(low)
+        if not over.any():
             break
-        low = np.where(covers(low), low * 2, low)
+        low = np.where(over, low * 2, low)
     for _ in range(steps):
         middle = (low + high) / 2
         covered = covers(middle)
