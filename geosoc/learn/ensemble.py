@@ -19,6 +19,7 @@ from geosoc.errors import IncompatibleError
 from geosoc.learn import checkpoint
 from geosoc.learn.models import SoilNet
 from geosoc.learn.normalisation import Normalisation
+from geosoc.stats.calibration import interval
 
 MEMBERS = "members"  # member 0's metadata: how many members the ensemble has
 
@@ -40,6 +41,13 @@ class Member:
     model: SoilNet
     norm: Normalisation
     offset: float
+
+    def decoded_interval(self, z: np.ndarray, offset: float | np.ndarray | None = None) -> tuple[Any, Any, Any]:
+        """(lower, median, upper) in the target's units from the network's normalised quantiles `z`, widened by
+        the member's calibrated offset, or by `offset` (one, or one per sample) while that is being fitted."""
+        bounds = interval(z, self.model.config.quantiles, self.offset if offset is None else offset)
+        lower, median, upper = (self.norm.decode_target(v) for v in bounds)
+        return lower, median, upper
 
 
 def _load_member(url: str, device: str | torch.device) -> tuple[Member, dict[str, Any]]:

@@ -351,8 +351,7 @@ def member_predictions(url: str, data: SampleData, indices: np.ndarray, device: 
     parts = []
     for member in ensemble.load_members(url, device)[0]:
         z, _ = forward_all(member.model, data, indices, member.norm, device, batch_size)
-        lower, median, upper = interval(z, member.model.config.quantiles, member.offset)
-        parts.append(tuple(member.norm.decode_target(v) for v in (lower, median, upper)))
+        parts.append(member.decoded_interval(z))
     return parts
 
 
@@ -384,14 +383,10 @@ def calibrate_ensemble(url: str, data: SampleData, val: np.ndarray, batch_size: 
     so the mean of such intervals over-covered (PICP90 0.96 on Edgeroi) and was wider than it needed to be."""
     members, meta = ensemble.load_members(url, device)
     raw = [forward_all(m.model, data, val, m.norm, device, batch_size)[0] for m in members]
-    quantiles = members[0].model.config.quantiles
 
     def bounds(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        parts = []
-        for member, z in zip(members, raw, strict=True):
-            lower, median, upper = interval(z, quantiles, offsets)
-            parts.append(tuple(member.norm.decode_target(v) for v in (lower, median, upper)))
-        lower, _, upper = ensemble.mean_interval(parts)
+        lower, _, upper = ensemble.mean_interval([m.decoded_interval(z, offsets) for m, z in zip(members, raw,
+                                                                                                  strict=True)])
         return lower, upper
 
     calibration = checkpoint.calibration_of(meta)
@@ -641,12 +636,13 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
                         test_fold=test_fold, seed=seed + member, resume=resume, ctx=ctx, folds=folds,
                         validation_seed=seed)
                for member in range(members)]
-    if ctx is None or ctx.is_main:
-        with _one_writer(out, ctx or Context(), "finetune"):
+    writer = ctx or Context()
+    if writer.is_main:
+        with _one_writer(out, writer, "finetune"):
             checkpoint.update_meta(out, {ensemble.MEMBERS: members})
             if members > 1:
                 calibrate_ensemble(out, SampleData(samples, _modalities(config)), results[0]["validation"],
-                                   stage.batch_size, (ctx or Context()).device)
+                                   stage.batch_size, writer.device)
     first = {k: v for k, v in results[0].items() if k != "validation"}
     return {**first, "members": members, "member_val_loss": [result["best_val_loss"] for result in results]}
 
