@@ -16,7 +16,7 @@ from geosoc.catalog import FinetuneConfig, PretrainConfig, load_catalog
 from geosoc.errors import GeosocError
 from geosoc.learn import checkpoint
 from geosoc.learn.training import finetune, pretrain
-from geosoc.stats.calibration import conformal_offset, covering_offset, widen
+from geosoc.stats.calibration import conformal_offset, conformal_quantile, covering_scores, widen
 from geosoc.stats.metrics import regression_metrics
 from geosoc.threads import available_cores
 from tests.helpers import CPU, config_for, copy_region, tiny_sampleset
@@ -86,20 +86,21 @@ def test_the_conformal_rule_covers_at_the_nominal_rate_with_few_calibration_samp
     assert abs(covered.mean() - expected) < 0.005
 
 
-def test_the_covering_offset_of_shifted_bounds_is_the_cqr_offset() -> None:
+def test_covering_scores_of_shifted_bounds_give_the_cqr_offset() -> None:
     """With bounds that are the interval shifted by the offset, each sample's least covering offset is its CQR
     score, so the two rules agree (narrowing included)."""
     rng = np.random.default_rng(1)
     lower, upper, observed = rng.normal(-1, 0.3, 40), rng.normal(1, 0.3, 40), rng.standard_t(3, 40)
     for lo, hi in ((lower, upper), (lower * 5, upper * 5)):
         expected = conformal_offset(lo, hi, observed, 0.9)
-        found = covering_offset(lambda off, lo=lo, hi=hi: widen(lo, hi, np.zeros(40), off), observed, 0.9)
+        found = conformal_quantile(covering_scores(lambda off, lo=lo, hi=hi: widen(lo, hi, np.zeros(40), off),
+                                                   observed), 0.9)
         assert found == pytest.approx(expected, abs=1e-9)
 
 
 def test_an_ensembles_mean_interval_covers_at_the_nominal_rate() -> None:
     """Three members, each with errors of its own, give log-space intervals that are decoded (exp) and averaged
-    as `ensemble.mean_interval` does: one offset from `covering_offset` on 19 calibration samples makes the mean
+    as `ensemble.mean_interval` does: one offset from `covering_scores` on 19 calibration samples makes the mean
     cover new data at 0.9 over 1,000 repetitions (within 0.01; one rank off moves it by 0.05). Each member's own
     offset covers its own errors, which the mean averages away: the mean of those intervals over-covers."""
     rng = np.random.default_rng(3)
@@ -114,7 +115,8 @@ def test_an_ensembles_mean_interval_covers_at_the_nominal_rate() -> None:
         truth = rng.normal(3, 1, n + tests)
         observed = np.exp(truth + 0.3 * rng.standard_t(4, n + tests))
         centres = truth + 0.4 * rng.standard_normal((k, n + tests))  # each member's own error
-        offset = covering_offset(lambda off, fit=centres[:, :n]: mean_bounds(fit, off), observed[:n], 0.9)
+        offset = conformal_quantile(covering_scores(lambda off, fit=centres[:, :n]: mean_bounds(fit, off),
+                                                    observed[:n]), 0.9)
         lower, upper = mean_bounds(centres[:, n:], offset)
         covered[rep] = np.mean((observed[n:] >= lower) & (observed[n:] <= upper))
         offsets = np.array([[conformal_offset(c - 0.4, c + 0.4, np.log(observed[:n]), 0.9)] for c in centres[:, :n]])

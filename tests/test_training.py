@@ -213,6 +213,34 @@ def test_validation_is_whole_spatial_blocks_large_enough_to_calibrate() -> None:
     assert len(val) == round(0.1 * 90)
 
 
+
+def test_validation_groups_are_disjoint_blocks_of_one_draw() -> None:
+    """With G validation groups, part g of G is whole blocks that no other part and no training sample shares,
+    each large enough to calibrate; part 1 of G is the single-group validation part (a run made before groups is
+    the same run); too many groups for the samples is refused, naming the setting."""
+    from types import SimpleNamespace
+
+    from geosoc.errors import InputError
+    from geosoc.learn.training import MIN_CALIBRATION
+
+    rng = np.random.default_rng(2)
+    n = 300
+    x, y = rng.uniform(0, 6000, n), rng.uniform(0, 6000, n)
+    data = SimpleNamespace(url="s.zarr", size=n, fold=np.arange(n) % 5, target=rng.uniform(5, 30, n), x=x, y=y,
+                           block_size=1000.0)
+    block = lambda rows: {(int(a // 1000), int(b // 1000)) for a, b in zip(x[rows], y[rows])}  # noqa: E731
+    parts = [split(data, 0.1, 7, test_fold=4, labelled=True, group=g, groups=3) for g in range(3)]  # type: ignore[arg-type]
+    for train, val in parts:
+        assert MIN_CALIBRATION <= len(val) and not block(train) & block(val) and not (data.fold[val] == 4).any()
+        assert len(train) + len(val) == int(np.sum(data.fold != 4))
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not block(parts[a][1]) & block(parts[b][1])
+    np.testing.assert_array_equal(parts[0][1], split(data, 0.1, 7, test_fold=4, labelled=True)[1])  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="validation_groups"):
+        split(data, 0.2, 7, test_fold=4, labelled=True, group=0, groups=3)  # type: ignore[arg-type]
+
+
 def test_test_fold_is_never_used(tmp_path: Path) -> None:
     url = tiny_sampleset(str(tmp_path / "s.zarr"))
     data = SampleData(url)
@@ -282,6 +310,39 @@ def test_an_ensemble_trains_its_members_and_averages_them(trained_region: tuple[
         mapped = predictor.predict(rows["patch"][i], np.array([0]), np.array([0]), rows["climate"][i : i + 1])
         for name, k in (("soc_q05", 0), ("soc_median", 1), ("soc_q95", 2)):
             np.testing.assert_allclose(mapped[name][0], combined[k][i], rtol=1e-5, err_msg=name)
+
+
+
+def test_ensemble_members_take_turns_among_validation_groups(trained_region: tuple[Path, str],
+                                                              tmp_path: Path) -> None:
+    """`validation_groups: 2` with 2 members: each holds out its own part of one block draw (recorded in what
+    defines its run), and the one offset, written into both, is fitted on both parts, each scored by the member
+    that held it out: together they cover the conformal share of the two parts' samples."""
+    from geosoc.catalog import load_catalog
+    from geosoc.learn import ensemble
+    from geosoc.learn.training import finetune_region, member_predictions
+
+    path, root = trained_region
+    catalog = load_catalog(path=path).config
+    finetune = catalog.training.finetune.model_copy(update={"validation_groups": 2, "validation_fraction": 0.05})
+    catalog = catalog.model_copy(update={"training": catalog.training.model_copy(update={"finetune": finetune})})
+    out = str(tmp_path / "ensemble")
+    finetune_region(catalog, root, out=out, test_fold=0, pretrained=False, seeds=2, ctx=CPU)
+    urls = ensemble.member_urls(out, checkpoint.load_config(out)[1])
+    metas = [checkpoint.load_config(url)[1] for url in urls]
+    assert [m.get("validation_group") for m in metas] == ["1/2", "2/2"]
+    data = SampleData(f"{root}/samples/labelled.zarr")
+    vals = [split(data, 0.05, catalog.training.seed, 0, labelled=True, group=g, groups=2)[1] for g in range(2)]
+    assert not set(vals[0]) & set(vals[1])
+    calibrations = [checkpoint.calibration_of(url) for url in urls]
+    assert calibrations[0]["offset"] == calibrations[1]["offset"] and calibrations[0]["parts"] == 2
+    assert calibrations[0]["samples"] == len(vals[0]) + len(vals[1])
+    covered = 0
+    for member, val in enumerate(vals):
+        lower, _, upper = member_predictions(out, data, val, CPU.device)[member]
+        covered += int(np.sum((data.target[val] >= lower - 1e-4) & (data.target[val] <= upper + 1e-4)))
+    n = len(vals[0]) + len(vals[1])
+    assert covered >= min(n, math.ceil(0.9 * (n + 1)))
 
 
 def test_resume_takes_everything_from_one_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,7 +38,7 @@ from geosoc.learn.models.losses import nt_xent, pinball
 from geosoc.learn.normalisation import Normalisation
 from geosoc.learn.sizing import resolve_model, sizes_of
 from geosoc.stats import aoa
-from geosoc.stats.calibration import conformal_offset, covering_offset, interval
+from geosoc.stats.calibration import conformal_offset, conformal_quantile, covering_scores, interval
 from geosoc.stats.metrics import regression_metrics
 
 log = logging.getLogger(__name__)
@@ -157,13 +157,17 @@ MIN_CALIBRATION = 19  # validation samples at least: the 90 % CQR quantile, rank
 
 
 def split(data: SampleData, validation_fraction: float, seed: int, test_fold: int | None,
-          labelled: bool, folds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+          labelled: bool, folds: np.ndarray | None = None, group: int = 0,
+          groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Training and validation indices; the test fold (if any) and unlabelled rows (if labels needed) excluded.
 
     With labels (fine-tuning, whose validation part picks the epoch and calibrates the interval), the validation
     part is whole spatial blocks of the SampleSet's fold grid, like the held-out fold it stands in for, of at
     least `validation_fraction` of the samples and at least MIN_CALIBRATION; without labels, a random share.
-    `folds` replaces the SampleSet's own (spatial) folds, e.g. a seeded random assignment."""
+    `folds` replaces the SampleSet's own (spatial) folds, e.g. a seeded random assignment. With `groups` G > 1
+    the same draw yields G disjoint validation parts of that size, and this is part `group` of them."""
+    if not 0 <= group < groups:
+        raise ValueError(f"validation group {group} of {groups}")
     usable = np.ones(data.size, dtype=bool)
     folds = data.fold if folds is None else folds
     if test_fold is not None:
@@ -177,17 +181,25 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
     n_val = max(2, int(round(len(indices) * validation_fraction)))
     if len(indices) < 4:
         raise InputError(f"{data.url}: only {len(indices)} usable samples; need at least 4 to train")
+    if groups > 1 and groups * n_val > len(indices) // 2:
+        raise InputError(f"{data.url}: {groups} validation groups of {validation_fraction:g} of the samples would "
+                         f"hold out more than half of its {len(indices)} usable samples; use fewer groups "
+                         "(finetune.validation_groups) or a smaller finetune.validation_fraction")
     if labelled:
-        held = _validation_blocks(data, indices, max(n_val, MIN_CALIBRATION), seed)
+        held = _validation_blocks(data, indices, max(n_val, MIN_CALIBRATION), seed, group)
         if held is not None:
             return np.sort(indices[~held]), np.sort(indices[held])
-    return np.sort(indices[n_val:]), np.sort(indices[:n_val])
+    part = np.zeros(len(indices), dtype=bool)
+    part[group * n_val:(group + 1) * n_val] = True
+    return np.sort(indices[~part]), np.sort(indices[part])
 
 
-def _validation_blocks(data: SampleData, indices: np.ndarray, wanted: int, seed: int) -> np.ndarray | None:
-    """Which of `indices` form the validation part: whole blocks of side `data.block_size`, drawn in a seeded
-    order until at least `wanted` samples, passing over a block that would take more than half of them. None
-    (a random share instead) when the samples lie in fewer than two blocks."""
+def _validation_blocks(data: SampleData, indices: np.ndarray, wanted: int, seed: int,
+                       group: int = 0) -> np.ndarray | None:
+    """Which of `indices` form validation part `group`: whole blocks of side `data.block_size`, drawn in a seeded
+    order, part after part, each until at least `wanted` samples, passing over a block that would take more than
+    half of them. None (a random share instead, for every part) when the samples lie in fewer than two blocks or
+    no block fits; an error when the blocks run out before part `group` has any."""
     if data.block_size <= 0:
         return None
     keys = np.stack([np.floor(data.x[indices] / data.block_size), np.floor(data.y[indices] / data.block_size)], 1)
@@ -195,14 +207,23 @@ def _validation_blocks(data: SampleData, indices: np.ndarray, wanted: int, seed:
     if len(blocks) < 2:
         return None
     sizes = np.bincount(block_of.ravel(), minlength=len(blocks))
-    chosen, count = [], 0
+    parts: list[list[int]] = [[]]
+    count = 0
     for block in np.random.default_rng(seed).permutation(len(blocks)):
         if count >= wanted:
-            break
+            if len(parts) > group:
+                break
+            parts.append([])
+            count = 0
         if count + sizes[block] <= len(indices) // 2:
-            chosen.append(block)
+            parts[-1].append(block)
             count += sizes[block]
-    return np.isin(block_of.ravel(), chosen) if chosen else None
+    if not parts[0]:
+        return None
+    if len(parts) <= group or not parts[group]:
+        raise InputError(f"{data.url}: its {len(blocks)} spatial blocks run out before validation part {group + 1}; "
+                         "use fewer finetune.validation_groups or a smaller fold_block_size")
+    return np.isin(block_of.ravel(), parts[group])
 
 
 def contrastive_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], temperature: float, train: bool,
@@ -260,24 +281,27 @@ def pretrain(samples_url: str, out_url: str, config: NetworkConfig, stage: Pretr
 def finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: FinetuneConfig, *,
              pretrained_url: str | None = None, test_fold: int | None = None, seed: int = 0,
              resume: bool = True, ctx: Context | None = None, folds: np.ndarray | None = None,
-             validation_seed: int | None = None) -> dict[str, Any]:
+             validation_seed: int | None = None, validation_group: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Both branches and the head trained on labelled samples with a pinball loss over the quantiles.
 
     `folds` (default: the SampleSet's) decides what `test_fold` holds out; it is also the grouping of the
     area-of-applicability reference. `validation_seed` (default `seed`) draws the validation blocks: an
-    ensemble's members share them, so that the ensemble can be calibrated as one."""
+    ensemble's members share that draw, so that the ensemble can be calibrated as one. `validation_group`
+    (g, G): this run holds out part g of G disjoint parts of that draw (see `split`)."""
     ctx = ctx or Context()
     with _one_writer(out_url, ctx, "finetune"):
         return _finetune(samples_url, out_url, config, stage, pretrained_url, test_fold, seed, resume, ctx, folds,
-                         seed if validation_seed is None else validation_seed)
+                         seed if validation_seed is None else validation_seed, validation_group)
 
 
 def _finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: FinetuneConfig, pretrained_url: str | None,
               test_fold: int | None, seed: int, resume: bool, ctx: Context, folds: np.ndarray | None,
-              validation_seed: int) -> dict[str, Any]:
+              validation_seed: int, validation_group: tuple[int, int]) -> dict[str, Any]:
     data = SampleData(samples_url, _modalities(config))
     folds = data.fold if folds is None else np.asarray(folds)
-    train, val = split(data, stage.validation_fraction, validation_seed, test_fold, labelled=True, folds=folds)
+    group, groups = validation_group
+    train, val = split(data, stage.validation_fraction, validation_seed, test_fold, labelled=True, folds=folds,
+                       group=group, groups=groups)
     norm = fit_normalisation(data, train, stage.log_target, seed)
     if pretrained_url is not None:
         saved = checkpoint.normalisation(pretrained_url, checkpoint.load_config(pretrained_url)[1])
@@ -301,7 +325,8 @@ def _finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: Fine
                   patience=stage.patience, pretrained_url=pretrained_url,
                   extra={"test_fold": test_fold, "pretrained": pretrained_url, "units": data.attrs.get("units", ""),
                          "folds": _digest(folds),
-                         **({"validation_seed": validation_seed} if validation_seed != seed else {})})
+                         **({"validation_seed": validation_seed} if validation_seed != seed else {}),
+                         **({"validation_group": f"{group + 1}/{groups}"} if groups > 1 else {})})
     if ctx.is_main:
         calibrate(out_url, data, train, val, norm, stage.batch_size, ctx.device, seed, folds)
     return {**result, "validation": val}
@@ -376,25 +401,33 @@ def calibrate(url: str, data: SampleData, train: np.ndarray, val: np.ndarray, no
                                                  "samples": len(val), "epoch": best_epoch}})
 
 
-def calibrate_ensemble(url: str, data: SampleData, val: np.ndarray, batch_size: int, device: torch.device) -> None:
+def calibrate_ensemble(url: str, data: SampleData, parts: list[tuple[list[int], np.ndarray]], batch_size: int,
+                       device: torch.device) -> None:
     """One CQR offset for the ensemble at `url`, written into every member: its interval is the mean of the
     members' widened, decoded bounds (`ensemble.mean_interval`), and the offset makes that mean cover on the
-    validation blocks the members share. Each member's own offset covers its own errors; the mean's are smaller,
-    so the mean of such intervals over-covered (PICP90 0.96 on Edgeroi) and was wider than it needed to be."""
+    validation blocks. Each member's own offset covers its own errors; the mean's are smaller, so the mean of such
+    intervals over-covered (PICP90 0.96 on Edgeroi) and was wider than it needed to be. `parts`: (members,
+    their shared validation indices) per validation group; a part's samples are scored by the mean of the members
+    that held it out, and the scores of all parts pool into one quantile."""
     members, meta = ensemble.load_members(url, device)
-    raw = [forward_all(m.model, data, val, m.norm, device, batch_size)[0] for m in members]
+    scores = []
+    for chosen, val in parts:
+        group = [members[i] for i in chosen]
+        raw = [forward_all(m.model, data, val, m.norm, device, batch_size)[0] for m in group]
 
-    def bounds(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lower, _, upper = ensemble.mean_interval([m.decoded_interval(z, offsets) for m, z in zip(members, raw,
-                                                                                                  strict=True)])
-        return lower, upper
+        def bounds(offsets: np.ndarray, group: list[ensemble.Member] = group,
+                   raw: list[np.ndarray] = raw) -> tuple[np.ndarray, np.ndarray]:
+            lower, _, upper = ensemble.mean_interval([m.decoded_interval(z, offsets) for m, z in zip(group, raw,
+                                                                                                      strict=True)])
+            return lower, upper
 
-    calibration = checkpoint.calibration_of(meta)
-    offset = covering_offset(bounds, data.target[val], calibration.get("level", 0.9))
+        scores.append(covering_scores(bounds, data.target[val]))
+    offset = conformal_quantile(np.concatenate(scores), checkpoint.calibration_of(meta).get("level", 0.9))
     for member_url in ensemble.member_urls(url, meta):
         own = checkpoint.calibration_of(member_url)
         checkpoint.update_meta(member_url, {"calibration": {**own, "method": "cqr-ensemble", "offset": offset,
-                                                            "members": len(members)}})
+                                                            "members": len(members), "parts": len(parts),
+                                                            "samples": sum(len(val) for _, val in parts)}})
 
 
 def _modalities(config: NetworkConfig) -> tuple[str, ...]:
@@ -417,6 +450,8 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     start, history, best, stale, saved_rng = 0, [], math.inf, 0, None
     meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
     run = {k: meta.get(k) for k in ("stage", "samples", "seed", "test_fold", "pretrained", "folds", "validation_seed")}
+    if "validation_group" in meta:  # only where there are parts: a run saved before them resumes as it was
+        run["validation_group"] = meta["validation_group"]
     if resume and checkpoint.is_checkpoint(last):
         saved = checkpoint.snapshot(last)  # one save: weights, optimizer and epoch all come from it
         info = checkpoint.state_info(last, saved)
@@ -540,6 +575,8 @@ def _describe_run(run: dict[str, Any] | None) -> str:
     held = "no test fold" if run.get("test_fold") is None else f"test fold {run['test_fold']} held out"
     origin = "from pretrained encoders" if run.get("pretrained") else "from scratch"
     blocks = "" if run.get("validation_seed") is None else f", validation blocks of seed {run['validation_seed']}"
+    if run.get("validation_group") is not None:
+        blocks += f" (part {run['validation_group']})"
     return f"{run.get('stage')} of {run.get('samples')}, {held}, {origin}, seed {run.get('seed')}{blocks}"
 
 
@@ -632,17 +669,19 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     members = stage.seeds if seeds is None else seeds
     if members < 1:
         raise InputError(f"an ensemble needs at least 1 member (--seeds), got {members}")
+    groups = min(stage.validation_groups, members)
     results = [finetune(samples, ensemble.member_url(out, member), config, stage, pretrained_url=pretrained or None,
                         test_fold=test_fold, seed=seed + member, resume=resume, ctx=ctx, folds=folds,
-                        validation_seed=seed)
+                        validation_seed=seed, validation_group=(member % groups, groups))
                for member in range(members)]
     writer = ctx or Context()
     if writer.is_main:
         with _one_writer(out, writer, "finetune"):
             checkpoint.update_meta(out, {ensemble.MEMBERS: members})
             if members > 1:
-                calibrate_ensemble(out, SampleData(samples, _modalities(config)), results[0]["validation"],
-                                   stage.batch_size, writer.device)
+                parts = [(list(range(g, members, groups)), results[g]["validation"]) for g in range(groups)]
+                calibrate_ensemble(out, SampleData(samples, _modalities(config)), parts, stage.batch_size,
+                                   writer.device)
     first = {k: v for k, v in results[0].items() if k != "validation"}
     return {**first, "members": members, "member_val_loss": [result["best_val_loss"] for result in results]}
 

@@ -32,16 +32,17 @@ def conformal_quantile(scores: np.ndarray, level: float) -> float:
     return float(scores[min(rank, n) - 1])
 
 
-def covering_offset(bounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], observed: np.ndarray,
-                    level: float, steps: int = 60) -> float:
-    """The CQR offset of an interval that is not its members' offset-shifted bounds but a function of them: an
-    ensemble's mean of its members' widened, decoded bounds. `bounds(offsets)` gives the (lower, upper) of each
-    sample with its own offset, and must widen as the offset grows. Each sample's score is then the least offset
-    whose interval covers it (found by bisection), and the offset their conformal quantile: the same rule as
-    `conformal_offset`, which it equals when `bounds` is the shifted bounds themselves."""
+def covering_scores(bounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], observed: np.ndarray,
+                    steps: int = 60) -> np.ndarray:
+    """Conformity scores of an interval that is not its members' offset-shifted bounds but a function of them
+    (an ensemble's mean of its members' widened, decoded bounds): each sample's least offset whose interval
+    covers it, found by bisection. `bounds(offsets)` gives the (lower, upper) of each sample with its own offset,
+    and must widen as the offset grows. Their `conformal_quantile` is the CQR offset (`conformal_offset`'s, when
+    `bounds` is the shifted bounds themselves); scores of several calibration parts, each with its own `bounds`,
+    pool into one quantile."""
     observed = np.asarray(observed, dtype=np.float64)
     if len(observed) == 0:
-        return 0.0
+        return np.zeros(0)
 
     def covers(offsets: np.ndarray) -> np.ndarray:
         lower, upper = bounds(offsets)
@@ -62,7 +63,7 @@ def covering_offset(bounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]
         middle = (low + high) / 2
         covered = covers(middle)
         high, low = np.where(covered, middle, high), np.where(covered, low, middle)
-    return conformal_quantile(high, level)
+    return high
 
 
 def widen(lower: Any, upper: Any, median: Any, offset: float | np.ndarray) -> tuple[Any, Any]:

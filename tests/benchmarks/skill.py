@@ -21,7 +21,9 @@ quantile forest, every model on the same 5 spatial folds (not a test; CPU, the c
 - with `--seed-sets S` (S > 1): ssl and supervised are evaluated S times, each time with other seeds for every
   member (the catalog's training seed + 1000 s; same folds, same pretrained encoders), and
   `<region>_<model>_ensemble_r2_sd=<x>` is the sd of the ensemble's pooled R² over those S sets (goal <= 0.02):
-  how far a user's score would move had they drawn other seeds.
+  how far a user's score would move had they drawn other seeds; `<region>_<model>_mean_picp90=<x>
+  mean_width_vs_qrf=<y>` are the interval's figures averaged over the sets (one set's calibration rests on a few
+  dozen samples: its figures move with the seeds).
 
 Choosing "the best geosoc model" by its score on the test folds flatters it (selection on the test set). Here
 the choice for each held-out fold is made on the other folds' scores only (a leave-one-fold-out selection: the
@@ -83,18 +85,26 @@ def chosen_without_the_test_fold(metrics: pd.DataFrame, candidates: tuple[str, .
 def seed_set_spread(first: dict[str, Any], args: argparse.Namespace, root: str, threads: int) -> None:
     """The networks' pooled R² over `args.seed_sets` sets of seeds (the first is `first`, already run)."""
     catalog = load_catalog(args.region).config
-    scores = {m: [first["models"][m]["pooled"]["r2"]] for m in NETWORKS}
+    scores = {m: [first["models"][m]["pooled"]] for m in NETWORKS}
+    qrf_width = [first["models"]["qrf"]["pooled"]["width"]]
     for offset in range(1, args.seed_sets):
         training = catalog.training.model_copy(update={"seed": catalog.training.seed + 1000 * offset})
         started = time.perf_counter()
         summary = evaluate_region(catalog.model_copy(update={"training": training}), root, repeats=args.repeats,
-                                  threads=threads, progress=False, seeds=args.seeds, models=NETWORKS).summary
+                                  threads=threads, progress=False, seeds=args.seeds,
+                                  models=(*NETWORKS, "qrf")).summary  # qrf: the finished runs, reused
         print(f"seed set {offset + 1}: {time.perf_counter() - started:.0f} s")
         for model in NETWORKS:
-            scores[model].append(summary["models"][model]["pooled"]["r2"])
-    for model, r2 in scores.items():
-        print(f"{region_name(args)}_{model}_ensemble_r2_sd={np.std(r2, ddof=1):.3f} (pooled R² over "
+            scores[model].append(summary["models"][model]["pooled"])
+        qrf_width.append(summary["models"]["qrf"]["pooled"]["width"])
+    name = region_name(args)
+    for model, pooled in scores.items():
+        r2 = [p["r2"] for p in pooled]
+        picp, width = [p["picp"] for p in pooled], [p["width"] / q for p, q in zip(pooled, qrf_width, strict=True)]
+        print(f"{name}_{model}_ensemble_r2_sd={np.std(r2, ddof=1):.3f} (pooled R² over "
               f"{args.seed_sets} seed sets: {', '.join(f'{r:.3f}' for r in r2)})")
+        print(f"{name}_{model}_mean_picp90={np.mean(picp):.3f} mean_width_vs_qrf={np.mean(width):.2f} (per seed "
+              f"set: {', '.join(f'{p:.3f} / {w:.2f}' for p, w in zip(picp, width, strict=True))})")
 
 
 def region_name(args: argparse.Namespace) -> str:
