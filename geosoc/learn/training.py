@@ -181,12 +181,13 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
     n_val = max(2, int(round(len(indices) * validation_fraction)))
     if len(indices) < 4:
         raise InputError(f"{data.url}: only {len(indices)} usable samples; need at least 4 to train")
-    if groups > 1 and groups * n_val > len(indices) // 2:
-        raise InputError(f"{data.url}: {groups} validation groups of {validation_fraction:g} of the samples would "
-                         f"hold out more than half of its {len(indices)} usable samples; use fewer groups "
+    wanted = max(n_val, MIN_CALIBRATION) if labelled else n_val
+    if groups > 1 and groups * wanted > len(indices) // 2:
+        raise InputError(f"{data.url}: {groups} validation groups of {wanted} samples each would hold out more than "
+                         f"half of its {len(indices)} usable samples; use fewer groups "
                          "(finetune.validation_groups) or a smaller finetune.validation_fraction")
     if labelled:
-        held = _validation_blocks(data, indices, max(n_val, MIN_CALIBRATION), seed, group)
+        held = _validation_blocks(data, indices, wanted, seed, group)
         if held is not None:
             return np.sort(indices[~held]), np.sort(indices[held])
     part = np.zeros(len(indices), dtype=bool)
