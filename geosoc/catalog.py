@@ -307,7 +307,8 @@ class FinetuneConfig(StageConfig):
     log_target: bool = True
     patience: int = Field(10, ge=1, description="epochs without validation improvement before stopping")
     seeds: int = Field(1, ge=1, le=20, description="ensemble members, each trained with its own seed on the same "
-                       "validation blocks; their quantiles are averaged, and the average calibrated as one")
+                       "validation blocks (or parts of them: validation_groups); their quantiles are averaged, and "
+                       "the average calibrated as one")
     validation_groups: int = Field(1, ge=1, le=20, description="an ensemble's members take turns among this many "
                                    "disjoint validation parts (at most one per member); each part is scored by "
                                    "the members that held it out, so the calibration has this many times the "

@@ -217,7 +217,9 @@ def test_validation_is_whole_spatial_blocks_large_enough_to_calibrate() -> None:
 def test_validation_groups_are_disjoint_blocks_of_one_draw() -> None:
     """With G validation groups, part g of G is whole blocks that no other part and no training sample shares,
     each large enough to calibrate; part 1 of G is the single-group validation part (a run made before groups is
-    the same run); too many groups for the samples is refused, naming the setting."""
+    the same run); without blocks the parts are disjoint random shares. Too many groups for the samples, or
+    blocks that leave a part too small, are refused whichever part is asked for (the first member stops before
+    training), naming the setting."""
     from types import SimpleNamespace
 
     from geosoc.errors import InputError
@@ -237,8 +239,15 @@ def test_validation_groups_are_disjoint_blocks_of_one_draw() -> None:
         for b in range(a + 1, 3):
             assert not block(parts[a][1]) & block(parts[b][1])
     np.testing.assert_array_equal(parts[0][1], split(data, 0.1, 7, test_fold=4, labelled=True)[1])  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="validation_groups"):
+    no_blocks = SimpleNamespace(**{**vars(data), "block_size": 0.0})
+    shares = [split(no_blocks, 0.1, 7, test_fold=4, labelled=True, group=g, groups=3)[1] for g in range(3)]  # type: ignore[arg-type]
+    assert [len(v) for v in shares] == [24] * 3 and len(set(np.concatenate(shares))) == 72
+    with pytest.raises(InputError, match="more than half.*validation_groups"):
         split(data, 0.2, 7, test_fold=4, labelled=True, group=0, groups=3)  # type: ignore[arg-type]
+    uneven = SimpleNamespace(**{**vars(data), "x": np.where(np.arange(n) < 270, 500.0, 1500.0 + (np.arange(n) % 3) * 1000),
+                                "y": np.full(n, 500.0)})  # one block of 270 samples, three of 10
+    with pytest.raises(InputError, match="part.*under 19 samples.*validation_groups"):
+        split(uneven, 0.05, 7, test_fold=None, labelled=True, group=0, groups=2)  # type: ignore[arg-type]
 
 
 def test_test_fold_is_never_used(tmp_path: Path) -> None:
@@ -316,11 +325,12 @@ def test_an_ensemble_trains_its_members_and_averages_them(trained_region: tuple[
 def test_ensemble_members_take_turns_among_validation_groups(trained_region: tuple[Path, str],
                                                               tmp_path: Path) -> None:
     """`validation_groups: 2` with 2 members: each holds out its own part of one block draw (recorded in what
-    defines its run), and the one offset, written into both, is fitted on both parts, each scored by the member
-    that held it out: together they cover the conformal share of the two parts' samples."""
+    defines its run), and the one offset, written into both, is the conformal quantile of both parts' scores,
+    each part scored by the member that held it out: together they cover the conformal share of its samples."""
     from geosoc.catalog import load_catalog
     from geosoc.learn import ensemble
-    from geosoc.learn.training import finetune_region, member_predictions
+    from geosoc.learn.training import finetune_region, forward_all, member_predictions
+    from geosoc.stats.calibration import conformal_quantile, interval
 
     path, root = trained_region
     catalog = load_catalog(path=path).config
@@ -330,13 +340,21 @@ def test_ensemble_members_take_turns_among_validation_groups(trained_region: tup
     finetune_region(catalog, root, out=out, test_fold=0, pretrained=False, seeds=2, ctx=CPU)
     urls = ensemble.member_urls(out, checkpoint.load_config(out)[1])
     metas = [checkpoint.load_config(url)[1] for url in urls]
-    assert [m.get("validation_group") for m in metas] == ["1/2", "2/2"]
+    assert [m.get("validation_part") for m in metas] == [None, 2]  # part 1: the single part, an older run's
     data = SampleData(f"{root}/samples/labelled.zarr")
     vals = [split(data, 0.05, catalog.training.seed, 0, labelled=True, group=g, groups=2)[1] for g in range(2)]
     assert not set(vals[0]) & set(vals[1])
     calibrations = [checkpoint.calibration_of(url) for url in urls]
     assert calibrations[0]["offset"] == calibrations[1]["offset"] and calibrations[0]["parts"] == 2
     assert calibrations[0]["samples"] == len(vals[0]) + len(vals[1])
+    members, _ = ensemble.load_members(out, CPU.device)
+    scores = []  # one member per part: each sample's least covering offset is its plain CQR score
+    for member, val in zip(members, vals, strict=True):
+        z, _ = forward_all(member.model, data, val, member.norm, CPU.device, 64)
+        lower, _, upper = interval(z, member.model.config.quantiles, 0.0)
+        observed = member.norm.encode_target(data.target[val])
+        scores.append(np.maximum(lower - observed, observed - upper))
+    assert calibrations[0]["offset"] == pytest.approx(conformal_quantile(np.concatenate(scores), 0.9), abs=1e-6)
     covered = 0
     for member, val in enumerate(vals):
         lower, _, upper = member_predictions(out, data, val, CPU.device)[member]

@@ -183,11 +183,11 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
         raise InputError(f"{data.url}: only {len(indices)} usable samples; need at least 4 to train")
     wanted = max(n_val, MIN_CALIBRATION) if labelled else n_val
     if groups > 1 and groups * wanted > len(indices) // 2:
-        raise InputError(f"{data.url}: {groups} validation groups of {wanted} samples each would hold out more than "
-                         f"half of its {len(indices)} usable samples; use fewer groups "
+        raise InputError(f"{data.url}: {groups} validation groups of at least {wanted} samples each would together "
+                         f"hold out more than half of its {len(indices)} usable samples; use fewer groups "
                          "(finetune.validation_groups) or a smaller finetune.validation_fraction")
     if labelled:
-        held = _validation_blocks(data, indices, wanted, seed, group)
+        held = _validation_blocks(data, indices, wanted, seed, group, groups)
         if held is not None:
             return np.sort(indices[~held]), np.sort(indices[held])
     part = np.zeros(len(indices), dtype=bool)
@@ -195,12 +195,13 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
     return np.sort(indices[~part]), np.sort(indices[part])
 
 
-def _validation_blocks(data: SampleData, indices: np.ndarray, wanted: int, seed: int,
-                       group: int = 0) -> np.ndarray | None:
-    """Which of `indices` form validation part `group`: whole blocks of side `data.block_size`, drawn in a seeded
-    order, part after part, each until at least `wanted` samples, passing over a block that would take more than
-    half of them. None (a random share instead, for every part) when the samples lie in fewer than two blocks or
-    no block fits; an error when the blocks run out before part `group` has any."""
+def _validation_blocks(data: SampleData, indices: np.ndarray, wanted: int, seed: int, group: int = 0,
+                       groups: int = 1) -> np.ndarray | None:
+    """Which of `indices` form validation part `group` of `groups`: whole blocks of side `data.block_size`, taken
+    in one seeded order, part after part, each until at least `wanted` samples, passing over a block that would
+    take more than half of them (it stays on offer to the next part). None (a random share instead, for every
+    part) when the samples lie in fewer than two blocks or no block fits. Every part is drawn, whichever is
+    asked for, so that a part too small to calibrate stops the first member, before any training."""
     if data.block_size <= 0:
         return None
     keys = np.stack([np.floor(data.x[indices] / data.block_size), np.floor(data.y[indices] / data.block_size)], 1)
@@ -208,23 +209,26 @@ def _validation_blocks(data: SampleData, indices: np.ndarray, wanted: int, seed:
     if len(blocks) < 2:
         return None
     sizes = np.bincount(block_of.ravel(), minlength=len(blocks))
-    parts: list[list[int]] = [[]]
-    count = 0
-    for block in np.random.default_rng(seed).permutation(len(blocks)):
-        if count >= wanted:
-            if len(parts) > group:
+    left = list(np.random.default_rng(seed).permutation(len(blocks)))
+    parts = []
+    for _ in range(groups):
+        chosen, count = [], 0
+        for block in left:
+            if count >= wanted:
                 break
-            parts.append([])
-            count = 0
-        if count + sizes[block] <= len(indices) // 2:
-            parts[-1].append(block)
-            count += sizes[block]
-    if not parts[0]:
+            if count + sizes[block] <= len(indices) // 2:
+                chosen.append(block)
+                count += sizes[block]
+        taken = set(chosen)
+        left = [block for block in left if block not in taken]
+        parts.append((chosen, count))
+    if not parts[0][0]:
         return None
-    if len(parts) <= group or not parts[group]:
-        raise InputError(f"{data.url}: its {len(blocks)} spatial blocks run out before validation part {group + 1}; "
-                         "use fewer finetune.validation_groups or a smaller fold_block_size")
-    return np.isin(block_of.ravel(), parts[group])
+    if groups > 1 and (short := [i + 1 for i, (_, count) in enumerate(parts) if count < MIN_CALIBRATION]):
+        raise InputError(f"{data.url}: its {len(blocks)} spatial blocks leave validation part(s) "
+                         f"{', '.join(map(str, short))} of {groups} under {MIN_CALIBRATION} samples; use fewer "
+                         "finetune.validation_groups or a smaller sampling.fold_block_size")
+    return np.isin(block_of.ravel(), parts[group][0])
 
 
 def contrastive_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], temperature: float, train: bool,
@@ -327,7 +331,7 @@ def _finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: Fine
                   extra={"test_fold": test_fold, "pretrained": pretrained_url, "units": data.attrs.get("units", ""),
                          "folds": _digest(folds),
                          **({"validation_seed": validation_seed} if validation_seed != seed else {}),
-                         **({"validation_group": f"{group + 1}/{groups}"} if groups > 1 else {})})
+                         **({"validation_part": group + 1} if group > 0 else {})})
     if ctx.is_main:
         calibrate(out_url, data, train, val, norm, stage.batch_size, ctx.device, seed, folds)
     return {**result, "validation": val}
@@ -451,8 +455,8 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     start, history, best, stale, saved_rng = 0, [], math.inf, 0, None
     meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
     run = {k: meta.get(k) for k in ("stage", "samples", "seed", "test_fold", "pretrained", "folds", "validation_seed")}
-    if "validation_group" in meta:  # only where there are parts: a run saved before them resumes as it was
-        run["validation_group"] = meta["validation_group"]
+    if "validation_part" in meta:  # part 1 is the single validation part: such runs resume as they were
+        run["validation_part"] = meta["validation_part"]
     if resume and checkpoint.is_checkpoint(last):
         saved = checkpoint.snapshot(last)  # one save: weights, optimizer and epoch all come from it
         info = checkpoint.state_info(last, saved)
@@ -576,8 +580,8 @@ def _describe_run(run: dict[str, Any] | None) -> str:
     held = "no test fold" if run.get("test_fold") is None else f"test fold {run['test_fold']} held out"
     origin = "from pretrained encoders" if run.get("pretrained") else "from scratch"
     blocks = "" if run.get("validation_seed") is None else f", validation blocks of seed {run['validation_seed']}"
-    if run.get("validation_group") is not None:
-        blocks += f" (part {run['validation_group']})"
+    if run.get("validation_part") is not None:
+        blocks += f", validation part {run['validation_part']}"
     return f"{run.get('stage')} of {run.get('samples')}, {held}, {origin}, seed {run.get('seed')}{blocks}"
 
 
@@ -671,16 +675,18 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     if members < 1:
         raise InputError(f"an ensemble needs at least 1 member (--seeds), got {members}")
     groups = min(stage.validation_groups, members)
+    part_of = [member % groups for member in range(members)]
     results = [finetune(samples, ensemble.member_url(out, member), config, stage, pretrained_url=pretrained or None,
                         test_fold=test_fold, seed=seed + member, resume=resume, ctx=ctx, folds=folds,
-                        validation_seed=seed, validation_group=(member % groups, groups))
+                        validation_seed=seed, validation_group=(part_of[member], groups))
                for member in range(members)]
     writer = ctx or Context()
     if writer.is_main:
         with _one_writer(out, writer, "finetune"):
             checkpoint.update_meta(out, {ensemble.MEMBERS: members})
             if members > 1:
-                parts = [(list(range(g, members, groups)), results[g]["validation"]) for g in range(groups)]
+                parts = [([m for m in range(members) if part_of[m] == g], results[g]["validation"])
+                         for g in range(groups)]
                 calibrate_ensemble(out, SampleData(samples, _modalities(config)), parts, stage.batch_size,
                                    writer.device)
     first = {k: v for k, v in results[0].items() if k != "validation"}

@@ -92,7 +92,7 @@ def seed_set_spread(first: dict[str, Any], args: argparse.Namespace, root: str, 
         started = time.perf_counter()
         summary = evaluate_region(catalog.model_copy(update={"training": training}), root, repeats=args.repeats,
                                   threads=threads, progress=False, seeds=args.seeds,
-                                  models=(*NETWORKS, "qrf")).summary  # qrf: the finished runs, reused
+                                  models=(*NETWORKS, "qrf")).summary  # qrf: refit with the set's seed
         print(f"seed set {offset + 1}: {time.perf_counter() - started:.0f} s")
         for model in NETWORKS:
             scores[model].append(summary["models"][model]["pooled"])
