@@ -213,7 +213,6 @@ def test_validation_is_whole_spatial_blocks_large_enough_to_calibrate() -> None:
     assert len(val) == round(0.1 * 90)
 
 
-
 def test_validation_groups_are_disjoint_blocks_of_one_draw() -> None:
     """With G validation groups, part g of G is whole blocks that no other part and no training sample shares,
     each large enough to calibrate; part 1 of G is the single-group validation part (a run made before groups is
@@ -321,7 +320,6 @@ def test_an_ensemble_trains_its_members_and_averages_them(trained_region: tuple[
             np.testing.assert_allclose(mapped[name][0], combined[k][i], rtol=1e-5, err_msg=name)
 
 
-
 def test_ensemble_members_take_turns_among_validation_groups(trained_region: tuple[Path, str],
                                                               tmp_path: Path) -> None:
     """`validation_groups: 2` with 2 members: each holds out its own part of one block draw (recorded in what
@@ -361,6 +359,17 @@ def test_ensemble_members_take_turns_among_validation_groups(trained_region: tup
         covered += int(np.sum((data.target[val] >= lower - 1e-4) & (data.target[val] <= upper + 1e-4)))
     n = len(vals[0]) + len(vals[1])
     assert covered >= min(n, math.ceil(0.9 * (n + 1)))
+
+
+def test_a_single_run_keeps_the_identity_older_runs_saved(tmp_path: Path) -> None:
+    """A run that is no ensemble member saves only the keys every geosoc saved (`RUN_KEYS`): the ensemble's
+    validation draw and part are added only where set, so a run left half-done by an older version resumes."""
+    from geosoc.learn.training import RUN_KEYS
+
+    url = tiny_sampleset(str(tmp_path / "s.zarr"))
+    out = str(tmp_path / "ft")
+    finetune(url, out, config_for(url), FinetuneConfig(epochs=1, batch_size=8), test_fold=0, ctx=CPU)
+    assert set(checkpoint.state_info(f"{out}/last")["run"]) == set(RUN_KEYS)
 
 
 def test_resume_takes_everything_from_one_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -439,6 +439,12 @@ def _modalities(config: NetworkConfig) -> tuple[str, ...]:
     return tuple(name for name, present in (("patch", config.bands), ("climate", config.variables)) if present)
 
 
+RUN_KEYS = ("stage", "samples", "seed", "test_fold", "pretrained", "folds")  # what defines a run, for resuming
+# ... and what defines it only where set (an ensemble member's validation draw and part): a run without them, or
+# one saved before they existed, keeps the identity it had
+OPTIONAL_RUN_KEYS = ("validation_seed", "validation_part")
+
+
 def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, norm: Normalisation,
          config: NetworkConfig, stage: Any, out_url: str, loss_fn: Callable, evaluate: Callable | None, seed: int,
          resume: bool, ctx: Context, patience: int | None, pretrained_url: str | None = None,
@@ -454,9 +460,7 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     last = join(out_url, "last")
     start, history, best, stale, saved_rng = 0, [], math.inf, 0, None
     meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
-    run = {k: meta.get(k) for k in ("stage", "samples", "seed", "test_fold", "pretrained", "folds", "validation_seed")}
-    if "validation_part" in meta:  # part 1 is the single validation part: such runs resume as they were
-        run["validation_part"] = meta["validation_part"]
+    run = {k: meta.get(k) for k in RUN_KEYS} | {k: meta[k] for k in OPTIONAL_RUN_KEYS if k in meta}
     if resume and checkpoint.is_checkpoint(last):
         saved = checkpoint.snapshot(last)  # one save: weights, optimizer and epoch all come from it
         info = checkpoint.state_info(last, saved)
@@ -675,7 +679,7 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
     if members < 1:
         raise InputError(f"an ensemble needs at least 1 member (--seeds), got {members}")
     groups = min(stage.validation_groups, members)
-    part_of = [member % groups for member in range(members)]
+    part_of = [member % groups for member in range(members)]  # the validation part each member holds out
     results = [finetune(samples, ensemble.member_url(out, member), config, stage, pretrained_url=pretrained or None,
                         test_fold=test_fold, seed=seed + member, resume=resume, ctx=ctx, folds=folds,
                         validation_seed=seed, validation_group=(part_of[member], groups))
@@ -685,8 +689,8 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
         with _one_writer(out, writer, "finetune"):
             checkpoint.update_meta(out, {ensemble.MEMBERS: members})
             if members > 1:
-                parts = [([m for m in range(members) if part_of[m] == g], results[g]["validation"])
-                         for g in range(groups)]
+                holders = [[m for m, part in enumerate(part_of) if part == g] for g in range(groups)]
+                parts = [(chosen, results[chosen[0]]["validation"]) for chosen in holders]
                 calibrate_ensemble(out, SampleData(samples, _modalities(config)), parts, stage.batch_size,
                                    writer.device)
     first = {k: v for k, v in results[0].items() if k != "validation"}

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geosoc.catalog import load_catalog
+from geosoc.catalog import Catalog, load_catalog
 from geosoc.cli import evaluation_table, print_table
 from geosoc.data.cube import build_cube
 from geosoc.data.points import read_points
@@ -82,9 +82,9 @@ def chosen_without_the_test_fold(metrics: pd.DataFrame, candidates: tuple[str, .
     return pd.concat(rows)
 
 
-def seed_set_spread(first: dict[str, Any], args: argparse.Namespace, root: str, threads: int) -> None:
+def seed_set_spread(catalog: Catalog, first: dict[str, Any], args: argparse.Namespace, root: str,
+                    threads: int) -> None:
     """The networks' pooled R² over `args.seed_sets` sets of seeds (the first is `first`, already run)."""
-    catalog = load_catalog(args.region).config
     scores = {m: [first["models"][m]["pooled"]] for m in NETWORKS}
     qrf_width = [first["models"]["qrf"]["pooled"]["width"]]
     for offset in range(1, args.seed_sets):
@@ -127,7 +127,8 @@ def main() -> None:
         if not Path(root, "samples", "unlabelled.zarr").exists():
             prepare(args.region, root, labelled=args.labels, unlabelled=10_000 if args.region == "demo" else 2_000)
         started = time.perf_counter()
-        result = evaluate_region(load_catalog(args.region).config, root, repeats=args.repeats, threads=threads,
+        catalog = load_catalog(args.region).config
+        result = evaluate_region(catalog, root, repeats=args.repeats, threads=threads,
                                  progress=False, seeds=args.seeds)
         print(f"evaluation: {time.perf_counter() - started:.0f} s")
         print_table(evaluation_table(result.summary))
@@ -147,7 +148,7 @@ def main() -> None:
             gain = stats["aef-qrf"]["pooled"]["r2"] - stats["qrf"]["pooled"]["r2"]
             print(f"embeddings_vs_covariates_qrf_r2={gain:.3f}")
         if args.seed_sets > 1:
-            seed_set_spread(result.summary, args, root, threads)
+            seed_set_spread(catalog, result.summary, args, root, threads)
         if args.region == "demo":
             ratio = stats["ssl"]["pooled"]["rmse"] / stats["supervised"]["pooled"]["rmse"]
             print(f"demo_ssl_vs_supervised_rmse_ratio_{args.labels}_labels={ratio:.3f}")
