@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geosoc.catalog import Catalog, FinetuneConfig, ModelConfig, PretrainConfig
+from geosoc.catalog import Catalog, FinetuneConfig, ModelConfig, PretrainConfig, StageConfig
 from geosoc.data.streaming import SampleData, SampleStream, data_loader, on_device, to_device
 from geosoc.errors import IncompatibleError, InputError
 from geosoc.fingerprints import fingerprint
@@ -440,9 +440,9 @@ def _modalities(config: NetworkConfig) -> tuple[str, ...]:
 
 
 RUN_KEYS = ("stage", "samples", "seed", "test_fold", "pretrained", "folds")  # what defines a run, for resuming
-# ... and what defines it only where set (an ensemble member's validation draw and part): a run without them, or
-# one saved before they existed, keeps the identity it had
-OPTIONAL_RUN_KEYS = ("validation_seed", "validation_part")
+# ... and what defines it only where set (an ensemble member's validation draw and part, a validation share other
+# than the default): a run without them, or one saved before they existed, keeps the identity it had
+OPTIONAL_RUN_KEYS = ("validation_seed", "validation_part", "validation_fraction")
 
 
 def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, norm: Normalisation,
@@ -460,6 +460,8 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     last = join(out_url, "last")
     start, history, best, stale, saved_rng = 0, [], math.inf, 0, None
     meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
+    if stage.validation_fraction != StageConfig.model_fields["validation_fraction"].default:
+        meta["validation_fraction"] = stage.validation_fraction
     run = {k: meta.get(k) for k in RUN_KEYS} | {k: meta[k] for k in OPTIONAL_RUN_KEYS if k in meta}
     if resume and checkpoint.is_checkpoint(last):
         saved = checkpoint.snapshot(last)  # one save: weights, optimizer and epoch all come from it
@@ -586,6 +588,8 @@ def _describe_run(run: dict[str, Any] | None) -> str:
     blocks = "" if run.get("validation_seed") is None else f", validation blocks of seed {run['validation_seed']}"
     if run.get("validation_part") is not None:
         blocks += f", validation part {run['validation_part']}"
+    if run.get("validation_fraction") is not None:
+        blocks += f", validation share {run['validation_fraction']}"
     return f"{run.get('stage')} of {run.get('samples')}, {held}, {origin}, seed {run.get('seed')}{blocks}"
 
 
