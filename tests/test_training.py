@@ -192,7 +192,8 @@ def test_a_run_that_stopped_early_stays_stopped_when_run_again(tmp_path: Path) -
 def test_validation_is_whole_spatial_blocks_large_enough_to_calibrate() -> None:
     """Fine-tuning's validation part (epoch choice, CQR offset) is whole blocks of the fold grid, none shared with
     the training part, and at least MIN_CALIBRATION samples, so the 90 % conformal quantile is not the largest
-    residual; with every sample in one block it falls back to a random share."""
+    residual; with every sample in one block it falls back to a random share by the same rule (at most half of
+    the samples, for a survey too small for more)."""
     from types import SimpleNamespace
 
     from geosoc.learn.training import MIN_CALIBRATION
@@ -210,7 +211,10 @@ def test_validation_is_whole_spatial_blocks_large_enough_to_calibrate() -> None:
     assert math.ceil(0.9 * (len(val) + 1)) < len(val)  # the conformal rank is not the maximum
     one_block = SimpleNamespace(**{**vars(data), "block_size": 1e6})
     train, val = split(one_block, 0.1, 0, test_fold=3, labelled=True)  # type: ignore[arg-type]
-    assert len(val) == round(0.1 * 90)
+    assert len(val) == MIN_CALIBRATION and len(train) == 90 - MIN_CALIBRATION  # 10 % would be 9: rank 9 of 9
+    small = SimpleNamespace(**{**vars(one_block), "target": np.where(np.arange(n) < 40, data.target, np.nan)})
+    train, val = split(small, 0.1, 0, test_fold=3, labelled=True)  # type: ignore[arg-type]
+    assert len(val) == len(train) == 15  # 30 labelled outside the test fold
 
 
 def test_validation_groups_are_disjoint_blocks_of_one_draw() -> None:

@@ -163,7 +163,8 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
 
     With labels (fine-tuning, whose validation part picks the epoch and calibrates the interval), the validation
     part is whole spatial blocks of the SampleSet's fold grid, like the held-out fold it stands in for, of at
-    least `validation_fraction` of the samples and at least MIN_CALIBRATION; without labels, a random share.
+    least `validation_fraction` of the samples and at least MIN_CALIBRATION (at most half of them); a random share
+    of that size where every sample lies in one block. Without labels, a random `validation_fraction`.
     `folds` replaces the SampleSet's own (spatial) folds, e.g. a seeded random assignment. With `groups` G > 1
     the same draw yields G disjoint validation parts of that size, and this is part `group` of them."""
     if not 0 <= group < groups:
@@ -190,8 +191,9 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
         held = _validation_blocks(data, indices, wanted, seed, group, groups)
         if held is not None:
             return np.sort(indices[~held]), np.sort(indices[held])
+    size = min(wanted, len(indices) // 2) if labelled else n_val  # a random share: the same rule as the blocks
     part = np.zeros(len(indices), dtype=bool)
-    part[group * n_val:(group + 1) * n_val] = True
+    part[group * size:(group + 1) * size] = True
     return np.sort(indices[~part]), np.sort(indices[part])
 
 
