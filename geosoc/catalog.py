@@ -294,7 +294,9 @@ class StageConfig(_Section):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=2)
     learning_rate: float = Field(1e-4, gt=0)
-    validation_fraction: float = Field(0.1, gt=0, lt=1, description="held out to pick the best epoch")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share held out to pick the best epoch; fine-tuning's also calibrates the "
+        "interval: whole spatial blocks, at least 19 samples and at most half")
 
 
 class PretrainConfig(StageConfig):

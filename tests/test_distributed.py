@@ -79,7 +79,7 @@ def two_workers(ray_head: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
     from ray.train.torch import TorchConfig, TorchTrainer
 
     folder = tmp_path_factory.mktemp("two-workers")
-    # odd: pretraining trains on 60 samples (30 a rank, 4 batches), fine-tuning on 48 (19 held out to calibrate: 3)
+    # odd: pretraining trains on 60 samples (30 a rank, 4 batches), fine-tuning on 48 (19 held out; 24 a rank, 3)
     url = tiny_sampleset(str(folder / "s.zarr"), n=67)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

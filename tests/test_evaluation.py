@@ -176,7 +176,7 @@ def test_a_run_only_resumes_itself(tmp_path: Path) -> None:
         finetune(url, out, config_for(url), stage.model_copy(update={"epochs": 2}), test_fold=1, ctx=CPU)
     finetune(url, out, config_for(url), stage, test_fold=1, ctx=CPU, resume=False)  # --fresh
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["test_fold"] == 1
-    other_share = stage.model_copy(update={"epochs": 2, "validation_fraction": 0.3})  # another validation part
+    other_share = stage.model_copy(update={"epochs": 2, "validation_fraction": 0.3})  # (capped at half here)
     with pytest.raises(GeosocError, match=r"seed 0\); this one is .*, seed 0, validation share 0.3\."):
         finetune(url, out, config_for(url), other_share, test_fold=1, ctx=CPU)
     with pytest.raises(GeosocError, match="no fold 7 to hold out"):

@@ -245,6 +245,8 @@ def test_validation_groups_are_disjoint_blocks_of_one_draw() -> None:
     no_blocks = SimpleNamespace(**{**vars(data), "block_size": 0.0})
     shares = [split(no_blocks, 0.1, 7, test_fold=4, labelled=True, group=g, groups=3)[1] for g in range(3)]  # type: ignore[arg-type]
     assert [len(v) for v in shares] == [24] * 3 and len(set(np.concatenate(shares))) == 72
+    shares = [split(no_blocks, 0.05, 7, test_fold=4, labelled=True, group=g, groups=3)[1] for g in range(3)]  # type: ignore[arg-type]
+    assert [len(v) for v in shares] == [MIN_CALIBRATION] * 3 and len(set(np.concatenate(shares))) == 57  # not 12
     with pytest.raises(InputError, match="more than half.*validation_groups"):
         split(data, 0.2, 7, test_fold=4, labelled=True, group=0, groups=3)  # type: ignore[arg-type]
     uneven = SimpleNamespace(**{**vars(data), "x": np.where(np.arange(n) < 270, 500.0, 1500.0 + (np.arange(n) % 3) * 1000),
@@ -366,14 +368,21 @@ def test_ensemble_members_take_turns_among_validation_groups(trained_region: tup
 
 
 def test_a_single_run_keeps_the_identity_older_runs_saved(tmp_path: Path) -> None:
-    """A run that is no ensemble member saves only the keys every geosoc saved (`RUN_KEYS`): the ensemble's
-    validation draw and part are added only where set, so a run left half-done by an older version resumes."""
+    """A run that is no ensemble member, with the default validation share, saves only the keys every geosoc saved
+    (`RUN_KEYS`): the ensemble's validation draw and part and another share are added only where set, so a run
+    left half-done by an older version resumes. Pretraining records its share too."""
+    from geosoc.errors import IncompatibleError
     from geosoc.learn.training import RUN_KEYS
 
     url = tiny_sampleset(str(tmp_path / "s.zarr"))
     out = str(tmp_path / "ft")
     finetune(url, out, config_for(url), FinetuneConfig(epochs=1, batch_size=8), test_fold=0, ctx=CPU)
     assert set(checkpoint.state_info(f"{out}/last")["run"]) == set(RUN_KEYS)
+    pre = str(tmp_path / "pre")
+    pretrain(url, pre, config_for(url), PretrainConfig(epochs=1, batch_size=8), ctx=CPU)
+    assert set(checkpoint.state_info(f"{pre}/last")["run"]) == set(RUN_KEYS)
+    with pytest.raises(IncompatibleError, match=r"this one is pretrain of .*, validation share 0.3\."):
+        pretrain(url, pre, config_for(url), PretrainConfig(epochs=2, batch_size=8, validation_fraction=0.3), ctx=CPU)
 
 
 def test_resume_takes_everything_from_one_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -164,7 +164,8 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
     With labels (fine-tuning, whose validation part picks the epoch and calibrates the interval), the validation
     part is whole spatial blocks of the SampleSet's fold grid, like the held-out fold it stands in for, of at
     least `validation_fraction` of the samples and at least MIN_CALIBRATION (at most half of them); a random share
-    of that size where every sample lies in one block. Without labels, a random `validation_fraction`.
+    of that size where every sample lies in one block or the SampleSet has no block grid. Without labels, a random
+    `validation_fraction`.
     `folds` replaces the SampleSet's own (spatial) folds, e.g. a seeded random assignment. With `groups` G > 1
     the same draw yields G disjoint validation parts of that size, and this is part `group` of them."""
     if not 0 <= group < groups:
@@ -183,7 +184,8 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
     if len(indices) < 4:
         raise InputError(f"{data.url}: only {len(indices)} usable samples; need at least 4 to train")
     wanted = max(n_val, MIN_CALIBRATION) if labelled else n_val
-    if groups > 1 and groups * wanted > len(indices) // 2:
+    half = len(indices) // 2  # the most any validation part may hold out, however drawn
+    if groups > 1 and groups * wanted > half:
         raise InputError(f"{data.url}: {groups} validation groups of at least {wanted} samples each would together "
                          f"hold out more than half of its {len(indices)} usable samples; use fewer groups "
                          "(finetune.validation_groups) or a smaller finetune.validation_fraction")
@@ -191,7 +193,7 @@ def split(data: SampleData, validation_fraction: float, seed: int, test_fold: in
         held = _validation_blocks(data, indices, wanted, seed, group, groups)
         if held is not None:
             return np.sort(indices[~held]), np.sort(indices[held])
-    size = min(wanted, len(indices) // 2) if labelled else n_val  # a random share: the same rule as the blocks
+    size = min(wanted, half) if labelled else n_val  # a random share: the same rule as the blocks
     part = np.zeros(len(indices), dtype=bool)
     part[group * size:(group + 1) * size] = True
     return np.sort(indices[~part]), np.sort(indices[part])
@@ -202,8 +204,9 @@ def _validation_blocks(data: SampleData, indices: np.ndarray, wanted: int, seed:
     """Which of `indices` form validation part `group` of `groups`: whole blocks of side `data.block_size`, taken
     in one seeded order, part after part, each until at least `wanted` samples, passing over a block that would
     take more than half of them (it stays on offer to the next part). None (a random share instead, for every
-    part) when the samples lie in fewer than two blocks or no block fits. Every part is drawn, whichever is
-    asked for, so that a part too small to calibrate stops the first member, before any training."""
+    part) when the SampleSet has no block grid, the samples lie in fewer than two blocks or no block fits. Every
+    part is drawn, whichever is asked for, so that a part too small to calibrate stops the first member, before
+    any training."""
     if data.block_size <= 0:
         return None
     keys = np.stack([np.floor(data.x[indices] / data.block_size), np.floor(data.y[indices] / data.block_size)], 1)
@@ -443,7 +446,8 @@ def _modalities(config: NetworkConfig) -> tuple[str, ...]:
 
 RUN_KEYS = ("stage", "samples", "seed", "test_fold", "pretrained", "folds")  # what defines a run, for resuming
 # ... and what defines it only where set (an ensemble member's validation draw and part, a validation share other
-# than the default): a run without them, or one saved before they existed, keeps the identity it had
+# than the default): a run without them, or one saved before they existed with none set, keeps the identity it had
+# (a run saved before the share was recorded, with another share, is refused: resume it with --fresh)
 OPTIONAL_RUN_KEYS = ("validation_seed", "validation_part", "validation_fraction")
 
 
