@@ -369,7 +369,7 @@ def test_ensemble_members_take_turns_among_validation_groups(trained_region: tup
 
 def test_a_single_run_keeps_the_identity_older_runs_saved(tmp_path: Path) -> None:
     """A run that is no ensemble member, with the default validation share, saves only the keys every geosoc saved
-    (`RUN_KEYS`): the ensemble's validation draw and part and another share are added only where set, so a run
+    (`RUN_KEYS`): the ensemble's validation draw and part and the share are added only where set, so a run
     left half-done by an older version resumes. Pretraining records its share too."""
     from geosoc.errors import IncompatibleError
     from geosoc.learn.training import RUN_KEYS

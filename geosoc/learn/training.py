@@ -334,9 +334,7 @@ def _finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: Fine
     result = _fit("finetune", data, train, val, norm, config, stage, out_url, loss_fn, evaluate, seed, resume, ctx,
                   patience=stage.patience, pretrained_url=pretrained_url,
                   extra={"test_fold": test_fold, "pretrained": pretrained_url, "units": data.attrs.get("units", ""),
-                         "folds": _digest(folds),
-                         **({"validation_seed": validation_seed} if validation_seed != seed else {}),
-                         **({"validation_part": group + 1} if group > 0 else {})})
+                         "folds": _digest(folds), "validation_seed": validation_seed, "validation_part": group + 1})
     if ctx.is_main:
         calibrate(out_url, data, train, val, norm, stage.batch_size, ctx.device, seed, folds)
     return {**result, "validation": val}
@@ -427,8 +425,8 @@ def calibrate_ensemble(url: str, data: SampleData, parts: list[tuple[list[int], 
 
         def bounds(offsets: np.ndarray, group: list[ensemble.Member] = group,
                    raw: list[np.ndarray] = raw) -> tuple[np.ndarray, np.ndarray]:
-            lower, _, upper = ensemble.mean_interval([m.decoded_interval(z, offsets) for m, z in zip(group, raw,
-                                                                                                      strict=True)])
+            widened = [member.decoded_interval(z, offsets) for member, z in zip(group, raw, strict=True)]
+            lower, _, upper = ensemble.mean_interval(widened)
             return lower, upper
 
         scores.append(covering_scores(bounds, data.target[val]))
@@ -445,10 +443,15 @@ def _modalities(config: NetworkConfig) -> tuple[str, ...]:
 
 
 RUN_KEYS = ("stage", "samples", "seed", "test_fold", "pretrained", "folds")  # what defines a run, for resuming
-# ... and what defines it only where set (an ensemble member's validation draw and part, a validation share other
-# than the default): a run without them, or one saved before they existed with none set, keeps the identity it had
-# (a run saved before the share was recorded, with another share, is refused: resume it with --fresh)
-OPTIONAL_RUN_KEYS = ("validation_seed", "validation_part", "validation_fraction")
+
+
+def _unset_run_keys(seed: int) -> dict[str, Any]:
+    """What defines a run only where set, each with the value that a run without it had: an ensemble member's
+    validation draw (the run's own seed) and part (the first), the validation share (the default). Recorded only
+    where they differ, so a run saved before they existed keeps its identity (one with another share is refused:
+    resume it with --fresh)."""
+    return {"validation_seed": seed, "validation_part": 1,
+            "validation_fraction": StageConfig.model_fields["validation_fraction"].default}
 
 
 def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, norm: Normalisation,
@@ -465,10 +468,11 @@ def _fit(stage_name: str, data: SampleData, train: np.ndarray, val: np.ndarray, 
     optimizer = make_optimizer(model, stage.learning_rate, ctx.device)
     last = join(out_url, "last")
     start, history, best, stale, saved_rng = 0, [], math.inf, 0, None
-    meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed, **(extra or {})}
-    if stage.validation_fraction != StageConfig.model_fields["validation_fraction"].default:
-        meta["validation_fraction"] = stage.validation_fraction
-    run = {k: meta.get(k) for k in RUN_KEYS} | {k: meta[k] for k in OPTIONAL_RUN_KEYS if k in meta}
+    unset = _unset_run_keys(seed)
+    given = {"validation_fraction": stage.validation_fraction, **(extra or {})}
+    meta = {"stage": stage_name, "normalisation": norm.to_dict(), "samples": data.url, "seed": seed,
+            **{k: v for k, v in given.items() if k not in unset or v != unset[k]}}
+    run = {k: meta.get(k) for k in RUN_KEYS} | {k: meta[k] for k in unset if k in meta}
     if resume and checkpoint.is_checkpoint(last):
         saved = checkpoint.snapshot(last)  # one save: weights, optimizer and epoch all come from it
         info = checkpoint.state_info(last, saved)
