@@ -105,6 +105,9 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
             raise InputError(f"--seeds must be at least 1, got {seeds}")
         finetune = catalog.training.finetune.model_copy(update={"seeds": seeds})
         catalog = catalog.model_copy(update={"training": catalog.training.model_copy(update={"finetune": finetune})})
+    if models is not None and not models:
+        raise InputError(f"--models names no model; give one or more of {', '.join(ALL_MODELS)}, comma-separated "
+                         "(or leave --models out for every model the SampleSet has inputs for)")
     unknown = [m for m in models or () if m not in ALL_MODELS]
     if unknown:
         raise InputError(f"unknown model(s) {unknown}; choose among {', '.join(ALL_MODELS)}")
