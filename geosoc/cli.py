@@ -6,7 +6,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich import box
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from geosoc.errors import GeosocError, InputError, ServiceError
+from geosoc.errors import GeosocError, InputError, ServiceError, missing_extra
 
 app = typer.Typer(
     help="Continental soil organic carbon maps with SSL-SoilNet.",
@@ -56,11 +56,20 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except GeosocError as err:
-            # The message is text, not markup: "[xmin, ymin, xmax, ymax]" must not vanish as a style tag.
-            errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(1) from None
+            fail(err)
+        except ImportError as err:  # an optional part (pyproject's extras) that is not installed
+            fail(missing_extra(err) or err)
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(err: BaseException) -> NoReturn:
+    """One `error:` line and exit status 1; an error that is not the user's to fix goes on as a traceback."""
+    if not isinstance(err, GeosocError):
+        raise err
+    # The message is text, not markup: "[xmin, ymin, xmax, ymax]" must not vanish as a style tag.
+    errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(1) from None
 
 
 @app.callback()

@@ -51,3 +51,25 @@ class ServiceError(GeosocError, ConnectionError):
 
 class CredentialsError(GeosocError, PermissionError):
     """No usable credentials for a remote service."""
+
+
+class MissingExtraError(GeosocError, ImportError):
+    """A step that needs an optional part of geosoc that is not installed: the message names the extra."""
+
+
+# Top-level modules of the optional parts (pyproject's extras), so a missing one names what to install.
+EXTRAS = {"ray": "ray", "ee": "ee", "xee": "ee", "s3fs": "cloud", "gcsfs": "cloud", "distributed": "distributed"}
+
+
+def missing_extra(err: ImportError) -> MissingExtraError | None:
+    """The error to show for an import of an optional part that failed, or None where `err` is no such import.
+    Its cause is looked at too: fsspec raises its own ImportError ("Install s3fs to access S3") from the one
+    that names the module."""
+    cause: BaseException | None = err
+    while cause is not None:
+        module = (getattr(cause, "name", None) or "").split(".")[0]
+        if module in EXTRAS:
+            return MissingExtraError(f"this step needs {module!r}, which is not installed: "
+                                     f"pip install 'geosoc[{EXTRAS[module]}]'")
+        cause = cause.__cause__
+    return None

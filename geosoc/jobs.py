@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from geosoc.catalog import load_catalog
-from geosoc.errors import GeosocError
+from geosoc.errors import GeosocError, missing_extra
 from geosoc.learn.distributed import shared_root, train_on_ray
 
 
@@ -76,9 +76,16 @@ def job_main(stage: str, argv: list[str] | None = None) -> None:
     if not (args.region or args.catalog):
         parser.error("give --region or --catalog")
     try:
+        import ray  # noqa: F401  (a Ray job without Ray installed ends here, before any work)
+
         done = _predict_on_ray(args) if stage == "predict" else _train_on_ray(stage, args)
     except GeosocError as err:
         raise SystemExit(f"error: {err}") from None
+    except ImportError as err:  # ray itself, or another optional part, not installed
+        missing = missing_extra(err)
+        if missing is None:
+            raise
+        raise SystemExit(f"error: {missing}") from None
     print(f"{stage} finished: {done}")
 
 

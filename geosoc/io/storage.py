@@ -21,7 +21,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store
 
-from geosoc.errors import DamagedError, InputError, NotFoundError, UnwritableError, first_line
+from geosoc.errors import DamagedError, InputError, NotFoundError, UnwritableError, first_line, missing_extra
 from geosoc.io import damaged_chunks
 
 damaged_chunks.install()  # a chunk that does not decode is an error naming it, in every process that reads
@@ -42,7 +42,9 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of a URL; local folders are created on write, like object-store prefixes."""
     try:
         fs, path = fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as err:
+    except ImportError as err:  # s3:// or gs:// without its filesystem: name the extra that brings it
+        raise (missing_extra(err) or InputError(f"{url}: cannot open this URL: {err}")) from err
+    except ValueError as err:
         raise InputError(f"{url}: cannot open this URL: {err}") from err
     if isinstance(fs, LocalFileSystem) and not fs.auto_mkdir:
         fs = LocalFileSystem(auto_mkdir=True)
