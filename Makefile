@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.geosoc-installed
 
-.PHONY: install demo test test-slow bench lock clean
+.PHONY: install demo test test-slow bench lock clean docs
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: install
 	$(PY) tests/benchmarks/training.py
 	$(PY) tests/benchmarks/inference.py
 	$(PY) tests/benchmarks/maps_scale.py
+
+# The docs site (mkdocs.yml, docs/) into site/, warnings as errors. The packages are pyproject.toml's `docs` extra.
+docs: install
+	$(PY) -m pip install -q 'mkdocs>=1.6' 'mkdocs-material>=9.5' 'mkdocstrings-python>=1.10'
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:
