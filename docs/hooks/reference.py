@@ -8,6 +8,7 @@ job (`geosoc.jobs.job_parser`). Both fail the build when they cannot be made, ra
 from __future__ import annotations
 
 import argparse
+import html
 import re
 import subprocess
 import sys
@@ -25,8 +26,10 @@ def cli_markdown() -> str:
                           capture_output=True, text=True, check=False)
     if done.returncode != 0 or "## `geosoc " not in done.stdout:
         raise RuntimeError(f"typer could not document geosoc.cli (exit {done.returncode}): {done.stderr[-2000:]}")
+    # typer escapes HTML everywhere, which code spans would show literally (`&lt;model&gt;`): unescape those.
+    text = re.sub(r"`[^`\n]+`", lambda span: html.unescape(span.group(0)), done.stdout)
     # One level down: the page's own title is the only level-1 heading.
-    return re.sub(r"^(#+) ", r"#\1 ", done.stdout, flags=re.MULTILINE)
+    return re.sub(r"^(#+) ", r"#\1 ", text, flags=re.MULTILINE)
 
 
 def jobs_markdown() -> str:
