@@ -23,12 +23,12 @@ import numpy as np
 import rioxarray  # noqa: F401 - registers the .rio accessor
 import xarray as xr
 import zarr
-from tqdm.auto import tqdm
 
 from geosoc.catalog import LoadedCatalog, load_catalog
 from geosoc.errors import IncompleteError
 from geosoc.fingerprints import fingerprint
 from geosoc.grid import Grid, Window
+from geosoc.io.bars import progress_bar
 from geosoc.io.locks import Lease, exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, run_tasks, template_written
 from geosoc.io.storage import default_root, join, open_store, zarr_store
@@ -144,7 +144,8 @@ def _build(url: str, catalog: LoadedCatalog, layers: list[Layer], readers: dict[
         dask.delayed(_write_chunk, pure=False)(url, group, readers[group], window, markers)
         for group, window in todo
     ]
-    with tqdm(total=total, initial=total - len(todo), desc="build-cube", unit="chunk", disable=not progress) as bar:
+    with progress_bar(total=total, initial=total - len(todo), desc="build-cube", unit="chunk",
+                      disable=not progress) as bar:
         run_tasks(tasks, client, workers, bar)
     lease.check()  # a run that lost its lock meanwhile must not mark another's writes complete
     _finish(url, layers, markers)

@@ -20,13 +20,13 @@ import numpy as np
 import xarray as xr
 import zarr
 from scipy.spatial import cKDTree
-from tqdm.auto import tqdm
 
 from geosoc.catalog import EMBEDDING_BANDS
 from geosoc.data.cube import axis_coordinate, cube_parts, embeddings_part, with_axis_names
 from geosoc.data.points import Points, lonlat
 from geosoc.errors import InputError
 from geosoc.grid import Grid
+from geosoc.io.bars import progress_bar
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import (
     beside,
@@ -121,7 +121,7 @@ def extract_patches(
     def task(indices: np.ndarray) -> Any:
         return dask.delayed(_extract_group, pure=False)(url, grid.shape, indices, rows[indices], cols[indices], patch)
 
-    with tqdm(total=len(x), desc="extract", unit="point", disable=not progress) as bar:
+    with progress_bar(total=len(x), desc="extract", unit="point", disable=not progress) as bar:
         if client is not None:
             from distributed import as_completed
 

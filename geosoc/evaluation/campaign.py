@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from geosoc.catalog import Catalog
 from geosoc.data.sampling import open_sampleset, spatial_folds
 from geosoc.data.streaming import SampleData
 from geosoc.errors import InputError, NotFoundError
 from geosoc.fingerprints import fingerprint, model_code
+from geosoc.io.bars import progress_bar
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import exists, filesystem, join, published
 from geosoc.learn import baselines, checkpoint, ensemble
@@ -169,7 +169,7 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
     folders = {m: f"{m}-{_settings(m, catalog, epochs, pretrained, scratch, aef)}" for m in models}
     parts = []
     reused: dict[str, int] = dict.fromkeys(models, 0)
-    for model, repeat, fold in tqdm(tasks, desc="evaluate", unit="run", disable=not progress):
+    for model, repeat, fold in progress_bar(iterable=tasks, desc="evaluate", unit="run", disable=not progress):
         url = join(runs, folders[model], f"r{repeat}-f{fold}.parquet")
         if exists(url):
             reused[model] += 1

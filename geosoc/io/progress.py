@@ -22,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
 from geosoc.errors import IncompatibleError
-from geosoc.io.storage import filesystem, join, read_group_attrs, zarr_store
+from geosoc.io.storage import consolidate, filesystem, join, read_group_attrs, zarr_store
 from geosoc.threads import available_cores
 from geosoc.version import __version__
 
@@ -110,6 +110,7 @@ def complete(url: str, attrs: dict[str, Any]) -> None:
     """Mark the store complete (with `attrs`, e.g. the chunk record) and remove its markers."""
     group = zarr.open_group(zarr_store(url), mode="r+", zarr_format=3)
     group.attrs.update({"geosoc_status": "complete", **attrs})
+    consolidate(url)
     remove(progress_url(url))
 
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,14 @@ def zarr_store(url: str, read_only: bool = False) -> Store:
     if isinstance(fs, LocalFileSystem):
         return zarr.storage.LocalStore(path, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
+
+
+def consolidate(url: str) -> None:
+    """Write the consolidated metadata of a finished Zarr store, so that plain `xr.open_zarr(url)` opens it
+    without warning (geosoc's own readers do not need it: they read the store's own metadata)."""
+    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification" yet: xarray reads it
+        warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(zarr_store(url))
 
 
 def exists(url: str) -> bool:

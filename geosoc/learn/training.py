@@ -29,6 +29,7 @@ from geosoc.catalog import Catalog, FinetuneConfig, ModelConfig, PretrainConfig,
 from geosoc.data.streaming import SampleData, SampleStream, data_loader, on_device, to_device
 from geosoc.errors import IncompatibleError, InputError
 from geosoc.fingerprints import fingerprint
+from geosoc.io.bars import progress_bar
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import check_writable, join
 from geosoc.learn import checkpoint, collective, ensemble
@@ -577,8 +578,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
     running = torch.zeros((), device=ctx.device)
     steps = 0
     total = len(batches) if isinstance(batches, Sized) else None
-    for batch in tqdm(on_device(batches, ctx.device), total=total, desc=desc, leave=False,
-                      disable=not (ctx.progress and ctx.is_main)):
+    for batch in progress_bar(iterable=on_device(batches, ctx.device), total=total, desc=desc, leave=False,
+                              disable=not (ctx.progress and ctx.is_main)):
         with autocast:
             loss, _ = loss_fn(model, batch, True, generator)
         optimizer.zero_grad(set_to_none=True)

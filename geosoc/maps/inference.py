@@ -36,6 +36,7 @@ from geosoc.errors import IncompleteError, InputError, NotFoundError
 from geosoc.grid import Grid, Window
 from geosoc.io.locks import Lease, exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, template_written
+from geosoc.io.bars import progress_bar
 from geosoc.io.storage import join, open_store, read_group_attrs, zarr_store
 from geosoc.learn import checkpoint
 from geosoc.maps.outputs import long_name, output_names
@@ -250,7 +251,7 @@ def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, sizing: 
     markers = Markers(out, attrs["geosoc_build_id"])
     done = markers.completed()
     todo = [w for w in spec.grid.windows() if w.key not in done]
-    with tqdm(total=spec.grid.n_chunks, initial=spec.grid.n_chunks - len(todo), desc="predict", unit="window",
+    with progress_bar(total=spec.grid.n_chunks, initial=spec.grid.n_chunks - len(todo), desc="predict", unit="window",
               disable=not progress) as bar:
         if todo and engine == "ray":
             from geosoc.maps.ray_engine import run_on_ray
