@@ -1,11 +1,11 @@
 """Shared fixtures: tiny catalogs written per test, one trained tiny region and one Ray head for the whole
-session, offline settings. Helpers that are not fixtures are in tests/helpers.py."""
+session, a Ray cluster of several nodes for a test, offline settings, and the reaper's hooks (tests/reaper.py:
+nothing the suite starts outlives it). Helpers that are not fixtures are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +17,16 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.gcs_server import GcsServer
-from tests.helpers import BUCKET, free_port, stop_ray_processes_under, tiny_catalog_dict, tiny_region
+from tests.helpers import (
+    BUCKET,
+    free_port,
+    ray_processes_under,
+    run_guarded,
+    stop_ray_processes_under,
+    tiny_catalog_dict,
+    tiny_region,
+)
+from tests.reaper import pytest_configure, pytest_sessionfinish, pytest_terminal_summary, record  # noqa: F401
 
 # The files that take longest start first: `make test` hands whole files to two workers in collection order
 # (`--dist loadfile --no-loadscope-reorder`; xdist's default order, most tests first, started these last, and one
@@ -57,19 +66,36 @@ def ray_head():
     first_worker_port = 20_000 + 1_000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is the venv's
-    started = subprocess.run(
-        [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", *own_ports,
-         f"--min-worker-port={first_worker_port}", f"--max-worker-port={first_worker_port + 999}",
-         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
+    try:
+        started = run_guarded(
+            [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", *own_ports,
+             f"--min-worker-port={first_worker_port}", f"--max-worker-port={first_worker_port + 999}",
+             "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"], env=env)
+    finally:  # what it started, even where it failed, is the reaper's to stop should this process crash
+        record("the session's Ray head", [p.pid for p in ray_processes_under(temp, port)], temp)
     if started.returncode != 0:
+        stop_ray_processes_under(temp, port)
         pytest.fail(f"ray start failed: {started.stderr[-2000:]}")
     yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env, "ray": str(ray_bin),
            "temp": str(temp)}
     stop_ray_processes_under(temp, port)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[Any]:
+    """A Ray cluster of several nodes on this machine by Ray's own harness (tests/ray_cluster.py): a 2-CPU head,
+    this process's driver connected to it; the test adds nodes (`ray_cluster.add_node`). Skipped, with the reason,
+    where a probe node cannot join and run a task on this host."""
+    pytest.importorskip("ray")
+    from tests.ray_cluster import LocalCluster
+
+    with LocalCluster(head_cpus=2) as cluster:
+        cannot = cluster.probe_join()
+        if cannot:
+            pytest.skip(cannot)
+        yield cluster
 
 
 @pytest.fixture(scope="session")

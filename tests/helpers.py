@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,64 @@ from geosoc.learn import checkpoint
 from geosoc.learn.models import NetworkConfig, SoilNet
 from geosoc.learn.training import Context, finetune_region
 from geosoc.sources.synthetic import Landscape
+from tests.reaper import stop as stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 EDGEROI = REPO / "geosoc" / "data" / "edgeroi"
 
 
+# The longest a test waits without progress (a line read, a window written, a log grown): its clock restarts at
+# every sign of progress, so it guards against a hang and is never a deadline on work, however slow the machine.
+PROGRESS_GUARD_S = 120
+
+
+def wait_with_progress(done: Callable[[], bool], progress: Callable[[], object], what: str,
+                       guard: float = PROGRESS_GUARD_S) -> None:
+    """Poll until `done()`; fail once `progress()` (a count of windows, a log's size) has not changed for `guard`
+    seconds. `done` may raise to end the wait early (a job that ended before the awaited moment)."""
+    last, since = progress(), time.monotonic()
+    while not done():
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > guard:
+            raise AssertionError(f"no progress in {guard} s while waiting for {what} (last seen: {now!r})")
+        time.sleep(0.05)
+
+
+def _collect(stream: Any, into: list[str]) -> None:
+    for line in stream:
+        into.append(line)
+
+
+def run_guarded(command: list[str], progress: Callable[[], object] | None = None, guard: float = PROGRESS_GUARD_S,
+                **popen: Any) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(command, capture_output=True, text=True)` with a progress guard instead of a timeout: it is
+    killed (with everything it started) once `guard` seconds pass without a line of its output or a change of
+    `progress()`, and the test fails saying so."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **popen)
+    out: list[str] = []
+    err: list[str] = []
+    readers = [threading.Thread(target=_collect, args=(stream, into), daemon=True)
+               for stream, into in ((process.stdout, out), (process.stderr, err))]
+    for reader in readers:
+        reader.start()
+    try:
+        wait_with_progress(lambda: process.poll() is not None and not any(r.is_alive() for r in readers),
+                           lambda: (len(out), len(err), progress() if progress else None), " ".join(command)[:300],
+                           guard)
+    except AssertionError as stalled:
+        raise AssertionError(f"{stalled}; its output so far: {''.join(out + err)[-3000:]}") from None
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, "".join(out), "".join(err))
+
+
 READY = 'print("ready", flush=True)\n'
-HANG_GUARD_S = 600  # the longest wait for a child's next line: a guard against a hang, never a deadline on work
 # Runs a script's part before READY once (its imports: seconds on 2 cores), then forks a fresh process for each
 # round that runs the part after it with that round's arguments. The script calls `step(label)` where it reaches
 # a moment worth killing at; the zygote and its children report on the file descriptor argv[3]: "ready <pid>",
@@ -162,9 +213,9 @@ class RandomKiller:
 
     def _next(self) -> tuple[str, str]:
         try:
-            line = self.lines.get(timeout=HANG_GUARD_S)
+            line = self.lines.get(timeout=PROGRESS_GUARD_S)
         except queue.Empty:
-            raise AssertionError(f"no word from the child in {HANG_GUARD_S} s: {self.script[-300:]}") from None
+            raise AssertionError(f"no word from the child in {PROGRESS_GUARD_S} s: {self.script[-300:]}") from None
         assert line, "the zygote ended (its error is in the captured stderr)"
         kind, _, rest = line.partition(" ")
         return kind, rest
@@ -248,16 +299,25 @@ def free_port() -> int:
 
 
 
-def submit_job(ray_head: dict[str, Any], args: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def submit_job(ray_head: dict[str, Any], args: list[str]) -> subprocess.CompletedProcess[str]:
     """`ray job submit --address <head> --working-dir <repo> ARGS`, tried again (at most 30 times, a second
-    apart) while a head that has just started has no job agent yet ("No available agent ... try again later")."""
+    apart) while a head that has just started has no job agent yet ("No available agent ... try again later").
+    Without --no-wait it follows the job's log: every line restarts its progress guard."""
     command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO), *args]
     for _ in range(30):
-        done = subprocess.run(command, env=ray_head["env"], capture_output=True, text=True, timeout=timeout)
+        done = run_guarded(command, env=ray_head["env"])
         if "No available agent" not in done.stderr:
             break
         time.sleep(1)
     return done
+
+
+def follow_job(ray_head: dict[str, Any], job: str) -> str:
+    """`ray job logs --follow JOB` on the session's head: the job's whole log once it has ended (a progress guard:
+    every line of it restarts the clock)."""
+    followed = run_guarded([ray_head["ray"], "job", "logs", "--address", ray_head["address"], "--follow", job],
+                           env=ray_head["env"])
+    return followed.stdout
 
 
 def ray_processes_under(temp: Path, gcs_port: int | None = None) -> list[Any]:
@@ -298,22 +358,11 @@ def ray_actor_pids(temp: Path, actor_class: str) -> list[int]:
     return found
 
 
-def stop_ray_processes_under(temp: Path, gcs_port: int | None = None) -> None:
-    """Stop the head this test started, and only it (`ray stop` would stop every Ray on the machine)."""
-    import psutil
-
-    everything = ray_processes_under(temp, gcs_port)
-    for proc in everything:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(everything, timeout=5)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
+def stop_ray_processes_under(temp: Path, gcs_port: int | None = None, also: Iterable[Any] = ()) -> None:
+    """Stop the head this test started, and only it (`ray stop` would stop every Ray on the machine); `also`:
+    processes of it found earlier (workers whose raylet has gone since are no longer below it)."""
+    found = {p.pid: p for p in [*ray_processes_under(temp, gcs_port), *also]}
+    stop_processes(found.values())
 
 
 TINY = dict(patch_size=8, months=4, image_patch=4, image_dim=32, image_depth=1, image_heads=2, climate_dim=32,
@@ -441,8 +490,7 @@ def bucket_settings(bucket: dict[str, str]) -> dict[str, str]:
 
 def bucket_python(bucket: dict[str, str], code: str) -> str:
     """Run `code` in a fresh interpreter with the bucket's settings (fsspec and gcsfs read some at import)."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **bucket_settings(bucket)})
+    done = run_guarded([sys.executable, "-c", code], env={**os.environ, **bucket_settings(bucket)})
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 PAUSE_ENV = "GEOSOC_TEST_PAUSE"  # {"at": a file, "marks": a folder}
-HANG_GUARD_S = 600
+HANG_GUARD_S = 120  # the test says `go` within seconds of `paused`: this only ends a wait a failed test left
 
 
 def pause_at_first_publish() -> None:

@@ -129,6 +129,14 @@ def _tiny_catalog(tmp_path: Path) -> Path:
     return path
 
 
+def _size(path: Path) -> int:
+    """The size of a file that may not be there yet (0 then)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _epochs_saved(url: str) -> int:
     """Epochs in a resumable checkpoint (0 while there is none, or while it is being replaced)."""
     try:
@@ -143,11 +151,11 @@ def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_p
     (the worker that published it waits, so the kill lands there whatever the machine's load): Ray restarts the
     group, the loops resume from the last epoch, the job finishes every epoch and ends with the final metrics."""
     import signal
-    import subprocess
     import time
     import uuid
 
-    from tests.ray_pause import HANG_GUARD_S, PAUSE_ENV
+    from tests.helpers import follow_job, run_guarded, wait_with_progress
+    from tests.ray_pause import PAUSE_ENV
 
     root = tmp_path / "demo"
     tiny_sampleset(str(root / "samples" / "unlabelled.zarr"), n=240)
@@ -164,24 +172,29 @@ def test_a_pretrain_job_survives_a_killed_worker(ray_head: dict[str, Any], tmp_p
         "jobs/pretrain.py", "--catalog", str(_tiny_catalog(tmp_path)), "--root", str(root), "--workers", "2",
         "--epochs", "4", "--batch-size", "8"])
     assert submitted.returncode == 0, submitted.stderr
-    for tick in range(HANG_GUARD_S * 10):  # a hang guard: how long the job takes to get there does not matter
+
+    asked_at = [time.monotonic()]
+
+    def paused() -> bool:
         if (marks / "paused").exists():
-            break
-        if tick % 100 == 99:  # every 10 s: a job that ended without getting there fails now, not in 10 minutes
-            asked = subprocess.run([*ray, "status", *address, job], env=ray_head["env"], capture_output=True,
-                                   text=True)
+            return True
+        if time.monotonic() - asked_at[0] > 10:  # a job that ended without getting there fails now, not at the guard
+            asked_at[0] = time.monotonic()
+            asked = run_guarded([*ray, "status", *address, job], env=ray_head["env"])
             said = asked.stdout + asked.stderr
             assert asked.returncode != 0 or ": PENDING" in said or ": RUNNING" in said, said[-3000:]
-        time.sleep(0.1)
-    assert (marks / "paused").exists(), "no worker published the first epoch"
+        return False
+
+    # progress: the job's log grows (the driver's and, forwarded to it, its workers' lines)
+    logs_folder = Path(ray_head["temp"]) / "session_latest" / "logs"
+    wait_with_progress(paused, lambda: _size(logs_folder / f"job-driver-{job}.log"), "a worker to publish epoch 1")
     assert _epochs_saved(last) == 1
     workers = ray_actor_pids(Path(ray_head["temp"]), "RayTrainWorker")
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
     (marks / "go").touch()
-    logs = subprocess.run([*ray, "logs", *address, "--follow", job], env=ray_head["env"], capture_output=True,
-                          text=True, timeout=600).stdout
-    status = subprocess.run([*ray, "status", *address, job], env=ray_head["env"], capture_output=True, text=True)
+    logs = follow_job(ray_head, job)
+    status = run_guarded([*ray, "status", *address, job], env=ray_head["env"])
     assert "succeeded" in status.stdout, logs[-3000:]
     history = checkpoint.state_info(last)["history"]
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]
@@ -200,10 +213,9 @@ def test_finetune_jobs_train_on_s3_and_gcs(ray_head: dict[str, Any], s3: dict[st
     the bucket (Ray used pyarrow's own S3 client before, which looked for the bucket on AWS). They are submitted
     with --fresh over an earlier run's leftovers, which go, Ray's records included. The two jobs run side by side
     on the head, as a cluster runs them."""
-    import subprocess
     import uuid
 
-    from tests.helpers import BUCKET, bucket_listing, bucket_python, bucket_settings
+    from tests.helpers import BUCKET, bucket_listing, bucket_python, bucket_settings, follow_job
 
     local = tmp_path / "region"
     tiny_sampleset(str(local / "samples" / "labelled.zarr"), n=40)
@@ -222,8 +234,7 @@ def test_finetune_jobs_train_on_s3_and_gcs(ray_head: dict[str, Any], s3: dict[st
         assert submitted.returncode == 0, submitted.stderr
         jobs[job] = (bucket, root)
     for job, (bucket, root) in jobs.items():
-        logs = subprocess.run([ray_head["ray"], "job", "logs", "--address", ray_head["address"], "--follow", job],
-                              env=ray_head["env"], capture_output=True, text=True, timeout=600).stdout
+        logs = follow_job(ray_head, job)
         assert "is epoch 1 of 1: {'epoch': 1," in logs, logs[-3000:]  # a leftover read back would have failed it
         snapshot = bucket_python(bucket, f"import fsspec; print(fsspec.filesystem({bucket['scheme']!r}).cat("
                                          f"{root!r} + '/{earlier[1]}'))")

@@ -7,10 +7,8 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -162,7 +160,7 @@ def _marked(url: str) -> set[str]:
 def test_kill_9_then_resume_gives_identical_map(region: tuple[Path, str], tmp_path: Path) -> None:
     import random
 
-    from tests.helpers import MARKING_CLI, RandomKiller
+    from tests.helpers import MARKING_CLI, RandomKiller, run_guarded
 
     path, root = region
     work = tmp_path / "root"
@@ -176,7 +174,7 @@ def test_kill_9_then_resume_gives_identical_map(region: tuple[Path, str], tmp_pa
     assert len(written) <= len(done) < 8 * 8
     assert zarr.open_group(out, mode="r").attrs["geosoc_status"] == "writing"
     before = _chunk_mtimes(out)
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    resumed = run_guarded(command, progress=lambda: len(_marked(out)))
     assert resumed.returncode == 0, resumed.stderr
     after = _chunk_mtimes(out)
     for key in done:
@@ -188,7 +186,8 @@ def test_kill_9_then_resume_gives_identical_map(region: tuple[Path, str], tmp_pa
     undisturbed = tmp_path / "undisturbed"  # same command, same threads: the same numbers to the last bit
     shutil.copytree(root, undisturbed, ignore=shutil.ignore_patterns("maps"))
     command[command.index("--root") + 1] = str(undisturbed)
-    assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+    fresh = str(undisturbed / "maps" / "soc.zarr")
+    assert run_guarded(command, progress=lambda: len(_marked(fresh))).returncode == 0
     reference = open_map(str(undisturbed / "maps" / "soc.zarr"))
     got = open_map(out)
     assert got.attrs["geosoc_status"] == "complete"
@@ -360,16 +359,16 @@ def _once_windows_are_written(monkeypatch: pytest.MonkeyPatch, out: str, windows
     monkeypatch.setattr(ray_engine, "_result", collecting)
 
 
-def _wait_while(job: threading.Thread, condition: Any) -> None:
-    """Poll until `condition()` holds; fail if the map job ended first (so the wait cannot outlive the job), or
-    after HANG_GUARD_S (a job held up by a stopped actor would otherwise hang the suite)."""
-    from tests.helpers import HANG_GUARD_S
+def _wait_while(job: threading.Thread, condition: Callable[[], object], out: str) -> None:
+    """Wait until `condition()` holds; fail if the map job ended first (so the wait cannot outlive the job), or
+    once no window of `out` has been written for PROGRESS_GUARD_S (a job held up would otherwise hang the suite)."""
+    from tests.helpers import wait_with_progress
 
-    guard = time.monotonic() + HANG_GUARD_S
-    while not condition():
+    def done() -> bool:
         assert job.is_alive(), "the map finished or failed before the awaited moment"
-        assert time.monotonic() < guard, f"nothing came in {HANG_GUARD_S} s"
-        time.sleep(0.01)
+        return bool(condition())
+
+    wait_with_progress(done, lambda: len(_marked(out)), f"the map {out}")
 
 
 def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_path: Path) -> None:
@@ -387,61 +386,53 @@ def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_
     assert zarr.open_group(str(maps / "soc.zarr"), mode="r").attrs["geosoc_status"] == "complete"
 
 
-def test_ray_map_grows_onto_a_node_that_joins_after_it_started(ray_head, region: tuple[Path, str], tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch,
+def test_ray_map_grows_onto_a_node_that_joins_after_it_started(ray_cluster, region: tuple[Path, str],
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture,
                                                               one_thread_map: xr.Dataset) -> None:
-    """An autoscaling cluster in small: `max_actors=2` of 2 CPUs each on the 2-CPU head, so one actor starts and
-    one waits. A second node joins while the map runs; with the first actor stopped (SIGSTOP) the map goes on
-    only through the actor that started on the new node. The map is complete and equals the local engine's."""
+    """An autoscaling cluster in small (Ray's own multi-node harness): `max_actors=2` of 2 CPUs each on a 2-CPU
+    head, so one actor starts and one waits. A second node joins while the map runs; with the first actor stopped
+    (SIGSTOP) the map goes on only through the actor that started on the new node. The map is complete and equals
+    the local engine's."""
     import logging
 
-    import ray
-
-    from tests.helpers import free_port, ray_actor_pids
+    from tests.helpers import ray_actor_pids, wait_with_progress
 
     _, root = region
     out = str(tmp_path / "grown.zarr")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(address=ray_head["gcs"], log_to_driver=False)
-    node = None
     stopped: list[int] = []
     caplog.set_level(logging.INFO, logger="geosoc.maps.ray_engine")
-    try:
-        def stop_the_actor() -> None:
-            (first,) = ray_actor_pids(Path(ray_head["temp"]), "WindowWorker")
-            os.kill(first, signal.SIGSTOP)
-            stopped.append(first)
 
-        _once_windows_are_written(monkeypatch, out, 3, stop_the_actor)
-        result: dict[str, Any] = {}
-        job = threading.Thread(target=lambda: result.update(ds=predict(
-            f"{root}/cube.zarr", out=out, resolution=30, chunk=16, engine="ray", max_actors=2, cpus_per_actor=2,
-            progress=False)))  # 36 windows
-        job.start()
-        _wait_while(job, lambda: stopped)
+    def stop_the_actor() -> None:
+        (first,) = ray_actor_pids(ray_cluster.temp, "WindowWorker")
+        os.kill(first, signal.SIGSTOP)
+        stopped.append(first)
+
+    _once_windows_are_written(monkeypatch, out, 3, stop_the_actor)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["ds"] = predict(f"{root}/cube.zarr", out=out, resolution=30, chunk=16, engine="ray", max_actors=2,
+                                   cpus_per_actor=2, progress=False)  # 36 windows
+        except BaseException as error:  # raised in the test below
+            result["error"] = error
+
+    job = threading.Thread(target=run, daemon=True)
+    job.start()
+    try:
+        _wait_while(job, lambda: stopped, out)
         before = len(_marked(out))
-        worker_ports = free_port() % 1000  # a worker port range of its own, away from the head's
-        node = subprocess.Popen(
-            [ray_head["ray"], "start", "--block", f"--address={ray_head['gcs']}", "--node-ip-address=127.0.0.1",
-             "--num-cpus=2", "--num-gpus=0", f"--node-manager-port={free_port()}",
-             f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--min-worker-port={40_000 + worker_ports * 10}",
-             f"--max-worker-port={40_000 + worker_ports * 10 + 9}", "--disable-usage-stats"],
-            env=ray_head["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait_while(job, lambda: len(_marked(out)) > before + 3)  # written by the second actor only
-        os.kill(stopped.pop(), signal.SIGCONT)
-        job.join()
-        assert result["ds"].attrs["geosoc_status"] == "complete"
-        assert "map actor 2 of 2 up" in caplog.text
+        ray_cluster.add_node(num_cpus=2)
+        _wait_while(job, lambda: len(_marked(out)) > before + 3, out)  # written by the second actor only
     finally:
-        for pid in stopped:
+        for pid in stopped:  # the map ends whatever happened, before the cluster goes
             os.kill(pid, signal.SIGCONT)
-        ray.shutdown()
-        if node is not None:  # this node only: `ray start --block` and what it started share its session
-            os.killpg(node.pid, signal.SIGTERM)
-            node.wait()
+        wait_with_progress(lambda: not job.is_alive(), lambda: len(_marked(out)), f"the map {out} to end")
+    if "error" in result:
+        raise result["error"]
+    assert result["ds"].attrs["geosoc_status"] == "complete"
+    assert "map actor 2 of 2 up" in caplog.text
     for name in one_thread_map.data_vars:  # its actors have two torch threads: equal up to rounding
         np.testing.assert_allclose(result["ds"][name].values, one_thread_map[name].values, rtol=1e-5, atol=1e-6)
 
