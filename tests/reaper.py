@@ -192,9 +192,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     stopped = config.stash.get(_STOPPED, [])
     if stopped:
-        terminalreporter.write_sep("=", f"the run left {len(stopped)} processes running: stopped them", red=True)
+        terminalreporter.write_sep("=", f"the run left {_processes(len(stopped))} running: stopped them", red=True)
         for line in stopped:
             terminalreporter.write_line(line)
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" + ("es" if count != 1 else "")
 
 
 def main(variable: str) -> int:
@@ -206,10 +210,11 @@ def main(variable: str) -> int:
     leftovers = _outlasting(variable, value, GRACE_S)
     if not leftovers:
         return 0
-    print(f"error: {len(leftovers)} processes of the run outlived it; stopping them:", file=sys.stderr)
-    for process in leftovers:
-        print(f"  {_describe(process)}", file=sys.stderr)
+    named = [_describe(process) for process in leftovers]
     stop(leftovers)
+    print(f"error: {_processes(len(leftovers))} of the run outlived it; stopped them:", file=sys.stderr)
+    for line in named:
+        print(f"  {line}", file=sys.stderr)
     return 1
 
 
