@@ -81,12 +81,13 @@ def test_trees_map_without_the_extras_and_a_step_that_needs_one_names_it(trained
         ["sample", *region, "--random", "20", "--seed", "3", "-q"],
         ["fit-tabular", *region, "--model", "rf", "--threads", "1"],
         ["predict", *region, "--model", "rf", "--no-export", "-q"],
+        ["evaluate", *region, "--models", "rf", "--threads", "1", "-q"],
         ["predict", *region, "--model", "rf", "--engine", "ray", "--fresh", "-q"],
         ["build-cube", *region, "--scheduler", "tcp://127.0.0.1:1"],
         ["build-cube", "--catalog", str(catalog), "--root", "s3://soil/nowhere", "-q"],
     )
-    assert codes == ["exit 0"] * 4 + ["exit 1"] * 3, stderr[-3000:]
-    assert Path(root, "maps", "soc.zarr", "zarr.json").exists()
+    assert codes == ["exit 0"] * 5 + ["exit 1"] * 3, stderr[-3000:]
+    assert Path(root, "maps", "soc.zarr", "zarr.json").exists() and Path(root, "evaluation", "metrics.csv").exists()
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert lines == [
         "error: this step needs 'ray', which is not installed: pip install 'geosoc[ray]'",
