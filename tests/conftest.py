@@ -4,6 +4,7 @@ nothing the suite starts outlives it). Helpers that are not fixtures are in test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -89,12 +90,16 @@ def ray_cluster() -> Iterator[Any]:
     this process's driver connected to it; the test adds nodes (`ray_cluster.add_node`). Skipped, with the reason,
     where a probe node cannot join and run a task on this host."""
     pytest.importorskip("ray")
-    from tests.ray_cluster import LocalCluster
+    from tests.ray_cluster import LocalCluster, NodeCannotJoin
 
-    with LocalCluster(head_cpus=2) as cluster:
-        cannot = cluster.probe_join()
-        if cannot:
-            pytest.skip(cannot)
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(LocalCluster(head_cpus=2))
+        except NodeCannotJoin as cannot:
+            pytest.skip(f"a Ray cluster cannot start on this host: {cannot}")
+        cannot_join = cluster.probe_join()
+        if cannot_join:
+            pytest.skip(cannot_join)
         yield cluster
 
 

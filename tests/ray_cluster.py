@@ -32,8 +32,8 @@ class NodeCannotJoin(Exception):
 
 class LocalCluster:
     """A `ray.cluster_utils.Cluster` whose head has `head_cpus` CPUs, the driver of this process connected to it.
-    `with LocalCluster(2) as cluster:` starts it; leaving the block stops every process of it and removes its
-    temp folder."""
+    `with LocalCluster(2) as cluster:` starts it (NodeCannotJoin where it cannot start on this host); leaving the
+    block stops every process of it and removes its temp folder."""
 
     def __init__(self, head_cpus: int, guard: float = PROGRESS_GUARD_S) -> None:
         self.head_cpus = head_cpus
@@ -55,7 +55,8 @@ class LocalCluster:
             self._start_node("Ray cluster head", lambda: self.cluster.add_node(
                 num_cpus=self.head_cpus, temp_dir=str(self.temp / "ray"), gcs_server_port=free_port(),
                 include_dashboard=False, dashboard_agent_listen_port=free_port()))
-            ray.init(address=self.cluster.address, log_to_driver=False)
+            self._guarded("this process's driver to connect",
+                          lambda: ray.init(address=self.cluster.address, log_to_driver=False))
         except BaseException:
             self.__exit__()
             raise
@@ -112,14 +113,20 @@ class LocalCluster:
         return None
 
     def _start_node(self, what: str, start: Callable[[], Any]) -> Any:
-        """Run `start` (Ray's node start, which waits on Ray's own terms) in a thread, within the guard; record the
-        node's processes with the reaper."""
-        started: list[Any] = []
+        """Ray's node start, within the guard; the node's processes recorded with the reaper."""
+        node = self._guarded(f"{what} to start", start)
+        record(what, [process.process.pid for infos in node.all_processes.values() for process in infos], self.temp)
+        return node
+
+    def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
+        """`call()` (one step of Ray's, which waits on Ray's own terms, some in native code that nothing interrupts)
+        in a thread: its result, or NodeCannotJoin once it fails or has not returned in `guard` seconds."""
+        returned: list[Any] = []
         failed: list[BaseException] = []
 
         def run() -> None:
             try:
-                started.append(start())
+                returned.append(call())
             except BaseException as error:
                 failed.append(error)
 
@@ -127,12 +134,10 @@ class LocalCluster:
         thread.start()
         thread.join(self.guard)
         if thread.is_alive():
-            raise NodeCannotJoin(f"{what} did not start in {self.guard} s{self._raylet_log()}")
+            raise NodeCannotJoin(f"no progress in {self.guard} s while waiting for {what}{self._raylet_log()}")
         if failed:
-            raise NodeCannotJoin(f"{what} did not start: {failed[0]!r}{self._raylet_log()}")
-        node = started[0]
-        record(what, [process.process.pid for infos in node.all_processes.values() for process in infos], self.temp)
-        return node
+            raise NodeCannotJoin(f"failed while waiting for {what}: {failed[0]!r}{self._raylet_log()}")
+        return returned[0]
 
     def _wait(self, node: Any, done: Callable[[], bool], what: str) -> None:
         """Poll `done` until it holds; NodeCannotJoin once a process of `node` has ended or after the guard."""
