@@ -1,5 +1,6 @@
-"""What several test modules share: tiny regions, models and SampleSets, damaged checkpoints, killing a process
-at random, finding and stopping the processes of one Ray head. Fixtures are in conftest.py."""
+"""What several test modules share: tiny regions, models and SampleSets, damaged checkpoints, waits and child
+processes under a progress guard (never a deadline), killing a process at random, finding and stopping the
+processes of one Ray head. Fixtures are in conftest.py."""
 
 from __future__ import annotations
 
