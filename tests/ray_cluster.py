@@ -1,10 +1,11 @@
 """Several Ray nodes on one machine for multi-node tests, by Ray's own test harness (`ray.cluster_utils.Cluster`,
 as Ray's test suite runs them): a head started from the test's process, nodes added while a test runs.
 
-Every node has the address Ray picks for it (the host's own: Ray 2.60 reaches a head by the host's address even
-when told 127.0.0.1, so a head or a node pinned to loopback is unreachable, and a driver connecting to it waits
-for ever), ports the OS chooses, and one temp folder, recorded with the reaper (tests/reaper.py) as soon as its
-processes run. Whether a node can join on this host at all is told by `LocalCluster.probe_join`
+Every node has the address Ray picks for it, the host's own, as in Ray's own tests: pinned to 127.0.0.1, Ray 2.60
+still names nodes by the host's address (a driver in this process given 127.0.0.1:PORT connected to the host's
+address:PORT, where nothing listened, and waited in native code for ever; a node joined with `ray start
+--node-ip-address=127.0.0.1` was reported under the host's address and never served). Ports are the OS's choice,
+and the cluster has one temp folder; its processes are recorded with the reaper (tests/reaper.py) as they start. Whether a node can join on this host at all is told by `LocalCluster.probe_join`
 (a node added, seen alive, and running a task pinned to it, then removed): the fixture skips with its reason."""
 
 from __future__ import annotations
