@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from geosoc.errors import EXTRAS, MissingExtraError, missing_extra
-from tests.helpers import REPO, copy_region
+from tests.helpers import REPO, copy_region, run_guarded
 
 # Runs geosoc's CLI commands (one per argv line of stdin) with the optional parts' modules unimportable, as in an
 # environment that installed geosoc without its extras; prints each command's exit status.
@@ -22,7 +21,7 @@ import sys
 for name in {blocked!r}:
     sys.modules[name] = None  # `import name` now raises ModuleNotFoundError, as when it is not installed
 from geosoc.cli import app
-for line in sys.stdin.read().split("\\n"):
+for line in open(sys.argv[1]).read().split("\\n"):
     if line:
         try:
             code = app(line.split("\\t"), prog_name="geosoc", standalone_mode=False) or 0
@@ -33,11 +32,14 @@ for line in sys.stdin.read().split("\\n"):
 BLOCKED = ("ray", "ee", "xee", "s3fs", "gcsfs", "distributed")
 
 
-def without_extras(*commands: list[str]) -> tuple[list[str], str]:
-    """The exit statuses of `commands` run in one interpreter without the optional parts, and its stderr."""
-    done = subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS.format(blocked=BLOCKED)], cwd=REPO, text=True,
-                          input="\n".join("\t".join(c) for c in commands), capture_output=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+def without_extras(folder: Path, *commands: list[str]) -> tuple[list[str], str]:
+    """The exit statuses of `commands` run in one interpreter without the optional parts, and its stderr (a
+    progress guard watches its output and the files under `folder`)."""
+    orders = folder / "commands.tsv"
+    orders.write_text("\n".join("\t".join(c) for c in commands))
+    done = run_guarded([sys.executable, "-c", WITHOUT_EXTRAS.format(blocked=BLOCKED), str(orders)],
+                       progress=lambda: sum(1 for _ in folder.rglob("*")), cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     return [line for line in done.stdout.splitlines() if line.startswith("exit ")], done.stderr
 
@@ -76,7 +78,7 @@ def test_trees_map_without_the_extras_and_a_step_that_needs_one_names_it(trained
                                                                            tmp_path: Path) -> None:
     catalog, root = copy_region(trained_region, tmp_path, leave_out=("maps",))
     region = ["--catalog", str(catalog), "--root", root]
-    codes, stderr = without_extras(
+    codes, stderr = without_extras(tmp_path,
         ["build-cube", *region, "-q"],  # complete already: checked and described
         ["sample", *region, "--random", "20", "--seed", "3", "-q"],
         ["fit-tabular", *region, "--model", "rf", "--threads", "1"],
@@ -101,8 +103,7 @@ def test_trees_map_without_the_extras_and_a_step_that_needs_one_names_it(trained
 def test_a_ray_job_without_ray_says_which_extra(job: str, tmp_path: Path) -> None:
     code = ("import sys; sys.modules['ray'] = None\n"
             f"from geosoc.jobs import job_main; job_main({job!r}, ['--region', 'demo', '--root', {str(tmp_path)!r}])")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = run_guarded([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == \
         "error: this step needs 'ray', which is not installed: pip install 'geosoc[ray]'"

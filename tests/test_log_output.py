@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from geosoc.io import bars
-from tests.helpers import REPO, copy_region
+from tests.helpers import REPO, copy_region, run_guarded
 
 
 def test_off_a_terminal_a_bar_is_a_line_at_each_tenth(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,9 +42,9 @@ def test_off_a_terminal_a_bar_is_a_line_at_each_tenth(monkeypatch: pytest.Monkey
 def test_a_command_writing_to_a_log_writes_lines(tmp_path: Path, write_catalog) -> None:
     """`geosoc build-cube` with its output redirected (as in CI, nohup or a Ray job): no bar frames."""
     catalog = write_catalog()
-    done = subprocess.run([sys.executable, "-m", "geosoc.cli", "build-cube", "--catalog", str(catalog),
-                           "--root", str(tmp_path / "root"), "--workers", "1"], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "60"})
+    done = run_guarded([sys.executable, "-m", "geosoc.cli", "build-cube", "--catalog", str(catalog), "--root",
+                        str(tmp_path / "root"), "--workers", "1"], cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "60"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\r" not in done.stderr and "\r" not in done.stdout
     assert "build-cube: 100%" in done.stderr
