@@ -39,13 +39,17 @@ SeedsOpt = typer.Option(None, "--seeds", min=1, max=20, help="Networks as an ens
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch and the trees (default: the cores this process is given).")
 
 
-def _region(region: str | None, catalog: Path | None, root: str | None) -> tuple[Any, str]:
-    """The loaded catalog and the region root (--root, $GEOSOC_ROOT or ./geosoc-data/<region>)."""
+def _region(region: str | None, catalog: Path | None, root: str | None, writes: bool = True) -> tuple[Any, str]:
+    """The loaded catalog and the region root (--root, $GEOSOC_ROOT or ./geosoc-data/<region>), checked first
+    when the command `writes` there (io.storage.check_writable: one line on what is wrong, before any work)."""
     from geosoc.catalog import load_catalog
-    from geosoc.io.storage import default_root
+    from geosoc.io.storage import check_writable, default_root
 
     loaded = load_catalog(region, catalog)
-    return loaded, root or default_root(loaded.config.region.name)
+    root = root or default_root(loaded.config.region.name)
+    if writes:
+        check_writable(root)
+    return loaded, root
 
 
 def user_errors(command: F) -> F:
@@ -59,6 +63,10 @@ def user_errors(command: F) -> F:
             fail(err)
         except ImportError as err:  # an optional part (pyproject's extras) that is not installed
             fail(missing_extra(err) or err)
+        except Exception as err:  # a storage endpoint that cannot be reached, wherever it failed
+            from geosoc.io.storage import storage_failure
+
+            fail(storage_failure(err) or err)
 
     return wrapper  # type: ignore[return-value]
 
@@ -271,7 +279,7 @@ def predict(
     use_threads(threads)
     if engine not in ("local", "ray"):
         raise InputError(f"--engine must be 'local' or 'ray', got {engine!r}")
-    loaded, root = _region(region, catalog, root)
+    loaded, root = _region(region, catalog, root, writes=not dry_run)
     model = model or loaded.config.predict.model
     if dry_run:
         print_map_plan(loaded, root, model, resolution, chunk, bounds, gpu, rate, read_mbps,

@@ -31,7 +31,7 @@ from geosoc.grid import Grid, Window
 from geosoc.io.bars import progress_bar
 from geosoc.io.locks import Lease, exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, run_tasks, template_written
-from geosoc.io.storage import default_root, join, open_store, zarr_store
+from geosoc.io.storage import check_writable, default_root, join, open_store, zarr_store
 from geosoc.sources.from_catalog import open_layers
 from geosoc.sources.layers import Layer, WindowReader
 
@@ -110,26 +110,31 @@ def build_cube(
     """
     if isinstance(catalog, str):
         catalog = load_catalog(catalog)
+    root = root or default_root(catalog.config.region.name)
+    check_writable(root)  # first: a root that cannot take writes is one line, before anything is written
     layers = layers if layers is not None else open_layers(catalog, root)
+    url = cube_url(catalog, root)
+    with exclusive(url, "build-cube") as lease:
+        return _build(url, catalog, layers, client, workers, progress, lease)
+
+
+def _build(url: str, catalog: LoadedCatalog, layers: list[Layer], client: Any, workers: int | None, progress: bool,
+           lease: Lease) -> str:
+    """The build under its lock: the cube at `url` checked first (another catalog's, damaged: refused before a
+    source writes anything, e.g. the synthetic embedding's COGs), then the sources prepared (file lists,
+    credentials), then the template and the chunks."""
+    fingerprint = _fingerprint(catalog)
+    attrs = resumable(url, fingerprint, "exists and was built from a different catalog or bounds; remove it or "
+                                        "choose another --root")
+    if attrs is not None and attrs.get("geosoc_status") == "complete":
+        log.info("%s is already complete", url)
+        return url
     for layer in layers:
         if hasattr(layer.reader, "prepare"):
             layer.reader.prepare()
     readers = {layer.group: layer.reader for layer in layers}
-    url = cube_url(catalog, root)
-    with exclusive(url, "build-cube") as lease:  # also the check, before any work, that the root takes writes
-        return _build(url, catalog, layers, readers, client, workers, progress, lease)
-
-
-def _build(url: str, catalog: LoadedCatalog, layers: list[Layer], readers: dict[str, WindowReader], client: Any,
-           workers: int | None, progress: bool, lease: Lease) -> str:
-    fingerprint = _fingerprint(catalog)
-    attrs = resumable(url, fingerprint, "exists and was built from a different catalog or bounds; remove it or "
-                                        "choose another --root")
     if attrs is None:
         attrs = _write_template(url, catalog, layers, fingerprint)
-    if attrs.get("geosoc_status") == "complete":
-        log.info("%s is already complete", url)
-        return url
 
     markers = Markers(url, attrs["geosoc_build_id"])
     done = markers.completed()

@@ -30,9 +30,11 @@ from geosoc.io.bars import progress_bar
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import (
     beside,
+    check_writable,
     filesystem,
     join,
     open_store,
+    parent_url,
     publish_tree,
     tidy_beside,
     zarr_store,
@@ -327,6 +329,7 @@ def sample_points(
     that: pixels beyond the rasters stay NaN, the network sees where they are, the trees use the centre pixel and
     the window mean of what there is). The riverbank and coastal points a patch rule drops are often the
     hardest and most telling ones, and every model would be scored without them."""
+    check_writable(parent_url(out_url))  # first: a place that cannot take the SampleSet is one line, before any work
     imagery, grid, climate, climate_grid = cube_parts(cube_url)
     bands = [str(b) for b in imagery["band"].values]
     kept: list[np.ndarray] = []

@@ -17,6 +17,7 @@ import pandas as pd
 from geosoc.data.points import Columns, Points, point_columns, read_points, read_table
 from geosoc.data.sampling import SampleReport, SampleSetWriter, sampleset_dataset, spatial_folds
 from geosoc.errors import InputError, NotFoundError, first_line
+from geosoc.io.storage import check_writable, parent_url
 
 CLIMATE_COLUMN = re.compile(r"^(?P<variable>[A-Za-z][A-Za-z0-9]*)_(?P<month>\d{4}-\d{2})$")
 
@@ -56,6 +57,7 @@ def sampleset_from_table(
     folds: int, on_error: str = "fail", seed: int = 0,
 ) -> SampleReport:
     """Write a SampleSet from a table with climate columns and/or a (rows, band, py, px) .npy of patches."""
+    check_writable(parent_url(out_url))  # first: a place that cannot take the SampleSet is one line, before any work
     table_path = Path(table_path)
     read = read_table(table_path, point_columns(table_path, fmt, columns))
     points: Points = read_points(table_path, grid_crs, fmt, columns, on_error=on_error, table=read)  # type: ignore[arg-type]

@@ -16,13 +16,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store
 
-from geosoc.errors import DamagedError, InputError, NotFoundError, UnwritableError, first_line, missing_extra
+from geosoc.errors import (
+    DamagedError,
+    GeosocError,
+    InputError,
+    NotFoundError,
+    ServiceError,
+    UnwritableError,
+    first_line,
+    missing_extra,
+)
 from geosoc.io import damaged_chunks
 
 damaged_chunks.install()  # a chunk that does not decode is an error naming it, in every process that reads
@@ -91,9 +101,14 @@ def open_store(url: str, opener: Callable[[Store], T], missing: str) -> T:
     try:
         return opener(store)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        raise NotFoundError(f"{url}: {missing}") from err
+        raise NotFoundError(missing_bucket(url) or f"{url}: {missing}") from err
     except (ValueError, KeyError, TypeError) as err:
         raise DamagedError(damaged_metadata(url, err)) from err
+    except Exception as err:  # a storage endpoint that cannot be reached: one line naming it
+        failure = endpoint_failure(err)
+        if failure is None:
+            raise
+        raise failure from err
 
 
 def damaged_metadata(url: str, err: Exception) -> str:
@@ -102,12 +117,32 @@ def damaged_metadata(url: str, err: Exception) -> str:
     return f"{url}: its Zarr metadata is damaged ({reason}); remove the store and write it again"
 
 
-def check_writable(url: str) -> None:
-    """Fail before any work if `url` cannot take writes (missing bucket, read-only folder, no credentials).
+def protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    """The names a filesystem answers to (s3fs: s3 and s3a; gcsfs: gs and gcs)."""
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
 
-    Never creates a bucket: a typo in a bucket name must not make a new bucket in the user's account.
+
+def parent_url(url: str) -> str:
+    """The folder a file or store at `url` is written into."""
+    return url.rstrip("/").rpartition("/")[0] or "."
+
+
+# Where a run writes, checked before it writes anything: one line saying what is wrong.
+
+
+def check_writable(url: str) -> None:
+    """Fail before any work if `url` cannot take writes, saying why: the storage endpoint cannot be reached, the
+    bucket does not exist, a file stands where a folder should be, a read-only folder, no credentials. One probe
+    object is written and removed, and the local folders it needed with it: a refused run leaves nothing.
+
+    Never creates a bucket: a typo in a bucket name must not make a new bucket in the user's account (s3fs's
+    `mkdir` and `makedirs` do, so nothing here calls them on an object store).
     """
     fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        _no_file_in_the_way(url, path)
+    else:
+        check_bucket(url)
     probe = f"{path.rstrip('/')}/.geosoc-write-test-{uuid.uuid4().hex}"
     try:
         with leaving_no_folders(fs, probe):  # the probe leaves nothing behind: not even the folders it needed
@@ -117,10 +152,189 @@ def check_writable(url: str) -> None:
         raise unwritable(url, err) from err
 
 
-def unwritable(url: str, err: Exception) -> UnwritableError:
-    """The error for a place that refused a write (missing bucket, read-only folder, a file in the way)."""
+def unwritable(url: str, err: Exception) -> GeosocError:
+    """The error for a place that refused a write: an unreachable endpoint or a missing bucket named as such,
+    a file where a folder should be, else the reason the system gave (a read-only folder, no credentials)."""
+    known = storage_failure(err, url)
+    if known is not None:
+        return known
     reason = getattr(err, "strerror", None) or type(err).__name__
     return UnwritableError(f"{url}: cannot write here ({reason}); choose another --root or fix its permissions")
+
+
+def storage_failure(err: BaseException, url: str | None = None) -> GeosocError | None:
+    """The one-line error for a storage failure a user can fix, or None: an endpoint that cannot be reached
+    (named with the setting it came from, never the credentials), and, where the failing `url` is known, its
+    missing bucket or a file where one of its folders should be."""
+    reached = endpoint_failure(err)
+    if reached is not None or url is None:
+        return reached
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        if isinstance(err, NotADirectoryError | FileExistsError):
+            blocker = _file_in_the_way(path)
+            if blocker is not None:
+                return UnwritableError(f"{url}: cannot write here ({blocker} is a file, not a folder); choose "
+                                       "another --root")
+        return None
+    if isinstance(err, FileNotFoundError | PermissionError):  # s3fs and gcsfs say so for a missing bucket too
+        missing = missing_bucket(url)
+        if missing is not None:
+            return UnwritableError(missing)
+    return None
+
+
+def _no_file_in_the_way(url: str, path: str) -> None:
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise UnwritableError(f"{url}: cannot write here ({blocker} is a file, not a folder); choose another --root")
+
+
+def _file_in_the_way(path: str) -> Path | None:
+    """The file at `path` or at the nearest of its folders that exists (None where that one is a folder)."""
+    here = Path(path).absolute()
+    for place in (here, *here.parents):
+        try:
+            if place.is_dir():
+                return None
+            if place.exists() or place.is_symlink():
+                return place
+        except OSError:  # a folder that may not be looked into: the write probe says so
+            return None
+    return None
+
+
+# Object stores: the bucket must exist (it is never made) and its endpoint answer.
+
+REACH_TIMEOUT_S = 10.0  # how long a new connection to a storage endpoint may take before it counts as unreachable
+ENDPOINT_SETTINGS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST",
+                     "FSSPEC_GCS_ENDPOINT_URL", "FSSPEC_S3", "FSSPEC_GCS")  # where an endpoint may be set
+
+
+def check_bucket(url: str) -> None:
+    """Fail when the endpoint of `url`'s object store cannot be reached, or its bucket does not exist (a bucket
+    that exists but may not be looked at passes: the write probe then says whether it takes writes)."""
+    missing = missing_bucket(url)
+    if missing is not None:
+        raise UnwritableError(missing)
+
+
+def missing_bucket(url: str) -> str | None:
+    """What to say when `url` is in a bucket that does not exist, else None (a local path, a bucket that exists
+    or that may not be looked at); ServiceError where the endpoint cannot be reached."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return None
+    endpoint = storage_endpoint(fs)
+    if endpoint is not None:
+        _reach(endpoint)
+    bucket = path.split("/", 1)[0]
+    kinds = protocols(fs)
+    try:
+        if "s3" in kinds:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        elif kinds & {"gs", "gcs"}:
+            fs.call("GET", "b/{}", bucket, json_out=True)
+    except FileNotFoundError:
+        scheme = url.split("://", 1)[0]
+        return (f"{scheme}://{bucket}: no such bucket (in {url}); create it, or name a bucket that exists: geosoc "
+                "never creates one")
+    except Exception as err:  # no right to look at the bucket (403), or the service failed: not "missing"
+        reached = endpoint_failure(err)
+        if reached is not None:
+            raise reached from err
+    return None
+
+
+def storage_endpoint(fs: fsspec.AbstractFileSystem) -> str | None:
+    """The URL (scheme://host:port) of the service an object-store filesystem talks to, as it resolved it."""
+    kinds = protocols(fs)
+    if "s3" in kinds:
+        return str(fs.connect().meta.endpoint_url)
+    if kinds & {"gs", "gcs"}:
+        return str(fs.base).removesuffix("/storage/v1/")
+    return None
+
+
+def _reach(endpoint: str) -> None:
+    """Open (and close) a connection to the endpoint, unless a proxy stands between: a closed port or an unknown
+    host is one line at once, not a minute of the client's retries."""
+    import socket
+    import urllib.request
+
+    parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    if not host or urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return
+    try:
+        with socket.create_connection((host, parts.port or (443 if parts.scheme == "https" else 80)),
+                                      timeout=REACH_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise unreachable(endpoint, err) from err
+
+
+def endpoint_failure(err: BaseException) -> ServiceError | None:
+    """The error for a failure to connect to a storage endpoint anywhere in `err`'s chain (s3fs raises botocore's
+    EndpointConnectionError, gcsfs aiohttp's ClientConnectorError), or None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        endpoint = _failed_endpoint(seen)
+        if endpoint is not None:
+            return unreachable(endpoint, seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _failed_endpoint(err: BaseException) -> str | None:
+    names = {kind.__name__ for kind in type(err).__mro__}
+    if names & {"EndpointConnectionError", "ConnectTimeoutError"}:  # botocore: the request's URL
+        url = urlsplit(str(getattr(err, "kwargs", {}).get("endpoint_url", "")))
+        return f"{url.scheme}://{url.hostname}:{url.port}" if url.hostname and url.port else (
+            f"{url.scheme}://{url.hostname}" if url.hostname else None)
+    if "ClientConnectorError" in names:  # aiohttp: the host it could not connect to
+        key = getattr(err, "_conn_key", None)
+        host, port, ssl = getattr(err, "host", None), getattr(err, "port", None), getattr(key, "is_ssl", False)
+        return f"{'https' if ssl else 'http'}://{host}:{port}" if host else None
+    return None
+
+
+def unreachable(endpoint: str, err: BaseException) -> ServiceError:
+    """'cannot reach <endpoint> (set by <setting>): <why>', where the setting is the environment variable (or
+    fsspec's configuration) that names the endpoint; its value is never shown beyond the endpoint itself."""
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    shown = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")  # no user:password@
+    setting = _endpoint_setting(parts.hostname or "", parts.port)
+    source = f"set by {setting}" if setting else "the service's default endpoint"
+    why = _why_unreachable(err)
+    fix = f"check {setting} and that the service runs there" if setting else "check the network"
+    return ServiceError(f"cannot reach the storage endpoint {shown} ({source}): {why}; {fix}")
+
+
+def _endpoint_setting(host: str, port: int | None) -> str | None:
+    place = f"{host}:{port}" if port else host
+    for name in ENDPOINT_SETTINGS:
+        if place and place in os.environ.get(name, ""):
+            return name
+    for protocol, options in fsspec.config.conf.items():
+        if place and place in str(options):
+            return f"fsspec's configuration of {protocol}"
+    return None
+
+
+def _why_unreachable(err: BaseException) -> str:
+    import socket
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, socket.gaierror):
+            return "unknown host"
+        if isinstance(seen, TimeoutError) or type(seen).__name__ == "ConnectTimeoutError":
+            return "timed out"
+        seen = seen.__cause__ or seen.__context__
+    return "no connection"
 
 
 @contextmanager

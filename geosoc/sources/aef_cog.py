@@ -27,8 +27,9 @@ import rioxarray
 import xarray as xr
 
 from geosoc.catalog import EMBEDDING_BANDS, LoadedCatalog
-from geosoc.errors import InputError, first_line
+from geosoc.errors import GeosocError, InputError, first_line
 from geosoc.grid import Grid
+from geosoc.io.gdal_urls import gdal_path
 from geosoc.io.storage import filesystem, join
 from geosoc.sources.embeddings import GROUP, dequantise, embeddings_attrs, unit_vectors
 from geosoc.sources.layers import Layer
@@ -59,19 +60,23 @@ def utm_zones(grid: Grid) -> list[str]:
 
 @contextmanager
 def open_cog(url: str) -> Iterator[xr.DataArray]:
-    """A COG as (band, y, x) int8, lazily, closed on leaving; remote URLs through fsspec (any filesystem it
-    knows). Closed here, in the reading thread: a dataset on a Python file object must not be closed by the
-    garbage collector later."""
-    if "://" in url and not url.startswith("file://"):
-        fs, path = filesystem(url)
-        src = rioxarray.open_rasterio(path, opener=fs)
-    else:
-        src = rioxarray.open_rasterio(url.removeprefix("file://"))
-    assert isinstance(src, xr.DataArray)
+    """A COG as (band, y, x) int8, lazily, readable inside the block and closed on leaving; any fsspec URL, through
+    GDAL's own readers with fsspec's settings (`io.gdal_urls`: no Python file object under GDAL, which failed
+    under Dask's threads). Whatever fails inside the block, the open or a read, is one InputError naming `url`."""
+    path = url
     try:
-        yield src
-    finally:
-        src.close()
+        with gdal_path(url) as path:
+            src = rioxarray.open_rasterio(path)
+            assert isinstance(src, xr.DataArray)
+            try:
+                yield src
+            finally:
+                src.close()
+    except GeosocError:
+        raise
+    except Exception as err:  # rasterio/GDAL and fsspec raise many types for unreadable input
+        reason = first_line(err).replace(path, url)  # GDAL names its own path (/vsis3/...): say the URL
+        raise InputError(f"{url}: cannot read AlphaEarth COG ({reason})") from err
 
 
 def _inspect(url: str, grid: Grid) -> CogFile:
@@ -80,8 +85,8 @@ def _inspect(url: str, grid: Grid) -> CogFile:
         with open_cog(url) as src:
             crs, count, dtype = src.rio.crs, src.sizes["band"], src.dtype
             bounds, resolution = src.rio.bounds(), float(abs(src.rio.resolution()[0]))
-    except Exception as err:  # rasterio/GDAL and fsspec raise many types for unreadable input
-        raise InputError(f"{url}: cannot read AlphaEarth COG ({first_line(err)}); check embeddings.url") from err
+    except InputError as err:
+        raise InputError(f"{err}; check embeddings.url") from err
     if crs is None or count != len(EMBEDDING_BANDS) or dtype != np.int8:
         raise InputError(f"{url}: not an AlphaEarth embedding COG: expected {len(EMBEDDING_BANDS)} int8 bands "
                          f"with a CRS, got {count} {dtype} bands, CRS {crs}")
@@ -139,14 +144,11 @@ class CogEmbeddingReader:
 
     def _add(self, item: CogFile, rows: slice, cols: slice, total: np.ndarray) -> None:
         """Add one file's area-weighted sums of valid de-quantised vectors under each cell of the window."""
-        try:
-            with open_cog(item.url) as src:
-                clip = clip_window(src, item.resolution, self.grid, rows, cols)
-                if clip is None:
-                    return
-                raw = clip.values
-        except Exception as err:  # a file that went away or broke since its header was read
-            raise InputError(f"{item.url}: cannot read AlphaEarth COG ({first_line(err)})") from err
+        with open_cog(item.url) as src:  # a file that went away or broke since its header was read: InputError
+            clip = clip_window(src, item.resolution, self.grid, rows, cols)
+            if clip is None:
+                return
+            raw = clip.values
         step = max(1, FLOAT_BYTES // (4 * raw.shape[1] * raw.shape[2]))
         for start in range(0, raw.shape[0], step):
             part = slice(start, start + step)

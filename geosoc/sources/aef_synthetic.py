@@ -14,7 +14,6 @@ catalog's embedding resolution (60 m for the demo), not 10 m: far smaller, and t
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ import numpy as np
 from scipy.ndimage import uniform_filter
 
 from geosoc.catalog import EMBEDDING_BANDS, LoadedCatalog
+from geosoc.fingerprints import fingerprint
 from geosoc.grid import Grid
-from geosoc.io.storage import default_root, exists, filesystem, join
+from geosoc.io.storage import default_root, exists, join, published, put_bytes
 from geosoc.sources.aef_cog import CogEmbeddingReader, utm_zones
 from geosoc.sources.embeddings import GROUP, quantise, unit_vectors
 from geosoc.sources.layers import Layer
@@ -61,7 +61,8 @@ def vectors(landscape: Landscape, x: np.ndarray, y: np.ndarray, crs: str, seed: 
 def write_cogs(folder: str, grid: Grid, seed: int, year: int) -> list[str]:
     """The region's synthetic embedding as one int8 COG in the UTM zone of its centre (the real files overhang
     their zones, and the reader looks in every zone under the region), at the grid's resolution; `folder` is any
-    fsspec URL. Skipped when the folder already holds a complete set."""
+    fsspec URL. Each file is made locally and published in one step (no folder made on an object store: s3fs's
+    makedirs creates buckets), `_SUCCESS` last. Skipped when the folder already holds a complete set."""
     if exists(join(folder, DONE)):
         return []
     zone = _centre_zone(grid)
@@ -73,17 +74,10 @@ def write_cogs(folder: str, grid: Grid, seed: int, year: int) -> list[str]:
     ux, uy = np.meshgrid(x0 + res / 2 + res * np.arange(width), y0 - res / 2 - res * np.arange(height))
     rx, ry = transformer(crs, grid.crs).transform(ux, uy)  # the landscape is a function of the region's CRS
     raw = quantise(vectors(Landscape(seed), rx, ry, grid.crs, seed))
-    name = f"synthetic{zone}-{0:010d}-{0:010d}.tiff"
-    target = join(folder, str(year), f"{zone}N", name)
-    with tempfile.TemporaryDirectory(prefix="geosoc-aef-") as tmp:
-        local = Path(tmp) / name
+    target = join(folder, str(year), f"{zone}N", f"synthetic{zone}-{0:010d}-{0:010d}.tiff")
+    with published(target) as local:
         _write_cog(local, raw, (x0, y0, res), crs)
-        fs, path = filesystem(target)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(local), path)
-        done = Path(tmp) / DONE
-        done.write_text(f"seed {seed}, year {year}, zone {zone}N\n")
-        fs.put_file(str(done), filesystem(join(folder, DONE))[1])
+    put_bytes(join(folder, DONE), f"seed {seed}, year {year}, zone {zone}N\n".encode())
     return [target]
 
 
@@ -116,7 +110,8 @@ def _write_cog(path: Path, raw: np.ndarray, origin: tuple[float, float, float], 
 
 @dataclass
 class SyntheticCogReader(CogEmbeddingReader):
-    """The COG reader, after writing the synthetic COGs it reads (once, before a build writes anything)."""
+    """The COG reader, after writing the synthetic COGs it reads: once, when a build has checked its root, taken
+    its lock and found its cube compatible (`data.cube.build_cube`), so a refused build writes none of them."""
 
     seed: int = 0
 
@@ -126,13 +121,19 @@ class SyntheticCogReader(CogEmbeddingReader):
         super().prepare()
 
 
+def _set_name(grid: Grid, seed: int) -> str:
+    """The folder of one set of files: its seed, resolution and extent (the noise is drawn per raster, so files
+    of another extent differ where they overlap; and a set made for a small part must not serve a larger one)."""
+    return f"seed{seed}-{grid.resolution:g}m-{fingerprint(grid.crs, repr(grid.bounds), length=8)}"
+
+
 def synthetic_embeddings(catalog: LoadedCatalog, root: str | None = None) -> Layer:
     """The catalog's synthetic embedding layer; its COGs live under `<root>/sources/aef-synthetic`."""
     config = catalog.config.embeddings
     grid = catalog.config.embeddings_grid
     assert config is not None and grid is not None
     folder = join(root or default_root(catalog.config.region.name), "sources", "aef-synthetic",
-                  f"seed{config.seed}-{grid.resolution:g}m")
+                  _set_name(grid, config.seed))
     reader = SyntheticCogReader(grid, folder, config.year, seed=config.seed)
     attrs: dict[str, Any] = {
         "source": "synthetic", "year": config.year, "seed": config.seed, "url": folder,
