@@ -292,6 +292,23 @@ def tiny_catalog_dict(size_px: int = 96, chunk: int = 32, climate: bool = True) 
 
 
 
+def western_half_mask(folder: Path, bounds: list[float]) -> str:
+    """A `region.mask` (60 m pixels, EPSG:3035) over `bounds` whose western half is inside: the tiny region's pixels
+    0-47 of 96."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    x0, y0, x1, y1 = bounds
+    width, height = int((x1 - x0) / 60), int((y1 - y0) / 60)
+    values = np.zeros((height, width), np.uint8)
+    values[:, : width // 2] = 1
+    path = folder / "mask.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8",
+                       crs="EPSG:3035", transform=from_origin(x0, y1, 60, 60)) as dst:
+        dst.write(values, 1)
+    return str(path)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

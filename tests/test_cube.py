@@ -41,8 +41,8 @@ def test_build_writes_the_contract(tmp_path: Path, write_catalog) -> None:
     assert tree.attrs["region"] == "tiny" and tree.attrs["geosoc_status"] == "complete"
     assert "imagery:" in tree.attrs["catalog"] and tree.attrs["geosoc_version"] and tree.attrs["created"]
     assert tree.attrs["geosoc_chunks"] == {
-        "imagery": {"chunks": 9, "complete": 9},
-        "climate": {"chunks": 4, "complete": 4},
+        "imagery": {"chunks": 9, "complete": 9, "outside_mask": 0},
+        "climate": {"chunks": 4, "complete": 4, "outside_mask": 0},
     }
     imagery = tree["imagery"].to_dataset()["data"]
     assert imagery.rio.crs.to_epsg() == 3035 and imagery.data.chunksize == (14, 32, 32)

@@ -33,8 +33,9 @@ from geosoc.sources.ee_plan import (  # noqa: E402
     window_requests,
     within_limits,
 )
+from geosoc.sources.raster import masked  # noqa: E402
 from tests.ee_fake import fake_layers, initialize_offline  # noqa: E402
-from tests.helpers import tiny_catalog_dict  # noqa: E402
+from tests.helpers import tiny_catalog_dict, western_half_mask  # noqa: E402
 
 
 @pytest.fixture
@@ -152,13 +153,16 @@ def test_count_requests_matches_enumeration(height, width, chunk, n_index) -> No
 
 
 def test_europe_dry_run_plan() -> None:
+    """Europe's chunks wholly at sea (31 % of the bounding box's 21,440) are neither requested nor written."""
     from geosoc.data.cube import plan_cube
 
     plan = plan_cube(load_catalog("europe"))
     imagery, climate = plan.layers[:2]  # then the embeddings (tests/test_embeddings.py)
-    assert imagery.requests == 21_440 * 14 and imagery.concurrency == 40
+    assert imagery.chunks + imagery.outside_chunks == 21_440 and 6_000 < imagery.outside_chunks < 7_500
+    assert imagery.requests == imagery.chunks * 14 and imagery.requests_saved == imagery.outside_chunks * 14
+    assert imagery.concurrency == 40
     assert imagery.request_bytes <= MAX_REQUEST_BYTES and climate.request_bytes <= MAX_REQUEST_BYTES
-    assert climate.requests == 90 * 14
+    assert climate.requests == 90 * 14 and climate.outside_chunks == 0  # the climate grid is not masked
     assert imagery.estimated_seconds == pytest.approx(imagery.requests * 2.0 / 40)
 
 
@@ -196,6 +200,32 @@ def test_xee_cube_equals_synthetic_cube(offline_ee, tmp_path, write_catalog, syn
     # Exactly the planned requests were sent.
     assert fakes["imagery"].calls == layers[0].reader.requests() == 9 * 14
     assert fakes["climate"].calls == layers[1].reader.requests()
+
+
+def test_masked_region_requests_only_chunks_inside_the_mask(offline_ee, tmp_path, write_catalog,
+                                                           synthetic_cube) -> None:
+    """A mask of the region's western half: the third of the chunks wholly outside (x >= 64 of 96 px) is never
+    requested nor written and reads NaN; partly inside ones are requested once and masked; the plan counts the
+    requests sent and those the mask saves; the completion record counts the chunks outside."""
+    from geosoc.data.cube import plan_cube
+
+    data = tiny_catalog_dict()
+    data["region"]["mask"] = western_half_mask(tmp_path, data["region"]["bounds"])
+    data["imagery"]["source"] = {"kind": "earthengine", "max_concurrency": 4}
+    data["climate"]["source"] = {"kind": "earthengine", "max_concurrency": 4}
+    catalog = load_catalog(path=write_catalog(data, name="masked.yaml"))
+    layers, fakes = fake_layers(catalog)
+    layers[0] = masked(layers[0], data["region"]["mask"])  # as open_layers masks the catalog's own
+    imagery = plan_cube(catalog).layers[0]
+    assert (imagery.chunks, imagery.outside_chunks) == (6, 3)
+    assert (imagery.requests, imagery.requests_saved) == (6 * 14, 3 * 14)
+    url = build_cube(catalog, str(tmp_path / "ee"), layers=layers, progress=False)
+    assert fakes["imagery"].calls == imagery.requests  # the chunks at sea cost nothing
+    got = cube_arrays(url)
+    assert np.isnan(got["imagery"][:, :, 48:]).all()  # outside the mask: never written (the fill value) or masked
+    np.testing.assert_array_equal(got["imagery"][:, :, :48], synthetic_cube["imagery"][:, :, :48])
+    np.testing.assert_array_equal(got["climate"], synthetic_cube["climate"])
+    assert open_cube(url).attrs["geosoc_chunks"]["imagery"] == {"chunks": 9, "complete": 6, "outside_mask": 3}
 
 
 def test_transient_failures_are_retried(offline_ee, tmp_path, write_catalog, synthetic_cube) -> None:

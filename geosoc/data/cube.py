@@ -8,6 +8,10 @@ the cube (`cube.zarr.progress/<build id>/<group>/<iy>.<ix>`); a re-run skips chu
 rewrites finished work, whatever moment the previous run was killed at. Markers live outside the Zarr hierarchy
 (zarr warns about foreign objects inside it); when every chunk is marked, the root attrs record the status and a
 per-group count of chunks, and the markers are removed.
+
+A layer masked by `region.mask` says which chunks may hold a pixel inside it (`MaskedReader.chunks_inside`): the
+others (a chunk wholly at sea) are never requested nor written, and read as the fill value, NaN. The plan counts
+only what is sent and says what the mask saves; the completion record counts the chunks left outside.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class LayerPlan:
     request_bytes: int | None = None  # largest request, mask bytes included
     concurrency: int | None = None
     seconds_per_request: float | None = None
+    outside_chunks: int = 0  # wholly outside `region.mask`: neither requested nor written (not in `chunks`)
+    requests_saved: int | None = None  # the requests those chunks would have cost
 
     @property
     def estimated_seconds(self) -> float | None:
@@ -87,10 +93,30 @@ def plan_cube(catalog: LoadedCatalog, root: str | None = None) -> CubePlan:
 
 
 def _plan_layer(layer: Layer) -> LayerPlan:
-    remote = layer.reader.plan() if hasattr(layer.reader, "plan") else {}
+    """The chunks a build writes and the requests it sends: those inside the region's mask, if it has one."""
     grid = layer.grid
-    return LayerPlan(layer.group, layer.shape, layer.chunk_shape, grid.n_chunks, layer.nbytes, grid.resolution,
-                     **remote)
+    outside = _outside(layer)
+    if not outside:
+        remote = layer.reader.plan() if hasattr(layer.reader, "plan") else {}
+        return LayerPlan(layer.group, layer.shape, layer.chunk_shape, grid.n_chunks, layer.nbytes, grid.resolution,
+                         **remote)
+    windows = [window for window in grid.windows() if window.key not in outside]
+    leading = int(np.prod(layer.chunk_shape[:-2], dtype=np.int64))
+    nbytes = sum(leading * window.shape[0] * window.shape[1] * 4 for window in windows)
+    remote = {}
+    if hasattr(layer.reader, "plan"):
+        remote = layer.reader.plan(windows)
+        remote["requests_saved"] = layer.reader.plan()["requests"] - remote["requests"]
+    return LayerPlan(layer.group, layer.shape, layer.chunk_shape, len(windows), nbytes, grid.resolution,
+                     outside_chunks=len(outside), **remote)
+
+
+def _outside(layer: Layer) -> set[str]:
+    """Keys of the layer's chunks wholly outside `region.mask` (none without a mask)."""
+    if not hasattr(layer.reader, "chunks_inside"):
+        return set()
+    inside = layer.reader.chunks_inside()
+    return {window.key for window in layer.grid.windows() if not inside[window.index]}
 
 
 def build_cube(
@@ -138,13 +164,14 @@ def _build(url: str, catalog: LoadedCatalog, layers: list[Layer], client: Any, w
 
     markers = Markers(url, attrs["geosoc_build_id"])
     done = markers.completed()
+    outside = {layer.group: _outside(layer) for layer in layers}  # never requested nor written: they read as NaN
     todo = [
         (layer.group, window)
         for layer in layers
         for window in layer.grid.windows()
-        if f"{layer.group}/{window.key}" not in done
+        if f"{layer.group}/{window.key}" not in done and window.key not in outside[layer.group]
     ]
-    total = sum(layer.grid.n_chunks for layer in layers)
+    total = sum(layer.grid.n_chunks - len(outside[layer.group]) for layer in layers)
     tasks = [
         dask.delayed(_write_chunk, pure=False)(url, group, readers[group], window, markers)
         for group, window in todo
@@ -153,7 +180,7 @@ def _build(url: str, catalog: LoadedCatalog, layers: list[Layer], client: Any, w
                       disable=not progress) as bar:
         run_tasks(tasks, client, workers, bar)
     lease.check()  # a run that lost its lock meanwhile must not mark another's writes complete
-    _finish(url, layers, markers)
+    _finish(url, layers, markers, outside)
     return url
 
 
@@ -224,16 +251,18 @@ def _template_dataset(layer: Layer) -> xr.Dataset:
     return ds
 
 
-def _finish(url: str, layers: list[Layer], markers: Markers) -> None:
+def _finish(url: str, layers: list[Layer], markers: Markers, outside: dict[str, set[str]]) -> None:
+    """The completion record: per group, its chunks, those written and those outside the mask (never written)."""
     done = markers.completed()
     record = {
         layer.group: {
             "chunks": layer.grid.n_chunks,
             "complete": sum(1 for w in layer.grid.windows() if f"{layer.group}/{w.key}" in done),
+            "outside_mask": len(outside[layer.group]),
         }
         for layer in layers
     }
-    missing = {g: r for g, r in record.items() if r["complete"] != r["chunks"]}
+    missing = {g: r for g, r in record.items() if r["complete"] + r["outside_mask"] != r["chunks"]}
     if missing:
         raise IncompleteError(f"{url}: chunks still missing after the build: {missing}; run the build again")
     complete(url, {"geosoc_chunks": record})

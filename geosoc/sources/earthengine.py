@@ -19,6 +19,7 @@ import datetime as dt
 import math
 import os
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 
 from geosoc.catalog import EMBEDDING_BANDS, IMAGERY_BANDS, INDICES, EarthEngineSource, LoadedCatalog
 from geosoc.errors import CredentialsError, ServiceError, first_line
-from geosoc.grid import Grid
+from geosoc.grid import Grid, Window
 from geosoc.sources.ee_credentials import ENV_KEY_FILE, ENV_PROJECT, find_credentials
 from geosoc.sources.ee_fetch import Fetch, PixelFetcher, RetryPolicy, Throttle
 from geosoc.sources.ee_plan import TileShape, count_requests, plan_tile
@@ -48,6 +49,7 @@ TERRACLIMATE_SCALE = {
 CHECK_DEADLINE_MS = 20_000
 EMBEDDING_PIXEL = 10.0  # metres: the embedding's native pixel
 MAX_REDUCE_PIXELS = 65_535  # reduceResolution's largest maxPixels
+STACKED = "imagery"  # the one variable of stacked imagery, whose images are the bands
 
 
 # --- expressions -------------------------------------------------------------------------------------------
@@ -268,20 +270,33 @@ class EarthEngineReader:
     fetch: Fetch | None = None
     retry: RetryPolicy | None = None
     collection: str = ""  # embeddings: the collection (the catalog's `embeddings.collection`)
+    stacked: bool = False  # imagery: the bands as the images of one variable, all fetched in one request
     _dataset: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    window_invariant = True  # computed on the grid, pixel by pixel, whatever window a request asks for
 
     @property
     def tile(self) -> TileShape:
         return plan_tile(len(self.index), *self.grid.chunks)
 
-    def requests(self) -> int:
-        return count_requests(self.grid, self.variables, len(self.index), self.tile)
+    def requests(self, windows: Iterable[Window] | None = None) -> int:
+        """Requests for the whole layer, or for `windows` of it only."""
+        if windows is None:
+            return count_requests(self.grid, self.variables, len(self.index), self.tile)
+        return sum(self.window_requests(*window.shape) for window in windows)
 
-    def plan(self) -> dict[str, Any]:
-        """What `--dry-run` shows: requests, their largest size, concurrency and assumed time each."""
+    def window_requests(self, height: int, width: int) -> int:
+        """Requests that read one window of this size (xee tiles it from its corner)."""
+        tile = self.tile
+        return len(self.variables) * -(-len(self.index) // tile.index) * -(-height // tile.height) * -(
+            -width // tile.width)
+
+    def plan(self, windows: Iterable[Window] | None = None) -> dict[str, Any]:
+        """What `--dry-run` shows: requests (for the whole layer or `windows` of it), their largest size,
+        concurrency and assumed time each."""
         return {
-            "requests": self.requests(),
+            "requests": self.requests(windows),
             "request_bytes": self.tile.nbytes,
             "concurrency": self.source.max_concurrency,
             "seconds_per_request": self.source.seconds_per_request,
@@ -298,7 +313,10 @@ class EarthEngineReader:
                 self.prepare()
                 import ee
 
-                if self.group == "imagery":
+                if self.group == "imagery" and self.stacked:
+                    image = imagery_image(self.source, self.period, self.index)
+                    collection = ee.ImageCollection([image.select([b]).rename([STACKED]) for b in self.index])
+                elif self.group == "imagery":
                     collection = ee.ImageCollection([imagery_image(self.source, self.period, self.variables)])
                 elif self.group == EMBEDDINGS:
                     collection = embedding_collection(self.collection, self.period[0].year, self.grid)
@@ -319,9 +337,9 @@ class EarthEngineReader:
         with ThreadPoolExecutor(max_workers=len(self.variables)) as pool:
             per_variable = list(pool.map(one, self.variables))  # each (time, h, w)
         stacked = np.stack(per_variable, axis=1)  # (time, variable, h, w)
-        if self.group == "imagery":
+        if self.group == "imagery" and not self.stacked:
             return stacked[0]
-        return stacked[:, 0] if self.group == EMBEDDINGS else stacked
+        return stacked[:, 0] if self.group == EMBEDDINGS or self.stacked else stacked
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -334,14 +352,19 @@ class EarthEngineReader:
 
 
 def earthengine_imagery(catalog: LoadedCatalog, fetch: Fetch | None = None,
-                       retry: RetryPolicy | None = None) -> Layer:
-    """The imagery layer; `fetch` replaces computePixels (tests, benchmarks), `retry` the catalog's policy."""
+                       retry: RetryPolicy | None = None, stacked: bool = False) -> Layer:
+    """The imagery layer; `fetch` replaces computePixels (tests, benchmarks), `retry` the catalog's policy.
+    `stacked`: every band of a window in one request (the bands as the images of one variable, as the embedding's
+    axes are), for windows around points; a cube build asks for one band at a time."""
     config = catalog.config
     source = config.imagery.source
     assert isinstance(source, EarthEngineSource)
     bands = list(config.imagery.bands or IMAGERY_BANDS)
     grid, period = config.imagery_grid, config.imagery.period
-    reader = EarthEngineReader("imagery", grid, source, bands, [period[0]], period, fetch, retry)
+    if stacked:
+        reader = EarthEngineReader("imagery", grid, source, [STACKED], bands, period, fetch, retry, stacked=True)
+    else:
+        reader = EarthEngineReader("imagery", grid, source, bands, [period[0]], period, fetch, retry)
     attrs = {"source": "earthengine", "collections": [source.landsat, source.terrain]}
     return Layer("imagery", grid, {"band": bands}, reader, attrs)
 
