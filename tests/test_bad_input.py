@@ -72,7 +72,7 @@ CASES: dict[str, tuple[list[str], str, Callable[[Path], None] | None]] = {
                            "series.csv: the coordinates' CRS (--points-crs): 'EPSG:999999'", None),
     "SampleSet under a file": ([*SAMPLE_TABLE, "--out", "{f}/a-file/o.zarr"], "a-file: cannot write here", None),
     "samples into a root under a file": ([*SAMPLE[:4], "{f}/a-file/root", *SAMPLE[5:], "--points",
-                                          "{f}/points.csv"], "no cube here", None),
+                                          "{f}/points.csv"], "a-file/root: cannot write here (", None),
     "models under a file (finetune)": (["finetune", "--catalog", "{f}/tiny.yaml", "--root", "{f}/root", "-q"],
                                        "root/models: cannot write here",  # the lock models/finetune.lock goes first
                                        lambda folder: (folder / "root" / "models").write_text("")),
