@@ -139,16 +139,18 @@ def check_writable(url: str) -> None:
     `mkdir` and `makedirs` do, so nothing here calls them on an object store).
     """
     fs, path = filesystem(url)
-    if isinstance(fs, LocalFileSystem):
-        _no_file_in_the_way(url, path)
-    else:
-        check_bucket(url)
     probe = f"{path.rstrip('/')}/.geosoc-write-test-{uuid.uuid4().hex}"
     try:
+        if isinstance(fs, LocalFileSystem):
+            _no_file_in_the_way(url, path)
+        else:
+            check_bucket(url)
         with leaving_no_folders(fs, probe):  # the probe leaves nothing behind: not even the folders it needed
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
-    except Exception as err:  # any backend error means the same thing here
+    except GeosocError:
+        raise
+    except Exception as err:  # any backend error means the same thing here (a missing profile, no credentials)
         raise unwritable(url, err) from err
 
 
@@ -158,7 +160,7 @@ def unwritable(url: str, err: Exception) -> GeosocError:
     known = storage_failure(err, url)
     if known is not None:
         return known
-    reason = getattr(err, "strerror", None) or type(err).__name__
+    reason = getattr(err, "strerror", None) or f"{type(err).__name__}: {first_line(err)}"[:300]
     return UnwritableError(f"{url}: cannot write here ({reason}); choose another --root or fix its permissions")
 
 
