@@ -260,6 +260,8 @@ class SamplingConfig(_Section):
                               "sees which pixels are missing")
     depth: str | None = Field(None, description="the soil layer the samples measure, e.g. '0-20 cm': the map "
                                                 "predicts that layer, and its title and STAC item say so")
+    min_spacing: float = Field(0, ge=0, description="random locations (`geosoc sample --random`) at least this far "
+                               "apart, CRS units (--min-spacing overrides it)")
 
 
 # Sizes left unset (None) are chosen from the number of samples the network learns from, when it is built:

@@ -18,7 +18,7 @@ import numpy as np
 from ee import apitestcase
 from googleapiclient.errors import HttpError
 
-from geosoc.catalog import LoadedCatalog
+from geosoc.catalog import IMAGERY_BANDS, LoadedCatalog
 from geosoc.grid import Grid
 from geosoc.sources import earthengine
 from geosoc.sources.ee_fetch import RetryPolicy, describe_request
@@ -148,8 +148,9 @@ class FakeEarthEngine:
         return peak
 
     def _pixels(self, info: Any) -> np.ndarray:
-        if self.group == "imagery":
-            values = self.landscape.imagery(self.grid, info.rows, info.cols, [info.variable])
+        if self.group == "imagery":  # one band a request, or (stacked) the bands as the images of one variable
+            bands = list(self.variables[info.index]) if info.variable == earthengine.STACKED else [info.variable]
+            values = self.landscape.imagery(self.grid, info.rows, info.cols, bands)
         else:
             months = self.months[info.index]
             values = self.landscape.climate(self.grid, info.rows, info.cols, months, [info.variable])[:, 0]
@@ -157,18 +158,21 @@ class FakeEarthEngine:
 
 
 def fake_layers(catalog: LoadedCatalog, failure_rate: float = 0.0, bad_variable: str | None = None,
-                tokens: list[str] | None = None) -> tuple[list[Layer], dict[str, FakeEarthEngine]]:
-    """The catalog's two Earth Engine layers, read through xee from fakes of the service (returned too)."""
+                tokens: list[str] | None = None, stacked: bool = False,
+                ) -> tuple[list[Layer], dict[str, FakeEarthEngine]]:
+    """The catalog's two Earth Engine layers, read through xee from fakes of the service (returned too);
+    `stacked`: the imagery's bands in one request each (as sampling at points asks)."""
     config = catalog.config
     assert config.climate_grid is not None and config.climate is not None
+    bands = list(config.imagery.bands or IMAGERY_BANDS)
     fakes = {
-        "imagery": FakeEarthEngine(7, config.imagery_grid, "imagery", [], [], failure_rate, bad_variable,
+        "imagery": FakeEarthEngine(7, config.imagery_grid, "imagery", bands, [], failure_rate, bad_variable,
                                    tokens=tokens),
         "climate": FakeEarthEngine(7, config.climate_grid, "climate", config.climate.variables,
                                    config.climate.months, failure_rate, tokens=tokens),
     }
     layers = [
-        earthengine.earthengine_imagery(catalog, fakes["imagery"], FAST_RETRY),
+        earthengine.earthengine_imagery(catalog, fakes["imagery"], FAST_RETRY, stacked=stacked),
         earthengine.earthengine_climate(catalog, fakes["climate"], FAST_RETRY),
     ]
     return layers, fakes

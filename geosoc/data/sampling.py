@@ -24,6 +24,16 @@ from scipy.spatial import cKDTree
 from geosoc.catalog import EMBEDDING_BANDS
 from geosoc.data.cube import axis_coordinate, cube_parts, embeddings_part, with_axis_names
 from geosoc.data.points import Points, lonlat
+from geosoc.data.window_sources import (
+    CubeWindows,
+    Extracted,
+    around,
+    cells_at,
+    chunk_groups,
+    cube_array,
+    patches_at,
+)
+from geosoc.data.window_sources import cut_patches as cut_patches  # where the maps' tree features cut theirs
 from geosoc.errors import InputError
 from geosoc.grid import Grid
 from geosoc.io.bars import progress_bar
@@ -36,6 +46,7 @@ from geosoc.io.storage import (
     open_store,
     parent_url,
     publish_tree,
+    read_group_attrs,
     tidy_beside,
     zarr_store,
 )
@@ -45,32 +56,8 @@ MAX_NODATA_FRACTION = 1.0  # default: a patch is kept whatever part of it has no
 OLD_MAX_NODATA = 0.5  # the default before: patches with more than half their pixels without data were dropped
 ROUND_CAP = 2048  # random candidates extracted per round (bounds memory for unlabelled sampling)
 TARGET_CHUNK_BYTES = 8 * 2**20
+STAGING_ATTR = "geosoc_staging"  # what a resumable temporary SampleSet is the work of
 EMBEDDING_PATCH = 5  # cells of the embeddings grid around a sample kept in its SampleSet (the trees' window)
-
-
-@dataclass(frozen=True)
-class Extracted:
-    """Patches of one group of points (in the order of `indices`) and how much of each has data."""
-
-    indices: np.ndarray
-    patches: np.ndarray  # (n, band, py, px) float32
-    nodata: np.ndarray  # fraction of patch pixels without data
-    centre_valid: np.ndarray
-
-    def valid(self, max_nodata: float) -> np.ndarray:
-        """Patches kept: data at the centre pixel, and at most `max_nodata` of the pixels without data."""
-        return self.centre_valid & (self.nodata <= max_nodata)
-
-    def why_dropped(self, i: int, max_nodata: float) -> str:
-        if not self.centre_valid[i]:
-            return "its centre pixel has no data"
-        return f"{self.nodata[i]:.0%} of its patch has no data (more than sampling.max_nodata, {max_nodata:.0%})"
-
-
-def _cube_array(url: str, group: str) -> zarr.Array:
-    """The cube's `group` array, its metadata read afresh (one small read): a process that outlives a rebuild of
-    the cube at the same URL must not read the new chunks with the old shape or chunking."""
-    return zarr.open_array(zarr_store(url, read_only=True), path=f"{group}/data", mode="r", zarr_format=3)
 
 
 def read_imagery(url: str, shape: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
@@ -79,33 +66,15 @@ def read_imagery(url: str, shape: tuple[int, int], r0: int, r1: int, c0: int, c1
 
 
 def read_block(url: str, group: str, shape: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    """(band, r1 - r0, c1 - c0) pixels of a (band, y, x) cube group, NaN beyond the grid."""
-    rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, shape[0]), min(c1, shape[1])
-    array = _cube_array(url, group)
-    window = np.full((array.shape[0], r1 - r0, c1 - c0), np.nan, dtype=np.float32)
-    if rr1 > rr0 and cc1 > cc0:
-        window[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = array[:, rr0:rr1, cc0:cc1]
-    return window
-
-
-def cut_patches(window: np.ndarray, top: np.ndarray, left: np.ndarray, patch: int) -> np.ndarray:
-    """The `patch` x `patch` patches of `window` (band, h, w) whose top-left pixels are (top, left): (n, band, p, p).
-    One gather on the host; the map's network predictor cuts its patches as views on the device instead."""
-    offsets = np.arange(patch)
-    rows = top[:, None, None] + offsets[None, :, None]
-    cols = left[:, None, None] + offsets[None, None, :]
-    return np.moveaxis(window[:, rows, cols], 0, 1)
+    """(band, r1 - r0, c1 - c0) pixels of a (band, y, x) cube group of (y, x) size `shape`, NaN beyond it."""
+    return CubeWindows(url).read(group, slice(r0, r1), slice(c0, c1))
 
 
 def _extract_group(url: str, shape: tuple[int, int], indices: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                    patch: int) -> Extracted:
-    """Read the group's window once (padded with NaN beyond the grid) and gather every patch from it."""
-    half = patch // 2
-    r0, c0 = int(rows.min()) - half, int(cols.min()) - half
-    window = read_imagery(url, shape, r0, int(rows.max()) - half + patch, c0, int(cols.max()) - half + patch)
-    patches = cut_patches(window, rows - half - r0, cols - half - c0, patch)  # (n, band, py, px)
-    missing = np.isnan(patches).any(axis=1)
-    return Extracted(indices, patches, missing.mean(axis=(1, 2)), ~missing[:, half, half])
+    """Read the group's window once (padded with NaN beyond the grid) and gather every patch from it (the same
+    code cuts them from the catalog's sources: `data.from_source`)."""
+    return patches_at(CubeWindows(url), indices, rows, cols, patch)
 
 
 def extract_patches(
@@ -114,10 +83,7 @@ def extract_patches(
 ) -> Iterator[Extracted]:
     """Patches centred on points (grid CRS), one chunk group at a time, in chunk order."""
     rows, cols = grid.rowcol(x, y)
-    keys = grid.chunk_index(rows, cols)
-    order = np.argsort(keys, kind="stable")
-    bounds = np.flatnonzero(np.diff(keys[order])) + 1
-    groups = np.split(order, bounds) if len(order) else []
+    groups = chunk_groups(grid, rows, cols)
     batch = 2 * (workers or available_cores())
 
     def task(indices: np.ndarray) -> Any:
@@ -155,17 +121,12 @@ def _take(iterator: Iterator[np.ndarray], n: int) -> list[np.ndarray]:
 
 def climate_at(url: str, grid: Grid, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(n, time, variable) series of the climate cell under each point; each climate chunk read once."""
-    array = _cube_array(url, "climate")
+    source = CubeWindows(url, {"climate": grid})
     rows, cols = grid.rowcol(x, y)
-    inside = grid.contains(rows, cols)
-    out = np.full((len(x), array.shape[0], array.shape[1]), np.nan, dtype=np.float32)
-    keys = np.where(inside, grid.chunk_index(rows, cols), -1)
-    for key in np.unique(keys[inside]):
-        members = np.flatnonzero(keys == key)
-        r0, c0 = int(rows[members].min()), int(cols[members].min())
-        r1, c1 = int(rows[members].max()) + 1, int(cols[members].max()) + 1
-        block = np.asarray(array[:, :, r0:r1, c0:c1])
-        out[members] = np.moveaxis(block[:, :, rows[members] - r0, cols[members] - c0], -1, 0)
+    inside = np.flatnonzero(grid.contains(rows, cols))
+    out = np.full((len(x), *cube_array(url, "climate").shape[:2]), np.nan, dtype=np.float32)
+    for members in chunk_groups(grid, rows[inside], cols[inside]):
+        out[inside[members]] = cells_at(source, "climate", rows[inside[members]], cols[inside[members]])
     return out
 
 
@@ -174,14 +135,8 @@ def embeddings_at(url: str, grid: Grid, x: np.ndarray, y: np.ndarray, size: int 
     each point's cell (NaN beyond the grid or without data); each group of points read once per chunk."""
     rows, cols = grid.rowcol(x, y)
     out = np.full((len(x), len(EMBEDDING_BANDS), size, size), np.nan, dtype=np.float32)
-    keys = grid.chunk_index(np.clip(rows, 0, grid.shape[0] - 1), np.clip(cols, 0, grid.shape[1] - 1))
-    half = size // 2
-    for key in np.unique(keys):
-        members = np.flatnonzero(keys == key)
-        r0, c0 = int(rows[members].min()) - half, int(cols[members].min()) - half
-        block = read_block(url, "embeddings", grid.shape, r0, int(rows[members].max()) - half + size, c0,
-                           int(cols[members].max()) - half + size)
-        out[members] = cut_patches(block, rows[members] - half - r0, cols[members] - half - c0, size)
+    for members in chunk_groups(grid, rows, cols):
+        out[members] = around(CubeWindows(url), "embeddings", rows[members], cols[members], size)
     return out
 
 
@@ -217,28 +172,40 @@ def sample_chunk_rows(bytes_per_sample: int) -> int:
 
 class SampleSetWriter:
     """Writes a SampleSet to a temporary path beside `url`, appending patches as they come; `finish` moves it
-    into place. A context manager: it holds the SampleSet's lock, and an error deletes what it wrote."""
+    into place. A context manager: it holds the SampleSet's lock, and an error deletes what it wrote.
 
-    def __init__(self, url: str, bands: list[str] | None, patch: int | None) -> None:
-        self.url, self.bands, self.patch_size = url, bands, patch
+    `resume` (what identifies the work, e.g. a fingerprint of the points and settings): the temporary SampleSet
+    is `<url>.staging`, kept when the run fails or is killed, for a later run with the same `resume` to carry on
+    (`data.from_source`); one left by other work is removed first."""
+
+    def __init__(self, url: str, bands: list[str] | None, patch: int | None, resume: str | None = None) -> None:
+        self.url, self.bands, self.patch_size, self.resume = url, bands, patch, resume
         self.exit = ExitStack()
 
     def __enter__(self) -> SampleSetWriter:
         with self.exit as on_error:
             self.lease = self.exit.enter_context(exclusive(self.url, "sample"))  # also: the folder takes writes
             tidy_beside(self.url)
-            self.tmp = beside(self.url, "partial")
-            self.exit.callback(self._remove_tmp)
+            if self.resume is None:
+                self.tmp = beside(self.url, "partial")
+                self.exit.callback(self._remove_tmp)
+            else:
+                self.tmp = staging_url(self.url)
+                if (read_group_attrs(self.tmp) or {}).get(STAGING_ATTR) != self.resume:
+                    self._remove_tmp()
             self.store = zarr_store(self.tmp)
-            self.group = zarr.open_group(self.store, mode="w", zarr_format=3)
-            self.patch = None
+            self.group = zarr.open_group(self.store, mode="w" if self.resume is None else "a", zarr_format=3)
+            found = self.group.get("patch")  # resumed: the patches so far
+            self.patch: zarr.Array | None = found if isinstance(found, zarr.Array) else None
             bands, patch = self.bands, self.patch_size
-            if bands is not None and patch is not None:
+            if self.patch is None and bands is not None and patch is not None:
                 chunk = sample_chunk_rows(len(bands) * patch * patch * 4)
                 self.patch = self.group.create_array(
                     "patch", shape=(0, len(bands), patch, patch), chunks=(chunk, len(bands), patch, patch),
                     dtype="float32", fill_value=np.nan, dimension_names=["sample", "band", "py", "px"],
                 )
+            if self.resume is not None:
+                self.group.attrs[STAGING_ATTR] = self.resume  # last: a staging without it is started afresh
             self.exit = on_error.pop_all()  # set up: kept until __exit__
         return self
 
@@ -253,6 +220,8 @@ class SampleSetWriter:
             _, months, variables = dataset["climate"].shape
             rows = self.patch.chunks[0] if self.patch is not None else sample_chunk_rows(months * variables * 4)
             encoding["climate"] = {"chunks": (rows, months, variables)}
+        if STAGING_ATTR in self.group.attrs:
+            del self.group.attrs[STAGING_ATTR]  # the SampleSet is whole: nothing to resume from
         dataset.to_zarr(self.store, mode="a", zarr_format=3, consolidated=False, encoding=encoding)
         self.lease.check()  # a run that lost its lock meanwhile must not replace another's SampleSet
         publish_tree(self.tmp, self.url)
@@ -266,6 +235,11 @@ class SampleSetWriter:
         fs, tmp = filesystem(self.tmp)
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
+
+
+def staging_url(url: str) -> str:
+    """Where a resumable SampleSet is written before it moves to `url`."""
+    return f"{url.rstrip('/')}.staging"
 
 
 def sampleset_dataset(
@@ -376,7 +350,7 @@ def random_points(
     xmin, ymin, xmax, ymax = grid.bounds
     accepted_x: list[float] = []
     accepted_y: list[float] = []
-    spacing = _Spacing(min_spacing)
+    spacing = Spacing(min_spacing)
     rate = 0.5
     for _round in range(50):
         need = n - len(accepted_x)
@@ -403,7 +377,7 @@ def random_points(
     return Points(ids, x, y, *lonlat(x, y, grid.crs), np.full(n, np.nan), "", f"random(seed={seed})")
 
 
-class _Spacing:
+class Spacing:
     """Minimum spacing between accepted points, through scipy's cKDTree over the points accepted so far."""
 
     def __init__(self, spacing: float) -> None:

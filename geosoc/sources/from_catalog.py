@@ -8,11 +8,12 @@ from geosoc.catalog import LoadedCatalog, RasterSource, SyntheticSource
 from geosoc.sources.layers import Layer
 
 
-def open_layers(catalog: LoadedCatalog, root: str | None = None) -> list[Layer]:
+def open_layers(catalog: LoadedCatalog, root: str | None = None, stacked: bool = False) -> list[Layer]:
     """The catalog's imagery layer, its climate layer when it has climate, its embeddings when it has them
-    (`root`: the region's root, where synthetic embeddings write their COGs)."""
+    (`root`: the region's root, where synthetic embeddings write their COGs). `stacked`: Earth Engine imagery
+    with every band of a window in one request (sampling at points) instead of one band a request (a cube)."""
     config = catalog.config
-    layers = [_in_mask(catalog, _imagery_layer(catalog))]
+    layers = [_in_mask(catalog, _imagery_layer(catalog, stacked))]
     if config.climate is not None:
         layers.append(_climate_layer(catalog))
     if config.embeddings is not None:
@@ -29,7 +30,7 @@ def _in_mask(catalog: LoadedCatalog, layer: Layer) -> Layer:
     return masked(layer, catalog.resolve(catalog.config.region.mask))
 
 
-def _imagery_layer(catalog: LoadedCatalog) -> Layer:
+def _imagery_layer(catalog: LoadedCatalog, stacked: bool) -> Layer:
     config = catalog.config
     source = config.imagery.source
     if isinstance(source, SyntheticSource):
@@ -42,7 +43,7 @@ def _imagery_layer(catalog: LoadedCatalog) -> Layer:
         return raster_imagery(catalog, config.imagery_grid)
     from geosoc.sources.earthengine import earthengine_imagery
 
-    return earthengine_imagery(catalog)
+    return earthengine_imagery(catalog, stacked=stacked)
 
 
 def _climate_layer(catalog: LoadedCatalog) -> Layer:

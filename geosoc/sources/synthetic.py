@@ -265,6 +265,7 @@ def _saturation_vapour_pressure(temp_c: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _ImageryReader:
+    window_invariant = True  # a pure function of position
     landscape: Landscape
     grid: Grid
     bands: tuple[str, ...]
@@ -275,6 +276,7 @@ class _ImageryReader:
 
 @dataclass(frozen=True)
 class _ClimateReader:
+    window_invariant = True
     landscape: Landscape
     grid: Grid
     months: tuple[dt.date, ...]
@@ -300,6 +302,7 @@ def synthetic_climate(
 
 @dataclass(frozen=True)
 class _SocReader:
+    window_invariant = True
     landscape: Landscape
     grid: Grid
 
