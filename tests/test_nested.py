@@ -143,3 +143,24 @@ def test_recommendation_never_reads_the_held_out_fold() -> None:
 def test_what_maps() -> None:
     assert mappable("ssl") and mappable("qrf") and mappable("rf+rk") and mappable("aef-qrf+rk")
     assert not mappable("hybrid") and not mappable("stack") and not mappable("ssl+rk")
+
+
+def test_spatial_context_features() -> None:
+    """`xy`: coordinates along six directions; `nn`: the nearest training samples' log1p SOC and distances, a
+    training sample's own value left out even where another sample shares its place."""
+    from geosoc.learn import context
+
+    xy = np.array([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
+    soc = np.array([1.0, 3.0, 7.0, 15.0])
+    oblique = context.features("xy", xy, soc, np.array([[2.0, 1.0]]))
+    assert oblique.shape == (1, 6) and oblique[0, 0] == 2 and oblique[0, 3] == pytest.approx(1)
+    own = context.features("nn", xy, soc, xy, training=True)
+    assert own.shape == (4, 10)
+    assert own[0, :4].tolist() == pytest.approx([np.log1p(3), 0, np.log1p(7), 5])  # not its own 1.0
+    assert own[1, :2].tolist() == pytest.approx([np.log1p(1), 0])
+    assert np.isnan(own[:, -2:]).all()  # 3 others only: the 4th and 5th neighbours are missing
+    held = context.features("nn", xy, soc, np.array([[9.0, 0.0]]))
+    assert held[0, :2].tolist() == pytest.approx([np.log1p(15), 1])
+    assert context.names("nn")[:2] == ["nn1_log1p_soc", "nn1_distance"]
+    with pytest.raises(ValueError, match="xy, nn"):
+        context.features("buffers", xy, soc, xy)
