@@ -438,9 +438,11 @@ def _gathered(staged: _Staged, pool: _Pool, source: LayerWindows, group: str, ch
             staged.add(group, number, **{group: values, f"{group}_at": at})
             bar.update(1)
     staged.flush()
-    values, at = staged.read(group), staged.read(f"{group}_at")
+    at, values = staged.read(f"{group}_at"), staged.arrays[group]
     out = np.full((len(chosen), *values.shape[1:]), np.nan, dtype=np.float32)
-    out[at] = values
+    step = values.chunks[0]
+    for start in range(0, len(at), step):  # a staged chunk at a time: the points' order held once, not twice
+        out[at[start : start + step]] = values[start : start + step]
     return out
 
 
