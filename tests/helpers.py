@@ -251,18 +251,25 @@ app(sys.argv[1:], prog_name="geosoc")
 """
 
 
-def unprivileged(command: list[str]) -> list[str]:
-    """`command` run as the user `nobody` when the tests run as root (CI does; root writes into read-only
-    folders), unchanged otherwise. Skips the test where `nobody` cannot run this checkout's Python."""
+def without_root_rights(read_only: Path) -> list[str]:
+    """A prefix that runs a command without root's rights over files (root writes into read-only folders; CI runs
+    as root): as the user nobody, or else as the owner of this checkout's files in a user namespace of its own
+    (owner rights only, no capabilities). Empty when the tests do not run as root; skips the test where neither
+    way can run this checkout's Python and be refused a write into `read_only`."""
     if os.geteuid() != 0:
-        return command
-    wrapped = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
-    probe = subprocess.run([*wrapped, sys.executable, "-c", "import geosoc.cli"], capture_output=True, cwd="/")
-    if probe.returncode != 0:
-        import pytest
+        return []
+    ways = [["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"],
+            ["unshare", "--user", "--map-user=65534", "--map-group=65534", "--"]]
+    tried = []
+    for way in ways:
+        probe = subprocess.run([*way, sys.executable, "-c", "import geosoc.cli, os, sys; "
+                                f"sys.exit(os.access({str(read_only)!r}, os.W_OK))"], capture_output=True, cwd="/")
+        if probe.returncode == 0:
+            return way
+        tried.append(f"{way[0]}: {probe.stderr.decode()[-200:].strip() or 'can write into a read-only folder'}")
+    import pytest
 
-        pytest.skip(f"the user nobody cannot import this checkout: {probe.stderr.decode()[-200:]}")
-    return [*wrapped, *command]
+    pytest.skip("cannot run commands without root's rights here: " + "; ".join(tried))
 
 
 def files_state(folder: Path) -> dict[str, int | None]:

@@ -21,7 +21,7 @@ from geosoc.catalog import load_catalog
 from geosoc.cli import app
 from geosoc.data.cube import build_cube
 from geosoc.data.sampling import open_sampleset
-from tests.helpers import files_state, tiny_catalog_dict, unprivileged
+from tests.helpers import files_state, tiny_catalog_dict, without_root_rights
 
 MONTHS = ["2010-01", "2010-02"]
 
@@ -116,8 +116,8 @@ def test_a_read_only_root_fails_before_any_work(command: str, region: Path) -> N
         args = [*SAMPLE, "--points", "{f}/points.csv"] if command == "sample" else [
             "finetune", "--catalog", "{f}/tiny.yaml", "--root", "{f}/root", "-q"]  # the region's labelled samples
         before = files_state(folder / "f")
-        done = subprocess.run(unprivileged([sys.executable, "-m", "geosoc.cli",
-                                            *(arg.replace("{f}", str(folder / "f")) for arg in args)]),
+        done = subprocess.run([*without_root_rights(target), sys.executable, "-m", "geosoc.cli",
+                               *(arg.replace("{f}", str(folder / "f")) for arg in args)],
                               capture_output=True, text=True, cwd=folder, env={**os.environ, "HOME": str(home)})
         assert done.returncode == 1 and "cannot write here" in done.stderr, done.stdout + done.stderr
         assert files_state(folder / "f") == before

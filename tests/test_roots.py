@@ -4,19 +4,15 @@ it finds (another part of the region, damaged metadata) writes nothing either, n
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from geosoc.cli import app
 from tests.commands import DEMO_PART, one_error_line, run_commands, writing_commands
-from tests.helpers import files_state
+from tests.helpers import files_state, without_root_rights
 
 
 def test_a_file_as_root_or_above_it_is_one_line_from_every_writing_command(tmp_path: Path) -> None:
@@ -34,24 +30,6 @@ def test_a_file_as_root_or_above_it_is_one_line_from_every_writing_command(tmp_p
         assert files_state(tmp_path) == before
 
 
-def _without_root_rights(read_only: Path) -> list[str]:
-    """A prefix that runs a command without root's rights over files (root writes into read-only folders): as the
-    user nobody, or else as the owner of this checkout's files in a user namespace of its own (owner rights only,
-    no capabilities). Unchanged when the tests do not run as root; skips where neither way works."""
-    if os.geteuid() != 0:
-        return []
-    ways = [["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"],
-            ["unshare", "--user", "--map-user=65534", "--map-group=65534", "--"]]
-    tried = []
-    for way in ways:
-        probe = subprocess.run([*way, sys.executable, "-c", "import geosoc.cli, os, sys; "
-                                f"sys.exit(os.access({str(read_only)!r}, os.W_OK))"], capture_output=True, cwd="/")
-        if probe.returncode == 0:
-            return way
-        tried.append(f"{way[0]}: {probe.stderr.decode()[-200:].strip() or 'can write into a read-only folder'}")
-    pytest.skip("cannot run commands without root's rights here: " + "; ".join(tried))
-
-
 def test_a_read_only_root_is_one_line_from_every_writing_command() -> None:
     """The read-only folder itself and a folder to be made in it, as a user without root's rights; the inputs and
     HOME readable (and HOME writable) by that user."""
@@ -63,7 +41,7 @@ def test_a_read_only_root_is_one_line_from_every_writing_command() -> None:
             path.mkdir()
         home.chmod(0o777)
         read_only.chmod(0o555)
-        wrap = _without_root_rights(read_only)
+        wrap = without_root_rights(read_only)
         steps = [(args, {}) for root in (read_only, read_only / "root")
                  for args in writing_commands(str(root), inputs)]
         for path in inputs.iterdir():
