@@ -164,3 +164,60 @@ def test_spatial_context_features() -> None:
     assert context.names("nn")[:2] == ["nn1_log1p_soc", "nn1_distance"]
     with pytest.raises(ValueError, match="xy, nn"):
         context.features("buffers", xy, soc, xy)
+
+
+def _poison_fold(url: str, fold: int, value: float) -> None:
+    import zarr
+
+    group = zarr.open_group(url, mode="r+")
+    target, folds = group["target"][:], group["fold"][:]
+    target[(folds == fold) & np.isfinite(target)] = value
+    group["target"][:] = target
+
+
+def test_evaluate_with_kriging_stacking_context_and_its_recommendation(trained_region: tuple[Any, str],
+                                                                        tmp_path: Any, small_forests: None) -> None:
+    """`geosoc evaluate` end to end on the tiny region (3 spatial folds): the forests with kriging, a stack over a
+    network and the trees, a forest with nearest-sample features. The pair runs are made once and reused; the
+    summary has each fold's variogram and weights and the recommendation. Then the same campaign on a copy whose
+    fold-0 targets are poisoned: every model's fold-0 predictions, the stack and `+rk` included, are unchanged."""
+    import json
+    from pathlib import Path
+
+    from geosoc.catalog import load_catalog
+    from geosoc.evaluation.campaign import evaluate_region
+    from tests.helpers import copy_region
+
+    models = ("supervised", "rf", "qrf+nn", "rf+rk", "stack")
+    results, places = {}, {}
+    for name in ("clean", "poisoned"):
+        path, root = places[name] = copy_region(trained_region, Path(tmp_path) / name, leave_out=("unlabelled.zarr",))
+        if name == "poisoned":
+            _poison_fold(f"{root}/samples/labelled.zarr", 0, 5e3)
+        config = load_catalog(path=path).config
+        results[name] = evaluate_region(config, root, models=models, epochs=1, progress=False)
+    clean = results["clean"]
+    summary = json.loads((Path(clean.outputs["summary.json"])).read_text())
+    assert list(summary["models"]) == list(models)
+    assert len(summary["models"]["rf+rk"]["per_fold"]) == 3 and "variogram" in summary["models"]["rf+rk"]["per_fold"][0]
+    weights = summary["models"]["stack"]["per_fold"][0]["weights"]
+    assert set(weights) == {"supervised", "rf", "qrf+nn"} and min(weights.values()) >= 0
+    assert summary["recommendation"]["model"] in ("supervised", "rf", "qrf+nn", "rf+rk")
+    assert summary["recommendation"]["of"] == 3 and "never decide" in summary["recommendation"]["rule"]
+    runs = Path(clean.outputs["summary.json"]).parent / "runs"
+    pair_runs = sorted(p.name for p in runs.glob("*/supervised-*/r0-p*-*.parquet"))
+    assert pair_runs == ["r0-p0-1.parquet", "r0-p0-2.parquet", "r0-p1-2.parquet"]  # a pair run per two folds
+    columns = ["model", "sample_id", "q05", "q50", "q95"]
+
+    def fold_zero(result: Any) -> pd.DataFrame:
+        part = result.predictions[result.predictions["fold"] == 0][columns]
+        return part.sort_values(["model", "sample_id"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(fold_zero(clean), fold_zero(results["poisoned"]))
+    assert results["poisoned"].summary["models"]["stack"]["per_fold"][0] == summary["models"]["stack"]["per_fold"][0]
+    assert (results["poisoned"].summary["models"]["rf+rk"]["per_fold"][0]
+            == summary["models"]["rf+rk"]["per_fold"][0])
+    path, root = places["clean"]
+    again = evaluate_region(load_catalog(path=path).config, root, models=models, epochs=1, progress=False)
+    assert all(again.summary["models"][m]["reused_runs"] == 3 for m in ("supervised", "rf", "qrf+nn"))
+    pd.testing.assert_frame_equal(fold_zero(again), fold_zero(clean))

@@ -7,6 +7,9 @@ trees are fitted on the other folds. Pretraining runs once, on the unlabelled Sa
 Each finished (model, repeat, fold) leaves its held-out predictions (and, for networks, its checkpoint) under
 `evaluation/runs/<cv>-k<folds>-<digest>/<model>-<settings>/`, so a re-run with the same folds and settings skips
 it; the tables and the figure are then made from all of them, and the summary says how many runs were reused.
+
+`<model>+rk` and `stack` are made from pair runs (each fitted model refitted without two folds: evaluation/nested.py),
+and the summary ends with the model to map with, chosen without any held-out fold's targets (evaluation/recommend.py).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from geosoc.catalog import Catalog
 from geosoc.data.sampling import open_sampleset, spatial_folds
 from geosoc.data.streaming import SampleData
 from geosoc.errors import InputError, NotFoundError
+from geosoc.evaluation import nested, recommend
 from geosoc.fingerprints import fingerprint, model_code
 from geosoc.io.bars import progress_bar
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import exists, filesystem, join, published
-from geosoc.learn import baselines, checkpoint, ensemble
+from geosoc.learn import baselines, checkpoint, context, ensemble
 from geosoc.learn.device import resolve_device
 from geosoc.learn.models import NetworkConfig
 from geosoc.learn.training import (
@@ -51,6 +55,8 @@ log = logging.getLogger(__name__)
 MODELS = ("ssl", "supervised", "hybrid", "rf", "gbm", "qrf")  # the default models of any SampleSet
 AEF_MODELS = baselines.AEF_NAMES  # added by default when the SampleSet carries AlphaEarth embeddings
 ALL_MODELS = (*MODELS, *AEF_MODELS)
+# Named only (--models): `<model>+rk` of any model, `stack`, tree models with spatial context (`qrf+nn`).
+TREES = baselines.NAMES
 NETWORKS = ("ssl", "supervised")
 NEEDS_PRETRAINING = ("ssl", "hybrid")
 DESCRIPTIONS = {
@@ -108,9 +114,10 @@ def evaluate_region(catalog: Catalog, root: str, *, cv: CV = "spatial", folds: i
     if models is not None and not models:
         raise InputError(f"--models names no model; give one or more of {', '.join(ALL_MODELS)}, comma-separated "
                          "(or leave --models out for every model the SampleSet has inputs for)")
-    unknown = [m for m in models or () if m not in ALL_MODELS]
+    unknown = [m for m in models or () if not nested.known(m, ALL_MODELS, TREES)]
     if unknown:
-        raise InputError(f"unknown model(s) {unknown}; choose among {', '.join(ALL_MODELS)}")
+        raise InputError(f"unknown model(s) {unknown}; choose among {', '.join(ALL_MODELS)}, any of them with "
+                         "+rk (residual kriging), stack, or a tree model with +xy or +nn (spatial context)")
     if cv not in ("spatial", "random"):
         raise InputError(f"--cv must be 'spatial' or 'random', got {cv!r}")
     if repeats < 1 or (folds is not None and folds < 2):
@@ -132,8 +139,10 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
                          device: torch.device) -> Evaluation:
     urls = stage_urls(root)
     samples = open_sampleset(urls["labelled"])
-    models = models or default_models(samples)
-    baselines.require_embeddings(samples, urls["labelled"], models)
+    models = nested.with_bases(models or default_models(samples))
+    fitted = tuple(m for m in models if not nested.is_derived(m))
+    estimators = tuple(nested.split(m)[0] for m in fitted)  # what each fitted model is, context aside
+    baselines.require_embeddings(samples, urls["labelled"], estimators)
     labelled = np.flatnonzero(np.isfinite(samples["target"].values))
     if len(labelled) < 10:
         raise InputError(f"{urls['labelled']}: only {len(labelled)} labelled samples; evaluation needs at least 10")
@@ -141,9 +150,10 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
     x, y = samples["x"].values[labelled], samples["y"].values[labelled]
     sets = fold_sets(x, y, data.fold[labelled], cv, folds, repeats, catalog.training.seed,
                      catalog.sampling.fold_block_size)
+    nested.check_folds(models, len(np.unique(sets[0])))
     ctx = Context(device=device, progress=False)
     pretrained = None
-    if any(m in NEEDS_PRETRAINING for m in models):
+    if any(m in NEEDS_PRETRAINING for m in estimators):
         if not checkpoint.is_checkpoint(urls["pretrain"]) and not exists(urls["unlabelled"]):
             raise NotFoundError(f"models ssl and hybrid need pretrained encoders: create {urls['unlabelled']} "
                                 "(`geosoc sample --random N`) or leave them out with --models")
@@ -155,53 +165,84 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
             pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))
     batch = data.rows(labelled)
     inputs = {"covariates": baselines.covariate_features(batch, data.bands, data.variables, data.time).values}
-    if "hybrid" in models:
+    if "hybrid" in estimators:
         inputs["ssl"] = _embeddings(pretrained, data, labelled, device)
-    if any(baselines.uses_aef(m) for m in models):
+    if any(baselines.uses_aef(m) for m in estimators):
         inputs["aef"] = baselines.aef_features(samples, labelled).values
     ids = samples["sample_id"].values[labelled]
     observed = data.target[labelled]
-    tasks = [(m, r, int(k)) for r, fs in enumerate(sets) for k in np.unique(fs) for m in models]
+    tasks: list[tuple[str, int, tuple[int, ...]]] = [(m, r, (int(k),)) for r, fs in enumerate(sets)
+                                                     for k in np.unique(fs) for m in fitted]
+    tasks += [(m, r, pair) for r, fs in enumerate(sets) for pair in nested.pairs(fs)
+              for m in nested.needs_pairs(models)]
     runs = join(out, "runs", _campaign(cv, sets, ids, observed))
     scratch = None if "supervised" not in models else finetune_network(catalog, urls["labelled"], None,
                                                                           region_encoders(root))
     aef = fingerprint(inputs["aef"].tobytes()) if "aef" in inputs else ""  # other vectors: other runs
-    folders = {m: f"{m}-{_settings(m, catalog, epochs, pretrained, scratch, aef)}" for m in models}
-    parts = []
+    folders = {m: f"{m}-{_settings(m, catalog, epochs, pretrained, scratch, aef)}" for m in fitted}
+    parts: list[pd.DataFrame] = []
+    inner: list[pd.DataFrame] = []  # the pair runs' predictions
+    xy = np.stack([x, y], axis=1)
     reused: dict[str, int] = dict.fromkeys(models, 0)
-    for model, repeat, fold in progress_bar(iterable=tasks, desc="evaluate", unit="run", disable=not progress):
-        url = join(runs, folders[model], f"r{repeat}-f{fold}.parquet")
+    for model, repeat, held in progress_bar(iterable=tasks, desc="evaluate", unit="run", disable=not progress):
+        url = join(runs, folders[model], f"{_run_name(repeat, held)}.parquet")
         if exists(url):
-            reused[model] += 1
+            reused[model] += len(held) == 1  # held-out folds reused (pair runs apart)
         else:
             full = np.full(data.size, -1, dtype=np.int64)
-            full[labelled] = sets[repeat]
-            test = sets[repeat] == fold
+            test = np.isin(sets[repeat], held)
+            full[labelled] = np.where(test, held[0], sets[repeat])  # a pair run holds out its two folds as one
             if model in NETWORKS:
-                run = join(runs, folders[model], f"r{repeat}-f{fold}")
-                finetune_region(catalog, root, epochs=epochs, test_fold=fold, ctx=ctx, out=run, folds=full,
+                run = join(runs, folders[model], _run_name(repeat, held))
+                finetune_region(catalog, root, epochs=epochs, test_fold=held[0], ctx=ctx, out=run, folds=full,
                                 pretrained=pretrained if model == "ssl" else False,
                                 seed=catalog.training.seed + repeat)
                 members = member_predictions(run, data, labelled[test], device)
                 lower, median, upper = ensemble.mean_interval(members)
                 each = {f"q50_seed{k}": part[1] for k, part in enumerate(members)}
             else:
-                table = np.concatenate([inputs[name] for name in baselines.INPUTS[model]], axis=1)
+                estimator, kind = nested.split(model)
+                table = np.concatenate([inputs[name] for name in baselines.INPUTS[estimator]], axis=1)
+                train_x, test_x = context.tables(kind, table, xy, observed, test)
                 each = {}
-                lower, median, upper = baselines.fit_predict(model, table[~test], observed[~test], table[test],
+                lower, median, upper = baselines.fit_predict(estimator, train_x, observed[~test], test_x,
                                                              catalog.training.seed + repeat, threads,
                                                              groups=sets[repeat][~test])
-            frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": fold,
+            frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": sets[repeat][test],
                                   "sample_id": [str(i) for i in ids[test]],
                                   "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
                                   "q50": median, "q95": upper, **each})
             with published(url) as local:
                 frame.to_parquet(local, index=False)
         fs, path = filesystem(url)
-        parts.append(pd.read_parquet(fs.open(path, "rb")))
+        frame = pd.read_parquet(fs.open(path, "rb"))
+        if len(held) == 1:
+            parts.append(frame)
+        else:  # each sample of a pair run is out of fold for the other fold of the pair
+            inner.append(frame.assign(with_fold=np.where(frame["fold"] == held[0], held[1], held[0])))
     predictions = pd.concat(parts, ignore_index=True)
-    return _report(predictions, out, models, samples["target"].attrs.get("units", ""), cv,
-                   samples["target"].attrs.get("long_name", "SOC"), reused)
+    derived, learnt = nested.derived_predictions(predictions, pd.concat(inner, ignore_index=True) if inner
+                                                 else predictions.iloc[:0], models, catalog.training.seed)
+    predictions = pd.concat([predictions, derived], ignore_index=True)
+    return _recommended(_report(predictions, out, models, samples["target"].attrs.get("units", ""), cv,
+                                samples["target"].attrs.get("long_name", "SOC"), reused), learnt)
+
+
+def _run_name(repeat: int, held: tuple[int, ...]) -> str:
+    """A run's name in its model's folder: `r0-f3` holds out fold 3, the pair run `r0-p1-3` folds 1 and 3."""
+    return f"r{repeat}-f{held[0]}" if len(held) == 1 else f"r{repeat}-p{held[0]}-{held[1]}"
+
+
+def _recommended(evaluation: Evaluation, learnt: dict[str, list[dict[str, Any]]]) -> Evaluation:
+    """The summary with what each fold of a derived model learnt (variograms, weights) and the recommendation
+    (`recommend`), written again."""
+    summary = evaluation.summary
+    for model, folds in learnt.items():
+        summary["models"][model]["per_fold"] = folds
+    summary["recommendation"] = recommend.recommend(evaluation.metrics, evaluation.predictions)
+    with published(evaluation.outputs["summary.json"]) as path:
+        path.write_text(json.dumps(summary, indent=2))
+    return evaluation
 
 
 def _trained_epochs(url: str) -> int:
@@ -224,7 +265,7 @@ def _settings(model: str, catalog: Catalog, epochs: int | None, pretrained: str 
         parts.append(json.dumps(scratch.to_dict(), sort_keys=True))
     if model in NEEDS_PRETRAINING and pretrained is not None:
         parts.append(checkpoint.config_bytes(pretrained).decode())
-    if baselines.uses_aef(model):
+    if baselines.uses_aef(nested.split(model)[0]):
         parts.append(aef)
     return fingerprint(*parts, length=8)
 
@@ -261,7 +302,7 @@ def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units:
         per_fold = metrics[metrics["model"] == model]
         pooled = _metrics(predictions[predictions["model"] == model])
         summary["models"][model] = {
-            "description": DESCRIPTIONS[model],
+            "description": nested.describe(model, DESCRIPTIONS),
             "folds": int(len(per_fold)),
             "mean": {m: _finite(per_fold[m].mean()) for m in METRICS},
             "sd": {m: _finite(per_fold[m].std(ddof=1)) for m in METRICS},

@@ -33,6 +33,7 @@ from geosoc.stats.kriging import cross_validated, fit_variogram, krige
 
 RK = "+rk"
 STACK = "stack"
+CONTEXT = {"+xy": "xy", "+nn": "nn"}  # spatial context features of a tree model (`learn.context`)
 LEVEL = 0.9  # the interval's nominal coverage (q05 to q95)
 
 
@@ -48,6 +49,46 @@ def base_of(model: str) -> str:
 def is_derived(model: str) -> bool:
     """Made from other models' runs, not fitted itself."""
     return is_kriged(model) or model == STACK
+
+
+def split(model: str) -> tuple[str, str | None]:
+    """A fitted model's estimator model and its spatial context (None without): `qrf+nn` is ("qrf", "nn")."""
+    for suffix, kind in CONTEXT.items():
+        if model.endswith(suffix):
+            return model.removesuffix(suffix), kind
+    return model, None
+
+
+def known(model: str, fitted: tuple[str, ...], trees: tuple[str, ...]) -> bool:
+    """Whether `model` is `stack`, one of `fitted`, a tree model of `trees` with a spatial context, or any of
+    these (not the stack) with `+rk`."""
+    if model == STACK:
+        return True
+    base, kind = split(base_of(model))
+    return base in (trees if kind is not None else fitted)
+
+
+def with_bases(models: tuple[str, ...]) -> tuple[str, ...]:
+    """`models` with the base of every `+rk` model in it (before the first that needs it), each once."""
+    out: list[str] = []
+    for model in models:
+        for name in ((base_of(model), model) if is_kriged(model) else (model,)):
+            if name not in out:
+                out.append(name)
+    return tuple(out)
+
+
+def describe(model: str, descriptions: dict[str, str]) -> str:
+    """A model in words, from its estimator's description."""
+    if model == STACK:
+        return "non-negative weights over the fitted models, chosen on each training part's out-of-fold predictions"
+    base, kind = split(base_of(model))
+    words = descriptions[base]
+    if kind == "xy":
+        words += ", with coordinates (6 oblique axes)"
+    elif kind == "nn":
+        words += ", with the 5 nearest training samples' SOC and distances"
+    return words + (", plus ordinary kriging of its residuals" if is_kriged(model) else "")
 
 
 def needs_pairs(models: tuple[str, ...]) -> tuple[str, ...]:

@@ -55,3 +55,14 @@ def features(kind: str, train_xy: np.ndarray, train_y: np.ndarray, xy: np.ndarra
     out[:, : index.shape[1], 0] = value[index]
     out[:, : index.shape[1], 1] = distance
     return out.reshape(len(xy), 2 * NEAREST)
+
+
+def tables(kind: str | None, table: np.ndarray, xy: np.ndarray, target: np.ndarray,
+           held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A tree model's (training, held-out) feature tables: the rows of `table` not `held` and those `held`, each
+    with the context features `kind` adds (none when None), learnt from the training rows only."""
+    if kind is None:
+        return table[~held], table[held]
+    train_xy, train_y = xy[~held], target[~held]
+    return (np.concatenate([table[~held], features(kind, train_xy, train_y, train_xy, training=True)], axis=1),
+            np.concatenate([table[held], features(kind, train_xy, train_y, xy[held])], axis=1))
