@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -22,8 +24,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
+# Off a terminal (a file, a pipe, a job's log) rich would wrap every long line at 80 columns: lines stay whole.
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 RegionOpt = typer.Option(None, "--region", "-r", help="Region name: a catalog in catalogs/ (demo, edgeroi, europe, conus).")
@@ -34,9 +37,22 @@ RootOpt = typer.Option(
 
 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-BoundsOpt = typer.Option(None, "--bounds", help="xmin ymin xmax ymax in the region's CRS: only this part.")
+
+
+def finite(value: float | tuple[float, ...] | None) -> float | tuple[float, ...] | None:
+    """A float option's check: Python reads 'inf' and 'nan' as numbers, and no option of geosoc means either."""
+    for number in value if isinstance(value, tuple) else (value,):
+        if number is not None and not math.isfinite(number):
+            raise typer.BadParameter(f"must be a finite number, got {number}")
+    return value
+
+
+MAX_FOLDS = 100  # cross-validation folds: beyond, a fold holds a handful of samples and the networks train 100 times
+MAX_REPEATS = 100  # repeats of a whole cross-validation (every model on every fold each time)
+BoundsOpt = typer.Option(None, "--bounds", callback=finite, help="xmin ymin xmax ymax in the region's CRS: only this part.")
+WorkersOpt = typer.Option(None, "--workers", min=1, help="Threads (default: one per core).")
 SeedsOpt = typer.Option(None, "--seeds", min=1, max=20, help="Networks as an ensemble of this many members, each with its own seed (default: the catalog's training.finetune.seeds).")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch and the trees (default: the cores this process is given).")
+ThreadsOpt = typer.Option(None, "--threads", min=1, max=os.cpu_count() or 1, help="CPU threads for torch and the trees, at most the machine's CPUs (default: the cores this process is given).")
 
 
 def _region(region: str | None, catalog: Path | None, root: str | None, writes: bool = True) -> tuple[Any, str]:
@@ -93,7 +109,7 @@ def build_cube_command(
     root: str | None = RootOpt,
     bounds: tuple[float, float, float, float] | None = BoundsOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (size, chunks); write nothing."),
-    workers: int | None = typer.Option(None, "--workers", help="Threads (default: one per core)."),
+    workers: int | None = WorkersOpt,
     scheduler: str | None = typer.Option(None, "--scheduler", help="dask.distributed scheduler address."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -116,7 +132,7 @@ def build_cube_command(
 def demo(
     root: str | None = RootOpt,
     catalog: Path | None = typer.Option(None, "--catalog", help="A synthetic catalog to run on instead of the demo region's."),
-    labelled: int | None = typer.Option(None, "--labelled", min=10, help="Simulated lab samples, true SOC with a 10 % lab error (default 400)."),
+    labelled: int | None = typer.Option(None, "--labelled", min=10, max=100_000, help="Simulated lab samples, true SOC with a 10 % lab error (default 400)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """The whole pipeline on the embedded demo region (synthetic, offline): cube, samples, pretraining,
@@ -236,6 +252,7 @@ def fit_tabular(
     root: str | None = RootOpt,
     model: str = typer.Option(..., "--model", help="rf, gbm or qrf, or (with AlphaEarth embeddings) aef-rf, aef-qrf, aef+cov-qrf or aef-hybrid: the tree model to map with (see `geosoc evaluate`)."),
     threads: int | None = ThreadsOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Accepted as by every command (fitting shows no progress bars)."),
 ) -> None:
     """Fit a tree model on all labelled samples, for maps (-> models/<model>; then `geosoc predict --model <model>`)."""
     from geosoc.maps.tabular import fit_region
@@ -253,19 +270,19 @@ def predict(
     catalog: Path | None = CatalogOpt,
     root: str | None = RootOpt,
     model: str | None = typer.Option(None, "--model", help="A model under <root>/models/ (finetune, rf, gbm, qrf, aef-qrf, ...) or a URL (default: the catalog's predict.model, finetune)."),
-    resolution: float | None = typer.Option(None, "--resolution", min=0, help="Output cell size (default: catalog predict.resolution)."),
+    resolution: float | None = typer.Option(None, "--resolution", help="Output cell size, > 0, in the units of the region's CRS (default: catalog predict.resolution)."),
     bounds: tuple[float, float, float, float] | None = BoundsOpt,
     engine: str = typer.Option("local", "--engine", help="local: this process; ray: Ray actors."),
     max_actors: int | None = typer.Option(None, "--max-actors", min=1, help="ray: actors to ask for; an autoscaling cluster grows to hold them (default: the catalog's predict.max_actors, else what the cluster holds now)."),
-    gpus_per_actor: float | None = typer.Option(None, "--gpus-per-actor", min=0, help="ray: GPUs per actor (default 1 if the cluster has GPUs)."),
-    cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", min=1, help="ray: CPUs per actor, its torch threads on a CPU cluster (default 1)."),
+    gpus_per_actor: float | None = typer.Option(None, "--gpus-per-actor", min=0, callback=finite, help="ray: GPUs per actor (default 1 if the cluster has GPUs)."),
+    cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", min=1, callback=finite, help="ray: CPUs per actor, its torch threads on a CPU cluster (default 1)."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Cells per forward pass."),
     chunk: int | None = typer.Option(None, "--chunk", min=1, help="Output cells per window side (default: ~256 MiB of imagery per window)."),
     device: str | None = typer.Option(None, "--device", help="local: cpu or cuda (default: cuda when present)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan from the catalog alone (no cube or model needed): cells, windows, bytes read, time; write nothing."),
     gpu: str | None = typer.Option(None, "--gpu", help="--dry-run: the device whose measured rate to use (a name in the rates file, e.g. 'NVIDIA H200', or cpu; default: its first GPU)."),
-    rate: float | None = typer.Option(None, "--rate", min=1, help="--dry-run: cells/s per actor, instead of a measured rate."),
-    read_mbps: float = typer.Option(500, "--read-mbps", min=1, help="--dry-run: object-store reads per actor, MB/s (an assumption: measure yours)."),
+    rate: float | None = typer.Option(None, "--rate", min=1, callback=finite, help="--dry-run: cells/s per actor, instead of a measured rate."),
+    read_mbps: float = typer.Option(500, "--read-mbps", min=1, callback=finite, help="--dry-run: object-store reads per actor, MB/s (an assumption: measure yours)."),
     fresh: bool = typer.Option(False, "--fresh", help="Replace an existing map instead of resuming it."),
     no_export: bool = typer.Option(False, "--no-export", help="Only maps/soc.zarr (no COG, PNG, STAC)."),
     threads: int | None = ThreadsOpt,
@@ -273,12 +290,11 @@ def predict(
 ) -> None:
     """Map SOC over the region with the fine-tuned network or a tree model (-> maps/soc.zarr, COGs, quicklook.png,
     item.json)."""
-    from geosoc.maps.inference import map_region
+    from geosoc.maps.inference import check_engine, map_region
     from geosoc.threads import use_threads
 
     use_threads(threads)
-    if engine not in ("local", "ray"):
-        raise InputError(f"--engine must be 'local' or 'ray', got {engine!r}")
+    check_engine(engine)
     loaded, root = _region(region, catalog, root, writes=not dry_run)
     model = model or loaded.config.predict.model
     if dry_run:
@@ -342,9 +358,9 @@ def evaluate(
     catalog: Path | None = CatalogOpt,
     root: str | None = RootOpt,
     cv: str = typer.Option("spatial", "--cv", help="spatial: the SampleSet's block folds; random: seeded random folds."),
-    folds: int | None = typer.Option(None, "--folds", min=2, help="Number of folds (default: the SampleSet's)."),
+    folds: int | None = typer.Option(None, "--folds", min=2, max=MAX_FOLDS, help="Number of folds (default: the SampleSet's)."),
     models: str | None = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf, and with AlphaEarth embeddings aef-rf, aef-qrf, aef+cov-qrf, aef-hybrid (default: all the SampleSet has inputs for)."),
-    repeats: int = typer.Option(1, "--repeats", min=1, help="Repeat the cross-validation with other fold seeds."),
+    repeats: int = typer.Option(1, "--repeats", min=1, max=MAX_REPEATS, help="Repeat the cross-validation with other fold seeds."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs of the network runs (default: the catalog's); it does not reach pretraining, which `geosoc pretrain --epochs N` extends. Other epochs make new runs."),
     seeds: int | None = SeedsOpt,
     threads: int | None = ThreadsOpt,
@@ -357,7 +373,7 @@ def evaluate(
 
     count = use_threads(threads)
     loaded, root = _region(region, catalog, root)
-    chosen = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
+    chosen = tuple(m.strip() for m in models.split(",") if m.strip()) if models is not None else None
     result = evaluate_region(loaded.config, root, cv=cv, folds=folds,  # type: ignore[arg-type]
                              models=chosen, repeats=repeats,
                              epochs=epochs, seeds=seeds, threads=count, progress=not quiet)
@@ -464,9 +480,9 @@ def sample(
     units: str = UnitsOpt,
     on_error: str = OnErrorOpt,
     random: int | None = typer.Option(None, "--random", min=1, help="Instead of --points: N random valid locations."),
-    seed: int = typer.Option(0, "--seed", help="Seed of --random and of fold assignment."),
-    min_spacing: float = typer.Option(0.0, "--min-spacing", min=0.0, help="--random: minimum distance (CRS units)."),
-    workers: int | None = typer.Option(None, "--workers", help="Threads (default: one per core)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of --random and of fold assignment."),
+    min_spacing: float = typer.Option(0.0, "--min-spacing", min=0.0, callback=finite, help="--random: minimum distance (CRS units)."),
+    workers: int | None = WorkersOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Extract patches and climate series at soil points (samples/labelled.zarr) or at random valid
@@ -528,9 +544,10 @@ def sample_table(
     units: str = UnitsOpt,
     patches: Path | None = typer.Option(None, "--patches", help=".npy of (rows, band, py, px) patches."),
     bands: str | None = typer.Option(None, "--bands", help="Comma-separated band names of --patches."),
-    fold_block_size: float = typer.Option(50_000, "--fold-block-size", help="Spatial CV block side (CRS units of --crs)."),
-    folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
+    fold_block_size: float = typer.Option(50_000, "--fold-block-size", callback=finite, help="Spatial CV block side (CRS units of --crs)."),
+    folds: int = typer.Option(5, "--folds", min=2, max=MAX_FOLDS, help="Number of folds."),
     on_error: str = OnErrorOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Accepted as by every command (this one shows no progress bars)."),
 ) -> None:
     """Build a SampleSet from data prepared elsewhere (climate series as columns and/or patches)."""
     from geosoc.data.tables import sampleset_from_table

@@ -9,29 +9,62 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+import math
+from typing import Any, NoReturn
 
 from geosoc.catalog import load_catalog
 from geosoc.errors import GeosocError, missing_extra
+from geosoc.learn.device import gpu_share_problem
 from geosoc.learn.distributed import shared_root, train_on_ray
+from geosoc.learn.training import MAX_BATCH
 
 
-def _at_least(low: int) -> Any:
-    """An argparse type: an integer >= `low` (a usage error, before anything starts on the cluster)."""
+def _at_least(low: int, high: int | None = None) -> Any:
+    """An argparse type: an integer >= `low` (and <= `high`): a usage error, before anything starts on the cluster."""
 
     def parse(text: str) -> int:
         value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}" if high is None else
+                                             f"must be from {low} to {high:,}, got {value}")
         return value
 
+    parse.__name__ = "whole number"  # argparse's word for a value int() cannot read: "invalid whole number value"
     return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number (Python reads 'inf' and 'nan' as numbers; no option means either)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return value
+
+
+def _gpus(text: str) -> float:
+    """An argparse type: GPUs per worker or actor, as Ray takes them."""
+    value = float(text)
+    problem = gpu_share_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+_finite.__name__ = _gpus.__name__ = "number"  # as argparse names them: "invalid number value: 'x'"
+
+
+class JobParser(argparse.ArgumentParser):
+    """A usage mistake ends like every other error of a job: one `error:` line, exit status 2 (argparse prints its
+    usage first otherwise)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
 def job_parser(stage: str) -> argparse.ArgumentParser:
     """Arguments of jobs/pretrain.py, jobs/finetune.py and jobs/predict.py (also checked against infra/)."""
     how = "Ray actors" if stage == "predict" else "Ray Train TorchTrainer"
-    parser = argparse.ArgumentParser(description=f"geosoc {stage} on a Ray cluster ({how})")
+    parser = JobParser(description=f"geosoc {stage} on a Ray cluster ({how})")
     parser.add_argument("--region", help="catalog name in catalogs/")
     parser.add_argument("--catalog", help="catalog file (instead of --region)")
     parser.add_argument("--root", help="region root URL every worker reaches (default $GEOSOC_ROOT or "
@@ -39,13 +72,13 @@ def job_parser(stage: str) -> argparse.ArgumentParser:
     if stage == "predict":
         parser.add_argument("--model", help="a model under <root>/models/ (finetune, rf, gbm, qrf) or a URL "
                                              "(default: the catalog's predict.model)")
-        parser.add_argument("--resolution", type=float, help="output cell size (default: the catalog's "
+        parser.add_argument("--resolution", type=_finite, help="output cell size (default: the catalog's "
                                                              "predict.resolution)")
         parser.add_argument("--max-actors", type=_at_least(1),
                             help="actors to ask for; an autoscaling cluster adds nodes to hold them (default: the "
                                  "catalog's predict.max_actors, else what the cluster holds when the job starts)")
-        parser.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
-        parser.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default 1)")
+        parser.add_argument("--gpus-per-actor", type=_gpus, help="GPUs per actor (default 1 when the cluster has GPUs)")
+        parser.add_argument("--cpus-per-actor", type=_finite, help="CPUs per actor (default 1)")
         parser.add_argument("--batch-size", type=_at_least(1), default=1024, help="cells per forward pass")
         parser.add_argument("--chunk", type=_at_least(1), help="output cells per window side")
         parser.add_argument("--max-retries", type=_at_least(0), default=3,
@@ -58,9 +91,10 @@ def job_parser(stage: str) -> argparse.ArgumentParser:
                         help="worker-group restarts after a failure (each resumes from the last epoch)")
     parser.add_argument("--fresh", action="store_true",
                         help="start the stage over instead of resuming it (Ray's records of the earlier run go too)")
-    parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU)")
+    parser.add_argument("--gpus-per-worker", type=_gpus, default=0, help="GPUs per worker (0: CPU)")
     parser.add_argument("--epochs", type=_at_least(1), help="override the catalog's epochs")
-    parser.add_argument("--batch-size", type=_at_least(2), help="override the catalog's batch size (per worker)")
+    parser.add_argument("--batch-size", type=_at_least(2, MAX_BATCH),
+                        help="override the catalog's batch size (per worker)")
     parser.add_argument("--samples", help="SampleSet URL (default: the region's)")
     if stage == "finetune":
         parser.add_argument("--test-fold", type=int, help="fold held out for evaluation")

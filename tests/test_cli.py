@@ -167,3 +167,22 @@ def test_every_mistake_is_one_error_line(args: tuple[str, ...], status: int, mes
     lines = done.stderr.strip().splitlines()
     assert done.returncode == status and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and message in lines[0] and not done.stdout
+
+
+def test_every_command_takes_quiet() -> None:
+    """Scripts and CI pass -q to every step: no command refuses it."""
+    import typer
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    refusing = [name for name, command in commands.items()
+                if not any("-q" in param.opts for param in command.params)]
+    assert commands and not refusing
+
+
+def test_long_lines_are_not_wrapped_off_a_terminal(tmp_path: Path) -> None:
+    """Written to a pipe or a file (CliRunner's output is neither a terminal), rich would wrap at 80 columns."""
+    result = run("predict", "--region", "demo", "--dry-run", "--root", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    long = [line for line in result.output.splitlines() if line.startswith("network (the catalog's model section")]
+    assert len(long) == 1 and len(long[0]) > 120 and long[0].endswith("climate variables"), result.output
+    assert not (tmp_path / "r").exists()

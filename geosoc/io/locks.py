@@ -1,7 +1,7 @@
 """One writer at a time per artefact: a lock object beside it (`<artefact>.lock`), created exclusively.
 
 Taking the lock is also the check that the artefact's folder takes writes: a refusal there is the usual
-"cannot write here" error, before any work.
+"cannot write here" error, before any work; so is a file where the artefact (always a folder) goes.
 
 Creation is atomic on every backend geosoc writes to: `O_EXCL` on a local disk, a conditional put on S3
 (`If-None-Match: *`) and GCS (`ifGenerationMatch=0`). The holder renews the lock while it works; a lock
@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from geosoc.errors import LockedError, first_line
+from geosoc.errors import LockedError, UnwritableError, first_line
 from geosoc.io.lock_stores import Seen, Store, remove, store_for, swap
 from geosoc.io.storage import filesystem, leaving_no_folders, unwritable
 
@@ -75,8 +75,12 @@ class Lease:
 @contextmanager
 def exclusive(url: str, what: str) -> Iterator[Lease]:
     """Hold the lock of the artefact at `url` for the block; `what` names the work in the refusal. The block
-    gets the `Lease`; a lease lost meanwhile is a LockedError when the block ends."""
+    gets the `Lease`; a lease lost meanwhile is a LockedError when the block ends. Every locked artefact is a
+    folder (a Zarr store, a checkpoint, results): a file in its place is refused before the lock is taken."""
     fs, path = filesystem(lock_url(url))
+    if fs.isfile(path.removesuffix(".lock")):
+        raise UnwritableError(f"{url}: a file is in the way ({what} writes a folder there); move or remove it, or "
+                              "choose another --root")
     store = store_for(fs, path)
     token = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "work": what}
     with leaving_no_folders(fs, path):  # a run refused later (bad input) leaves no empty folder

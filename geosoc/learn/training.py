@@ -718,11 +718,17 @@ def region_encoders(root: str) -> str | None:
     return url if checkpoint.is_checkpoint(url) else None
 
 
+# Samples per worker and step at most: 2**20 of the paper's patches (64 x 64 px x 14 bands, float32) are 240 GB, more
+# than any accelerator holds (and far beyond the batches contrastive or regression training use).
+MAX_BATCH = 2**20
+
+
 def _override(stage: Any, epochs: int | None, batch_size: int | None) -> Any:
     """The catalog's stage with `epochs` / `batch_size` replaced, checked like the catalog's own values."""
     if epochs is not None and epochs < 1:
         raise InputError(f"epochs must be at least 1, got {epochs}")
-    if batch_size is not None and batch_size < 2:
-        raise InputError(f"the batch size must be at least 2 (a contrastive batch needs negatives), got {batch_size}")
+    if batch_size is not None and not 2 <= batch_size <= MAX_BATCH:
+        raise InputError(f"--batch-size must be from 2 (a contrastive batch needs negatives) to {MAX_BATCH:,} samples "
+                         f"per worker, got {batch_size}")
     updates = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     return stage.model_copy(update=updates)

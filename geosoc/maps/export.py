@@ -13,6 +13,7 @@ import math
 import os
 import posixpath
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,16 @@ QUICKLOOK_PIXELS = 1000  # longest side of the quicklook
 COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 
 
-def cog_variables(ds: xr.Dataset) -> list[str]:
+def cog_variables(ds: xr.Dataset | Iterable[str]) -> list[str]:
     """The map's variables exported as COGs: every SOC layer and the AOA (DI stays in the Zarr)."""
-    names = [str(name) for name in ds.data_vars if str(name).startswith("soc_") or name == "aoa"]
+    names = [str(name) for name in (ds.data_vars if isinstance(ds, xr.Dataset) else ds)
+             if str(name).startswith("soc_") or name == "aoa"]
     return sorted(names, key=lambda name: (name != "soc_median", name == "aoa", name))  # median, bounds, AOA
+
+
+def exported_files(variables: Iterable[str]) -> list[str]:
+    """The names of the files `export_maps` writes beside the Zarr, for a map of these variables."""
+    return [f"{name}.tif" for name in cog_variables(variables)] + ["quicklook.png", "item.json"]
 
 
 def write_cog(da: xr.DataArray, url: str, crs: str, transform: Any, tags: dict[str, str] | None = None) -> str:

@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import dask
@@ -32,13 +34,15 @@ from tqdm.auto import tqdm
 
 from geosoc.catalog import Catalog, PredictConfig, parse_catalog
 from geosoc.data.cube import group_grid, open_cube
-from geosoc.errors import IncompleteError, InputError, NotFoundError
+from geosoc.errors import IncompleteError, InputError, NotFoundError, UnwritableError
 from geosoc.grid import Grid, Window
+from geosoc.io.bars import progress_bar
 from geosoc.io.locks import Lease, exclusive
 from geosoc.io.progress import Markers, complete, new_build, resumable, template_written
-from geosoc.io.bars import progress_bar
-from geosoc.io.storage import join, open_store, read_group_attrs, zarr_store
+from geosoc.io.storage import filesystem, join, open_store, read_group_attrs, zarr_store
 from geosoc.learn import checkpoint
+from geosoc.learn.device import gpu_share_problem, host_memory_bytes, resolve_device
+from geosoc.learn.models import NetworkConfig
 from geosoc.maps.outputs import long_name, output_names
 from geosoc.maps.predictor import DEFAULT_BATCH, load_predictor, require_map_model
 from geosoc.maps.windows import (
@@ -56,6 +60,9 @@ log = logging.getLogger(__name__)
 
 MAP_NAME = "soc.zarr"
 WINDOW_BYTES = 256 * 2**20  # imagery read per window (sets the default output chunk); memory ~ this x workers
+# Of this machine's memory, what a map's windows in flight (or one batch of cells) may fill: the model, the rest of
+# the process and the system keep the other half. A --chunk or --batch-size beyond it is refused before any work.
+MEMORY_SHARE = 0.5
 
 Engine = Literal["local", "ray"]
 
@@ -69,8 +76,13 @@ def _catalog_of(tree: xr.DataTree) -> Catalog | None:
 
 
 def output_grid(cube_grid: Grid, resolution: float, bands: int, patch: int,
-                bounds: tuple[float, float, float, float] | None = None, chunk: int | None = None) -> Grid:
-    """The map's grid: `resolution` cells over the cube (or `bounds`), chunked so a window reads ~WINDOW_BYTES."""
+                bounds: tuple[float, float, float, float] | None = None, chunk: int | None = None,
+                outputs: int = len(output_names(NetworkConfig().quantiles))) -> Grid:
+    """The map's grid: `resolution` cells over the cube (or `bounds`), chunked so a window reads ~WINDOW_BYTES
+    (or `chunk` cells a side, within what this machine's memory holds for a map of `outputs` variables)."""
+    if not (_finite(resolution) and resolution > 0):
+        raise InputError(f"--resolution must be a finite number > 0 (the output cell size, in the units of the "
+                         f"region's CRS), got {resolution}")
     if resolution < cube_grid.resolution:
         raise InputError(f"output resolution {resolution:g} is finer than the cube's {cube_grid.resolution:g}; "
                          "choose a resolution at least as coarse as the cube's")
@@ -83,7 +95,74 @@ def output_grid(cube_grid: Grid, resolution: float, bands: int, patch: int,
     if chunk is None:
         side_px = math.sqrt(WINDOW_BYTES / (4 * max(bands, 1))) - patch
         chunk = max(16, int(side_px * cube_grid.resolution / resolution))
+        return Grid.from_bounds(cube_grid.crs, area, resolution, chunk)
+    if not _whole(chunk) or chunk < 1:
+        raise InputError(f"--chunk must be a whole number of output cells of at least 1, got {chunk!r}")
+    grid = Grid.from_bounds(cube_grid.crs, area, resolution, 1)
+    sizing = WindowMemory(grid.shape, resolution / cube_grid.resolution, bands, patch, outputs)
+    memory = map_memory()
+    if IN_FLIGHT * sizing.bytes(chunk) > memory:
+        raise InputError(f"--chunk {chunk}: at most {sizing.largest(memory // IN_FLIGHT):,} cells a side on this "
+                         f"machine ({IN_FLIGHT} windows at once, each holding its imagery block with the patches' halo "
+                         f"and a whole Zarr chunk of each of the {outputs} map variables, in {_gib(memory)}: "
+                         f"{MEMORY_SHARE:.0%} of its memory)")
     return Grid.from_bounds(cube_grid.crs, area, resolution, chunk)
+
+
+@dataclass(frozen=True)
+class WindowMemory:
+    """What one window of a map holds in memory, by its side in output cells: the imagery block its cells' patches
+    read (`ratio` cube pixels per output cell, plus the halo of a patch), and one Zarr chunk of every output
+    variable (Zarr builds a whole chunk in memory to write one, even at the map's edge)."""
+
+    shape: tuple[int, int]  # the map's cells: a window is never larger
+    ratio: float
+    bands: int
+    patch: int
+    outputs: int
+
+    def bytes(self, side: int) -> int:
+        rows, cols = (min(side, n) * self.ratio + self.patch for n in self.shape)
+        return int(4 * (rows * cols * self.bands + side * side * self.outputs))
+
+    def largest(self, budget: int) -> int:
+        """The largest side whose window fits `budget` bytes (at least 1)."""
+        low, high = 1, 2
+        while self.bytes(high) <= budget:
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.bytes(middle) <= budget else (low, middle)
+        return low
+
+
+def map_memory() -> int:
+    return int(host_memory_bytes() * MEMORY_SHARE)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB"
+
+
+def check_batch_size(batch_size: int, bands: int, patch: int) -> None:
+    """A batch's patches alone (`bands` x `patch` x `patch` float32 per cell) must fit this machine's memory."""
+    if not _whole(batch_size) or batch_size < 1:
+        raise InputError(f"--batch-size must be a whole number of cells of at least 1, got {batch_size!r}")
+    per_cell = 4 * max(bands, 1) * patch * patch
+    memory = map_memory()
+    if batch_size * per_cell > memory:
+        raise InputError(f"--batch-size {batch_size}: at most {memory // per_cell:,} cells on this machine (their "
+                         f"patches alone, {max(bands, 1)} bands of {patch} x {patch} px in float32, in {_gib(memory)}: "
+                         f"{MEMORY_SHARE:.0%} of its memory)")
+
 
 
 def _template(spec: MapSpec, outputs: list[str], units: str, attrs: dict[str, Any]) -> xr.Dataset:
@@ -169,13 +248,14 @@ def map_spec(cube: str | xr.DataTree, model: str | None = None, *, resolution: f
     url, tree, model = _resolve(cube, model)
     catalog = _catalog_of(tree)
     predict_config = catalog.predict if catalog is not None else PredictConfig()
-    resolution = resolution or predict_config.resolution
+    resolution = resolution if resolution is not None else predict_config.resolution
     config = checkpoint.load_config(model)[0]
     imagery = tree["imagery"].to_dataset()
     cube_grid = group_grid(imagery)
     patch = config.patch_size if config.bands else 1
     bands = imagery.sizes["band"]
-    grid = output_grid(cube_grid, resolution, bands, patch, bounds, chunk)
+    grid = output_grid(cube_grid, resolution, bands, patch, bounds, chunk, len(output_names(config.quantiles)))
+    check_batch_size(batch_size, bands, patch)
     region = catalog.region.name if catalog is not None else ""
     period = (str(catalog.imagery.period[0]), str(catalog.imagery.period[1])) if catalog is not None else None
     depth = (catalog.sampling.depth or "") if catalog is not None else ""
@@ -195,14 +275,52 @@ def predict(cube: str | xr.DataTree, model: str | None = None, *, resolution: fl
     map is written there as Zarr, by this process (`engine="local"`) or by up to `max_actors` Ray actors
     (`engine="ray"`; actors the cluster cannot hold yet join as it grows), resumably; the opened store is returned.
     """
-    spec = map_spec(cube, model, resolution=resolution, bounds=bounds, chunk=chunk, batch_size=batch_size)
+    sizing = RaySizing(max_actors, gpus_per_actor, cpus_per_actor)
+    spec = _checked_spec(cube, model, resolution, bounds, chunk, batch_size, engine, device, sizing, max_retries)
     if out is None:
         if engine != "local":
             raise InputError("engine='ray' writes the map from several processes: give out=URL")
         return _lazy(spec, device)
-    build(spec, out, engine=engine, device=device, sizing=RaySizing(max_actors, gpus_per_actor, cpus_per_actor),
-          max_retries=max_retries, fresh=fresh, progress=progress)
+    build(spec, out, engine=engine, device=device, sizing=sizing, max_retries=max_retries, fresh=fresh,
+          progress=progress)
     return open_map(out)
+
+
+def _checked_spec(cube: str | xr.DataTree, model: str | None, resolution: float | None,
+                  bounds: tuple[float, float, float, float] | None, chunk: int | None, batch_size: int,
+                  engine: str, device: str | None, sizing: RaySizing, max_retries: int) -> MapSpec:
+    """The map's spec, after every argument of `predict` is checked: a bad one is one error naming it, before
+    anything is written."""
+    check_engine(engine)
+    if device is not None:
+        resolve_device(device)  # a device this machine does not have: one error naming those it has
+    check_ray_sizing(sizing, max_retries)
+    return map_spec(cube, model, resolution=resolution, bounds=bounds, chunk=chunk, batch_size=batch_size)
+
+
+ENGINES = ("local", "ray")
+MAX_RETRIES = 1000  # restarts of a dead actor and retries of a window: beyond this a map has a problem to fix
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be 'local' or 'ray', got {engine!r}")
+
+
+def check_ray_sizing(sizing: RaySizing, max_retries: int) -> None:
+    """What a Ray map asks of the cluster, in the ranges Ray accepts."""
+    if sizing.max_actors is not None and (not _whole(sizing.max_actors) or sizing.max_actors < 1):
+        raise InputError(f"--max-actors must be a whole number of at least 1, got {sizing.max_actors!r}")
+    gpus = sizing.gpus_per_actor
+    if gpus is not None:
+        problem = gpu_share_problem(gpus) if _finite(gpus) else f"must be a finite number, got {gpus!r}"
+        if problem is not None:
+            raise InputError(f"--gpus-per-actor {problem}")
+    cpus = sizing.cpus_per_actor
+    if cpus is not None and not (_finite(cpus) and cpus > 0):
+        raise InputError(f"--cpus-per-actor must be a finite number > 0, got {cpus}")
+    if not _whole(max_retries) or not 0 <= max_retries <= MAX_RETRIES:
+        raise InputError(f"--max-retries must be a whole number from 0 to {MAX_RETRIES}, got {max_retries!r}")
 
 
 def _lazy(spec: MapSpec, device: str | None) -> xr.Dataset:
@@ -300,15 +418,28 @@ def map_region(catalog: Catalog, root: str, *, model: str | None = None, resolut
                cpus_per_actor: float | None = None, max_retries: int = 3, fresh: bool = False, export: bool = True,
                progress: bool = True) -> dict[str, str]:
     """`geosoc predict` and `jobs/predict.py`: the region's map under `<root>/maps/` and its exports."""
-    from geosoc.maps.export import export_maps
+    from geosoc.maps.export import export_maps, exported_files
 
-    cube = join(root, "cube.zarr")
-    out = join(root, "maps", MAP_NAME)
-    ds = predict(cube, model or catalog.predict.model, resolution=resolution or catalog.predict.resolution,
-                 bounds=bounds, out=out,
-                 engine=engine, batch_size=batch_size, chunk=chunk, device=device,
-                 max_actors=max_actors or catalog.predict.max_actors, gpus_per_actor=gpus_per_actor,
-                 cpus_per_actor=cpus_per_actor, max_retries=max_retries, fresh=fresh, progress=progress)
+    folder = join(root, "maps")
+    out = join(folder, MAP_NAME)
+    sizing = RaySizing(max_actors or catalog.predict.max_actors, gpus_per_actor, cpus_per_actor)
+    spec = _checked_spec(join(root, "cube.zarr"), model or catalog.predict.model,
+                         resolution if resolution is not None else catalog.predict.resolution, bounds, chunk,
+                         batch_size, engine, device, sizing, max_retries)
+    if export:  # the exports' places are checked before the map is made, not after
+        quantiles = checkpoint.load_config(spec.model)[0].quantiles
+        _refuse_folders_in_the_way(folder, exported_files(output_names(quantiles)))
+    build(spec, out, engine=engine, device=device, sizing=sizing, max_retries=max_retries, fresh=fresh,
+          progress=progress)
     if not export:
         return {"zarr": out}
-    return export_maps(ds, join(root, "maps"), MAP_NAME)
+    return export_maps(open_map(out), folder, MAP_NAME)
+
+
+def _refuse_folders_in_the_way(folder: str, files: list[str]) -> None:
+    """A folder where one of `files` is to be written in `folder` is one error naming it."""
+    fs, path = filesystem(folder)
+    for name in files:
+        if fs.isdir(f"{path.rstrip('/')}/{name}"):
+            raise UnwritableError(f"{join(folder, name)}: a folder is in the way of the file geosoc predict writes "
+                                  "there; move or remove it, or pass --no-export")

@@ -148,7 +148,8 @@ def plan_from_catalog(catalog: LoadedCatalog, *, resolution: float | None = None
     network = network_config(config.model, [str(i) for i in range(bands)], [str(i) for i in range(variables)],
                              config.sampling.patch_size, months, config.sampling.unlabelled)  # pretrained on those
     patch = network.patch_size
-    grid = output_grid(cube_grid, resolution or config.predict.resolution, bands, patch, bounds, chunk)
+    grid = output_grid(cube_grid, resolution if resolution is not None else config.predict.resolution, bands, patch,
+                       bounds, chunk)
     inside = _inside_fraction(grid, catalog.resolve(config.region.mask) if config.region.mask else None)
     holds = inside > 0
     imagery_chunks = _chunks_read(grid, cube_grid, imagery.chunk_shape[-2:], patch)

@@ -142,9 +142,18 @@ def load(url: str) -> baselines.Fitted:
     return fitted
 
 
+# The entries of a tree model's config.json that mapping reads, each written by `fit_region` since the first
+# version (`tabular_model` later: older ones name their estimator only); `months` is null for series without dates.
+REQUIRED_ENTRIES = ("kind", "estimator", "units", "features", "usable", "medians", "months")
+
+
 def _meta_problem(config: NetworkConfig, meta: dict[str, Any]) -> str | None:
     """What in a tree model's config.json does not describe one (None when nothing does): the entries the map
-    reads, each against the others."""
+    reads, each present and against the others."""
+    missing = [name for name in REQUIRED_ENTRIES if name not in meta]
+    if missing:
+        return (f"{', '.join(repr(name) for name in missing)} {'is' if len(missing) == 1 else 'are'} missing (a tree "
+                f"model's map reads {', '.join(REQUIRED_ENTRIES)})")
     if not is_tabular(meta) or meta.get("estimator") not in ESTIMATOR_KINDS:
         return f"not a tree model's ('kind' must be 'tabular' and 'estimator' one of {', '.join(ESTIMATOR_KINDS)})"
     model = model_name(meta)
@@ -157,8 +166,10 @@ def _meta_problem(config: NetworkConfig, meta: dict[str, Any]) -> str | None:
     if config.patch_size != baselines.WINDOW or config.quantiles != list(baselines.QUANTILES):
         return (f"a tree model reads the {baselines.WINDOW} px window around a cell ('patch_size') and predicts the "
                 f"quantiles {list(baselines.QUANTILES)}; this one says {config.patch_size} and {config.quantiles}")
+    if not isinstance(meta["units"], str):
+        return f"'units' must be the target's units as text, got {meta['units']!r}"
     try:
-        months = _months(meta.get("months"), config.months)
+        months = _months(meta["months"], config.months)
     except ValueError as err:
         return f"'months': {err}"
     usable, medians = meta.get("usable"), meta.get("medians")
