@@ -250,7 +250,7 @@ def fit_tabular(
     region: str | None = RegionOpt,
     catalog: Path | None = CatalogOpt,
     root: str | None = RootOpt,
-    model: str = typer.Option(..., "--model", help="rf, gbm or qrf, or (with AlphaEarth embeddings) aef-rf, aef-qrf, aef+cov-qrf or aef-hybrid: the tree model to map with (see `geosoc evaluate`)."),
+    model: str = typer.Option(..., "--model", help="rf, gbm or qrf, or (with AlphaEarth embeddings) aef-rf, aef-qrf, aef+cov-qrf or aef-hybrid, any of them with +rk (residual kriging, e.g. qrf+rk): the tree model to map with (see `geosoc evaluate`)."),
     threads: int | None = ThreadsOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Accepted as by every command (fitting shows no progress bars)."),
 ) -> None:
@@ -359,7 +359,7 @@ def evaluate(
     root: str | None = RootOpt,
     cv: str = typer.Option("spatial", "--cv", help="spatial: the SampleSet's block folds; random: seeded random folds."),
     folds: int | None = typer.Option(None, "--folds", min=2, max=MAX_FOLDS, help="Number of folds (default: the SampleSet's)."),
-    models: str | None = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf, and with AlphaEarth embeddings aef-rf, aef-qrf, aef+cov-qrf, aef-hybrid (default: all the SampleSet has inputs for)."),
+    models: str | None = typer.Option(None, "--models", help="Comma-separated, of ssl, supervised, hybrid, rf, gbm, qrf, and with AlphaEarth embeddings aef-rf, aef-qrf, aef+cov-qrf, aef-hybrid (default: all the SampleSet has inputs for); any of them with +rk (residual kriging, e.g. qrf+rk), stack (weights over the others), a tree model with +xy or +nn (spatial context features)."),
     repeats: int = typer.Option(1, "--repeats", min=1, max=MAX_REPEATS, help="Repeat the cross-validation with other fold seeds."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs of the network runs (default: the catalog's); it does not reach pretraining, which `geosoc pretrain --epochs N` extends. Other epochs make new runs."),
     seeds: int | None = SeedsOpt,
@@ -383,23 +383,28 @@ def evaluate(
 
 
 def print_evaluation(summary: dict[str, Any]) -> None:
-    """The evaluation table, then the best model by pooled R² and how to map with it."""
+    """The evaluation table, then the model recommended to map with (chosen without any held-out fold's
+    targets: `evaluation.recommend`), the rule that chose it, its honest score and how to map with it."""
     print_table(evaluation_table(summary))
     reused = {m: s["reused_runs"] for m, s in summary["models"].items() if s.get("reused_runs")}
     if reused:
         console.print("reused from earlier runs with the same folds and settings: " + ", ".join(
             f"{m} {n} of {summary['models'][m]['folds']}" for m, n in reused.items()), highlight=False)
-    pooled = {m: s["pooled"]["r2"] for m, s in summary["models"].items() if s["pooled"]["r2"] is not None}
-    if pooled:
-        best = max(pooled, key=pooled.__getitem__)
-        console.print(f"best by pooled R²: {best}; to map with it: {how_to_map(best)}", highlight=False)
+    chosen = summary.get("recommendation")
+    if chosen is not None:
+        honest = chosen.get("choices_pooled_r2")
+        score = "" if honest is None else (f"; those per-fold choices scored pooled R² {honest:.3f} on their own "
+                                           "held-out folds")
+        console.print(f"recommended: {chosen['model']}, chosen for {chosen['chosen_for']} of {chosen['of']} "
+                      f"held-out folds by this rule: {chosen['rule']}{score}", highlight=False)
+        console.print(f"to map with {chosen['model']}: {how_to_map(chosen['model'])}", highlight=False)
 
 
 def how_to_map(model: str) -> str:
     """The commands that make a map with an evaluated model."""
-    from geosoc.maps.tabular import MAP_MODELS
+    from geosoc.maps.tabular import fits
 
-    if model in MAP_MODELS:
+    if fits(model):
         return f"geosoc fit-tabular --model {model}, then geosoc predict --model {model}"
     if model == "hybrid":
         return "not possible yet (maps need the encoders' embeddings at every cell); the best other model will do"

@@ -208,8 +208,9 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     folder = Path(root) / "evaluation"
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["models"]) == set(evaluation.MODELS)
-    best = max(summary["models"], key=lambda m: summary["models"][m]["pooled"]["r2"])
-    assert f"best by pooled R²: {best}; to map with it:" in " ".join(result.output.split())
+    chosen, said = summary["recommendation"]["model"], " ".join(result.output.split())
+    assert f"recommended: {chosen}, chosen for " in said and f"to map with {chosen}: geosoc " in said
+    assert summary["recommendation"]["rule"] in said  # the rule, printed: it never reads a held-out fold
     # not a terminal here: the table is printed whole, not cut to 80 columns
     assert "…" not in result.output and "pooled R²" in result.output
     for model, stats in summary["models"].items():

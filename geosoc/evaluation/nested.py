@@ -29,12 +29,20 @@ import pandas as pd
 
 from geosoc.errors import InputError
 from geosoc.stats.calibration import conformal_offset, widen
-from geosoc.stats.kriging import cross_validated, fit_variogram, krige
+from geosoc.stats.kriging import (
+    LEVEL,
+    SUFFIX,
+    cross_validated,
+    fit_variogram,
+    krige,
+    kriged_offset,
+    residuals,
+    with_kriged,
+)
 
-RK = "+rk"
+RK = SUFFIX
 STACK = "stack"
 CONTEXT = {"+xy": "xy", "+nn": "nn"}  # spatial context features of a tree model (`learn.context`)
-LEVEL = 0.9  # the interval's nominal coverage (q05 to q95)
 
 
 def is_kriged(model: str) -> bool:
@@ -146,14 +154,6 @@ def _log(values: np.ndarray) -> np.ndarray:
     return np.log1p(np.maximum(np.asarray(values, np.float64), 0.0))
 
 
-def _bounds(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lower, median, upper) in log1p space; a model without an interval has its median for both bounds."""
-    median = _log(frame["q50"].to_numpy())
-    lower, upper = _log(frame["q05"].to_numpy()), _log(frame["q95"].to_numpy())
-    missing = ~(np.isfinite(frame["q05"].to_numpy()) & np.isfinite(frame["q95"].to_numpy()))
-    return np.where(missing, median, lower), median, np.where(missing, median, upper)
-
-
 def _columns(held: pd.DataFrame) -> pd.DataFrame:
     return held[["repeat", "fold", "sample_id", "x", "y", "observed"]].reset_index(drop=True)
 
@@ -167,14 +167,16 @@ def _calibrated(held: pd.DataFrame, bounds: tuple[np.ndarray, np.ndarray, np.nda
 def _kriged(held: pd.DataFrame, train: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A model's held-out predictions plus its training part's residuals kriged to them (module docstring)."""
     xy = train[["x", "y"]].to_numpy(np.float64)
-    lower, median, upper = _bounds(train)
-    residual = _log(train["observed"].to_numpy()) - median
+    observed = train["observed"].to_numpy(np.float64)
+    low, middle, high = (train[c].to_numpy(np.float64) for c in ("q05", "q50", "q95"))
+    residual = residuals(observed, middle)
     variogram = fit_variogram(xy, residual, seed)
-    near = cross_validated(xy, residual, train["fold"].to_numpy(), variogram)
-    offset = conformal_offset(lower + near, upper + near, _log(train["observed"].to_numpy()), LEVEL)
+    offset = kriged_offset(low, middle, high, observed,
+                           cross_validated(xy, residual, train["fold"].to_numpy(), variogram))
     kriged = krige(xy, residual, held[["x", "y"]].to_numpy(np.float64), variogram)[0]
-    h_lower, h_median, h_upper = _bounds(held)
-    frame = _calibrated(held, (h_lower + kriged, h_median + kriged, h_upper + kriged), offset)
+    lower, median, upper = with_kriged(held["q05"].to_numpy(np.float64), held["q50"].to_numpy(np.float64),
+                                       held["q95"].to_numpy(np.float64), kriged, offset)
+    frame = _columns(held).assign(q05=lower, q50=median, q95=upper)
     return frame, {"variogram": {k: v for k, v in variogram.to_dict().items() if k not in ("bins", "semivariance")},
                    "offset": float(offset), "residual_sd": float(np.std(residual))}
 

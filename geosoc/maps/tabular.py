@@ -10,6 +10,9 @@ from it with the same per-window interface as the network's predictor.
 
 The `aef-*` models read the AlphaEarth embedding too: their SampleSet's `embedding` at fitting, and at every map
 cell the 5 x 5 cells of the cube's `embeddings` group around it; their AOA is in that feature space as well.
+
+A `<model>+rk` (e.g. `qrf+rk`) is the model plus ordinary kriging of its residuals (`maps.kriged`): its
+folder holds the model and `kriging.safetensors`, and its map adds the kriged residual at every cell.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from geosoc.io.storage import join
 from geosoc.learn import baselines, checkpoint
 from geosoc.learn.device import resolve_device
 from geosoc.learn.models import NetworkConfig
+from geosoc.maps.kriged import META, ResidualField, base_model, fit_residuals
 from geosoc.maps.outputs import output_names
 from geosoc.stats import aoa
 
@@ -48,12 +52,18 @@ def is_tabular(meta: dict[str, Any]) -> bool:
     return meta.get("kind") == "tabular"
 
 
+def fits(name: str) -> bool:
+    """Whether `fit-tabular` makes model `name`: a tree model of MAP_MODELS, or one with `+rk`."""
+    return base_model(name) in MAP_MODELS
+
+
 def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None, threads: int = 1) -> str:
     """`geosoc fit-tabular`: the model `name` fitted on all labelled samples of the region -> models/<name>."""
     from geosoc.learn.training import stage_urls
 
-    if name not in MAP_MODELS:
-        raise InputError(f"--model {name!r}: maps can be made with {', '.join(MAP_MODELS)} (the network is "
+    if not fits(name):
+        raise InputError(f"--model {name!r}: maps can be made with {', '.join(MAP_MODELS)}, each also with "
+                         "+rk (its residuals kriged, e.g. qrf+rk) (the network is "
                          "`geosoc finetune`; hybrid needs the encoders' embeddings at every cell, not supported yet; "
                          "aef-hybrid maps)")
     out = out or join(root, "models", name)
@@ -61,19 +71,27 @@ def fit_region(catalog: Catalog, root: str, name: str, *, out: str | None = None
         return _fit_and_save(catalog, stage_urls(root)["labelled"], name, out, threads)
 
 
-def _fit_and_save(catalog: Catalog, url: str, name: str, out: str, threads: int) -> str:
+def _fit_and_save(catalog: Catalog, url: str, model: str, out: str, threads: int) -> str:
     from geosoc.data.streaming import SampleData
 
     data = SampleData(url)
     labelled = np.flatnonzero(np.isfinite(data.target))
     if len(labelled) < 10:
         raise InputError(f"{url}: only {len(labelled)} labelled samples; a tree model needs at least 10")
+    name = base_model(model)  # the tree model; `model` may add +rk
     samples = open_sampleset(url) if baselines.uses_aef(name) else None  # the embedding is read from it, once
     features = _training_features(url, name, data, labelled, samples)
     seed = catalog.training.seed
     fitted = baselines.fit(name, features.values, data.target[labelled], seed, threads, groups=data.fold[labelled])
     medians = _medians(features.values[:, fitted.usable])
     reference = aoa.fit(_filled(features.values[:, fitted.usable], medians), data.fold[labelled], seed)
+    files: dict[str, bytes] = {}
+    kriging: dict[str, Any] = {}
+    if model != name:
+        xy = np.stack([data.x[labelled], data.y[labelled]], axis=1)
+        files, entry = fit_residuals(name, features.values, data.target[labelled], data.fold[labelled], xy,
+                                     seed, threads)
+        kriging = {META: entry}
     config = NetworkConfig(bands=data.bands, variables=data.variables, patch_size=baselines.WINDOW,
                            months=data.months, quantiles=list(baselines.QUANTILES))
     months = [str(m) for m in data.time.astype("datetime64[M]")] if data.time is not None else None
@@ -81,11 +99,12 @@ def _fit_and_save(catalog: Catalog, url: str, name: str, out: str, threads: int)
             "samples": url, "seed": seed, **_embedding_meta(samples),
             "units": data.attrs.get("units", ""), "features": features.names, "usable": fitted.usable.tolist(),
             "medians": medians.tolist(), "months": months,
-            "calibration": {"method": "cqr", "offset": fitted.offset, "space": "log1p"} if fitted.offset else {}}
+            "calibration": {"method": "cqr", "offset": fitted.offset, "space": "log1p"} if fitted.offset else {},
+            **kriging}
     import skops.io
 
     checkpoint.save_files(out, {ESTIMATOR_FILE: skops.io.dumps({"estimators": fitted.estimators}),
-                                checkpoint.AOA_FILE: reference.to_bytes()}, config, meta)
+                                checkpoint.AOA_FILE: reference.to_bytes(), **files}, config, meta)
     return out
 
 
@@ -321,6 +340,7 @@ class TabularPredictor:
         self.fitted = load(model_url)
         reference = checkpoint.load_aoa(model_url, features=int(self.fitted.usable.sum()))
         self.scorer = aoa.Scorer(reference, self.device) if reference is not None else None
+        self.residuals = ResidualField(model_url, self.meta) if META in self.meta else None  # +rk
         self.medians = np.asarray(self.meta["medians"], dtype=np.float64)
         self.months = np.array(self.meta["months"], dtype="datetime64[M]") if self.meta.get("months") else None
         self.model = model_name(self.meta)

@@ -66,6 +66,7 @@ class WindowInput:
     climate: np.ndarray | None  # (climate cells, time, variable): each climate cell under the window once
     climate_of: np.ndarray | None  # (cells,): each cell's row of `climate`
     embedding: EmbeddingWindow | None = None  # aef models: the embedding cells under the window, plus halo
+    cells: np.ndarray | None = None  # (cells, 2): each cell's x and y in the grid's CRS (a `+rk` model kriges there)
 
 
 @dataclass
@@ -116,12 +117,16 @@ def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predict
         vectors = read_block(cube.url, "embeddings", cube.embeddings.shape, e0, int(e_rows.max()) - e_half + size,
                              f0, int(e_cols.max()) - e_half + size)
         embedding = (vectors, e_rows - e_half - e0, e_cols - e_half - f0)
-    return WindowInput(window, block, rows - half - r0, cols - half - c0, series, climate_of, embedding)
+    return WindowInput(window, block, rows - half - r0, cols - half - c0, series, climate_of, embedding,
+                       np.stack([x.ravel(), y.ravel()], axis=1))
 
 
 def predict_window(predictor: Predictor | TabularPredictor, data: WindowInput) -> dict[str, np.ndarray]:
     """(h, w) arrays of every output of one window."""
     flat = predictor.predict(data.block, data.top, data.left, data.climate, data.climate_of, data.embedding)
+    residuals = getattr(predictor, "residuals", None)  # a `+rk` model: its residuals kriged at the cells
+    if residuals is not None and data.cells is not None:
+        flat = residuals.apply(flat, data.cells)
     return {name: values.reshape(data.window.shape) for name, values in flat.items()}
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+SUFFIX = "+rk"  # a model with its residuals kriged: `qrf+rk`
+LEVEL = 0.9  # the interval's nominal coverage (q05 to q95)
 NEIGHBOURS = 32  # samples each target is kriged from (gstat's nmax is often 20-50)
 VARIOGRAM_POINTS = 2000  # samples the empirical variogram is estimated from (pairs: about 2 million)
 CANDIDATES = ("Exponential", "Spherical", "Gaussian")  # GSTools models tried; the best fit (R²) is kept
@@ -161,3 +163,39 @@ def _merged(xy: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         return xy, values
     inverse = inverse.reshape(-1)
     return unique, np.bincount(inverse, weights=values) / np.bincount(inverse)
+
+
+def log_bounds(lower: np.ndarray, median: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A model's (q05, median, q95) in SOC units as log1p values, the space its residuals are kriged in; a model
+    without an interval (NaN bounds) has its median for both bounds."""
+    def log(values: np.ndarray) -> np.ndarray:
+        return np.log1p(np.maximum(np.asarray(values, np.float64), 0.0))
+
+    missing = ~(np.isfinite(lower) & np.isfinite(upper))
+    z = log(median)
+    return np.where(missing, z, log(lower)), z, np.where(missing, z, log(upper))
+
+
+def residuals(observed: np.ndarray, median: np.ndarray) -> np.ndarray:
+    """log1p(observed) - log1p(median): what kriging adds back to a model's median."""
+    return log_bounds(observed, median, observed)[0] - log_bounds(median, median, median)[1]
+
+
+def kriged_offset(lower: np.ndarray, median: np.ndarray, upper: np.ndarray, observed: np.ndarray,
+                  kriged: np.ndarray) -> float:
+    """The CQR offset (log1p space) of a model's interval moved by kriged residuals, from out-of-fold predictions
+    and residuals kriged without the sample's own block."""
+    from geosoc.stats.calibration import conformal_offset
+
+    low, _, high = log_bounds(lower, median, upper)
+    return conformal_offset(low + kriged, high + kriged, log_bounds(observed, observed, observed)[1], LEVEL)
+
+
+def with_kriged(lower: np.ndarray, median: np.ndarray, upper: np.ndarray, kriged: np.ndarray,
+                offset: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q05, median, q95) in SOC units of a model plus its kriged residuals, the interval calibrated by `offset`."""
+    from geosoc.stats.calibration import widen
+
+    low, z, high = log_bounds(lower, median, upper)
+    low, high = widen(low + kriged, high + kriged, z + kriged, offset)
+    return np.expm1(low), np.expm1(z + kriged), np.expm1(high)
