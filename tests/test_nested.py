@@ -55,6 +55,14 @@ def test_pairs_and_what_needs_them() -> None:
     assert needs_pairs(("ssl", "rf", "qrf+rk")) == ()  # the base of qrf+rk is not evaluated: nothing to pair
     assert needs_pairs(("ssl", "rf", "qrf", "qrf+rk")) == ("qrf",)
     assert needs_pairs(("ssl", "rf", "stack")) == ("ssl", "rf")
+    from geosoc.errors import InputError
+    from geosoc.evaluation.nested import check_folds
+
+    with pytest.raises(InputError, match="two or more models"):
+        check_folds(("rf", "stack"), 5)
+    with pytest.raises(InputError, match=r"rf\+rk need at least 3 folds"):
+        check_folds(("rf", "rf+rk"), 2)
+    check_folds(("rf", "qrf", "stack", "rf+rk"), 3)
 
 
 def test_residual_kriging_recovers_what_the_model_misses() -> None:

@@ -107,8 +107,13 @@ def needs_pairs(models: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def check_folds(models: tuple[str, ...], folds: int) -> None:
-    """`+rk` and `stack` learn on a training part's out-of-fold predictions: at least 3 folds."""
+    """`+rk` and `stack` learn on a training part's out-of-fold predictions: at least 3 folds (and a stack, two
+    models to weigh)."""
     derived = [m for m in models if is_derived(m)]
+    fitted = [m for m in models if not is_derived(m)]
+    if STACK in models and len(fitted) < 2:
+        raise InputError(f"stack weighs two or more models against each other; name them with it (got "
+                         f"{', '.join(fitted) or 'none'})")
     if derived and folds < 3:
         raise InputError(f"{', '.join(derived)} need at least 3 folds (each held-out fold's training part is "
                          f"cross-validated in turn); got {folds}")
