@@ -215,6 +215,16 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     assert "…" not in result.output and "pooled R²" in result.output
     for model, stats in summary["models"].items():
         assert f"{stats['pooled']['r2']:.3f}" in result.output, model
+    time = summary["time"]  # where it went: every model's runs by phase, and the campaign's own phases
+    assert "where the evaluation's time went" in result.output
+    for model, spent in time["models"].items():
+        assert spent["runs"] == 3 and (spent["wall"]["fit"] > 0) == (model != "qrf"), model
+        assert spent["wall"]["calibrate"] > 0 if model in ("ssl", "supervised", "hybrid", "gbm") else True, model
+        assert spent["wall"]["predict"] > 0 and spent["wall"]["other"] > 0, model
+    assert time["models"]["qrf"]["wall"]["fit"] == 0  # it reads the forest rf fitted on the same fold
+    assert {"inputs", "report"} <= set(time["campaign"]["wall"]) <= {"inputs", "pretrain", "report"}
+    parts = [v for spent in time["models"].values() for v in spent["wall"].values()]
+    assert time["wall_s"] == pytest.approx(sum(parts) + sum(time["campaign"]["wall"].values()), abs=0.1)
     target = __import__("geosoc").open_sampleset(f"{root}/samples/labelled.zarr")["target"].attrs["long_name"]
     assert summary["target"] == target and f"({target} in " in result.output
     import pandas as pd
@@ -242,6 +252,7 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     again = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=2, progress=False)
     assert calls == [] and len(again.metrics) == len(metrics)  # every (model, fold) was already done
     assert all(s["reused_runs"] == 3 for s in again.summary["models"].values())
+    assert all(s["runs"] == 0 and sum(s["wall"].values()) == 0 for s in again.summary["time"]["models"].values())
     monkeypatch.setattr(evaluation, "member_predictions",
                         lambda run, data, rows, device: [(np.zeros(len(rows)),) * 3])
     other = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=3, models=("supervised", "rf"),
@@ -285,3 +296,78 @@ def test_the_scatter_plot_shows_every_point(tmp_path: Path) -> None:
     beyond = _scatter(pd.concat(rows), ("rf", "qrf"), summary, tmp_path / "scatter.png")
     assert beyond == {"rf": 1, "qrf": 1}
     assert (tmp_path / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_stopwatch_gives_each_second_to_one_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nested phases pause the outer one; time outside any phase goes to the collection's name; nothing is
+    recorded with no collection open. A fake clock: wall ticks 1 s and CPU 2 s per reading."""
+    from geosoc import stopwatch
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(stopwatch, "_now", lambda: (t := next(ticks), 2.0 * t))
+    with stopwatch.phase("fit"):  # no collection open: nothing read, nothing kept
+        pass
+    with stopwatch.collecting("other") as spent:  # reading 0
+        with stopwatch.phase("fit"):  # 1
+            with stopwatch.phase("calibrate"):  # 2
+                pass  # 3
+        # fit ends at 4
+    # other ends at 5
+    assert {name: (s.wall, s.cpu) for name, s in spent.items()} == {
+        "other": (2.0, 4.0), "fit": (2.0, 4.0), "calibrate": (1.0, 2.0)}
+
+
+def test_rf_and_qrf_share_one_forest_per_training_part(small_forests: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quantile forest grows the random forest's trees: rf read from it predicts what a random forest fitted
+    alone predicts, and one training part fits it once for both models."""
+    from geosoc.learn import baselines
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    y = np.exp(x[:, 0] + rng.normal(0, 0.3, 120))
+    train, test = slice(0, 90), slice(90, None)
+    alone = {m: baselines.fit_predict(m, x[train], y[train], x[test], seed=1, threads=1) for m in ("rf", "qrf")}
+    fits: list[str] = []
+    real_fit = baselines.fit
+    monkeypatch.setattr(baselines, "fit", lambda name, *a, **k: fits.append(name) or real_fit(name, *a, **k))
+    forests: dict = {}
+    shared = {m: baselines.fit_predict(m, x[train], y[train], x[test], seed=1, threads=1, forests=forests)
+              for m in ("rf", "qrf")}
+    assert fits == ["qrf"]
+    np.testing.assert_allclose(shared["rf"][1], alone["rf"][1], rtol=1e-9)
+    assert np.isnan(shared["rf"][0]).all() and np.isnan(shared["rf"][2]).all()
+    for got, expected in zip(shared["qrf"], alone["qrf"], strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_boosting_calibrates_on_its_outer_quantiles_fitted_out_of_fold(small_forests: None, threads: int) -> None:
+    """The CQR offset of gbm from held-out groups of the training part, recomputed here fit by fit (a few hundred
+    samples: a histogram bin per 5 of them); the fits run side by side on two threads give the same models as one
+    after the other."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.model_selection import GroupKFold
+    from threadpoolctl import threadpool_limits
+
+    from geosoc.learn import baselines
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    y = np.exp(x[:, 0] + rng.normal(0, 0.4, 400))
+    groups = np.repeat(np.arange(4), 100)
+    fitted = baselines.fit("gbm", x, y, seed=2, threads=threads, groups=groups)
+    z = np.log1p(y)
+
+    def boosted(q: float, rows: np.ndarray) -> HistGradientBoostingRegressor:
+        bins = max(32, len(rows) // 5)  # below 1,275 samples: a bin per 5 samples, at least 32
+        with threadpool_limits(1, user_api="openmp"):  # on a few samples OpenMP's threads mostly wait
+            return HistGradientBoostingRegressor(loss="quantile", quantile=q, max_iter=baselines.BOOSTING_ROUNDS,
+                                                 learning_rate=0.05, max_bins=bins, random_state=2).fit(x[rows], z[rows])
+
+    lower, upper = np.empty(len(z)), np.empty(len(z))
+    for part, held in GroupKFold(3).split(x, groups=groups):
+        lower[held], upper[held] = boosted(0.05, part).predict(x[held]), boosted(0.95, part).predict(x[held])
+    assert fitted.offset == pytest.approx(conformal_offset(lower, upper, z, 0.9), abs=1e-12)
+    everything = np.arange(len(z))
+    for model, q in zip(fitted.estimators, baselines.QUANTILES, strict=True):
+        np.testing.assert_array_equal(model.predict(x), boosted(q, everything).predict(x))

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sources",),
     ("io",),
     ("catalog",),
-    ("grid", "threads", "version", "fingerprints", "stats"),
+    ("grid", "threads", "stopwatch", "version", "fingerprints", "stats"),
     ("errors",),
 ]
 RANK = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

@@ -48,6 +48,7 @@ from geosoc.learn.training import (
     stage_urls,
 )
 from geosoc.stats.metrics import METRICS, regression_metrics
+from geosoc.stopwatch import Spent, collecting, phase
 from geosoc.version import __version__
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,41 @@ class Evaluation:
     summary: dict[str, Any]  # per model: mean and sd over folds, and pooled metrics
     predictions: pd.DataFrame
     outputs: dict[str, str]
+
+
+class Times:
+    """Where a campaign's time went: per model, the phases of the runs it made (fit, calibrate, predict, other:
+    reading, writing), each in wall and CPU seconds; a reused run costs nothing and is not counted. The campaign's
+    own phases (inputs: the SampleSet and the tree features, computed once; report: tables and figure) apart."""
+
+    PHASES = ("fit", "calibrate", "predict", "other")
+
+    def __init__(self, models: tuple[str, ...]) -> None:
+        self.models: dict[str, dict[str, Spent]] = {m: {} for m in models}
+        self.runs = dict.fromkeys(models, 0)
+        self.campaign: dict[str, Spent] = {}
+
+    def add(self, who: str, spent: dict[str, Spent], run: bool = False) -> None:
+        """Add a collection's phases to a model's (`run`: one run of it) or, for "campaign", to the campaign's."""
+        into = self.campaign if who == "campaign" else self.models[who]
+        for name, value in spent.items():
+            into.setdefault(name, Spent()).add(value)
+        if run:
+            self.runs[who] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """summary.json's "time": seconds per phase, wall and CPU (all of this process's threads)."""
+        def seconds(phases: dict[str, Spent], names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+            return {kind: {n: round(getattr(phases.get(n, Spent()), kind), 2) for n in names}
+                    for kind in ("wall", "cpu")}
+
+        everything = [*self.models.values(), self.campaign]
+        return {
+            "wall_s": round(sum(v.wall for phases in everything for v in phases.values()), 2),
+            "cpu_s": round(sum(v.cpu for phases in everything for v in phases.values()), 2),
+            "models": {m: {"runs": self.runs[m], **seconds(phases, self.PHASES)} for m, phases in self.models.items()},
+            "campaign": seconds(self.campaign, tuple(self.campaign)),
+        }
 
 
 def fold_sets(x: np.ndarray, y: np.ndarray, own: np.ndarray, cv: CV, folds: int | None, repeats: int, seed: int,
@@ -146,7 +182,10 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
     labelled = np.flatnonzero(np.isfinite(samples["target"].values))
     if len(labelled) < 10:
         raise InputError(f"{urls['labelled']}: only {len(labelled)} labelled samples; evaluation needs at least 10")
-    data = SampleData(urls["labelled"])
+    times = Times(models)
+    with collecting("inputs") as spent:
+        data = SampleData(urls["labelled"])
+    times.add("campaign", spent)
     x, y = samples["x"].values[labelled], samples["y"].values[labelled]
     sets = fold_sets(x, y, data.fold[labelled], cv, folds, repeats, catalog.training.seed,
                      catalog.sampling.fold_block_size)
@@ -162,13 +201,12 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
             log.info("ssl and hybrid use the pretrained encoders at %s as they are (evaluate's --epochs sets "
                      "fine-tuning only; `geosoc pretrain --epochs N` trains them further)", pretrained)
         else:  # resumes an unfinished pretraining
-            pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))
-    batch = data.rows(labelled)
-    inputs = {"covariates": baselines.covariate_features(batch, data.bands, data.variables, data.time).values}
-    if "hybrid" in estimators:
-        inputs["ssl"] = _embeddings(pretrained, data, labelled, device)
-    if any(baselines.uses_aef(m) for m in estimators):
-        inputs["aef"] = baselines.aef_features(samples, labelled).values
+            with collecting("pretrain") as spent:
+                pretrain_region(catalog, root, ctx=Context(device=device, progress=progress))
+            times.add("campaign", spent)
+    with collecting("inputs") as spent:
+        inputs = _inputs(samples, data, labelled, estimators, pretrained, device)
+    times.add("campaign", spent)
     ids = samples["sample_id"].values[labelled]
     observed = data.target[labelled]
     tasks: list[tuple[str, int, tuple[int, ...]]] = [(m, r, (int(k),)) for r, fs in enumerate(sets)
@@ -184,36 +222,45 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
     inner: list[pd.DataFrame] = []  # the pair runs' predictions
     xy = np.stack([x, y], axis=1)
     reused: dict[str, int] = dict.fromkeys(models, 0)
+    forests: dict[Any, Any] = {}  # the training part's forests, each fitted once for the models that read it
+    part_of_forests: tuple[Any, ...] = ()
     for model, repeat, held in progress_bar(iterable=tasks, desc="evaluate", unit="run", disable=not progress):
+        if (repeat, held) != part_of_forests:  # a new training part (the tasks go part by part)
+            forests, part_of_forests = {}, (repeat, held)
         url = join(runs, folders[model], f"{_run_name(repeat, held)}.parquet")
         if exists(url):
             reused[model] += len(held) == 1  # held-out folds reused (pair runs apart)
         else:
-            full = np.full(data.size, -1, dtype=np.int64)
-            test = np.isin(sets[repeat], held)
-            full[labelled] = np.where(test, held[0], sets[repeat])  # a pair run holds out its two folds as one
-            if model in NETWORKS:
-                run = join(runs, folders[model], _run_name(repeat, held))
-                finetune_region(catalog, root, epochs=epochs, test_fold=held[0], ctx=ctx, out=run, folds=full,
-                                pretrained=pretrained if model == "ssl" else False,
-                                seed=catalog.training.seed + repeat)
-                members = member_predictions(run, data, labelled[test], device)
-                lower, median, upper = ensemble.mean_interval(members)
-                each = {f"q50_seed{k}": part[1] for k, part in enumerate(members)}
-            else:
-                estimator, kind = nested.split(model)
-                table = np.concatenate([inputs[name] for name in baselines.INPUTS[estimator]], axis=1)
-                train_x, test_x = context.tables(kind, table, xy, observed, test)
-                each = {}
-                lower, median, upper = baselines.fit_predict(estimator, train_x, observed[~test], test_x,
-                                                             catalog.training.seed + repeat, threads,
-                                                             groups=sets[repeat][~test])
-            frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": sets[repeat][test],
-                                  "sample_id": [str(i) for i in ids[test]],
-                                  "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
-                                  "q50": median, "q95": upper, **each})
-            with published(url) as local:
-                frame.to_parquet(local, index=False)
+            with collecting("other") as spent:
+                full = np.full(data.size, -1, dtype=np.int64)
+                test = np.isin(sets[repeat], held)
+                full[labelled] = np.where(test, held[0], sets[repeat])  # a pair run holds out its two folds as one
+                if model in NETWORKS:
+                    run = join(runs, folders[model], _run_name(repeat, held))
+                    with phase("fit"):  # fine-tuning marks its calibration as a phase of its own
+                        finetune_region(catalog, root, epochs=epochs, test_fold=held[0], ctx=ctx, out=run, folds=full,
+                                        pretrained=pretrained if model == "ssl" else False,
+                                        seed=catalog.training.seed + repeat)
+                    with phase("predict"):
+                        members = member_predictions(run, data, labelled[test], device)
+                    lower, median, upper = ensemble.mean_interval(members)
+                    each = {f"q50_seed{k}": part[1] for k, part in enumerate(members)}
+                else:
+                    estimator, kind = nested.split(model)
+                    table = np.concatenate([inputs[name] for name in baselines.INPUTS[estimator]], axis=1)
+                    train_x, test_x = context.tables(kind, table, xy, observed, test)
+                    each = {}
+                    lower, median, upper = baselines.fit_predict(estimator, train_x, observed[~test], test_x,
+                                                                 catalog.training.seed + repeat, threads,
+                                                                 groups=sets[repeat][~test],
+                                                                 forests=forests if kind is None else None)
+                frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": sets[repeat][test],
+                                      "sample_id": [str(i) for i in ids[test]],
+                                      "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
+                                      "q50": median, "q95": upper, **each})
+                with published(url) as local:
+                    frame.to_parquet(local, index=False)
+            times.add(model, spent, run=True)
         fs, path = filesystem(url)
         frame = pd.read_parquet(fs.open(path, "rb"))
         if len(held) == 1:
@@ -225,7 +272,20 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
                                                  else predictions.iloc[:0], models, catalog.training.seed)
     predictions = pd.concat([predictions, derived], ignore_index=True)
     return _recommended(_report(predictions, out, models, samples["target"].attrs.get("units", ""), cv,
-                                samples["target"].attrs.get("long_name", "SOC"), reused), learnt)
+                                samples["target"].attrs.get("long_name", "SOC"), reused, times), learnt)
+
+
+def _inputs(samples: xr.Dataset, data: SampleData, labelled: np.ndarray, models: tuple[str, ...],
+            pretrained: str | None, device: torch.device) -> dict[str, np.ndarray]:
+    """The tree models' features of the labelled samples, computed once for every model and fold: covariates,
+    and where a model reads them the pretrained encoders' embeddings and the AlphaEarth embedding features."""
+    inputs = {"covariates": baselines.covariate_features(data.rows(labelled), data.bands, data.variables,
+                                                         data.time).values}
+    if "hybrid" in models:
+        inputs["ssl"] = _embeddings(pretrained, data, labelled, device)
+    if any(baselines.uses_aef(m) for m in models):
+        inputs["aef"] = baselines.aef_features(samples, labelled).values
+    return inputs
 
 
 def _run_name(repeat: int, held: tuple[int, ...]) -> str:
@@ -292,7 +352,20 @@ def _metrics(group: pd.DataFrame) -> dict[str, float]:
 
 
 def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units: str, cv: str,
-            target: str = "SOC", reused: dict[str, int] | None = None) -> Evaluation:
+            target: str = "SOC", reused: dict[str, int] | None = None, times: Times | None = None) -> Evaluation:
+    """The tables and the figure; summary.json is written last, with the time of everything before it."""
+    times = times or Times(models)
+    with collecting("report") as spent:
+        metrics, summary, outputs = _tables(predictions, out, models, units, cv, target, reused)
+    times.add("campaign", spent)
+    summary["time"] = times.to_dict()
+    with published(outputs["summary.json"]) as path:
+        path.write_text(json.dumps(summary, indent=2))
+    return Evaluation(metrics, summary, predictions, outputs)
+
+
+def _tables(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units: str, cv: str, target: str,
+            reused: dict[str, int] | None) -> tuple[pd.DataFrame, dict[str, Any], dict[str, str]]:
     rows = []
     for (model, repeat, fold), group in predictions.groupby(["model", "repeat", "fold"], sort=False):
         rows.append({"model": model, "repeat": repeat, "fold": fold, "n": len(group), **_metrics(group)})
@@ -313,13 +386,11 @@ def _report(predictions: pd.DataFrame, out: str, models: tuple[str, ...], units:
     outputs = {name: join(out, name) for name in ("metrics.csv", "summary.json", "predictions.parquet", "scatter.png")}
     with published(outputs["metrics.csv"]) as path:
         metrics.to_csv(path, index=False)
-    with published(outputs["summary.json"]) as path:
-        path.write_text(json.dumps(summary, indent=2))
     with published(outputs["predictions.parquet"]) as path:
         predictions.to_parquet(path, index=False)
     with published(outputs["scatter.png"]) as path:
         _scatter(predictions, models, summary, path)
-    return Evaluation(metrics, summary, predictions, outputs)
+    return metrics, summary, outputs
 
 
 def _seed_spread(part: pd.DataFrame) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from geosoc.errors import InputError
+from geosoc.stopwatch import phase
 
 WINDOW = 5  # px: the small window around the patch centre
 QUANTILES = (0.05, 0.5, 0.95)
@@ -131,7 +132,7 @@ class Fitted:
     def predict(self, x: np.ndarray) -> Prediction:
         x = x[:, self.usable]
         if self.name == "rf":
-            median = np.expm1(self.estimators[0].predict(x))
+            median = np.expm1(_forest_mean(self.estimators[0], x))
             nan = np.full(len(x), np.nan)
             return nan, median, nan
         if self.name == "qrf":
@@ -144,12 +145,43 @@ class Fitted:
         return np.expm1(lower), np.expm1(median), np.expm1(upper)
 
 
-def _boosted(train_x: np.ndarray, train_z: np.ndarray, seed: int) -> list[Any]:
-    """Histogram gradient boosting, one model per quantile (pinball loss), on log-space targets."""
-    from sklearn.ensemble import HistGradientBoostingRegressor
+def _forest_mean(model: Any, x: np.ndarray) -> np.ndarray:
+    """A random forest's prediction, the mean of its trees; of a quantile forest (the same trees, see
+    `fit_predict`), that mean read from the training samples in its leaves."""
+    if hasattr(getattr(model, "_final_estimator", model), "forest_"):  # quantile-forest's leaf records
+        return np.asarray(model.predict(x, quantiles="mean"))
+    return np.asarray(model.predict(x))
 
-    return [HistGradientBoostingRegressor(loss="quantile", quantile=q, max_iter=BOOSTING_ROUNDS, learning_rate=0.05,
-                                          random_state=seed).fit(train_x, train_z) for q in QUANTILES]
+
+def _boosted(jobs: list[tuple[np.ndarray, np.ndarray, float]], seed: int, threads: int) -> list[Any]:
+    """Histogram gradient boosting (pinball loss, log-space targets), one model per (x, z, quantile) job, the jobs
+    `threads` at a time, each fit on one thread. On a few hundred samples a fit's own OpenMP threads mostly wait on
+    each other (and spin where other work shares the cores), so independent fits side by side use the cores
+    better; the models are the same either way (a fit's result does not depend on its thread count)."""
+    from joblib import Parallel, delayed
+
+    if threads <= 1 or len(jobs) == 1:
+        return [_boost(x, z, q, seed) for x, z, q in jobs]
+    return list(Parallel(n_jobs=min(threads, len(jobs)), prefer="threads")(
+        delayed(_boost)(x, z, q, seed) for x, z, q in jobs))
+
+
+def _boost(x: np.ndarray, z: np.ndarray, quantile: float, seed: int) -> Any:
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="openmp"):  # this thread's OpenMP only (the limit is per thread)
+        return HistGradientBoostingRegressor(loss="quantile", quantile=quantile, max_iter=BOOSTING_ROUNDS,
+                                             learning_rate=0.05, max_bins=_bins(len(z)),
+                                             random_state=seed).fit(x, z)
+
+
+def _bins(samples: int) -> int:
+    """Histogram bins per feature: scikit-learn's most (255) from 1,275 training samples up, about one bin per 5
+    samples below (at least 32). A leaf holds at least 20 samples, so bins of 5 place a split at most a quarter
+    of a leaf away from where 255 would; on a few hundred samples, scanning every bin of every feature at every
+    node is most of a fit's time."""
+    return min(255, max(32, samples // 5))
 
 
 def fit(name: str, train_x: np.ndarray, train_y: np.ndarray, seed: int, threads: int,
@@ -169,19 +201,26 @@ def fit(name: str, train_x: np.ndarray, train_y: np.ndarray, seed: int, threads:
         from sklearn.ensemble import RandomForestRegressor
 
         model = _imputed(RandomForestRegressor(n_estimators=TREES, n_jobs=threads, random_state=seed))
-        return Fitted(name, [model.fit(x, z)], usable)
+        with phase("fit"):
+            return Fitted(name, [model.fit(x, z)], usable)
     if name == "qrf":
         from quantile_forest import RandomForestQuantileRegressor
 
         model = _imputed(RandomForestQuantileRegressor(n_estimators=TREES, n_jobs=threads, random_state=seed))
-        return Fitted(name, [model.fit(x, z)], usable)
+        with phase("fit"):
+            return Fitted(name, [model.fit(x, z)], usable)
     from geosoc.stats.calibration import conformal_offset
 
-    oof = np.empty((len(z), len(QUANTILES)))
-    for part, held in _calibration_splits(len(z), groups, seed):
-        oof[held] = np.stack([m.predict(x[held]) for m in _boosted(x[part], z[part], seed)], axis=1)
-    offset = conformal_offset(oof[:, 0], oof[:, -1], z, QUANTILES[-1] - QUANTILES[0])
-    return Fitted(name, _boosted(x, z, seed), usable, float(offset))
+    with phase("calibrate"):  # the offset reads the outer quantiles only: no median is fitted for it
+        splits = _calibration_splits(len(z), groups, seed)
+        bounds = (QUANTILES[0], QUANTILES[-1])
+        inner = _boosted([(x[part], z[part], q) for part, _ in splits for q in bounds], seed, threads)
+        oof = np.empty((len(z), len(bounds)))
+        for i, (_, held) in enumerate(splits):
+            oof[held] = np.stack([model.predict(x[held]) for model in inner[2 * i : 2 * i + 2]], axis=1)
+        offset = conformal_offset(oof[:, 0], oof[:, 1], z, bounds[1] - bounds[0])
+    with phase("fit"):
+        return Fitted(name, _boosted([(x, z, q) for q in QUANTILES], seed, threads), usable, float(offset))
 
 
 def _calibration_splits(n: int, groups: np.ndarray | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -194,6 +233,19 @@ def _calibration_splits(n: int, groups: np.ndarray | None, seed: int) -> list[tu
 
 
 def fit_predict(model: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int,
-                threads: int, groups: np.ndarray | None = None) -> Prediction:
-    """Fit a tabular model (any of NAMES, on the features its INPUTS name) and predict."""
-    return fit(model, train_x, train_y, seed, threads, groups).predict(test_x)
+                threads: int, groups: np.ndarray | None = None, forests: dict[Any, Fitted] | None = None) -> Prediction:
+    """Fit a tabular model (any of NAMES, on the features its INPUTS name) and predict.
+
+    `forests`, a dict the caller keeps for one training part, fits each forest once for the models that share it:
+    rf and qrf on the same features and seed grow the same trees (quantile-forest grows scikit-learn's random
+    forest and also keeps the training samples of its leaves), so the quantile forest is fitted for whichever of
+    them comes first and read by both, rf taking its mean (the random forest's prediction, to float rounding)."""
+    if forests is not None and ESTIMATOR[model] in ("rf", "qrf"):
+        key = (INPUTS[model], seed)
+        if key not in forests:
+            forests[key] = fit("qrf", train_x, train_y, seed, threads, groups)
+        fitted = Fitted(ESTIMATOR[model], forests[key].estimators, forests[key].usable)
+    else:
+        fitted = fit(model, train_x, train_y, seed, threads, groups)
+    with phase("predict"):
+        return fitted.predict(test_x)

@@ -41,6 +41,7 @@ from geosoc.learn.sizing import resolve_model, sizes_of
 from geosoc.stats import aoa
 from geosoc.stats.calibration import conformal_offset, conformal_quantile, covering_scores, interval
 from geosoc.stats.metrics import regression_metrics
+from geosoc.stopwatch import phase
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +338,8 @@ def _finetune(samples_url: str, out_url: str, config: NetworkConfig, stage: Fine
                   extra={"test_fold": test_fold, "pretrained": pretrained_url, "units": data.attrs.get("units", ""),
                          "folds": _digest(folds), "validation_seed": validation_seed, "validation_part": group + 1})
     if ctx.is_main:
-        calibrate(out_url, data, train, val, norm, stage.batch_size, ctx.device, seed, folds)
+        with phase("calibrate"):
+            calibrate(out_url, data, train, val, norm, stage.batch_size, ctx.device, seed, folds)
     return {**result, "validation": val}
 
 
@@ -706,8 +708,9 @@ def finetune_region(catalog: Catalog, root: str, *, epochs: int | None = None, b
             if members > 1:
                 holders = [[m for m, part in enumerate(part_of) if part == g] for g in range(groups)]
                 parts = [(chosen, results[chosen[0]]["validation"]) for chosen in holders]
-                calibrate_ensemble(out, SampleData(samples, _modalities(config)), parts, stage.batch_size,
-                                   writer.device)
+                with phase("calibrate"):
+                    calibrate_ensemble(out, SampleData(samples, _modalities(config)), parts, stage.batch_size,
+                                       writer.device)
     first = {k: v for k, v in results[0].items() if k != "validation"}
     return {**first, "members": members, "member_val_loss": [result["best_val_loss"] for result in results]}
 
