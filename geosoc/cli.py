@@ -504,35 +504,54 @@ def sample(
     on_error: str = OnErrorOpt,
     random: int | None = typer.Option(None, "--random", min=1, help="Instead of --points: N random valid locations."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of --random and of fold assignment."),
-    min_spacing: float = typer.Option(0.0, "--min-spacing", min=0.0, callback=finite, help="--random: minimum distance (CRS units)."),
+    min_spacing: float | None = typer.Option(None, "--min-spacing", min=0.0, callback=finite, help="--random: minimum distance (CRS units; default: the catalog's sampling.min_spacing)."),
+    from_source: bool | None = typer.Option(None, "--from-source/--from-cube", help="Read patches, climate and embeddings from the catalog's sources (Earth Engine, COGs, synthetic), resumably, or cut them from the built cube (default: the cube when a complete one is at --root, else the sources)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan reading from the sources from the catalog alone (windows, bytes, Earth Engine requests and time, beside the cube route's); write nothing."),
     workers: int | None = WorkersOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Extract patches and climate series at soil points (samples/labelled.zarr) or at random valid
-    locations (samples/unlabelled.zarr), with spatial cross-validation folds."""
+    locations (samples/unlabelled.zarr), with spatial cross-validation folds: cut from the cube, or read
+    straight from the sources when there is none (--from-source)."""
     from geosoc.data.cube import cube_url
     from geosoc.data.points import read_points
     from geosoc.data.sampling import random_points, sample_points, samples_url
 
     if (points is None) == (random is None):
         raise InputError("give either --points FILE or --random N")
-    loaded, root = _region(region, catalog, root)
+    if dry_run and from_source is False:
+        raise InputError("--dry-run plans reading from the sources; the cube's plan is `geosoc build-cube --dry-run`")
+    loaded, root = _region(region, catalog, root, writes=not dry_run)
     config = loaded.config
     cube = cube_url(loaded, root)
     patch = config.sampling.patch_size
+    spacing = config.sampling.min_spacing if min_spacing is None else min_spacing
     if points is not None:
         found = read_points(points, config.region.crs, fmt, _columns(fmt, id_col, x_col, y_col, target_col,
                             points_crs, units), config.imagery_grid.bounds, on_error)  # type: ignore[arg-type]
         print_dropped_rows(found.problems)
         kind = "labelled"
     else:
-        assert random is not None  # one of the two was given (checked above)
-        found = random_points(cube, random, patch, seed, min_spacing, workers=workers, progress=not quiet,
-                              max_nodata=config.sampling.max_nodata)
-        kind = "unlabelled"
-    result = sample_points(cube, found, samples_url(root, kind), patch, fold_block_size=config.sampling.fold_block_size,
-                           folds=config.sampling.folds, seed=seed, workers=workers, progress=not quiet, kind=kind,
-                           max_nodata=config.sampling.max_nodata)
+        found, kind = None, "unlabelled"
+    if dry_run or (from_source if from_source is not None else not _complete_cube(cube)):
+        from geosoc.data.from_source import plan_points, sample_from_source
+
+        if dry_run:
+            print_points_plan(plan_points(loaded, samples_url(root, kind), found, random, seed=seed,
+                                          min_spacing=spacing, root=root), loaded, root)
+            return
+        console.print(f"reading from the sources (no complete cube at {cube}; --from-cube cuts from one)"
+                      if from_source is None else "reading from the sources", highlight=False)
+        result = sample_from_source(loaded, samples_url(root, kind), found, random, seed=seed, min_spacing=spacing,
+                                    root=root, kind=kind, workers=workers, progress=not quiet)
+    else:
+        if found is None:
+            assert random is not None  # one of the two was given (checked above)
+            found = random_points(cube, random, patch, seed, spacing, workers=workers, progress=not quiet,
+                                  max_nodata=config.sampling.max_nodata)
+        result = sample_points(cube, found, samples_url(root, kind), patch,
+                               fold_block_size=config.sampling.fold_block_size, folds=config.sampling.folds, seed=seed,
+                               workers=workers, progress=not quiet, kind=kind, max_nodata=config.sampling.max_nodata)
     for line in result.dropped[:50]:
         errors.print(line, highlight=False)
     console.print(f"{result.samples:,} samples ({len(result.dropped)} dropped for missing data) -> {result.url}")
@@ -542,6 +561,42 @@ def sample(
                       "sampling.max_nodata: 0.5 still does)", highlight=False)
     if not result.has_climate:
         console.print("this cube has no climate: the SampleSet holds patches only (image branch alone)")
+
+
+def _complete_cube(url: str) -> bool:
+    """Whether a finished cube is at `url` (`sample` then cuts from it unless told --from-source)."""
+    from geosoc.io.storage import read_group_attrs
+
+    return (read_group_attrs(url) or {}).get("geosoc_status") == "complete"
+
+
+def print_points_plan(plan: Any, loaded: Any, root: str) -> None:
+    """What reading the points from the sources costs, and, beside it, what building the cube to cut them costs."""
+    from geosoc.data.cube import plan_cube
+
+    table = Table(title=f"{plan.points:,} points from the sources -> {plan.url} ({_size(plan.sampleset_bytes)}); "
+                        "nothing written")
+    for column in ("group", "windows", "read", "requests"):
+        table.add_column(column, justify="right")
+    for reads in plan.reads:
+        table.add_row(reads.group, f"{reads.windows:,}", _size(reads.nbytes),
+                      f"{reads.requests:,}" if reads.requests is not None else "")
+    print_table(table)
+    remote = [reads for reads in plan.reads if reads.requests is not None]
+    for reads in remote:
+        console.print(f"{reads.group}: {reads.requests:,} Earth Engine requests, {reads.concurrency} at a time, at an "
+                      f"assumed {reads.seconds_per_request:g} s each (catalog: seconds_per_request): about "
+                      f"{_duration(reads.estimated_seconds)}", highlight=False)
+    cube = plan_cube(loaded, root)
+    requests = sum(layer.requests or 0 for layer in cube.layers)
+    seconds = sum(layer.estimated_seconds or 0 for layer in cube.layers)
+    line = f"the cube route instead: build-cube writes {_size(cube.nbytes)} in {cube.chunks:,} chunks"
+    if requests:
+        ours = sum(reads.requests or 0 for reads in remote)
+        line += (f" from {requests:,} Earth Engine requests (about {_duration(seconds)}); from the sources: "
+                 f"{ours:,} requests (about {_duration(sum(r.estimated_seconds or 0 for r in remote))}), "
+                 f"{_size(plan.nbytes)} read")
+    console.print(line, highlight=False)
 
 
 def print_dropped_rows(problems: Sequence[Any]) -> None:
@@ -618,6 +673,12 @@ def print_plan(plan: Any) -> None:
             f"{layer.seconds_per_request:g} s each (catalog: seconds_per_request): about "
             f"{_duration(layer.estimated_seconds)}"
         )
+    for layer in plan.layers:
+        if layer.outside_chunks:
+            saved = f" and {layer.requests_saved:,} requests" if layer.requests_saved else ""
+            console.print(f"{layer.group}: region.mask saves {layer.outside_chunks:,} of "
+                          f"{layer.chunks + layer.outside_chunks:,} chunks{saved} (wholly outside it: never requested "
+                          "nor written, read as NaN)", highlight=False)
 
 
 def _size(nbytes: int) -> str:

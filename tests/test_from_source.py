@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import xarray as xr
+from typer.testing import CliRunner
 
 import geosoc.data.window_sources as window_sources
 from geosoc.catalog import load_catalog
+from geosoc.cli import app
 from geosoc.data.cube import build_cube
 from geosoc.data.from_source import plan_points, point_layers, sample_from_source
 from geosoc.data.points import Points
@@ -279,3 +281,30 @@ def test_windows_of_a_chunk_by_cost_and_of_a_cube_whole(tmp_path: Path, write_ca
     # chunk order; in the first chunk two pairs (a thin window is cheap), the pairs apart (a window over all four
     # would hold ~8,700 px against ~4,100 of a call); the last point in the next chunk
     assert [list(p) for p in parts] == [[0, 1], [2, 3], [4]]
+
+
+def test_dry_run_from_the_catalog_alone(tmp_path: Path) -> None:
+    """Europe: 100,000 random locations cost requests, bytes and hours from the catalog, nothing written."""
+    result = CliRunner().invoke(app, ["sample", "--region", "europe", "--root", str(tmp_path / "europe"),
+                                      "--random", "2000", "--from-source", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "Earth Engine requests" in result.output and "nothing written" in result.output
+    assert not (tmp_path / "europe").exists()
+
+
+def test_cli_from_source_without_a_cube(tmp_path: Path, write_catalog) -> None:
+    path = write_catalog(catalog_dict(embeddings=False))
+    root = tmp_path / "root"
+    result = CliRunner().invoke(app, ["sample", "--catalog", str(path), "--root", str(root), "--random", "12",
+                                      "--seed", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "from the sources" in result.output
+    ds = open_sampleset(str(root / "samples" / "unlabelled.zarr"))
+    assert ds.sizes["sample"] == 12 and ds.attrs["route"] == "source"
+    assert not (root / "cube.zarr").exists()
+    refused = CliRunner().invoke(app, ["sample", "--catalog", str(path), "--root", str(root), "--random", "12",
+                                       "--from-cube", "-q"])
+    assert refused.exit_code == 1 and "no cube here" in refused.output
+    refused = CliRunner().invoke(app, ["sample", "--catalog", str(path), "--root", str(root), "--random", "12",
+                                       "--from-cube", "--dry-run"])
+    assert refused.exit_code == 1 and "geosoc build-cube --dry-run" in refused.output

@@ -45,7 +45,7 @@ class WindowSource(Protocol):
         """Whether a chunk's points may be read over several smaller windows."""
 
     def cost(self, group: str, height: int, width: int) -> float:
-        """What reading one window of this size costs, in pixels read."""
+        """What reading one window of this size costs, in pixels read (from Earth Engine: values sent)."""
 
 
 def padded(read: Callable[[slice, slice], np.ndarray], leading: tuple[int, ...], shape: tuple[int, ...], rows: slice,
