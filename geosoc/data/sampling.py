@@ -263,11 +263,11 @@ def sampleset_dataset(
         coords["band"] = axis_coordinate("band", bands)
     if climate is not None:
         assert months is not None and variables is not None
-        data["climate"] = (("sample", "time", "variable"), climate.astype(np.float32))
+        data["climate"] = (("sample", "time", "variable"), np.asarray(climate, dtype=np.float32))
         coords["time"] = axis_coordinate("time", months)
         coords["variable"] = axis_coordinate("variable", variables)
     if embeddings is not None:
-        data["embedding"] = (("sample", "embedding_band", "ey", "ex"), embeddings.astype(np.float32))
+        data["embedding"] = (("sample", "embedding_band", "ey", "ex"), np.asarray(embeddings, dtype=np.float32))
         coords["embedding_band"] = axis_coordinate("embedding_band", list(EMBEDDING_BANDS))
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(
