@@ -66,14 +66,15 @@ def read_imagery(url: str, shape: tuple[int, int], r0: int, r1: int, c0: int, c1
 
 
 def read_block(url: str, group: str, shape: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    """(band, r1 - r0, c1 - c0) pixels of a (band, y, x) cube group of (y, x) size `shape`, NaN beyond it."""
+    """(band, r1 - r0, c1 - c0) pixels of a (band, y, x) cube group, NaN beyond the grid (`shape`, the group's
+    (y, x) size, is the array's own: callers need not know it, and it is not read)."""
     return CubeWindows(url).read(group, slice(r0, r1), slice(c0, c1))
 
 
 def _extract_group(url: str, shape: tuple[int, int], indices: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                    patch: int) -> Extracted:
-    """Read the group's window once (padded with NaN beyond the grid) and gather every patch from it (the same
-    code cuts them from the catalog's sources: `data.from_source`)."""
+    """Read the group's window once (padded with NaN beyond the grid, whose `shape` the array knows) and gather
+    every patch from it (the same code cuts them from the catalog's sources: `data.from_source`)."""
     return patches_at(CubeWindows(url), indices, rows, cols, patch)
 
 
