@@ -236,9 +236,9 @@ def model_url(root: str, model: str) -> str:
 
 def how_to_make(model: str) -> str:
     name = model.rstrip("/").rsplit("/", 1)[-1]
-    from geosoc.maps.tabular import MAP_MODELS
+    from geosoc.maps.tabular import fits
 
-    return f"`geosoc fit-tabular --model {name}`" if name in MAP_MODELS else "`geosoc finetune`"
+    return f"`geosoc fit-tabular --model {name}`" if fits(name) else "`geosoc finetune`"
 
 
 def map_spec(cube: str | xr.DataTree, model: str | None = None, *, resolution: float | None = None,
