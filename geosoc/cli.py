@@ -453,6 +453,9 @@ def evaluation_time_table(time: dict[str, Any]) -> Table:
     for name, seconds in time["campaign"]["wall"].items():
         table.add_row(name, "", "", "", "", "", f"{seconds:.1f}", f"{time['campaign']['cpu'][name]:.1f}")
     table.add_row("all", "", "", "", "", "", f"{time['wall_s']:.1f}", f"{time['cpu_s']:.1f}")
+    if time.get("network_processes"):
+        table.caption = (f"the network runs trained {time['network_processes']} at a time in processes of their own, "
+                         "beside the trees: wall seconds overlap, 'all' is the campaign's")
     return table
 
 

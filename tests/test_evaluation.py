@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
@@ -223,8 +224,11 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
         assert spent["wall"]["predict"] > 0 and spent["wall"]["other"] > 0, model
     assert time["models"]["qrf"]["wall"]["fit"] == 0  # it reads the forest rf fitted on the same fold
     assert {"inputs", "report"} <= set(time["campaign"]["wall"]) <= {"inputs", "pretrain", "report"}
-    parts = [v for spent in time["models"].values() for v in spent["wall"].values()]
-    assert time["wall_s"] == pytest.approx(sum(parts) + sum(time["campaign"]["wall"].values()), abs=0.1)
+    parts = [v for spent in time["models"].values() for v in spent["cpu"].values()]
+    assert time["cpu_s"] == pytest.approx(sum(parts) + sum(time["campaign"]["cpu"].values()), abs=0.1)
+    assert time["wall_s"] > 0
+    cores = available_cores()  # the command's threads: its networks' 6 runs train that many at a time
+    assert time["network_processes"] == (min(cores, 6) if cores > 1 else 0)
     target = __import__("geosoc").open_sampleset(f"{root}/samples/labelled.zarr")["target"].attrs["long_name"]
     assert summary["target"] == target and f"({target} in " in result.output
     import pandas as pd
@@ -247,13 +251,13 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
         calls.append("tree")
         return real_fit_predict(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "finetune_region", lambda *a, **k: calls.append("finetune"))
+    monkeypatch.setattr(evaluation.network_runs, "finetune_region", lambda *a, **k: calls.append("finetune"))
     monkeypatch.setattr(evaluation.baselines, "fit_predict", counting)
     again = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=2, progress=False)
     assert calls == [] and len(again.metrics) == len(metrics)  # every (model, fold) was already done
     assert all(s["reused_runs"] == 3 for s in again.summary["models"].values())
     assert all(s["runs"] == 0 and sum(s["wall"].values()) == 0 for s in again.summary["time"]["models"].values())
-    monkeypatch.setattr(evaluation, "member_predictions",
+    monkeypatch.setattr(evaluation.network_runs, "member_predictions",
                         lambda run, data, rows, device: [(np.zeros(len(rows)),) * 3])
     other = evaluation.evaluate_region(load_catalog(path=path).config, root, epochs=3, models=("supervised", "rf"),
                                        progress=False)  # other epochs: the network runs again, the trees do not
@@ -263,6 +267,31 @@ def test_evaluate_every_model_and_resume(region_with_unlabelled: tuple[Path, str
     random = evaluation.evaluate_region(load_catalog(path=path).config, root, cv="random", folds=2,
                                         models=("rf", "qrf"), progress=False)
     assert random.summary["cv"] == "random" and len(random.metrics) == 4 and calls == ["tree"] * 4
+
+
+def test_network_runs_in_processes_of_their_own_are_the_runs_made_here(trained_region: tuple[Path, str],
+                                                                      tmp_path: Path) -> None:
+    """On a CPU with two threads the network runs train side by side in two processes (one torch thread each);
+    with one thread they train here in turn. The same runs: the same held-out predictions, to the bit."""
+    from geosoc.evaluation.campaign import evaluate_region
+
+    path, root = copy_region(trained_region, tmp_path)
+    catalog = load_catalog(path=path).config
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        here = evaluate_region(catalog, root, models=("supervised",), epochs=1, threads=1, progress=False,
+                               device=torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    shutil.rmtree(Path(root) / "evaluation")
+    apart = evaluate_region(catalog, root, models=("supervised",), epochs=1, threads=2, progress=False,
+                            device=torch.device("cpu"))
+    assert here.summary["time"]["network_processes"] == 0 and apart.summary["time"]["network_processes"] == 2
+    assert apart.summary["time"]["models"]["supervised"]["runs"] == 3
+    assert apart.summary["time"]["models"]["supervised"]["cpu"]["fit"] > 0  # the processes' own CPU time
+    columns = ["sample_id", "q05", "q50", "q95"]
+    pd.testing.assert_frame_equal(here.predictions[columns], apart.predictions[columns])
 
 
 def test_evaluate_needs_unlabelled_samples_for_ssl(trained_region: tuple[Path, str], tmp_path: Path,
@@ -319,11 +348,12 @@ def test_the_stopwatch_gives_each_second_to_one_phase(monkeypatch: pytest.Monkey
 
 def test_rf_and_qrf_share_one_forest_per_training_part(small_forests: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The quantile forest grows the random forest's trees: rf read from it predicts what a random forest fitted
-    alone predicts, and one training part fits it once for both models."""
+    alone predicts, and one training part fits it once for both models. Samples come in pairs with the same
+    features and other targets (two samples in one embedding cell), so leaves hold two targets."""
     from geosoc.learn import baselines
 
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(120, 6)).astype(np.float32)
+    x = np.repeat(rng.normal(size=(60, 6)), 2, axis=0).astype(np.float32)
     y = np.exp(x[:, 0] + rng.normal(0, 0.3, 120))
     train, test = slice(0, 90), slice(90, None)
     alone = {m: baselines.fit_predict(m, x[train], y[train], x[test], seed=1, threads=1) for m in ("rf", "qrf")}

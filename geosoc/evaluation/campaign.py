@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,7 @@ from geosoc.catalog import Catalog
 from geosoc.data.sampling import open_sampleset, spatial_folds
 from geosoc.data.streaming import SampleData
 from geosoc.errors import InputError, NotFoundError
-from geosoc.evaluation import nested, recommend
+from geosoc.evaluation import nested, network_runs, recommend
 from geosoc.fingerprints import fingerprint, model_code
 from geosoc.io.bars import progress_bar
 from geosoc.io.locks import exclusive
@@ -40,15 +41,13 @@ from geosoc.learn.models import NetworkConfig
 from geosoc.learn.training import (
     Context,
     finetune_network,
-    finetune_region,
     forward_all,
-    member_predictions,
     pretrain_region,
     region_encoders,
     stage_urls,
 )
 from geosoc.stats.metrics import METRICS, regression_metrics
-from geosoc.stopwatch import Spent, collecting, phase
+from geosoc.stopwatch import Spent, collecting
 from geosoc.version import __version__
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,9 @@ class Evaluation:
 class Times:
     """Where a campaign's time went: per model, the phases of the runs it made (fit, calibrate, predict, other:
     reading, writing), each in wall and CPU seconds; a reused run costs nothing and is not counted. The campaign's
-    own phases (inputs: the SampleSet and the tree features, computed once; report: tables and figure) apart."""
+    own phases (inputs: the SampleSet and the tree features, computed once; report: tables and figure) apart.
+    Network runs made in processes of their own (`network_processes`) overlap each other and the trees, so the
+    phases' wall seconds add up to more than the campaign's (`wall_s`, from its start to the report)."""
 
     PHASES = ("fit", "calibrate", "predict", "other")
 
@@ -94,6 +95,8 @@ class Times:
         self.models: dict[str, dict[str, Spent]] = {m: {} for m in models}
         self.runs = dict.fromkeys(models, 0)
         self.campaign: dict[str, Spent] = {}
+        self.started = time.perf_counter()
+        self.network_processes = 0
 
     def add(self, who: str, spent: dict[str, Spent], run: bool = False) -> None:
         """Add a collection's phases to a model's (`run`: one run of it) or, for "campaign", to the campaign's."""
@@ -111,8 +114,9 @@ class Times:
 
         everything = [*self.models.values(), self.campaign]
         return {
-            "wall_s": round(sum(v.wall for phases in everything for v in phases.values()), 2),
+            "wall_s": round(time.perf_counter() - self.started, 2),
             "cpu_s": round(sum(v.cpu for phases in everything for v in phases.values()), 2),
+            "network_processes": self.network_processes,
             "models": {m: {"runs": self.runs[m], **seconds(phases, self.PHASES)} for m, phases in self.models.items()},
             "campaign": seconds(self.campaign, tuple(self.campaign)),
         }
@@ -190,7 +194,6 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
     sets = fold_sets(x, y, data.fold[labelled], cv, folds, repeats, catalog.training.seed,
                      catalog.sampling.fold_block_size)
     nested.check_folds(models, len(np.unique(sets[0])))
-    ctx = Context(device=device, progress=False)
     pretrained = None
     if any(m in NEEDS_PRETRAINING for m in estimators):
         if not checkpoint.is_checkpoint(urls["pretrain"]) and not exists(urls["unlabelled"]):
@@ -224,45 +227,50 @@ def _campaign_under_lock(catalog: Catalog, root: str, out: str, cv: CV, folds: i
     reused: dict[str, int] = dict.fromkeys(models, 0)
     forests: dict[Any, Any] = {}  # the training part's forests, each fitted once for the models that read it
     part_of_forests: tuple[Any, ...] = ()
-    for model, repeat, held in progress_bar(iterable=tasks, desc="evaluate", unit="run", disable=not progress):
-        if (repeat, held) != part_of_forests:  # a new training part (the tasks go part by part)
-            forests, part_of_forests = {}, (repeat, held)
-        url = join(runs, folders[model], f"{_run_name(repeat, held)}.parquet")
-        if exists(url):
-            reused[model] += len(held) == 1  # held-out folds reused (pair runs apart)
-        else:
-            with collecting("other") as spent:
-                full = np.full(data.size, -1, dtype=np.int64)
-                test = np.isin(sets[repeat], held)
-                full[labelled] = np.where(test, held[0], sets[repeat])  # a pair run holds out its two folds as one
+    urls_of = {(m, r, held): join(runs, folders[m], _run_name(r, held)) for m, r, held in tasks}  # + .parquet
+    networks = {(m, r, held): network_runs.NetworkRun(m, r, held, urls_of[m, r, held],
+                                                      *_run_folds(data.size, labelled, sets[r], held))
+                for m, r, held in tasks if m in NETWORKS and not exists(f"{urls_of[m, r, held]}.parquet")}
+    shared = network_runs.Campaign(catalog, root, urls["labelled"], epochs, pretrained)
+    parts_in_order = {part: i for i, part in enumerate(dict.fromkeys((r, held) for _, r, held in tasks))}
+    work = sorted(tasks, key=lambda t: (parts_in_order[t[1], t[2]], t[0] in NETWORKS))  # trees first, nets training
+    frames: dict[tuple[str, int, tuple[int, ...]], pd.DataFrame] = {}
+    with network_runs.started(shared, list(networks.values()), device, threads, data) as made:
+        times.network_processes = made.processes
+        for model, repeat, held in progress_bar(iterable=work, desc="evaluate", unit="run", disable=not progress):
+            if (repeat, held) != part_of_forests:  # a new training part (the tasks go part by part)
+                forests, part_of_forests = {}, (repeat, held)
+            url = f"{urls_of[model, repeat, held]}.parquet"
+            if exists(url):
+                reused[model] += len(held) == 1  # held-out folds reused (pair runs apart)
+            else:
+                each = {}
                 if model in NETWORKS:
-                    run = join(runs, folders[model], _run_name(repeat, held))
-                    with phase("fit"):  # fine-tuning marks its calibration as a phase of its own
-                        finetune_region(catalog, root, epochs=epochs, test_fold=held[0], ctx=ctx, out=run, folds=full,
-                                        pretrained=pretrained if model == "ssl" else False,
-                                        seed=catalog.training.seed + repeat)
-                    with phase("predict"):
-                        members = member_predictions(run, data, labelled[test], device)
+                    members, spent = made.result(networks[model, repeat, held])  # here, or in a process of its own
+                    times.add(model, spent)
                     lower, median, upper = ensemble.mean_interval(members)
                     each = {f"q50_seed{k}": part[1] for k, part in enumerate(members)}
-                else:
-                    estimator, kind = nested.split(model)
-                    table = np.concatenate([inputs[name] for name in baselines.INPUTS[estimator]], axis=1)
-                    train_x, test_x = context.tables(kind, table, xy, observed, test)
-                    each = {}
-                    lower, median, upper = baselines.fit_predict(estimator, train_x, observed[~test], test_x,
-                                                                 catalog.training.seed + repeat, threads,
-                                                                 groups=sets[repeat][~test],
-                                                                 forests=forests if kind is None else None)
-                frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": sets[repeat][test],
-                                      "sample_id": [str(i) for i in ids[test]],
-                                      "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
-                                      "q50": median, "q95": upper, **each})
-                with published(url) as local:
-                    frame.to_parquet(local, index=False)
-            times.add(model, spent, run=True)
-        fs, path = filesystem(url)
-        frame = pd.read_parquet(fs.open(path, "rb"))
+                with collecting("other") as spent:
+                    test = np.isin(sets[repeat], held)
+                    if model not in NETWORKS:
+                        estimator, kind = nested.split(model)
+                        table = np.concatenate([inputs[name] for name in baselines.INPUTS[estimator]], axis=1)
+                        train_x, test_x = context.tables(kind, table, xy, observed, test)
+                        lower, median, upper = baselines.fit_predict(estimator, train_x, observed[~test], test_x,
+                                                                     catalog.training.seed + repeat, threads,
+                                                                     groups=sets[repeat][~test],
+                                                                     forests=forests if kind is None else None)
+                    frame = pd.DataFrame({"model": model, "repeat": repeat, "fold": sets[repeat][test],
+                                          "sample_id": [str(i) for i in ids[test]],
+                                          "x": x[test], "y": y[test], "observed": observed[test], "q05": lower,
+                                          "q50": median, "q95": upper, **each})
+                    with published(url) as local:
+                        frame.to_parquet(local, index=False)
+                times.add(model, spent, run=True)
+            fs, path = filesystem(url)
+            frames[model, repeat, held] = pd.read_parquet(fs.open(path, "rb"))
+    for task in tasks:  # in the tasks' order, whatever order they were made in
+        frame, held = frames[task], task[2]
         if len(held) == 1:
             parts.append(frame)
         else:  # each sample of a pair run is out of fold for the other fold of the pair
@@ -286,6 +294,16 @@ def _inputs(samples: xr.Dataset, data: SampleData, labelled: np.ndarray, models:
     if any(baselines.uses_aef(m) for m in models):
         inputs["aef"] = baselines.aef_features(samples, labelled).values
     return inputs
+
+
+def _run_folds(size: int, labelled: np.ndarray, folds: np.ndarray,
+               held: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A network run's fold of every sample of the SampleSet (-1: unlabelled; a pair run holds out its two folds
+    as the first) and its held-out samples."""
+    test = np.isin(folds, held)
+    full = np.full(size, -1, dtype=np.int64)
+    full[labelled] = np.where(test, held[0], folds)
+    return full, labelled[test]
 
 
 def _run_name(repeat: int, held: tuple[int, ...]) -> str:

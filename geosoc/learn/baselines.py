@@ -146,11 +146,14 @@ class Fitted:
 
 
 def _forest_mean(model: Any, x: np.ndarray) -> np.ndarray:
-    """A random forest's prediction, the mean of its trees; of a quantile forest (the same trees, see
-    `fit_predict`), that mean read from the training samples in its leaves."""
-    if hasattr(getattr(model, "_final_estimator", model), "forest_"):  # quantile-forest's leaf records
-        return np.asarray(model.predict(x, quantiles="mean"))
-    return np.asarray(model.predict(x))
+    """A random forest's prediction: the mean of its trees' predictions (each a leaf's mean target). A quantile
+    forest's trees are a random forest's (see `fit_predict`), but its own "mean" reads the training samples it
+    kept in its leaves (one per leaf by default), so it is averaged here from its trees, as scikit-learn does."""
+    forest = model[-1]  # after the imputer
+    if not hasattr(forest, "forest_"):  # a random forest
+        return np.asarray(model.predict(x))
+    filled = model[:-1].transform(x)
+    return np.mean([tree.predict(filled) for tree in forest.estimators_], axis=0)
 
 
 def _boosted(jobs: list[tuple[np.ndarray, np.ndarray, float]], seed: int, threads: int) -> list[Any]:
