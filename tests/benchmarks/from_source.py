@@ -10,7 +10,8 @@
    Both write the SampleSet; the two are checked equal. Rates are points per second of the whole route.
 2. Scale: `--scale-points` random locations from the sources over Europe's bounds, CRS and land mask (the
    synthetic landscape: 163k x 137k px at 30 m, a cube no one builds here), streamed into the SampleSet by a
-   process per core, in a fresh process whose peak memory is measured (and the largest worker's).
+   process per core, in a fresh process whose peak memory is measured (and the largest worker's); `--scale-points
+   0` leaves it out.
 
 Last lines: `from_source_patches_per_s=<rate at scale>`, `cube_route_patches_per_s=<rate of part 1's cube
 route>`, `source_route_patches_per_s=<rate of part 1's source route>`.
@@ -127,24 +128,32 @@ def main() -> None:
         return
 
     folder = Path(tempfile.mkdtemp(prefix="geosoc-from-source-bench-"))
+    rate = None
     try:
         cube_rate, source_rate = same_points(folder, args.size_px, args.points, args.patch, args.workers)
-        scale = folder / "scale"
-        scale.mkdir()
-        print(f"scale: {args.scale_points:,} random locations over Europe's land (synthetic), {args.patch} px "
-              f"patches, from the sources, {args.workers} worker processes")
-        child = run_child(__file__, ["--child", str(scale), "--scale-points", str(args.scale_points), "--patch",
-                                     str(args.patch), "--workers", str(args.workers)])
-        rate = child["count"] / child["seconds"]
-        patches_gib = child["count"] * 14 * args.patch**2 * 4 / 2**30
-        print(f"  {child['count']:,} samples in {child['seconds']:.0f} s: {rate:,.0f} patches/s; "
-              f"{patches_gib:.2f} GiB of patches; peak RSS {child['peak_rss_mib']:,.0f} MiB (driver), "
-              f"{child['worker_peak_rss_mib']:,.0f} MiB (largest worker)")
+        if args.scale_points:
+            rate = scale(folder / "scale", args.scale_points, args.patch, args.workers)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print(f"from_source_patches_per_s={rate:.1f}")
+    if rate is not None:
+        print(f"from_source_patches_per_s={rate:.1f}")
     print(f"cube_route_patches_per_s={cube_rate:.1f}")
     print(f"source_route_patches_per_s={source_rate:.1f}")
+
+
+def scale(folder: Path, n: int, patch: int, workers: int) -> float:
+    """Part 2, in a fresh process: its rate."""
+    folder.mkdir()
+    print(f"scale: {n:,} random locations over Europe's land (synthetic), {patch} px patches, from the sources, "
+          f"{workers} worker processes")
+    child = run_child(__file__, ["--child", str(folder), "--scale-points", str(n), "--patch", str(patch),
+                                 "--workers", str(workers)])
+    rate = child["count"] / child["seconds"]
+    patches_gib = child["count"] * 14 * patch**2 * 4 / 2**30
+    print(f"  {child['count']:,} samples in {child['seconds']:.0f} s: {rate:,.0f} patches/s; {patches_gib:.2f} GiB of "
+          f"patches; peak RSS {child['peak_rss_mib']:,.0f} MiB (driver), {child['worker_peak_rss_mib']:,.0f} MiB "
+          "(largest worker)")
+    return float(rate)
 
 
 if __name__ == "__main__":
