@@ -294,6 +294,23 @@ def test_network_runs_in_processes_of_their_own_are_the_runs_made_here(trained_r
     pd.testing.assert_frame_equal(here.predictions[columns], apart.predictions[columns])
 
 
+def test_a_network_process_that_dies_is_one_error_line() -> None:
+    """A process of the pool killed (out of memory, say) under a run: one IncompleteError naming the run and how
+    to go on, not a BrokenProcessPool traceback."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from geosoc.errors import IncompleteError
+    from geosoc.evaluation import network_runs
+
+    network = network_runs.NetworkRun("ssl", 0, (2,), "/runs/ssl-x/r0-f2", np.zeros(4, np.int64), np.arange(2))
+    died: Future = Future()
+    died.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    made = network_runs.Runs(None, torch.device("cpu"), None, {network.key: died}, processes=2)  # type: ignore[arg-type]
+    with pytest.raises(IncompleteError, match=r"/runs/ssl-x/r0-f2 ended without a result .* --threads 1"):
+        made.result(network)
+
+
 def test_evaluate_needs_unlabelled_samples_for_ssl(trained_region: tuple[Path, str], tmp_path: Path,
                                                   small_forests: None) -> None:
     from geosoc.evaluation.campaign import evaluate_region

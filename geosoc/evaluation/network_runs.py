@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 
 from geosoc.catalog import Catalog
 from geosoc.data.streaming import SampleData
+from geosoc.errors import IncompleteError
 from geosoc.learn.training import Context, finetune_region, member_predictions
 from geosoc.stopwatch import Spent, collecting, phase
 
@@ -89,9 +91,14 @@ class Runs:
     def result(self, network: NetworkRun) -> tuple[Members, dict[str, Spent]]:
         """A run's members' predictions and where its time went (its own process's, when it ran in one)."""
         future = self.futures.pop(network.key, None)
-        if future is not None:
+        if future is None:
+            return run(self.campaign, network, self.device, self.data)
+        try:
             return future.result()
-        return run(self.campaign, network, self.device, self.data)
+        except BrokenProcessPool as err:
+            raise IncompleteError(f"the process training {network.url} ended without a result (killed, or out of "
+                                  "memory?); run evaluate again to resume it, or with --threads 1 to train the "
+                                  "networks in this process, one at a time") from err
 
 
 @contextmanager
