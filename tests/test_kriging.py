@@ -100,3 +100,14 @@ def test_variogram_round_trip_and_refusals() -> None:
         Variogram.from_dict({**variogram.to_dict(), "length_scale": 0})
     with pytest.raises(ValueError, match="not a variogram"):
         Variogram.from_dict({"model": "Spherical"})
+
+
+def test_a_pure_nugget_gives_the_mean_of_all_samples() -> None:
+    """Without spatial structure the kriged value is the mean of every sample (global ordinary kriging), not of
+    a neighbourhood: a residual's neighbours carry no information about it."""
+    rng = np.random.default_rng(6)
+    xy, values = rng.uniform(0, 100, (300, 2)), rng.normal(size=300)
+    nugget = Variogram("Exponential", 1.0, 0.0, 1.0, float("nan"), 300, [], [])
+    estimate, variance = krige(xy, values, rng.uniform(0, 100, (7, 2)), nugget, neighbours=8)
+    np.testing.assert_allclose(estimate, values.mean())
+    np.testing.assert_allclose(variance, 1 + 1 / 300)

@@ -106,7 +106,7 @@ def krige(xy: np.ndarray, values: np.ndarray, targets: np.ndarray, variogram: Va
     """Ordinary kriging at `targets` (m, 2) from `values` at `xy` (n, 2), each target from its `neighbours`
     nearest samples: (estimate, kriging variance), both (m,). The variance is GSTools' `krige_var`: of the
     error against a new measurement there (the nugget included). Samples at one place are merged (their mean)
-    first."""
+    first. A pure-nugget variogram (no spatial structure) gives every target the mean of all samples."""
     from scipy.spatial import cKDTree
 
     xy, values = _merged(np.asarray(xy, np.float64), np.asarray(values, np.float64))
@@ -114,11 +114,9 @@ def krige(xy: np.ndarray, values: np.ndarray, targets: np.ndarray, variogram: Va
     estimate, variance = np.empty(len(targets)), np.empty(len(targets))
     if len(values) == 0:
         raise ValueError("kriging needs at least one sample")
-    if variogram.variance <= 0:  # no spatial structure: every target gets the local mean (weights 1 / k)
-        k = min(neighbours, len(values))
-        _, index = cKDTree(xy).query(targets, k=k)
-        index = index.reshape(len(targets), k)
-        return values[index].mean(axis=1), np.full(len(targets), variogram.nugget * (1 + 1 / k))
+    if variogram.variance <= 0:  # a pure nugget, no spatial structure: every target gets the mean of all samples,
+        # as global ordinary kriging gives (a neighbourhood's mean would add nothing but its neighbours' noise)
+        return np.full(len(targets), values.mean()), np.full(len(targets), variogram.nugget * (1 + 1 / len(values)))
     model = variogram.covariance_model()
     k = min(neighbours, len(values))
     tree = cKDTree(xy)
