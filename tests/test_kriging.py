@@ -88,6 +88,8 @@ def test_fitted_variogram_finds_the_structure() -> None:
     blocks = (xy[:, 0] // 20 * 10 + xy[:, 1] // 20).astype(int)  # 20 x 20 blocks (the range is 30)
     kriged = cross_validated(xy, values, blocks, variogram)
     assert np.corrcoef(kriged, field)[0, 1] > 0.5
+    noise = fit_variogram(xy, rng.normal(size=len(xy)), seed=0)  # no structure at all: a pure nugget
+    assert noise.variance == 0 and noise.nugget == pytest.approx(1, rel=0.15)
     flat = fit_variogram(xy, np.full(len(xy), 2.0))
     assert flat.variance == 0 and flat.nugget == 0
     np.testing.assert_allclose(krige(xy, np.full(len(xy), 2.0), xy[:5], flat)[0], 2.0)

@@ -12,7 +12,7 @@ make the system singular. With as many neighbours as samples the estimate is GST
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ LEVEL = 0.9  # the interval's nominal coverage (q05 to q95)
 NEIGHBOURS = 32  # samples each target is kriged from (gstat's nmax is often 20-50)
 VARIOGRAM_POINTS = 2000  # samples the empirical variogram is estimated from (pairs: about 2 million)
 CANDIDATES = ("Exponential", "Spherical", "Gaussian")  # GSTools models tried; the best fit (R²) is kept
+NO_STRUCTURE = 1e-6  # a fitted partial sill below this share of the sill is none: the variogram is a pure nugget
 BATCH = 4096  # targets per batched solve: (BATCH, 33, 33) float64 systems, about 36 MB
 
 
@@ -73,7 +74,8 @@ class Variogram:
 def fit_variogram(xy: np.ndarray, values: np.ndarray, seed: int = 0) -> Variogram:
     """The variogram of `values` at `xy` (n, 2): binned by GSTools' standard bins (a third of the samples'
     bounding-box diagonal), on at most VARIOGRAM_POINTS samples drawn with `seed`, each model of CANDIDATES
-    fitted with a nugget (soft-L1 loss), the best by R². Values without spread give a pure nugget of 0."""
+    fitted with a nugget (soft-L1 loss), the best by R². A fit that explains nothing (R² <= 0, or a partial sill
+    of almost none) is a pure nugget; values without spread give a pure nugget of 0."""
     import gstools
 
     xy, values = _merged(np.asarray(xy, np.float64), np.asarray(values, np.float64))
@@ -98,6 +100,8 @@ def fit_variogram(xy: np.ndarray, values: np.ndarray, seed: int = 0) -> Variogra
             best = candidate
     if best is None:  # no model fitted: a pure nugget at the values' variance
         return Variogram(CANDIDATES[0], spread, 0.0, 1.0, float("nan"), len(values), bins.tolist(), gamma.tolist())
+    if best.r2 <= 0 or best.variance <= NO_STRUCTURE * best.sill:  # flat: the fit found no spatial structure
+        return replace(best, nugget=best.sill, variance=0.0)
     return best
 
 
