@@ -41,6 +41,7 @@ from geosoc.io.locks import exclusive
 from geosoc.io.storage import (
     beside,
     check_writable,
+    consolidate,
     filesystem,
     join,
     open_store,
@@ -224,6 +225,7 @@ class SampleSetWriter:
         if STAGING_ATTR in self.group.attrs:
             del self.group.attrs[STAGING_ATTR]  # the SampleSet is whole: nothing to resume from
         dataset.to_zarr(self.store, mode="a", zarr_format=3, consolidated=False, encoding=encoding)
+        consolidate(self.tmp)
         self.lease.check()  # a run that lost its lock meanwhile must not replace another's SampleSet
         publish_tree(self.tmp, self.url)
         return self.url
