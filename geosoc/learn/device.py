@@ -22,9 +22,9 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
+    except (RuntimeError, TypeError, ValueError) as error:
         raise InputError(f"--device {device!r}: not a device name torch knows; this machine has "
-                         f"{', '.join(available_devices())}") from None
+                         f"{', '.join(available_devices())}") from error
     if chosen.type == "cpu" or (chosen.type == "mps" and torch.backends.mps.is_available()):
         return chosen
     if chosen.type == "cuda":
