@@ -21,6 +21,7 @@ from tests.gcs_server import GcsServer
 from tests.helpers import (
     BUCKET,
     free_port,
+    free_ports,
     ray_processes_under,
     run_guarded,
     stop_ray_processes_under,
@@ -60,10 +61,10 @@ def ray_head():
     pytest.importorskip("ray")
     ray_bin = Path(sys.executable).with_name("ray")
     temp = Path("/tmp") / f"geosoc-ray-{os.getpid()}"
-    port, dashboard = free_port(), free_port()
-    own_ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-        "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
+    port, dashboard, *ports = free_ports(2 + len(names))
+    own_ports = [f"--{name}={number}" for name, number in zip(names, ports, strict=True)]
     first_worker_port = 20_000 + 1_000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is the venv's

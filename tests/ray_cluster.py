@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import PROGRESS_GUARD_S, free_port, ray_processes_under, stop_ray_processes_under
+from tests.helpers import PROGRESS_GUARD_S, free_ports, ray_processes_under, stop_ray_processes_under
 from tests.reaper import record
 
 # What the cluster's processes and this driver need in the environment while the cluster lives: Ray writes the
@@ -53,9 +53,10 @@ class LocalCluster:
             # shutdown_at_exit=False: Ray would make this process a process group leader (os.setpgrp) for its own
             # reaper; the suite's reaper stops what a crashed test process leaves instead.
             self.cluster = Cluster(shutdown_at_exit=False)
+            gcs_port, agent_port = free_ports(2)
             self._start_node("Ray cluster head", lambda: self.cluster.add_node(
-                num_cpus=self.head_cpus, temp_dir=str(self.temp / "ray"), gcs_server_port=free_port(),
-                include_dashboard=False, dashboard_agent_listen_port=free_port()))
+                num_cpus=self.head_cpus, temp_dir=str(self.temp / "ray"), gcs_server_port=gcs_port,
+                include_dashboard=False, dashboard_agent_listen_port=agent_port))
             self._guarded("this process's driver to connect",
                           lambda: ray.init(address=self.cluster.address, log_to_driver=False))
         except BaseException:
