@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import dask
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
@@ -125,6 +124,7 @@ def run_tasks(tasks: list[Any], client: Any, workers: int | None, bar: tqdm) -> 
             future.result()
             bar.update(1)
         return
+    import dask  # here, not above: map actors use the markers alone, and start faster without dask
     from dask.callbacks import Callback
 
     class _Tick(Callback):

@@ -47,6 +47,11 @@ MAX_MONTHS = 12_000  # a thousand years of months: a longer series is a damaged 
 MAX_HEADER = 100_000_000  # bytes: the largest safetensors header (safetensors' own limit)
 
 
+def is_tabular(meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's config.json (its meta) is a tree model's (`geosoc fit-tabular`)."""
+    return meta.get("kind") == "tabular"
+
+
 def is_checkpoint(url: str) -> bool:
     """Whether a checkpoint is at `url` (its config.json is published last)."""
     return storage.exists(join(url, CONFIG_FILE))

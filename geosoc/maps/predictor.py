@@ -4,19 +4,23 @@ reference loaded with it), or a tree model through `TabularPredictor`; both pred
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from geosoc.errors import IncompatibleError
 from geosoc.learn import checkpoint
+from geosoc.learn.checkpoint import is_tabular
 from geosoc.learn.device import precision, resolve_device
 from geosoc.learn.ensemble import Member, load_members
 from geosoc.maps.outputs import output_names, quantile_name
-from geosoc.maps.tabular import TabularPredictor, is_tabular
 from geosoc.stats import aoa
 from geosoc.stats.calibration import interval
+
+if TYPE_CHECKING:  # a tree model's predictor is imported when one is loaded: Ray's map actors of the network
+    # then start without the SampleSet and cube readers it needs (xarray, pandas, dask: ~1 s of each start)
+    from geosoc.maps.tabular import TabularPredictor
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,8 @@ def load_predictor(model_url: str, device: torch.device | str | None = None,
                    batch_size: int = DEFAULT_BATCH) -> Predictor | TabularPredictor:
     """The predictor of a checkpoint: the network's, or a tree model's (`geosoc fit-tabular`)."""
     if is_tabular(checkpoint.load_config(model_url)[1]):
+        from geosoc.maps.tabular import TabularPredictor
+
         return TabularPredictor(model_url, device)
     return Predictor(model_url, device, batch_size)
 
@@ -100,8 +106,9 @@ class Predictor:
                 lefts: torch.Tensor, climate_of: torch.Tensor | None, scored: bool) -> dict[str, torch.Tensor]:
         """One member's outputs for `cells` (di and aoa too when `scored`)."""
         normalised = member.norm.apply(raw)  # the whole window at once, on the device
-        if self.uses_patches:  # every cell's patch as a view of the window: (band, rows, cols, p, p)
-            patches = normalised["patch"].unfold(1, self.patch, 1).unfold(2, self.patch, 1)
+        if self.uses_patches:  # every cell's patch as a view of the window: (rows, cols, band, p, p), so that
+            # the patches a batch gathers come out as (cells, band, p, p) in memory order: no copy to reorder them
+            patches = normalised["patch"].unfold(1, self.patch, 1).unfold(2, self.patch, 1).permute(1, 2, 0, 3, 4)
         results: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad(), self._autocast:
             series = None
@@ -116,7 +123,7 @@ class Predictor:
                 inputs = {}
                 if self.uses_patches:
                     part = slice(start, start + self.batch_size)
-                    inputs["patch"] = patches[:, tops[part], lefts[part]].permute(1, 0, 2, 3)
+                    inputs["patch"] = patches[tops[part], lefts[part]]
                 if series is not None:
                     inputs["climate_embedding"] = series[chosen]
                 features = member.model.features(inputs).float()

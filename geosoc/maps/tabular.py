@@ -28,6 +28,7 @@ from geosoc.errors import DamagedError, IncompatibleError, InputError, first_lin
 from geosoc.io.locks import exclusive
 from geosoc.io.storage import join
 from geosoc.learn import baselines, checkpoint
+from geosoc.learn.checkpoint import is_tabular
 from geosoc.learn.device import resolve_device
 from geosoc.learn.models import NetworkConfig
 from geosoc.maps.kriged import META, ResidualField, base_model, fit_residuals
@@ -46,10 +47,6 @@ TRUSTED = frozenset({
     "quantile_forest._quantile_forest.RandomForestQuantileRegressor",
     "quantile_forest._quantile_forest_fast.QuantileForest",
 })
-
-
-def is_tabular(meta: dict[str, Any]) -> bool:
-    return meta.get("kind") == "tabular"
 
 
 def fits(name: str) -> bool:
