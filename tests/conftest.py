@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,8 @@ from tests.gcs_server import GcsServer
 from tests.helpers import (
     BUCKET,
     free_port,
-    free_ports,
-    ray_processes_under,
-    run_guarded,
-    stop_ray_processes_under,
+    start_ray_head,
+    stop_ray_head,
     tiny_catalog_dict,
     tiny_region,
 )
@@ -59,30 +55,15 @@ def ray_head():
     """A real local Ray head on loopback, with auth mode set explicitly. Every port it opens is its own (free
     ports, and a worker port range per pytest worker), so it shares nothing with another head on the machine."""
     pytest.importorskip("ray")
-    ray_bin = Path(sys.executable).with_name("ray")
     temp = Path("/tmp") / f"geosoc-ray-{os.getpid()}"
-    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-             "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
-    port, dashboard, *ports = free_ports(2 + len(names))
-    own_ports = [f"--{name}={number}" for name, number in zip(names, ports, strict=True)]
     first_worker_port = 20_000 + 1_000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is the venv's
-    try:
-        started = run_guarded(
-            [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", *own_ports,
-             f"--min-worker-port={first_worker_port}", f"--max-worker-port={first_worker_port + 999}",
-             "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"], env=env)
-    finally:  # what it started, even where it failed, is the reaper's to stop should this process crash
-        record("the session's Ray head", [p.pid for p in ray_processes_under(temp, port)], temp)
-    if started.returncode != 0:
-        stop_ray_processes_under(temp, port)
-        pytest.fail(f"ray start failed: {started.stderr[-2000:]}")
-    yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env, "ray": str(ray_bin),
-           "temp": str(temp)}
-    stop_ray_processes_under(temp, port)
-    shutil.rmtree(temp, ignore_errors=True)
+    try:  # what it started, even where it failed, is the reaper's to stop should this process crash
+        head = start_ray_head(temp, cpus=2, worker_ports=(first_worker_port, first_worker_port + 999),
+                              started=lambda pids: record("the session's Ray head", pids, temp))
+    except RuntimeError as failed:
+        pytest.fail(str(failed))
+    yield head
+    stop_ray_head(head)
 
 
 @pytest.fixture

@@ -330,6 +330,50 @@ def free_ports(n: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
+# The ports of a Ray head besides its GCS and dashboard: each is given its own, or two heads on one machine (two
+# pytest workers, the benchmark beside the suite) would clash on Ray's defaults.
+RAY_HEAD_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                  "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
+
+
+def start_ray_head(temp: Path, cpus: int = 2, worker_ports: tuple[int, int] | None = None,
+                   started: Callable[[list[int]], object] | None = None) -> dict[str, Any]:
+    """`ray start --head` on loopback with `cpus` CPUs and no GPU, its files in `temp` (--temp-dir: how its
+    processes are found and stopped), every port its own (chosen together: `free_ports`), worker ports in
+    `worker_ports` (first, last) if given, auth mode set explicitly. Returns what tests and the benchmarks use:
+    {"address" (the dashboard, for `ray job submit`), "gcs", "env" (what its commands need: this venv's `python`
+    first on PATH), "ray" (the CLI), "temp"}. `started` is told the head's process ids, even where the start failed
+    (the reaper's record). A start that fails stops what it started and raises RuntimeError with Ray's error."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    port, dashboard, *ports = free_ports(2 + len(RAY_HEAD_PORTS))
+    own_ports = [f"--{name}={number}" for name, number in zip(RAY_HEAD_PORTS, ports, strict=True)]
+    if worker_ports is not None:
+        own_ports += [f"--min-worker-port={worker_ports[0]}", f"--max-worker-port={worker_ports[1]}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is the venv's
+    try:
+        done = run_guarded(
+            [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", *own_ports,
+             f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"], env=env)
+    finally:
+        if started is not None:
+            started([p.pid for p in ray_processes_under(temp, port)])
+    head = {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{port}", "env": env, "ray": str(ray_bin),
+            "temp": str(temp)}
+    if done.returncode != 0:
+        stop_ray_head(head)
+        raise RuntimeError(f"ray start failed: {done.stderr[-2000:]}")
+    return head
+
+
+def stop_ray_head(head: dict[str, Any]) -> None:
+    """Stop a head of `start_ray_head`, and only it (`ray stop` would stop every Ray on the machine), and remove
+    its temp folder."""
+    stop_ray_processes_under(Path(head["temp"]), int(head["gcs"].rsplit(":", 1)[1]))
+    shutil.rmtree(head["temp"], ignore_errors=True)
+
+
 
 
 def submit_job(ray_head: dict[str, Any], args: list[str]) -> subprocess.CompletedProcess[str]:
