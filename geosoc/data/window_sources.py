@@ -16,14 +16,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import zarr
 
 from geosoc.grid import Grid
 from geosoc.io.storage import zarr_store
-from geosoc.sources.layers import Layer
+
+if TYPE_CHECKING:  # the cube's windows need none of the sources' stack (xarray, dask): map actors read them
+    from geosoc.sources.layers import Layer
 
 REQUEST_COST_VALUES = 2**20  # what one Earth Engine request costs beside the values it carries: its latency
 # (~1 s) against computing and sending ~4 MiB a second (the catalogs' 2 s for a 1024 x 1024 px band). Points whose
@@ -57,6 +59,22 @@ def padded(read: Callable[[slice, slice], np.ndarray], leading: tuple[int, ...],
     if r1 > r0 and c1 > c0:
         out[..., r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = read(slice(r0, r1),
                                                                                               slice(c0, c1))
+    return out
+
+
+def from_chunks(chunk: Callable[[int, int], np.ndarray], leading: tuple[int, ...], chunks: tuple[int, ...],
+                rows: slice, cols: slice, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """A window inside a grid of (y, x) `chunks`, cut from the chunks under it (`chunk(iy, ix)`: that chunk's
+    pixels inside the grid), for readers that keep whole chunks."""
+    cy, cx = chunks[-2:]
+    out = np.empty((*leading, rows.stop - rows.start, cols.stop - cols.start), dtype=dtype)
+    for iy in range(rows.start // cy, (rows.stop - 1) // cy + 1):
+        for ix in range(cols.start // cx, (cols.stop - 1) // cx + 1):
+            block = chunk(iy, ix)
+            r0, r1 = max(rows.start, iy * cy), min(rows.stop, (iy + 1) * cy)
+            c0, c1 = max(cols.start, ix * cx), min(cols.stop, (ix + 1) * cx)
+            out[..., r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = (
+                block[..., r0 - iy * cy : r1 - iy * cy, c0 - ix * cx : c1 - ix * cx])
     return out
 
 
@@ -124,22 +142,9 @@ class LayerWindows:
         layer = self.layers[group]
         if self.splits(group):
             return padded(layer.reader.read, self.leading(group), layer.grid.shape, rows, cols)
-        return padded(lambda r, c: self._by_chunks(group, r, c), self.leading(group), layer.grid.shape, rows,
-                      cols)
-
-    def _by_chunks(self, group: str, rows: slice, cols: slice) -> np.ndarray:
-        """A window inside the grid, cut from the chunk windows a cube build reads."""
-        grid = self.layers[group].grid
-        cy, cx = grid.chunks
-        out = np.empty((*self.leading(group), rows.stop - rows.start, cols.stop - cols.start), dtype=np.float32)
-        for iy in range(rows.start // cy, (rows.stop - 1) // cy + 1):
-            for ix in range(cols.start // cx, (cols.stop - 1) // cx + 1):
-                block = self._chunk(group, iy, ix)
-                r0, r1 = max(rows.start, iy * cy), min(rows.stop, (iy + 1) * cy)
-                c0, c1 = max(cols.start, ix * cx), min(cols.stop, (ix + 1) * cx)
-                out[..., r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = (
-                    block[..., r0 - iy * cy : r1 - iy * cy, c0 - ix * cx : c1 - ix * cx])
-        return out
+        return padded(lambda r, c: from_chunks(lambda iy, ix: self._chunk(group, iy, ix), self.leading(group),
+                                               layer.grid.chunks, r, c),
+                      self.leading(group), layer.grid.shape, rows, cols)  # the chunk windows a cube build reads
 
     def _chunk(self, group: str, iy: int, ix: int) -> np.ndarray:
         key = (group, iy, ix)

@@ -43,6 +43,7 @@ from geosoc.io.storage import filesystem, join, open_store, read_group_attrs, za
 from geosoc.learn import checkpoint
 from geosoc.learn.device import gpu_share_problem, host_memory_bytes, resolve_device
 from geosoc.learn.models import NetworkConfig
+from geosoc.maps.chunks import ReadCount
 from geosoc.maps.outputs import long_name, output_names
 from geosoc.maps.predictor import DEFAULT_BATCH, load_predictor, require_map_model
 from geosoc.maps.windows import (
@@ -327,6 +328,8 @@ def _lazy(spec: MapSpec, device: str | None) -> xr.Dataset:
     predictor = load_predictor(spec.model, device, spec.batch_size)
     cube = CubeAccess.open(spec.cube)
     check_compatible(predictor.config, cube, spec.model, predictor.meta)
+    # dask runs the windows about row by row: a cache the size `maps.reads` gives that order, not the default's
+    cube = cube.with_capacity(cube.reads(spec.grid, predictor).order(list(spec.grid.windows()), IN_FLIGHT)[2])
 
     def compute(window: Window) -> dict[str, np.ndarray]:
         return predict_window(predictor, read_window(cube, spec.grid, window, predictor))
@@ -369,21 +372,48 @@ def _build(spec: MapSpec, out: str, engine: Engine, device: str | None, sizing: 
     markers = Markers(out, attrs["geosoc_build_id"])
     done = markers.completed()
     todo = [w for w in spec.grid.windows() if w.key not in done]
+    cube = CubeAccess.open(spec.cube)
+    reads = cube.reads(spec.grid, predictor)
+    ordered, strip, capacity = reads.order(todo, IN_FLIGHT)  # strips whose chunks a process's cache holds
+    cube = cube.with_capacity(capacity)
+    decoded = ReadCount()
     with progress_bar(total=spec.grid.n_chunks, initial=spec.grid.n_chunks - len(todo), desc="predict", unit="window",
               disable=not progress) as bar:
         if todo and engine == "ray":
             from geosoc.maps.ray_engine import run_on_ray
 
-            run_on_ray(spec, todo, out, attrs["geosoc_build_id"], bar, sizing, max_retries)
+            decoded = run_on_ray(spec, ordered, out, attrs["geosoc_build_id"], bar, sizing, max_retries, cube,
+                                 reads, strip + IN_FLIGHT)
         elif todo:
-            _run_local(WindowPipeline(spec, out, attrs["geosoc_build_id"], predictor), todo, bar)
+            pipeline = WindowPipeline(spec, out, attrs["geosoc_build_id"], predictor, cube)
+            _run_local(pipeline, ordered, bar)
+            decoded = pipeline.decoded
     done = markers.completed()
     missing = [w.key for w in spec.grid.windows() if w.key not in done]
     if missing:
         raise IncompleteError(f"{out}: windows still missing after the run: {missing[:10]}; run predict again")
     lease.check()  # a run that lost its lock meanwhile must not mark another's writes complete
-    complete(out, {"geosoc_windows": spec.grid.n_chunks})
+    complete(out, {"geosoc_windows": spec.grid.n_chunks, "geosoc_reads": _reads_record(decoded, todo, strip,
+                                                                                         capacity)})
     return out
+
+
+def _reads_record(decoded: ReadCount, windows: list[Window], strip: int, capacity: int) -> dict[str, int]:
+    """What this run decoded from the cube (the map's `geosoc_reads` attr), said in the log too."""
+    cells = sum(w.shape[0] * w.shape[1] for w in windows)
+    log.info("read %s of decoded cube chunks (%d chunks) for %d windows, %s a cell; windows in strips %d wide, "
+             "each process keeping up to %s of chunks", _mib(decoded.bytes), decoded.chunks, len(windows),
+             _kib(decoded.bytes / max(cells, 1)), strip, _mib(capacity))
+    return {"decoded_bytes": decoded.bytes, "decoded_chunks": decoded.chunks, "windows": len(windows), "cells": cells,
+            "strip": strip, "cache_bytes": capacity}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _kib(n: float) -> str:
+    return f"{n / 2**10:,.1f} KiB"
 
 
 def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str, Any]:

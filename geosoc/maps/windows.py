@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
-from geosoc.data.cube import cube_parts, embeddings_part
-from geosoc.data.sampling import climate_at, read_block, read_imagery
+from geosoc.data.window_sources import cells_at
 from geosoc.errors import IncompatibleError
 from geosoc.fingerprints import fingerprint
 from geosoc.grid import Grid, Window
 from geosoc.io.progress import Markers
 from geosoc.io.storage import zarr_store
 from geosoc.learn.models import NetworkConfig
+from geosoc.maps.chunks import ChunkCache, ReadCount
 from geosoc.maps.predictor import DEFAULT_BATCH, Predictor
-from geosoc.maps.tabular import EmbeddingWindow, TabularPredictor
+from geosoc.maps.reads import CACHE_BYTES, MapReads
+
+if TYPE_CHECKING:  # imported with a tree model only (`predictor.load_predictor`)
+    from geosoc.maps.tabular import EmbeddingWindow, TabularPredictor
 
 MAP_LAYOUT = 2  # in the resume fingerprint: a map written with other variables (1: soc_mean) is not continued
 IN_FLIGHT = 3  # windows a process holds at once: one read ahead, one on the device, one being written
@@ -71,7 +74,8 @@ class WindowInput:
 
 @dataclass
 class CubeAccess:
-    """The cube's grids, opened once per process; reads go straight to its Zarr arrays."""
+    """The cube's grids, opened once per process, and the decoded chunks its windows share (`cache`, of `capacity`
+    bytes: `maps.reads` sizes it); reads go to its Zarr arrays through that cache."""
 
     url: str
     imagery: Grid
@@ -79,14 +83,36 @@ class CubeAccess:
     bands: list[str] = field(default_factory=list)
     variables: list[str] = field(default_factory=list)
     embeddings: Grid | None = None
+    capacity: int = CACHE_BYTES
+    cache: ChunkCache = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        grids = {"imagery": self.imagery, "climate": self.climate, "embeddings": self.embeddings}
+        self.cache = ChunkCache(self.url, {k: g for k, g in grids.items() if g is not None}, self.capacity)
+
+    def with_capacity(self, capacity: int) -> CubeAccess:
+        """The same cube with an empty cache of `capacity` bytes."""
+        return replace(self, capacity=capacity)
 
     @classmethod
-    def open(cls, url: str) -> CubeAccess:
+    def open(cls, url: str, capacity: int = CACHE_BYTES) -> CubeAccess:
+        from geosoc.data.cube import cube_parts, embeddings_part
+
         imagery, grid, climate, climate_grid = cube_parts(url)
         variables = [str(v) for v in climate["variable"].values] if climate is not None else []
         embedding = embeddings_part(url)
         return cls(url, grid, climate_grid, [str(b) for b in imagery["band"].values], variables,
-                   embedding[1] if embedding is not None else None)
+                   embedding[1] if embedding is not None else None, capacity)
+
+    def reads(self, grid: Grid, predictor: Predictor | TabularPredictor) -> MapReads:
+        """What the windows of a map on `grid` read from this cube (`read_window`'s groups and sizes)."""
+        groups = [self.cache.reads("imagery", predictor.patch)]
+        if predictor.uses_climate and self.climate is not None:
+            groups.append(self.cache.reads("climate", 1))
+        size = getattr(predictor, "embedding_patch", 0)
+        if size and self.embeddings is not None:
+            groups.append(self.cache.reads("embeddings", size))
+        return MapReads(grid, tuple(groups))
 
 
 def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predictor | TabularPredictor) -> WindowInput:
@@ -100,22 +126,22 @@ def read_window(cube: CubeAccess, grid: Grid, window: Window, predictor: Predict
     patch = predictor.patch
     half = patch // 2
     r0, c0 = int(rows.min()) - half, int(cols.min()) - half
-    block = read_imagery(cube.url, cube.imagery.shape, r0, int(rows.max()) - half + patch, c0,
-                         int(cols.max()) - half + patch)
+    block = cube.cache.read("imagery", slice(r0, int(rows.max()) - half + patch),
+                            slice(c0, int(cols.max()) - half + patch))
     series = climate_of = None
     if predictor.uses_climate and cube.climate is not None:
         climate_rows, climate_cols = cube.climate.rowcol(x.ravel(), y.ravel())
         _, first, climate_of = np.unique(climate_rows * cube.climate.width + climate_cols, return_index=True,
                                          return_inverse=True)
-        series = climate_at(cube.url, cube.climate, x.ravel()[first], y.ravel()[first])
+        series = cells_at(cube.cache, "climate", climate_rows[first], climate_cols[first])
     embedding = None
     size = getattr(predictor, "embedding_patch", 0)
     if size and cube.embeddings is not None:
         e_rows, e_cols = cube.embeddings.rowcol(x.ravel(), y.ravel())
         e_half = size // 2
         e0, f0 = int(e_rows.min()) - e_half, int(e_cols.min()) - e_half
-        vectors = read_block(cube.url, "embeddings", cube.embeddings.shape, e0, int(e_rows.max()) - e_half + size,
-                             f0, int(e_cols.max()) - e_half + size)
+        vectors = cube.cache.read("embeddings", slice(e0, int(e_rows.max()) - e_half + size),
+                                  slice(f0, int(e_cols.max()) - e_half + size))
         embedding = (vectors, e_rows - e_half - e0, e_cols - e_half - f0)
     return WindowInput(window, block, rows - half - r0, cols - half - c0, series, climate_of, embedding,
                        np.stack([x.ravel(), y.ravel()], axis=1))
@@ -155,11 +181,16 @@ class WindowPipeline:
     """One process's share of a map: windows read, computed and written on threads, so that reading the next
     window and writing the last overlap with the device computing this one (which computes one at a time)."""
 
-    def __init__(self, spec: MapSpec, out: str, build_id: str, predictor: Predictor | TabularPredictor) -> None:
-        self.spec, self.out, self.predictor = spec, out, predictor
+    def __init__(self, spec: MapSpec, out: str, build_id: str, predictor: Predictor | TabularPredictor,
+                 cube: CubeAccess) -> None:
+        self.spec, self.out, self.predictor, self.cube = spec, out, predictor, cube
         self.markers = Markers(out, build_id)
-        self.cube = CubeAccess.open(spec.cube)
         self._device = threading.Lock()
+
+    @property
+    def decoded(self) -> ReadCount:
+        """The cube chunks this process decoded so far."""
+        return self.cube.cache.count
 
     def run(self, window: Window) -> str:
         """Read, predict and write one window, then mark it done; safe to call from several threads."""
