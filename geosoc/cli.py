@@ -336,11 +336,15 @@ def print_map_plan(loaded: Any, root: str, model: str, resolution: float | None,
     say(f"network (the catalog's model section; sizes it leaves unset for {loaded.config.sampling.unlabelled:,} "
         f"samples, its sampling.unlabelled): {plan.parameters / 1e6:.1f} M parameters, {plan.patch} px patches "
         f"of {plan.bands} bands, {plan.months} months x {plan.variables} climate variables")
-    per_window = plan.read_bytes / max(plan.windows_inside, 1)
-    say(f"reads (decoded bytes of whole cube chunks, halo included): imagery {_size(plan.imagery_bytes)}, climate "
-        f"{_size(plan.climate_bytes)}; {_size(int(per_window))} per window, {_size(int(plan.bytes_per_cell))} per cell")
+    decoded = plan.decoded(1)
+    say(f"reads (decoded bytes of whole cube chunks, each process keeping up to {_size(plan.cache_bytes)} of them and "
+        f"running the windows in strips {plan.strip} wide): "
+        + ", ".join(f"{group} {_size(n)}" for group, n in decoded.items())
+        + f"; {_size(plan.read_bytes() // max(plan.windows_inside, 1))} per window, "
+        f"{_size(int(plan.bytes_per_cell()))} per cell; the patches need {_size(plan.needed_bytes)}: read "
+        f"amplification {plan.amplification():.2f} on 1 actor, {plan.amplification(actors):.2f} on {actors}")
     say(f"compute rate: {source}")
-    needed = plan.bytes_per_cell * rate / 1e6
+    needed = plan.bytes_per_cell() * rate / 1e6
     say(f"read rate: {read_mbps:,.0f} MB/s per actor assumed (--read-mbps); keeping one actor computing needs "
         f"{needed:,.0f} MB/s")
     for n in sorted({1, actors}):

@@ -17,7 +17,7 @@ from geosoc.catalog import load_catalog
 from geosoc.cli import app
 from geosoc.errors import InputError
 from geosoc.maps.plan import Rate, choose_rate, load_rates, plan_from_catalog, record_rate
-from tests.helpers import tiny_catalog_dict
+from tests.helpers import tiny_catalog_dict, western_half_mask
 
 
 def _words(output: str) -> str:
@@ -33,7 +33,8 @@ def test_europe_dry_run_works_from_a_fresh_clone_with_no_data(tmp_path: Path) ->
     assert "planned from its catalog (no cube or model needed); nothing written" in out
     assert "inside region.mask (masks/europe-land.tif)" in out and "not made yet: `geosoc finetune`" in out
     assert "104.9 M parameters" in out and "measured on NVIDIA H200" in out
-    assert "reads (decoded bytes" in out and "TiB" in out and "MB/s per actor assumed" in out
+    assert "reads (decoded bytes" in out and "GiB" in out and "MB/s per actor assumed" in out
+    assert "read amplification 1.19 on 1 actor, 1.19 on 8" in out  # 4 GiB of chunks per process: strips 3 wide
     assert "on 1 actor: compute" in out and "on 8 actors: compute" in out and "bound by compute" in out
     assert not root.exists()  # nothing written
     coarse = _words(CliRunner().invoke(app, ["predict", "--region", "europe", "--root", str(root),
@@ -42,7 +43,8 @@ def test_europe_dry_run_works_from_a_fresh_clone_with_no_data(tmp_path: Path) ->
 
 
 def test_the_mask_decides_which_cells_and_windows_count(tmp_path: Path) -> None:
-    """A mask whose west half is inside: half the cells and the west windows count, and only they read."""
+    """A mask whose west half is inside: half the cells and the west windows count, and only the chunks a build
+    writes, those that may hold a pixel inside it, are decoded."""
     data = tiny_catalog_dict(size_px=96, chunk=32)
     xmin, ymin, xmax, ymax = data["region"]["bounds"]
     mask = tmp_path / "west.tif"
@@ -59,29 +61,37 @@ def test_the_mask_decides_which_cells_and_windows_count(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(data))
     whole = plan_from_catalog(load_catalog(path=path), resolution=30, chunk=16)
     assert whole.cells_inside == whole.cells_in_bounds and whole.windows_inside == 36
-    assert plan.imagery_bytes * 2 == whole.imagery_bytes  # symmetric halves of the grid read alike
+    tile = whole.reads.groups[0].tile_bytes  # chunks of 32 px: 3 x 3, the western two columns inside the mask
+    assert (plan.decoded()["imagery"], whole.decoded()["imagery"]) == (6 * tile, 9 * tile)
+    assert plan.needed_bytes < whole.needed_bytes
 
 
-@pytest.mark.parametrize("resolution,chunk,patch", [(60, 8, 8), (90, 5, 64), (30, 16, 1), (300, 3, 64)])
-def test_chunks_read_are_those_each_windows_block_touches(resolution: float, chunk: int, patch: int) -> None:
-    """The plan's count, window by window, equals the cube chunks under the block `read_window` reads (every
-    cell's pixel plus the patch halo, clipped to the cube)."""
-    from geosoc.maps.inference import output_grid
-    from geosoc.maps.plan import _chunks_read
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_plan_decodes_what_a_map_decodes(trained_region: tuple[Path, str], tmp_path: Path, masked: bool) -> None:
+    """The dry run's decoded bytes are what the engine's chunk caches count on a small map, to the byte (the map's
+    `geosoc_reads` attr); with a mask, the chunks a build never wrote count as nothing in both."""
+    from geosoc.data.cube import build_cube
+    from geosoc.maps.inference import predict
 
-    cube = load_catalog("demo").config.imagery_grid
-    grid = output_grid(cube, resolution, 14, patch, None, chunk)
-    counted = _chunks_read(grid, cube, cube.chunks, patch)
-    for window in grid.windows():
-        x, y = np.meshgrid(grid.x_of(np.arange(window.cols.start, window.cols.stop)),
-                           grid.y_of(np.arange(window.rows.start, window.rows.stop)))
-        rows, cols = cube.rowcol(x.ravel(), y.ravel())
-        spans = []
-        for pixels, n, size in ((rows, cube.height, cube.chunks[0]), (cols, cube.width, cube.chunks[1])):
-            first = min(max(int(pixels.min()) - patch // 2, 0), n - 1)
-            last = min(max(int(pixels.max()) - patch // 2 + patch - 1, 0), n - 1)
-            spans.append(last // size - first // size + 1)
-        assert counted[window.index] == spans[0] * spans[1], window
+    path, root = trained_region
+    data = yaml.safe_load(path.read_text())
+    cube = f"{root}/cube.zarr"
+    if masked:
+        data["region"]["mask"] = western_half_mask(tmp_path, data["region"]["bounds"])
+    catalog = tmp_path / "tiny.yaml"
+    catalog.write_text(yaml.safe_dump(data))
+    if masked:
+        cube = build_cube(load_catalog(path=catalog), str(tmp_path / "root"), progress=False)
+    ds = predict(cube, f"{root}/models/finetune", resolution=60, chunk=7, out=str(tmp_path / "soc.zarr"),
+                 progress=False)
+    reads = ds.attrs["geosoc_reads"]
+    plan = plan_from_catalog(load_catalog(path=catalog), resolution=60, chunk=7)
+    assert reads["windows"] == plan.windows == 49 and reads["strip"] == plan.strip
+    assert reads["cache_bytes"] == plan.cache_bytes
+    assert reads["decoded_bytes"] == plan.read_bytes() > 0
+    assert plan.needed_bytes <= plan.read_bytes() <= 1.5 * plan.needed_bytes
+    tile = plan.reads.groups[0].tile_bytes
+    assert plan.decoded()["imagery"] == (6 if masked else 9) * tile  # the 3 x 3 chunks, or the 2 columns in the mask
 
 
 def test_rates_come_from_the_file_with_a_stated_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

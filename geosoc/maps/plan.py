@@ -1,11 +1,13 @@
 """What a map will cost, before anything exists: `geosoc predict --dry-run` from the catalog alone.
 
 The output grid and windows come from the catalog's region, imagery and `predict` sections; the cells that will be
-computed from its `region.mask` (sampled on a lattice of at most ~1 M points); the bytes each window reads from the
-cube's chunk layout (Zarr reads whole chunks: a window reads every imagery and climate chunk its block touches,
-halo included); the network's size from the `model:` section (built on PyTorch's meta device: no memory, no
-weights). Time is two bounds, compute (cells / a measured rate) and reading (bytes / a stated bandwidth); the run
-takes the larger, since reading, computing and writing overlap.
+computed from its `region.mask` (sampled on a lattice of at most ~1 M points); the bytes read from the cube's chunk
+layout as the engine reads them (`maps.reads`: Zarr decodes whole chunks, each process keeps the chunks its windows
+share and runs them in strips, actors take contiguous runs of them; chunks wholly outside the mask are never
+written, so never decoded), against the floor of every pixel under some patch read once (read amplification);
+the network's size from the `model:` section (built on PyTorch's meta device: no memory, no weights). Time is two
+bounds, compute (cells / a measured rate) and reading (bytes / a stated bandwidth); the run takes the larger, since
+reading, computing and writing overlap.
 
 Rates come from `rates.json` beside this module, written by `tests/benchmarks/inference.py` (device, output and
 cube resolution, model size); another file can be named with `GEOSOC_RATES` or `--rates`.
@@ -16,17 +18,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from geosoc.catalog import LoadedCatalog
-from geosoc.data.cube import LayerPlan, plan_cube
 from geosoc.errors import InputError
-from geosoc.grid import Grid
+from geosoc.grid import Grid, Window
 from geosoc.maps.inference import output_grid
+from geosoc.maps.reads import GroupReads, MapReads
+from geosoc.maps.windows import IN_FLIGHT
 
 RATES_FILE = Path(__file__).with_name("rates.json")
 LATTICE_POINTS = 2**20  # mask samples at most
@@ -109,59 +112,79 @@ class CatalogPlan:
     windows: int
     windows_inside: int
     mask: str | None
-    imagery_bytes: int  # read by the windows holding cells inside the mask, decoded
-    climate_bytes: int
+    reads: MapReads  # what each window reads; chunks outside the mask are never decoded
+    order: list[Window]  # the windows in the order a process runs them
+    strip: int  # windows a strip is wide
+    cache_bytes: int  # decoded chunks a process keeps
     parameters: int
     patch: int
     bands: int
     variables: int
     months: int
+    _decoded: dict[int, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
+
+    def decoded(self, actors: int = 1) -> dict[str, int]:
+        """Bytes decoded per cube group when `actors` processes share the map (each its own run of the order)."""
+        if actors not in self._decoded:
+            runs = self.reads.split(self.order, actors, self.strip + IN_FLIGHT)
+            self._decoded[actors] = self.reads.decoded_bytes(runs, self.cache_bytes)
+        return self._decoded[actors]
+
+    def read_bytes(self, actors: int = 1) -> int:
+        return sum(self.decoded(actors).values())
 
     @property
-    def read_bytes(self) -> int:
-        return self.imagery_bytes + self.climate_bytes
+    def needed_bytes(self) -> int:
+        """Every stored pixel under some cell's patch (or climate cell) once: no reader decodes less."""
+        return sum(self.reads.needed_bytes().values())
 
-    @property
-    def bytes_per_cell(self) -> float:
+    def amplification(self, actors: int = 1) -> float:
+        """Decoded bytes over the bytes the patches need."""
+        return self.read_bytes(actors) / max(self.needed_bytes, 1)
+
+    def bytes_per_cell(self, actors: int = 1) -> float:
         """Bytes read per cell computed: the read rate one actor needs is this x its cells/s."""
-        return self.read_bytes / max(self.cells_inside, 1)
+        return self.read_bytes(actors) / max(self.cells_inside, 1)
 
     def compute_seconds(self, rate: float, actors: int) -> float:
         return self.cells_inside / (rate * actors)
 
     def read_seconds(self, mbps: float, actors: int) -> float:
-        return self.read_bytes / (mbps * 1e6 * actors)
+        return self.read_bytes(actors) / (mbps * 1e6 * actors)
 
 
 def plan_from_catalog(catalog: LoadedCatalog, *, resolution: float | None = None, chunk: int | None = None,
                       bounds: tuple[float, float, float, float] | None = None) -> CatalogPlan:
     """The map `geosoc predict` would make of the region, sized without a cube or a model."""
     from geosoc.learn.training import network_config
+    from geosoc.sources.from_catalog import open_layers
 
     config = catalog.config
-    layers = {layer.group: layer for layer in plan_cube(catalog).layers}
+    layers = {layer.group: layer for layer in open_layers(catalog)}
     imagery, climate = layers["imagery"], layers.get("climate")
     cube_grid = config.imagery_grid
     bands = imagery.shape[0]
-    variables = climate.shape[1] if climate is not None else 0
-    months = climate.shape[0] if climate is not None else 0
+    months, variables = climate.shape[:2] if climate is not None else (0, 0)
     network = network_config(config.model, [str(i) for i in range(bands)], [str(i) for i in range(variables)],
                              config.sampling.patch_size, months, config.sampling.unlabelled)  # pretrained on those
     patch = network.patch_size
     grid = output_grid(cube_grid, resolution if resolution is not None else config.predict.resolution, bands, patch,
                        bounds, chunk)
     inside = _inside_fraction(grid, catalog.resolve(config.region.mask) if config.region.mask else None)
-    holds = inside > 0
-    imagery_chunks = _chunks_read(grid, cube_grid, imagery.chunk_shape[-2:], patch)
-    imagery_bytes = int((imagery_chunks * holds).sum()) * _chunk_bytes(imagery)
-    climate_bytes = 0
-    if climate is not None and config.climate_grid is not None:
-        climate_chunks = _chunks_read(grid, config.climate_grid, climate.chunk_shape[-2:], 1)
-        climate_bytes = int((climate_chunks * holds).sum()) * _chunk_bytes(climate)
+    groups = [_group(imagery, patch)] + ([_group(climate, 1)] if climate is not None else [])
+    reads = MapReads(grid, tuple(groups))
+    order, strip, cache = reads.order(list(grid.windows()), IN_FLIGHT)
     sizes = np.outer(*grid.dask_chunks())  # cells per window
     return CatalogPlan(grid, grid.height * grid.width, int(round(float((inside * sizes).sum()))), grid.n_chunks,
-                       int(holds.sum()), config.region.mask, imagery_bytes, climate_bytes, _parameters(network),
-                       patch, bands, variables, months)
+                       int((inside > 0).sum()), config.region.mask, reads, order, strip, cache,
+                       _parameters(network), patch, bands, variables, months)
+
+
+def _group(layer: Any, size: int) -> GroupReads:
+    """A cube group as the map will read it, with the chunks a build writes (those that may hold a pixel inside
+    the region's mask)."""
+    stored = layer.reader.chunks_inside() if hasattr(layer.reader, "chunks_inside") else None
+    return GroupReads.of_array(layer.group, layer.grid, size, layer.shape, layer.chunk_shape, stored=stored)
 
 
 def _parameters(network: Any) -> int:
@@ -171,28 +194,6 @@ def _parameters(network: Any) -> int:
 
     with torch.device("meta"):  # shapes only
         return sum(p.numel() for p in SoilNet(network).parameters())
-
-
-def _chunk_bytes(layer: LayerPlan) -> int:
-    return math.prod(layer.chunk_shape) * 4
-
-
-def _chunks_read(grid: Grid, cube: Grid, chunk: tuple[int, ...], patch: int) -> np.ndarray:
-    """(window rows, window cols): cube chunks each window's block (its cells' pixels plus the patch halo) touches.
-    Rows and columns are separable, so this is an outer product."""
-    def along(n_out: int, size: int, origin_offset: float, n_cube: int, cube_chunk: int) -> np.ndarray:
-        starts = np.arange(0, n_out, size)
-        stops = np.minimum(starts + size, n_out)
-        ratio = grid.resolution / cube.resolution
-        half = patch // 2
-        first = np.floor(origin_offset + (starts + 0.5) * ratio).astype(np.int64) - half
-        last = np.floor(origin_offset + (stops - 0.5) * ratio).astype(np.int64) - half + patch - 1
-        first, last = np.clip(first, 0, n_cube - 1), np.clip(last, 0, n_cube - 1)
-        return last // cube_chunk - first // cube_chunk + 1
-
-    rows = along(grid.height, grid.chunks[0], (cube.y0 - grid.y0) / cube.resolution, cube.height, chunk[0])
-    cols = along(grid.width, grid.chunks[1], (grid.x0 - cube.x0) / cube.resolution, cube.width, chunk[1])
-    return np.outer(rows, cols)
 
 
 def _inside_fraction(grid: Grid, mask: str | None) -> np.ndarray:
