@@ -46,14 +46,14 @@ SMALL = dict(patch_size=32, image_patch=8, image_dim=64, image_depth=2, image_he
 PAPER = dict(patch_size=64)  # NetworkConfig's defaults are the paper's
 
 
-def write_catalog(folder: Path, size_px: int) -> Path:
+def write_catalog(folder: Path, size_px: int, chunk: int = 512) -> Path:
     side = size_px * 30
     data = {
         "region": {"name": "bench", "crs": "EPSG:3035", "bounds": [X0, Y0, X0 + side, Y0 + side]},
-        "imagery": {"resolution": 30, "chunk": 512, "source": {"kind": "synthetic", "seed": 0}},
+        "imagery": {"resolution": 30, "chunk": chunk, "source": {"kind": "synthetic", "seed": 0}},
         "climate": {"resolution": 4000, "chunk": 16, "source": {"kind": "synthetic", "seed": 0}},
     }
-    path = folder / f"bench-{size_px}.yaml"
+    path = folder / f"bench-{size_px}-{chunk}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -87,12 +87,13 @@ def make_checkpoint(cube: str, url: str, paper: bool, aoa_rows: int) -> None:
     checkpoint.save_aoa(url, aoa.fit(rng.normal(size=(aoa_rows, 2 * config.embedding)), rng.integers(0, 5, aoa_rows)))
 
 
-def build(folder: Path, size_px: int, paper: bool, aoa_rows: int) -> tuple[str, str]:
+def build(folder: Path, size_px: int, paper: bool, aoa_rows: int, chunk: int = 512) -> tuple[str, str]:
+    """The cube (imagery chunks of `chunk` px) and a random-weight checkpoint beside it."""
     from geosoc.catalog import load_catalog
     from geosoc.data.cube import build_cube
 
     root = folder / f"r{size_px}"
-    cube = build_cube(load_catalog(path=write_catalog(folder, size_px)), str(root), progress=False)
+    cube = build_cube(load_catalog(path=write_catalog(folder, size_px, chunk)), str(root), progress=False)
     model = str(root / "models" / "finetune")
     make_checkpoint(cube, model, paper, aoa_rows)
     return cube, model

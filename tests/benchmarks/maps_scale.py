@@ -1,10 +1,13 @@
 """How a Ray map scales with actors, and how much of the bare model's speed the pipeline keeps (not a test).
 
-    python tests/benchmarks/maps_scale.py [--size-px 1024] [--resolution 60] [--chunk 32] [--device cpu|cuda]
+    python tests/benchmarks/maps_scale.py [--size-px 1024] [--cube-chunk 256] [--resolution 60] [--chunk 32]
+                                          [--device cpu|cuda]
 
 A synthetic region (the cube and random-weight checkpoint of `inference.py`; 1024 px at 60 m in 32-cell windows:
-256 windows) is mapped through `geosoc.predict(engine="ray")` on a local Ray head this script starts (and stops),
-with 1 and then 2 actors of one CPU each (with --device cuda: 1 actor of one GPU, the figures for the README).
+256 windows, the cube in chunks of 256 px as the demo's: 4 x 4 chunks, so that two actors can each have chunks of
+their own, as every actor of a continental map does) is mapped through `geosoc.predict(engine="ray")` on a local Ray
+head this script starts (and stops), with 1 and then 2 actors of one CPU each (with --device cuda: 1 actor of one
+GPU, the figures for the README).
 Printed, against rates measured in the same run with one actor's threads:
 - the bare forward (the network alone on batches in memory: image branch and head per cell, climate branch once
   per batch, as a map runs it) and the window compute (`Predictor.predict` on windows already read: the forward
@@ -14,6 +17,11 @@ Printed, against rates measured in the same run with one actor's threads:
   on CPU): what reading, writing, actor start-up and Ray cost on top of the compute a map cannot avoid;
 - `ray_forward_efficiency=<end-to-end cells/s / (actors x bare forward cells/s)>`: the same against the network
   alone, so the AOA and interval count as overhead too;
+- `ray_cpu_efficiency=<the window compute's CPU seconds for the map's cells / the CPU seconds the actor processes
+  used>` with 2 actors: the same question asked of CPU time, which other processes on the machine disturb less
+  than wall-clock time;
+- `read_amplification=<cube bytes the actors decoded (the map's geosoc_reads attr) / the bytes the patches need
+  (every stored pixel under some patch, once)>` with 2 actors (goal <= 1.5), and with 1;
 - peak RSS of each actor process.
 """
 
@@ -25,29 +33,42 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from inference import bare_rate, build
 
 
-def actor_peaks(stop: threading.Event, peaks: dict[int, float]) -> None:
-    """Peak RSS (MiB) of every map actor process on this machine, polled until `stop`."""
+def actor_peaks(stop: threading.Event, peaks: dict[int, float], cpu: dict[int, float]) -> None:
+    """Peak RSS (MiB) and CPU seconds (user + system) of every map actor process on this machine, polled until
+    `stop`."""
     import psutil
 
     while not stop.is_set():
-        for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        for proc in psutil.process_iter(["cmdline", "memory_info", "cpu_times"]):
             cmdline = proc.info["cmdline"] or []
             if cmdline and cmdline[0].startswith("ray::WindowWorker") and proc.info["memory_info"]:
                 peaks[proc.pid] = max(peaks.get(proc.pid, 0.0), proc.info["memory_info"].rss / 2**20)
-        stop.wait(0.2)
+                times = proc.info["cpu_times"]
+                cpu[proc.pid] = max(cpu.get(proc.pid, 0.0), times.user + times.system)
+        stop.wait(0.1)
 
 
-def timed_map(cube: str, model: str, out: str, args: argparse.Namespace, actors: int) -> tuple[float, int, list[float]]:
+@dataclass
+class Run:
+    seconds: float
+    cells: int
+    peaks: list[float]
+    cpu_seconds: float  # of the actor processes (up to their last poll)
+    decoded_bytes: int
+
+
+def timed_map(cube: str, model: str, out: str, args: argparse.Namespace, actors: int) -> Run:
     from geosoc.maps.inference import predict
 
-    stop, peaks = threading.Event(), {}
-    watcher = threading.Thread(target=actor_peaks, args=(stop, peaks), daemon=True)
+    stop, peaks, cpu = threading.Event(), {}, {}
+    watcher = threading.Thread(target=actor_peaks, args=(stop, peaks, cpu), daemon=True)
     watcher.start()
     gpus = 1.0 if args.device == "cuda" else 0.0
     start = time.perf_counter()
@@ -56,11 +77,24 @@ def timed_map(cube: str, model: str, out: str, args: argparse.Namespace, actors:
     seconds = time.perf_counter() - start
     stop.set()
     watcher.join()
-    return seconds, int(ds["soc_median"].notnull().sum()), sorted(peaks.values())
+    return Run(seconds, int(ds["soc_median"].notnull().sum()), sorted(peaks.values()), sum(cpu.values()),
+               int(ds.attrs["geosoc_reads"]["decoded_bytes"]))
 
 
-def window_compute_rate(cube: str, model: str, args: argparse.Namespace, windows: int = 16) -> float:
-    """Cells/s of `Predictor.predict` on `windows` windows read into memory first (no I/O timed)."""
+def needed_bytes(cube: str, model: str, args: argparse.Namespace) -> int:
+    """What the map's patches need from the cube: every pixel under some patch (and climate cell), once."""
+    from geosoc.maps.inference import map_spec
+    from geosoc.maps.predictor import load_predictor
+    from geosoc.maps.windows import CubeAccess
+
+    spec = map_spec(cube, model, resolution=args.resolution, chunk=args.chunk, batch_size=args.batch)
+    reads = CubeAccess.open(cube).reads(spec.grid, load_predictor(model, "cpu", args.batch))
+    return sum(reads.needed_bytes().values())
+
+
+def window_compute_rate(cube: str, model: str, args: argparse.Namespace, windows: int = 16) -> tuple[float, float]:
+    """Cells/s of `Predictor.predict` on `windows` windows read into memory first (no I/O timed), in wall-clock
+    and in CPU time."""
     from geosoc.maps.inference import map_spec
     from geosoc.maps.predictor import load_predictor
     from geosoc.maps.windows import CubeAccess, predict_window, read_window
@@ -70,14 +104,15 @@ def window_compute_rate(cube: str, model: str, args: argparse.Namespace, windows
     access = CubeAccess.open(cube)
     data = [read_window(access, spec.grid, w, predictor) for w in list(spec.grid.windows())[:windows]]
     predict_window(predictor, data[0])  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     cells = sum(int(np.isfinite(predict_window(predictor, d)["soc_median"]).sum()) for d in data)
-    return cells / (time.perf_counter() - start)
+    return cells / (time.perf_counter() - start), cells / (time.process_time() - cpu)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-px", type=int, default=1024)
+    parser.add_argument("--cube-chunk", type=int, default=256, help="the cube's imagery chunk, px")
     parser.add_argument("--resolution", type=float, default=60.0)
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1024)
@@ -90,30 +125,35 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="geosoc-maps-scale-"))
     ray.init(num_cpus=2, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False, log_to_driver=True)
     try:
-        cube, model = build(folder, args.size_px, args.paper, 16_000)
+        cube, model = build(folder, args.size_px, args.paper, 16_000, args.cube_chunk)
         counts = [1] if args.device == "cuda" else [1, 2]
         runs = {n: timed_map(cube, model, str(folder / f"map-{n}.zarr"), args, n) for n in counts}
         torch.set_num_threads(1)  # what one CPU actor has
-        cells = runs[1][1]
+        cells = runs[1].cells
         bare = bare_rate(model, cells, args.batch, args.device)
-        compute = window_compute_rate(cube, model, args)
+        compute, compute_cpu = window_compute_rate(cube, model, args)
+        needed = needed_bytes(cube, model, args)
     finally:
         ray.shutdown()
         shutil.rmtree(folder, ignore_errors=True)
     windows = math.ceil(args.size_px * 30 / args.resolution / args.chunk) ** 2
     print(f"model: {'paper-size' if args.paper else 'demo-size'} on {args.device}; {cells:,} cells with data in "
-          f"{windows} windows; batch {args.batch}")
+          f"{windows} windows; batch {args.batch}; cube chunks of {args.cube_chunk} px")
     print(f"bare forward, one actor's threads:   {bare:10,.0f} cells/s")
     print(f"window compute, one actor's threads: {compute:10,.0f} cells/s (forward + interval + AOA: "
           f"{compute / bare:.2f} of the bare forward)")
-    for n, (seconds, _, peaks) in runs.items():
-        print(f"{n} actor{'s' if n > 1 else ' '}: {seconds:6.1f} s, {cells / seconds:10,.0f} cells/s; peak RSS per "
-              f"actor {', '.join(f'{p:,.0f}' for p in peaks)} MiB")
+    for n, run in runs.items():
+        print(f"{n} actor{'s' if n > 1 else ' '}: {run.seconds:6.1f} s, {cells / run.seconds:10,.0f} cells/s, "
+              f"{run.cpu_seconds:6.1f} CPU s; {run.decoded_bytes / 2**20:,.1f} MiB decoded "
+              f"(read amplification {run.decoded_bytes / needed:.2f}); peak RSS per actor "
+              f"{', '.join(f'{p:,.0f}' for p in run.peaks)} MiB")
     top = max(runs)
     if 2 in runs:
-        print(f"ray_scaling_2_actors={runs[1][0] / runs[2][0]:.2f}")
-    print(f"ray_forward_efficiency={cells / runs[top][0] / (top * bare):.2f}")
-    print(f"ray_pipeline_efficiency={cells / runs[top][0] / (top * compute):.2f}")
+        print(f"ray_scaling_2_actors={runs[1].seconds / runs[2].seconds:.2f}")
+    print(f"ray_forward_efficiency={cells / runs[top].seconds / (top * bare):.2f}")
+    print(f"ray_cpu_efficiency={cells / compute_cpu / runs[top].cpu_seconds:.2f}")
+    print(f"read_amplification={runs[top].decoded_bytes / needed:.2f}")
+    print(f"ray_pipeline_efficiency={cells / runs[top].seconds / (top * compute):.2f}")
 
 
 if __name__ == "__main__":
