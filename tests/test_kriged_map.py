@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 from safetensors.numpy import load as load_arrays
 from typer.testing import CliRunner
 
@@ -42,7 +43,7 @@ def test_fit_tabular_rf_rk_then_map_it(region: tuple[Path, str], small_forests: 
     stored = load_arrays(checkpoint.read_file(str(url), "kriging.safetensors"))
     assert len(stored["residual"]) == len(stored["x"]) > 10 and entry["offset"] > 0
     code, out = _cli("predict", "--catalog", str(catalog), "--root", root, "--model", "rf+rk", "--resolution", "30",
-                     "-q", "--no-export")
+                     "-q")
     assert code == 0, out
     kriged = predict(f"{root}/cube.zarr", model="rf+rk", resolution=30).compute()
     plain = predict(f"{root}/cube.zarr", model="rf", resolution=30).compute()
@@ -54,6 +55,11 @@ def test_fit_tabular_rf_rk_then_map_it(region: tuple[Path, str], small_forests: 
                      entry["neighbours"])[0]
     added = np.log1p(kriged["soc_median"].values[valid]) - np.log1p(plain["soc_median"].values[valid])
     np.testing.assert_allclose(added, expected, atol=2e-5)  # float32 maps
+    np.testing.assert_allclose(kriged["soc_rk_residual"].values[valid], expected, atol=1e-6)  # a layer of its own
+    assert "soc_rk_residual" not in plain
+    with rasterio.open(Path(root, "maps", "soc_rk_residual.tif")) as cog:  # and a COG of its own
+        assert cog.descriptions[0].startswith("residual kriging") and cog.units[0] == "1"
+        np.testing.assert_allclose(cog.read(1)[valid], expected, atol=1e-6)
     assert np.isnan(plain["soc_q05"].values[valid]).all()  # the forest has no interval; with kriging it has one
     lower, median, upper = (kriged[n].values[valid] for n in ("soc_q05", "soc_median", "soc_q95"))
     assert (lower <= median).all() and (median <= upper).all() and (upper > lower).any()

@@ -44,7 +44,7 @@ from geosoc.learn import checkpoint
 from geosoc.learn.device import gpu_share_problem, host_memory_bytes, resolve_device
 from geosoc.learn.models import NetworkConfig
 from geosoc.maps.chunks import ReadCount
-from geosoc.maps.outputs import long_name, output_names
+from geosoc.maps.outputs import KRIGED_RESIDUAL, long_name, model_outputs, output_names
 from geosoc.maps.predictor import DEFAULT_BATCH, load_predictor, require_map_model
 from geosoc.maps.windows import (
     IN_FLIGHT,
@@ -177,7 +177,7 @@ def _template(spec: MapSpec, outputs: list[str], units: str, attrs: dict[str, An
         lazy = da.zeros(grid.shape, chunks=grid.chunks, dtype=np.float32)
         meta = {"long_name": long_name(name)}
         if name.startswith("soc_"):
-            meta["units"] = units
+            meta["units"] = "1" if name == KRIGED_RESIDUAL else units  # a log1p difference: a log of a ratio
         data[name] = (("y", "x"), lazy, meta)
     ds = xr.Dataset(data, coords=coords).rio.write_crs(grid.crs).rio.write_transform(grid.transform)
     ds = ds.rio.write_coordinate_system()
@@ -250,12 +250,13 @@ def map_spec(cube: str | xr.DataTree, model: str | None = None, *, resolution: f
     catalog = _catalog_of(tree)
     predict_config = catalog.predict if catalog is not None else PredictConfig()
     resolution = resolution if resolution is not None else predict_config.resolution
-    config = checkpoint.load_config(model)[0]
+    config, meta = checkpoint.load_config(model)
     imagery = tree["imagery"].to_dataset()
     cube_grid = group_grid(imagery)
     patch = config.patch_size if config.bands else 1
     bands = imagery.sizes["band"]
-    grid = output_grid(cube_grid, resolution, bands, patch, bounds, chunk, len(output_names(config.quantiles)))
+    outputs = len(model_outputs(config.quantiles, meta))
+    grid = output_grid(cube_grid, resolution, bands, patch, bounds, chunk, outputs)
     check_batch_size(batch_size, bands, patch)
     region = catalog.region.name if catalog is not None else ""
     period = (str(catalog.imagery.period[0]), str(catalog.imagery.period[1])) if catalog is not None else None
@@ -427,7 +428,7 @@ def _write_store_template(spec: MapSpec, out: str, fingerprint: str) -> dict[str
                       period=list(spec.period or []), depth=spec.depth, **source_attribution(spec.cube),
                       calibration=json.dumps(checkpoint.calibration_of(meta)),
                       aoa_threshold=reference.threshold if reference is not None else None)
-    outputs = output_names(config.quantiles)
+    outputs = model_outputs(config.quantiles, meta)
     _template(spec, outputs, meta.get("units", ""), attrs).to_zarr(
         zarr_store(out), mode="w", compute=False, zarr_format=3, consolidated=False,
         encoding={name: {"chunks": spec.grid.chunks, "grid_mapping": "spatial_ref"} for name in outputs})
@@ -457,8 +458,8 @@ def map_region(catalog: Catalog, root: str, *, model: str | None = None, resolut
                          resolution if resolution is not None else catalog.predict.resolution, bounds, chunk,
                          batch_size, engine, device, sizing, max_retries)
     if export:  # the exports' places are checked before the map is made, not after
-        quantiles = checkpoint.load_config(spec.model)[0].quantiles
-        _refuse_folders_in_the_way(folder, exported_files(output_names(quantiles)))
+        config, meta = checkpoint.load_config(spec.model)
+        _refuse_folders_in_the_way(folder, exported_files(model_outputs(config.quantiles, meta)))
     build(spec, out, engine=engine, device=device, sizing=sizing, max_retries=max_retries, fresh=fresh,
           progress=progress)
     if not export:

@@ -17,6 +17,7 @@ import numpy as np
 
 from geosoc.errors import DamagedError
 from geosoc.learn import baselines, checkpoint
+from geosoc.maps.outputs import KRIGED_RESIDUAL, RESIDUAL_KRIGING
 from geosoc.stats.kriging import (
     NEIGHBOURS,
     SUFFIX,
@@ -30,7 +31,7 @@ from geosoc.stats.kriging import (
 )
 
 KRIGING_FILE = "kriging.safetensors"
-META = "residual_kriging"  # config.json's entry: variogram, offset, neighbours
+META = RESIDUAL_KRIGING  # config.json's entry: variogram, offset, neighbours
 
 
 def base_model(name: str) -> str:
@@ -82,7 +83,7 @@ class ResidualField:
 
     def apply(self, out: dict[str, np.ndarray], cells: np.ndarray) -> dict[str, np.ndarray]:
         """`out` (the model's outputs for cells at `cells` (n, 2) map coordinates) with the kriged residual added
-        to the median and the interval, where the model predicted."""
+        to the median and the interval, where the model predicted; the residual itself as KRIGED_RESIDUAL."""
         valid = np.isfinite(out["soc_median"])
         if not valid.any():
             return out
@@ -91,4 +92,5 @@ class ResidualField:
                                            kriged, self.offset)
         for name, values in (("soc_q05", lower), ("soc_median", median), ("soc_q95", upper)):
             out[name][valid] = values.astype(out[name].dtype)
+        out[KRIGED_RESIDUAL][valid] = kriged.astype(out[KRIGED_RESIDUAL].dtype)
         return out

@@ -32,7 +32,7 @@ from geosoc.learn.checkpoint import is_tabular
 from geosoc.learn.device import resolve_device
 from geosoc.learn.models import NetworkConfig
 from geosoc.maps.kriged import META, ResidualField, base_model, fit_residuals
-from geosoc.maps.outputs import output_names
+from geosoc.maps.outputs import model_outputs
 from geosoc.stats import aoa
 
 ESTIMATOR_FILE = "estimator.skops"
@@ -347,7 +347,7 @@ class TabularPredictor:
         self.embedding_bands: list[str] = list(self.meta.get("embedding_bands") or [])
         self.embedding_patch = int(self.meta.get("embedding_patch") or 0)  # 0: no embedding
         self.patch = baselines.WINDOW
-        self.outputs = output_names(self.config.quantiles)
+        self.outputs = model_outputs(self.config.quantiles, self.meta)
 
     def predict(self, block: np.ndarray, top: np.ndarray, left: np.ndarray, climate: np.ndarray | None,
                 climate_of: np.ndarray | None = None,
