@@ -31,7 +31,7 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from geosoc.catalog import load_catalog
+from geosoc.catalog import Catalog, SyntheticSource, load_catalog
 from geosoc.cli import evaluation_table, print_table
 from geosoc.data.cube import build_cube
 from geosoc.data.sampling import random_points, sample_points, samples_url
@@ -108,8 +108,11 @@ def probe_r2(features: np.ndarray, targets: np.ndarray, groups: np.ndarray) -> f
     return float(r2_score(targets, predicted, multioutput="uniform_average"))
 
 
-def probes(shared: str) -> None:
-    config = load_catalog("demo").config
+def probes(shared: str, config: Catalog | None = None) -> None:
+    """The probes on the region at `shared` (its unlabelled SampleSet and pretrained encoders) of `config`'s
+    landscape (default: the demo's; tests/benchmarks/continent.py passes the continent's)."""
+    config = config or load_catalog("demo").config
+    assert isinstance(config.imagery.source, SyntheticSource)
     url = stage_urls(shared)["pretrain"]
     data = SampleData(stage_urls(shared)["unlabelled"])
     rng = np.random.default_rng(0)
