@@ -34,6 +34,7 @@ def _cli_steps(env: dict[str, str], steps: list[tuple[list[str], dict[str, str]]
     return run_commands(steps, bucket_settings(env), keep_going)
 
 
+@pytest.mark.slow
 def test_whole_pipeline_on_a_bucket(bucket: dict[str, str], tmp_path: Path) -> None:
     """build-cube, sample, finetune (streaming) and predict (with exports) with --root on the bucket, via the CLI."""
     data = tiny_catalog_dict(size_px=64, chunk=32)

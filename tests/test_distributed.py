@@ -100,6 +100,7 @@ def two_workers(ray_head: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
     return folder
 
 
+@pytest.mark.slow
 def test_two_ray_workers_train_as_one(two_workers: Path) -> None:
     ranks = [json.loads((two_workers / f"rank{r}.json").read_text()) for r in range(2)]
     for stage, steps in (("pretrain", 4), ("finetune", 3)):
@@ -268,6 +269,7 @@ def _disagreeing_finetune(ctx: Any, model: Any, samples: str, out: str) -> dict[
     return {"history": result["history"], "seen": seen}
 
 
+@pytest.mark.slow
 def test_ranks_that_disagree_on_validation_stop_together(two_workers: Path) -> None:
     """Stopping and the best model follow rank 0's figures on every rank: no hang, both ranks train the same
     epochs, and the saved model is the epoch the metrics name. Validation is sharded and its sums combined, so

@@ -307,6 +307,7 @@ def one_thread_map(trained_region: tuple[Path, str]) -> xr.Dataset:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_ray_actor_killed_mid_run_gives_identical_map(ray_head, region: tuple[Path, str], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       one_thread_map: xr.Dataset) -> None:
@@ -371,6 +372,7 @@ def _wait_while(job: threading.Thread, condition: Callable[[], object], out: str
     wait_with_progress(done, lambda: len(_marked(out)), f"the map {out}")
 
 
+@pytest.mark.slow
 def test_ray_job_submit_predict(ray_head, trained_region: tuple[Path, str], tmp_path: Path) -> None:
     """`ray job submit` of jobs/predict.py: Ray actors on the real head write the map and its exports."""
     from tests.helpers import copy_region, submit_job

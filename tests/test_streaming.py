@@ -121,6 +121,7 @@ def _sampleset_of(url: str, n: int) -> str:
                                                ["pr", "tmmx"], [f"b{i}" for i in range(8)], {"patch_size": 32}))
 
 
+@pytest.mark.slow
 def test_streaming_memory_does_not_grow_with_the_sampleset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A SampleSet 4x the in-memory limit trains within 1.3x the memory of one just under the limit (held in
     memory). Limit and chunk size are scaled down together (64 MiB and 256 KiB for 4 GiB and 8 MiB); what is
