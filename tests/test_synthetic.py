@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from geosoc.catalog import CLIMATE_VARIABLES, IMAGERY_BANDS
 from geosoc.grid import Grid
-from geosoc.sources import synthetic
+from geosoc.sources import noise, synthetic
 from geosoc.sources.synthetic import Landscape, synthetic_climate, synthetic_imagery, true_soc_layer
 
 GRID = Grid.from_bounds("EPSG:3035", (4419990, 2809980, 4419990 + 160 * 30, 2809980 + 160 * 30), 30, 64)
@@ -167,3 +168,74 @@ def test_layer_helpers() -> None:
     soc = true_soc_layer(GRID, 3).lazy()
     assert soc.shape == (1, 160, 160)
     assert np.array_equal(soc.values[0], LAND.true_soc(GRID, slice(0, 160), slice(0, 160)), equal_nan=True)
+
+
+def _dense_table_interp(x: np.ndarray, y: np.ndarray, scale: float, key: int) -> np.ndarray:
+    """value_noise on a grid as it was first written: a table of every lattice node under the window."""
+    gx, gy = x / scale, y / scale
+    ix, iy = np.floor(gx), np.floor(gy)
+    sx, sy = noise._smooth(gx - ix), noise._smooth(gy - iy)
+    ix, iy = ix.astype(np.int64), iy.astype(np.int64)
+    x0, y0 = int(ix.min()), int(iy.min())
+    table = noise.hash_uniform(np.arange(x0, int(ix.max()) + 2)[None, :], np.arange(y0, int(iy.max()) + 2)[:, None],
+                               key) * 2.0 - 1.0
+    along_x = noise._lerp(table[:, ix[0] - x0], table[:, ix[0] - x0 + 1], sx)
+    return noise._lerp(along_x[iy[:, 0] - y0], along_x[iy[:, 0] - y0 + 1], sy)
+
+
+@pytest.mark.parametrize("scale", [30.0, 90.0, 700.0, 1000.0, 3750.0, 60e3])
+def test_grid_noise_reads_only_the_nodes_pixels_touch_with_the_same_values(scale: float) -> None:
+    """On a 1 km grid, 30 m noise once built a table of every node under the window (2 GiB for 512 px); the table of
+    the nodes pixels touch gives the same bits, finer or coarser than the pixels."""
+    x = (4_400_000.5 + 1000.0 * np.arange(97))[None, :]
+    y = (3_300_000.5 - 1000.0 * np.arange(61))[:, None]
+    key = noise.key_of(3, "sensor")
+    assert np.array_equal(noise.value_noise(x, y, scale, key), _dense_table_interp(x, y, scale, key))
+
+
+WHOLE = 1 << 40  # block_pixels: every window in one block, as before blocks
+
+
+@pytest.mark.parametrize("block_pixels", [5, 37, 200, 4096])
+def test_blocked_reads_equal_whole_window_reads(block_pixels: int) -> None:
+    """Imagery (slope's halo included), true SOC and climate, block by block (pieces of rows, bands of rows, odd
+    remainders) are bit for bit the whole window computed at once, on a 30 m grid and on a 1 km one."""
+    blocked, whole = Landscape(3, block_pixels), Landscape(3, WHOLE)
+    kilometre = Grid.from_bounds("EPSG:3035", (4_400_000, 3_200_000, 4_464_000, 3_264_000), 1000, 64)
+    for grid in (GRID, kilometre):
+        rows, cols = slice(9, 49), slice(21, 58)
+        assert np.array_equal(blocked.imagery(grid, rows, cols, IMAGERY_BANDS),
+                              whole.imagery(grid, rows, cols, IMAGERY_BANDS), equal_nan=True)
+        assert np.array_equal(blocked.true_soc(grid, rows, cols), whole.true_soc(grid, rows, cols), equal_nan=True)
+    rows, cols = slice(2, 25), slice(0, 19)
+    assert np.array_equal(blocked.climate(COARSE, rows, cols, MONTHS, CLIMATE_VARIABLES),
+                          whole.climate(COARSE, rows, cols, MONTHS, CLIMATE_VARIABLES))
+
+
+def test_blocks_tile_the_window_once() -> None:
+    for rows, cols, pixels in [(slice(3, 50), slice(7, 44), 100), (slice(0, 2), slice(0, 1000), 300),
+                               (slice(5, 6), slice(5, 6), 1), (slice(4, 4), slice(0, 9), 10)]:
+        hits = np.zeros((rows.stop, cols.stop), int)
+        for r, c in synthetic._blocks(rows, cols, pixels):
+            assert (r.stop - r.start) * (c.stop - c.start) <= pixels
+            hits[r, c] += 1
+        assert (hits[rows, cols] == 1).all() and hits.sum() == hits[rows, cols].size
+
+
+def test_a_chunk_read_takes_little_memory() -> None:
+    """A 512 px chunk of a 1 km grid (europe-synthetic's imagery) once peaked at 6.7 GiB; in blocks it holds the
+    output and one block's intermediates, a fraction of computing it whole."""
+    grid = Grid.from_bounds("EPSG:3035", (4_400_000, 3_000_000, 4_912_000, 3_512_000), 1000, 512)
+    window = slice(0, 512)
+    peaks = []
+    for landscape in (Landscape(0), Landscape(0, WHOLE)):
+        tracemalloc.start()
+        try:
+            landscape.imagery(grid, window, window, IMAGERY_BANDS)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    blocked, whole = peaks
+    output = len(IMAGERY_BANDS) * 512 * 512 * 4
+    assert whole < 512 * 2**20  # the nodes pixels touch, not every node under the window
+    assert blocked < output + 16 * 2**20 and blocked < whole / 4

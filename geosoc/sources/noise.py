@@ -2,7 +2,7 @@
 
 Values live on lattice nodes (integer multiples of a scale, in CRS units) and are interpolated bilinearly
 with a smoothstep. Two evaluation paths give bit-identical results: a regular grid (x as a row, y as a
-column) interpolates from a small table of node values; scattered points hash their corners directly.
+column) interpolates from a small table of the nodes its pixels touch; scattered points hash their corners directly.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ def _is_grid(x: np.ndarray, y: np.ndarray) -> bool:
     return x.ndim == 2 and y.ndim == 2 and x.shape[0] == 1 and y.shape[1] == 1
 
 
+def _touched(lower: np.ndarray) -> np.ndarray:
+    """Sorted lattice indices that interpolation reads: each pixel's lower node and the one after it."""
+    return np.unique(np.concatenate([lower, lower + 1]))
+
+
 def lattice_interp(x: np.ndarray, y: np.ndarray, scale: float, nodes: NodeFn) -> np.ndarray:
     """Bilinear-smoothstep interpolation of `nodes(ix, iy)` on a lattice of spacing `scale`."""
     gx, gy = x / scale, y / scale
@@ -60,11 +65,13 @@ def lattice_interp(x: np.ndarray, y: np.ndarray, scale: float, nodes: NodeFn) ->
     sx, sy = _smooth(gx - ix), _smooth(gy - iy)
     ix, iy = ix.astype(np.int64), iy.astype(np.int64)
     if _is_grid(x, y):
-        x0, y0 = int(ix.min()), int(iy.min())
-        table = nodes(np.arange(x0, int(ix.max()) + 2)[None, :], np.arange(y0, int(iy.max()) + 2)[:, None])
-        cols = ix[0] - x0
+        # Only the lattice columns and rows that pixels touch: where the lattice is finer than the pixels (30 m
+        # sensor noise on a 1 km grid) a table of every node under the window would take gigabytes.
+        node_cols, node_rows = _touched(ix[0]), _touched(iy[:, 0])
+        table = nodes(node_cols[None, :], node_rows[:, None])
+        cols = np.searchsorted(node_cols, ix[0])  # ix + 1 is the next node touched, at cols + 1
         along_x = _lerp(table[:, cols], table[:, cols + 1], sx)
-        rows = iy[:, 0] - y0
+        rows = np.searchsorted(node_rows, iy[:, 0])
         return _lerp(along_x[rows], along_x[rows + 1], sy)
     low = _lerp(nodes(ix, iy), nodes(ix + 1, iy), sx)
     high = _lerp(nodes(ix, iy + 1), nodes(ix + 1, iy + 1), sx)

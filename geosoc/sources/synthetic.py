@@ -1,7 +1,8 @@
 """An offline procedural landscape: the embedded default source and the stand-in for Earth Engine.
 
 Every value is a pure function of position (CRS coordinates), the CRS and a seed, so a pixel never depends on
-chunking or on the window asked for, and a continental grid costs nothing until a window is read.
+chunking or on the window asked for, and a continental grid costs nothing until a window is read. A window is
+computed in blocks of at most `BLOCK_PIXELS` pixels, so a read's working memory is bounded whatever its size.
 
 The landscape has terrain, land-cover patches, field parcels whose tillage stripes have a contrast that
 varies smoothly (visible only as texture across a patch), climate gradients with latitude, elevation and
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ _STRIPE_PERIOD = 150.0  # m: about five 30 m pixels, so a single pixel cannot te
 _DRAINAGE_SCALE = 6e3  # m: larger than a climate cell (4 km), so that the climate grid resolves it
 _HOLLOW_SIZE = 90.0  # m: three 30 m pixels; a 32 px patch holds about a hundred hollow sites
 _LAT_LATTICE = 20_000.0
+BLOCK_PIXELS = 1 << 14  # pixels of a window computed at once: about 7 MiB of float64 intermediates for imagery
 
 _transformers = threading.local()
 
@@ -66,9 +68,14 @@ def _latitude(x: np.ndarray, y: np.ndarray, crs: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Landscape:
-    """The synthetic world for one seed; `fields` evaluates everything at points or on a grid window."""
+    """The synthetic world for one seed; `fields` evaluates everything at points or on a grid window.
+
+    `block_pixels` bounds how many pixels of a window `imagery`, `true_soc` and `climate` compute at once (their
+    memory); it changes no value, since every pixel is a function of its position alone.
+    """
 
     seed: int = 0
+    block_pixels: int = BLOCK_PIXELS
 
     def _key(self, name: str) -> int:
         return key_of(self.seed, name)
@@ -151,6 +158,9 @@ class Landscape:
 
     def imagery(self, grid: Grid, rows: slice, cols: slice, bands: Sequence[str]) -> np.ndarray:
         """(band, rows, cols) float32 reflectances, indices and terrain; NaN on open water."""
+        return self._in_blocks(rows, cols, (len(bands),), lambda r, c: self._imagery(grid, r, c, bands))
+
+    def _imagery(self, grid: Grid, rows: slice, cols: slice, bands: Sequence[str]) -> np.ndarray:
         # One pixel of halo so that slope comes from neighbours that are themselves position-determined.
         x = grid.x_of(np.arange(cols.start - 1, cols.stop + 1))[None, :]
         y = grid.y_of(np.arange(rows.start - 1, rows.stop + 1))[:, None]
@@ -190,6 +200,9 @@ class Landscape:
 
     def true_soc(self, grid: Grid, rows: slice, cols: slice) -> np.ndarray:
         """(rows, cols) float32 true SOC on a grid window; NaN on water."""
+        return self._in_blocks(rows, cols, (), lambda r, c: self._true_soc(grid, r, c))
+
+    def _true_soc(self, grid: Grid, rows: slice, cols: slice) -> np.ndarray:
         x = grid.x_of(np.arange(cols.start, cols.stop))[None, :]
         y = grid.y_of(np.arange(rows.start, rows.stop))[:, None]
         return self.fields(x, y, grid.crs)["soc"].astype(np.float32)
@@ -201,9 +214,24 @@ class Landscape:
 
         Precipitation, snow water and runoff have genuine zeros (dry seasons, warm places).
         """
-        x = grid.x_of(np.arange(cols.start, cols.stop))[None, :]
-        y = grid.y_of(np.arange(rows.start, rows.stop))[:, None]
-        return self._climate(x, y, grid.crs, months, variables)
+
+        def block(rows: slice, cols: slice) -> np.ndarray:
+            x = grid.x_of(np.arange(cols.start, cols.stop))[None, :]
+            y = grid.y_of(np.arange(rows.start, rows.stop))[:, None]
+            return self._climate(x, y, grid.crs, months, variables)
+
+        return self._in_blocks(rows, cols, (len(months), len(variables)), block)
+
+    def _in_blocks(self, rows: slice, cols: slice, leading: tuple[int, ...],
+                   compute: Callable[[slice, slice], np.ndarray]) -> np.ndarray:
+        """(*leading, rows, cols) float32 filled block by block from `compute(block rows, block cols)`."""
+        blocks = list(_blocks(rows, cols, self.block_pixels))
+        if len(blocks) == 1:  # no copy
+            return compute(rows, cols)
+        out = np.empty((*leading, max(0, rows.stop - rows.start), max(0, cols.stop - cols.start)), np.float32)
+        for r, c in blocks:
+            out[..., r.start - rows.start:r.stop - rows.start, c.start - cols.start:c.stop - cols.start] = compute(r, c)
+        return out
 
     def climate_at(self, x: np.ndarray, y: np.ndarray, crs: str, months: Sequence[dt.date],
                    variables: Sequence[str]) -> np.ndarray:
@@ -256,6 +284,16 @@ class Landscape:
             for v, name in enumerate(variables):
                 out[t, v] = values[name]
         return out
+
+
+def _blocks(rows: slice, cols: slice, pixels: int) -> Iterator[tuple[slice, slice]]:
+    """Blocks of a window of at most `pixels` each: bands of whole rows, or pieces of one row where a row is
+    longer than `pixels`."""
+    width = max(1, min(cols.stop - cols.start, pixels))
+    height = max(1, pixels // width)
+    for r in range(rows.start, rows.stop, height):
+        for c in range(cols.start, cols.stop, width):
+            yield slice(r, min(r + height, rows.stop)), slice(c, min(c + width, cols.stop))
 
 
 def _saturation_vapour_pressure(temp_c: np.ndarray) -> np.ndarray:
