@@ -272,6 +272,12 @@ def without_root_rights(read_only: Path) -> list[str]:
     pytest.skip("cannot run commands without root's rights here: " + "; ".join(tried))
 
 
+def entries_under(folder: Path) -> int:
+    """How many files and folders are below `folder` now: a progress measure of a run that writes there. os.walk
+    skips a folder that vanishes while it is listed (a SampleSet's `.old` folder being removed); rglob raises."""
+    return sum(len(folders) + len(files) for _, folders, files in os.walk(folder))
+
+
 def files_state(folder: Path) -> dict[str, int | None]:
     """Every path below `folder`, and when each file was last written (to tell that a run wrote nothing)."""
     return {str(p): p.stat().st_mtime_ns if p.is_file() else None for p in folder.rglob("*")}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import yaml
 
 from geosoc.catalog import CATALOG_DIR, SyntheticSource, load_catalog
@@ -104,6 +105,7 @@ def small_continent(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # four Ray jobs and an evaluation end to end: 170-400 s on 2 cores
 def test_a_small_continent_runs_every_step_end_to_end(ray_head: dict[str, Any], tmp_path: Path) -> None:
     """tests/benchmarks/continent.py's rehearsal on the small continent, the Ray jobs on the session's head: every
     step runs as a user runs it; the plans' chunks, samples and SampleSet sizes are what the steps wrote, the map's

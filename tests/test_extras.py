@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from geosoc.errors import EXTRAS, MissingExtraError, missing_extra
-from tests.helpers import REPO, copy_region, run_guarded
+from tests.helpers import REPO, copy_region, entries_under, run_guarded
 
 # Runs geosoc's CLI commands (one per argv line of stdin) with the optional parts' modules unimportable, as in an
 # environment that installed geosoc without its extras; prints each command's exit status.
@@ -38,7 +38,7 @@ def without_extras(folder: Path, *commands: list[str]) -> tuple[list[str], str]:
     orders = folder / "commands.tsv"
     orders.write_text("\n".join("\t".join(c) for c in commands))
     done = run_guarded([sys.executable, "-c", WITHOUT_EXTRAS.format(blocked=BLOCKED), str(orders)],
-                       progress=lambda: sum(1 for _ in folder.rglob("*")), cwd=REPO,
+                       progress=lambda: entries_under(folder), cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     return [line for line in done.stdout.splitlines() if line.startswith("exit ")], done.stderr
