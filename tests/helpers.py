@@ -338,24 +338,29 @@ def free_ports(n: int) -> list[int]:
 
 # The ports of a Ray head besides its GCS and dashboard: each is given its own, or two heads on one machine (two
 # pytest workers, the benchmark beside the suite) would clash on Ray's defaults.
+# What every Ray the suite starts runs with: auth mode set explicitly, no usage stats, and workers at the suite's own
+# priority. Ray starts its workers at nice 15 (`RAY_worker_niceness`): beside the other pytest worker or a busy
+# machine's processes at nice 0, an actor got 3 % of a core and took minutes to load its model.
+RAY_TEST_SETTINGS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0"}
 RAY_HEAD_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                   "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
 
 
 def start_ray_head(temp: Path, cpus: int = 2, worker_ports: tuple[int, int] | None = None,
                    started: Callable[[list[int]], object] | None = None) -> dict[str, Any]:
-    """`ray start --head` on loopback with `cpus` CPUs and no GPU, its files in `temp` (--temp-dir: how its
-    processes are found and stopped), every port its own (chosen together: `free_ports`), worker ports in
-    `worker_ports` (first, last) if given, auth mode set explicitly. Returns what tests and the benchmarks use:
+    """`ray start --head` on loopback with `cpus` CPUs and no GPU, its files in `temp` (--temp-dir: how its processes
+    are found and stopped), every port its own (chosen together: `free_ports`), worker ports in `worker_ports`
+    (first, last) if given, `RAY_TEST_SETTINGS` in its environment. Returns what tests and the benchmarks use:
     {"address" (the dashboard, for `ray job submit`), "gcs", "env" (what its commands need: this venv's `python`
-    first on PATH), "ray" (the CLI), "temp"}. `started` is told the head's process ids, even where the start failed
-    (the reaper's record). A start that fails stops what it started and raises RuntimeError with Ray's error."""
+    first on PATH), "ray" (the CLI), "temp"}. `started` is told the head's process ids, even where the start
+    failed (the reaper's record). A start that fails stops what it started and raises RuntimeError with Ray's
+    error."""
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard, *ports = free_ports(2 + len(RAY_HEAD_PORTS))
     own_ports = [f"--{name}={number}" for name, number in zip(RAY_HEAD_PORTS, ports, strict=True)]
     if worker_ports is not None:
         own_ports += [f"--min-worker-port={worker_ports[0]}", f"--max-worker-port={worker_ports[1]}"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, **RAY_TEST_SETTINGS,
            "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is the venv's
     try:
         done = run_guarded(

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import PROGRESS_GUARD_S, free_ports, ray_processes_under, stop_ray_processes_under
+from tests.helpers import PROGRESS_GUARD_S, RAY_TEST_SETTINGS, free_ports, ray_processes_under, stop_ray_processes_under
 from tests.reaper import record
 
 # What the cluster's processes and this driver need in the environment while the cluster lives: Ray writes the
 # head's address under RAY_TMPDIR (/tmp/ray, shared with every Ray on the machine, by default).
-SETTINGS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+SETTINGS = RAY_TEST_SETTINGS
 
 
 class NodeCannotJoin(Exception):
