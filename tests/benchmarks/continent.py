@@ -386,6 +386,8 @@ def rehearse(catalog: Path, root: Path, head: dict[str, Any], *, labelled: int, 
     if measured["decoded_bytes"]:
         outcome.lines.append(f"read_amplification={measured['decoded_bytes'] / plan.map.needed_bytes:.3f}  "
                              f"(decoded bytes the map records / the bytes its patches need)")
+    log("\nso far (the learning curve comes next; everything is printed again at the end):")
+    print_outcome(outcome, [], log)
 
     # 7. SSL against supervised where the climate varies
     for n, seeds in zip(curve, curve_seeds, strict=True):
