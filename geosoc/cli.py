@@ -312,15 +312,18 @@ def predict(
 def print_map_plan(loaded: Any, root: str, model: str, resolution: float | None, chunk: int | None,
                    bounds: tuple[float, float, float, float] | None, gpu: str | None, rate: float | None,
                    read_mbps: float, actors: int) -> None:
-    """The map's size and its two time bounds (compute, reading) on one actor and on `actors`."""
+    """The map's size, a Ray job's start-up and its two time bounds (compute, reading) on one actor and on
+    `actors`."""
     from geosoc.learn import checkpoint
     from geosoc.maps.inference import how_to_make, model_url
-    from geosoc.maps.plan import choose_rate, load_rates, plan_from_catalog
+    from geosoc.maps.plan import choose_rate, choose_startup, load_rates, plan_from_catalog, rates_file
 
     plan = plan_from_catalog(loaded, resolution=resolution, chunk=chunk, bounds=bounds)
     grid = plan.grid
+    rates = load_rates() if rate is None or rates_file().exists() else []
+    startup, startup_how = choose_startup(rates, gpu)
     if rate is None:
-        rate, source = choose_rate(load_rates(), gpu, plan.parameters, grid.resolution)
+        rate, source = choose_rate(rates, gpu, plan.parameters, grid.resolution)
     else:
         source = "as given (--rate)"
     say = lambda text: console.print(text, highlight=False)  # noqa: E731
@@ -347,11 +350,12 @@ def print_map_plan(loaded: Any, root: str, model: str, resolution: float | None,
     needed = plan.bytes_per_cell() * rate / 1e6
     say(f"read rate: {read_mbps:,.0f} MB/s per actor assumed (--read-mbps); keeping one actor computing needs "
         f"{needed:,.0f} MB/s")
+    say(f"start-up of a Ray map job (the job, its actors, their model loads): {startup_how}")
     for n in sorted({1, actors}):
         compute, read = plan.compute_seconds(rate, n), plan.read_seconds(read_mbps, n)
         bound = "compute" if compute >= read else "reading"
-        say(f"on {n} actor{'s' if n > 1 else ''}: compute {_duration(compute)}, reading {_duration(read)}: about "
-            f"{_duration(max(compute, read))}, bound by {bound}")
+        say(f"on {n} actor{'s' if n > 1 else ''}: start-up {_duration(startup)}, compute {_duration(compute)}, "
+            f"reading {_duration(read)}: about {_duration(startup + max(compute, read))}, bound by {bound}")
     say("a projection from the rates above, not a measurement")
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from geosoc.catalog import load_catalog
 from geosoc.cli import app
 from geosoc.errors import InputError
-from geosoc.maps.plan import Rate, choose_rate, load_rates, plan_from_catalog, record_rate
+from geosoc.maps.plan import Rate, choose_rate, choose_startup, load_rates, plan_from_catalog, record_rate
 from tests.helpers import tiny_catalog_dict, western_half_mask
 
 
@@ -35,7 +35,8 @@ def test_europe_dry_run_works_from_a_fresh_clone_with_no_data(tmp_path: Path) ->
     assert "104.9 M parameters" in out and "measured on NVIDIA H200" in out
     assert "reads (decoded bytes" in out and "GiB" in out and "MB/s per actor assumed" in out
     assert "read amplification 1.19 on 1 actor, 1.19 on 8" in out  # 4 GiB of chunks per process: strips 3 wide
-    assert "on 1 actor: compute" in out and "on 8 actors: compute" in out and "bound by compute" in out
+    assert "start-up of a Ray map job" in out
+    assert "on 1 actor: start-up" in out and "on 8 actors: start-up" in out and "bound by compute" in out
     assert not root.exists()  # nothing written
     coarse = _words(CliRunner().invoke(app, ["predict", "--region", "europe", "--root", str(root),
                                              "--dry-run"]).output)
@@ -109,6 +110,12 @@ def test_rates_come_from_the_file_with_a_stated_fallback(tmp_path: Path, monkeyp
     assert rate == 450 and "scaled to 2.0 M parameters" in how
     rate, how = choose_rate(rates, "NVIDIA B200", 100_000_000, 60)
     assert rate == 11_000 and "nothing measured on 'NVIDIA B200'" in how
+    assert choose_startup(rates, "cpu") == (0.0, "not measured (none in the rates file): left out")
+    record_rate(Rate("cpu", 2_000_000, 4000.0, 800.0, 0.0, "2026-12", "continent", 21.5), path)
+    record_rate(Rate("NVIDIA H200", 2_000_000, 4000.0, 9_000.0, 0.0, "2026-12", "continent", 40.0), path)
+    rates = load_rates()
+    assert choose_startup(rates, "cpu") == (21.5, "22 s measured on cpu")
+    assert choose_startup(rates, "NVIDIA B200")[0] == 40.0  # nothing on that device: the longest measured
     path.write_text(json.dumps({"rate": []}))
     with pytest.raises(InputError, match="rates.json: not a rates file"):
         load_rates()

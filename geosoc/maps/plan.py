@@ -47,10 +47,11 @@ class Rate:
     bare_cells_per_s: float
     measured: str
     command: str
+    startup_s: float = 0.0  # a Ray map job's seconds before its first window (tests/benchmarks/continent.py)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Rate:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})  # a missing one: TypeError
 
 
 def rates_file() -> Path:
@@ -100,6 +101,16 @@ def choose_rate(rates: list[Rate], device: str | None, parameters: int, resoluti
     if device is not None and not named:
         how += f"; nothing measured on {device!r} (run tests/benchmarks/inference.py there)"
     return rate, how
+
+
+def choose_startup(rates: list[Rate], device: str | None) -> tuple[float, str]:
+    """Seconds a Ray map job spends before its first window is written (the job, its actors, their model loads):
+    the longest measured on `device` (on any device when none is named or measured), and how it was found."""
+    named = [r for r in rates if device is not None and r.device.lower() == device.lower() and r.startup_s]
+    best = max(named or [r for r in rates if r.startup_s], key=lambda r: r.startup_s, default=None)
+    if best is None:
+        return 0.0, "not measured (none in the rates file): left out"
+    return best.startup_s, f"{best.startup_s:,.0f} s measured on {best.device}"
 
 
 @dataclass(frozen=True)

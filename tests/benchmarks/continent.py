@@ -28,10 +28,13 @@ Every step is a subprocess: `geosoc ...` or `ray job submit` to a local Ray head
 
 Printed: each step's wall time and peak RSS (the largest process of the step: the command and what it started, or
 the Ray workers, actors and job driver of a job; and the sum of their peaks), `uptime` before and after, the plan
-beside the measurement with their ratio, `continent_ssl_vs_supervised_rmse_ratio_<N>_labels=` for each N, the map's
-`ray_pipeline_efficiency=` (the measured map rate over 2 actors x the CPU rate the plan used) and
-`read_amplification=` when the map records its reads. Unless --no-record, the map's measured rate per actor goes
-into geosoc/maps/rates.json as the CPU entry for this model size and output resolution.
+beside the measurement with their ratio (printed once the map is done, and again at the end), the map job's
+start-up, windows and exports (from its windows' file times), `ray_pipeline_efficiency=` (the whole job's rate over
+2 actors x the window compute: start-up and exports included, as maps_scale.py counts it) and
+`ray_windows_efficiency=` (the windows' part alone), `read_amplification=` when the map records its reads, and
+`continent_ssl_vs_supervised_rmse_ratio_<N>_labels=` for each N. Unless --no-record, the map's rate per actor
+while its windows ran and its start-up go into geosoc/maps/rates.json as the CPU entry for this model size and
+output resolution (at --scale 1 only).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class Run:
     peak_mib: float
     sum_mib: float
     output: str
+    began: float = 0.0  # time.time() at its start: set beside the files it wrote
 
 
 class Steps:
@@ -133,7 +137,7 @@ class Steps:
 
     def run(self, step: str, command: Sequence[str], env: dict[str, str] | None = None, ray: bool = False) -> Run:
         self.log(f"\n$ {' '.join(command)}")
-        started = time.perf_counter()
+        began, started = time.time(), time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env=env or self.env, cwd=REPO, start_new_session=True)
         peaks: dict[int, float] = {}
@@ -160,7 +164,7 @@ class Steps:
         if process.returncode != 0 or "Job 'raysubmit" in output and "failed" in output.split("Job 'raysubmit")[-1]:
             raise SystemExit(f"step {step!r} failed (exit {process.returncode}): {' '.join(command)}\n"
                              f"{output[-3000:]}")
-        run = Run(step, seconds, max(peaks.values(), default=0.0), sum(peaks.values()), output)
+        run = Run(step, seconds, max(peaks.values(), default=0.0), sum(peaks.values()), output, began)
         self.runs.append(run)
         self.log(f"[{step}: {seconds:.1f} s, peak RSS {run.peak_mib:,.0f} MiB (its processes together "
                  f"{run.sum_mib:,.0f} MiB)]")
@@ -219,6 +223,7 @@ class Plans:
     map: Any
     rate: float
     rate_how: str
+    startup: float
 
 
 def plans(catalog: Path, root: Path, survey: Path, unlabelled: int, window: int | None, fmt: str) -> Plans:
@@ -229,7 +234,7 @@ def plans(catalog: Path, root: Path, survey: Path, unlabelled: int, window: int 
     from geosoc.data.from_source import plan_points
     from geosoc.data.points import PRESETS, read_points
     from geosoc.data.sampling import samples_url
-    from geosoc.maps.plan import choose_rate, load_rates, plan_from_catalog
+    from geosoc.maps.plan import choose_rate, choose_startup, load_rates, plan_from_catalog
 
     loaded = load_catalog(path=catalog)
     config = loaded.config
@@ -239,8 +244,9 @@ def plans(catalog: Path, root: Path, survey: Path, unlabelled: int, window: int 
                          min_spacing=config.sampling.min_spacing, root=str(root))
     labelled = plan_points(loaded, samples_url(str(root), "labelled"), points, root=str(root))
     mapped = plan_from_catalog(loaded, chunk=window)
-    rate, how = choose_rate(load_rates(), "cpu", mapped.parameters, mapped.grid.resolution)
-    return Plans(cube, random, labelled, mapped, rate, how)
+    rates = load_rates()
+    rate, how = choose_rate(rates, "cpu", mapped.parameters, mapped.grid.resolution)
+    return Plans(cube, random, labelled, mapped, rate, how, choose_startup(rates, "cpu")[0])
 
 
 # --- what happened --------------------------------------------------------------------------------------------
@@ -296,6 +302,7 @@ def map_measured(root: Path) -> dict[str, Any]:
     group = zarr.open_group(str(root / "maps" / "soc.zarr"), mode="r")
     median = group["soc_median"]
     per_window = {}
+    written = [f.stat().st_mtime for f in (root / "maps" / "soc.zarr" / "soc_median" / "c").rglob("*") if f.is_file()]
     ch, cw = median.chunks  # the map's windows
     for iy in range(-(-median.shape[0] // ch)):
         for ix in range(-(-median.shape[1] // cw)):
@@ -304,7 +311,20 @@ def map_measured(root: Path) -> dict[str, Any]:
     cells, windows = sum(per_window.values()), sum(1 for n in per_window.values() if n)
     attrs = dict(group.attrs)
     reads = attrs.get("geosoc_reads") or {}
-    return {"cells": cells, "windows": windows, "decoded_bytes": reads.get("decoded_bytes"), "per_window": per_window}
+    return {"cells": cells, "windows": windows, "decoded_bytes": reads.get("decoded_bytes"), "per_window": per_window,
+            "first_written": min(written), "last_written": max(written)}
+
+
+def map_phases(mapped: Run, measured: dict[str, Any]) -> dict[str, float]:
+    """The map job's wall time in three parts, from its windows' file times: start-up (`ray job submit` to the
+    first window written: the job, actors and model loads), windows (to the last, plus the first one's share), and
+    after them (the COGs with overviews, the quicklook, the STAC item)."""
+    windows = max(measured["windows"], 1)
+    span = measured["last_written"] - measured["first_written"]
+    each = span / max(windows - 1, 1) * ACTORS  # an actor's time per window
+    startup = max(measured["first_written"] - mapped.began - each, 0.0)
+    after = mapped.began + mapped.seconds - measured["last_written"]
+    return {"start-up": startup, "windows": mapped.seconds - startup - after, "after": after}
 
 
 def cog_overviews(path: Path) -> list[int]:
@@ -323,6 +343,8 @@ class Outcome:
     figures: list[Figure]
     ratios: dict[int, float] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)  # the `name=value` lines
+    map_rate: float = 0.0  # cells/s per actor while the windows ran
+    map_startup: float = 0.0  # seconds before the first window
 
 
 def survey_table(catalog: Path, n: int, out: Path) -> int:
@@ -376,13 +398,20 @@ def rehearse(catalog: Path, root: Path, head: dict[str, Any], *, labelled: int, 
     figures = _figures(plan, root, cube, random, lab, mapped)
     outcome = Outcome(steps.runs, figures)
     measured = map_measured(root)
-    rate = measured["cells"] / (mapped.seconds * ACTORS)
+    phases = map_phases(mapped, measured)
+    rate = measured["cells"] / (phases["windows"] * ACTORS)
+    outcome.map_rate, outcome.map_startup = rate, phases["start-up"]
     compute = window_compute_rate(root, window)
     outcome.lines += [
-        f"map_cells_per_s_per_actor={rate:.0f}  (the job's cells / its wall time / {ACTORS} actors; the plan used "
-        f"{plan.rate:,.0f}: {plan.rate_how})",
+        "map job: " + ", ".join(f"{name} {seconds:,.1f} s" for name, seconds in phases.items())
+        + " (from its windows' file times)",
+        f"map_cells_per_s_per_actor={rate:.0f}  (the job's cells / the windows' part of its wall time / {ACTORS} "
+        f"actors; the plan used {plan.rate:,.0f}: {plan.rate_how})",
         f"window_compute_cells_per_s={compute:.0f}  (Predictor.predict on windows already read, one thread)",
-        f"ray_pipeline_efficiency={rate / compute:.3f}  (the job's rate over {ACTORS} x the window compute)"]
+        f"ray_pipeline_efficiency={measured['cells'] / (mapped.seconds * ACTORS) / compute:.3f}  (the whole job's "
+        f"rate, start-up and exports included, over {ACTORS} x the window compute)",
+        f"ray_windows_efficiency={rate / compute:.3f}  (the rate of its windows' part over {ACTORS} x the window "
+        "compute)"]
     if measured["decoded_bytes"]:
         outcome.lines.append(f"read_amplification={measured['decoded_bytes'] / plan.map.needed_bytes:.3f}  "
                              f"(decoded bytes the map records / the bytes its patches need)")
@@ -469,13 +498,19 @@ def _figures(plan: Plans, root: Path, cube: Run, random: Run, lab: Run, mapped: 
         figures.append(Figure(f"sample {name}", "time", getattr(points_plan, "estimated_seconds", None), run.seconds,
                               "s", "the plan gives no time for a synthetic source"))
     got = map_measured(root)
+    phases = map_phases(mapped, got)
     m = plan.map
     figures += [Figure("map", "cells", m.cells_inside, got["cells"]),
                 Figure("map", "windows", m.windows_inside, got["windows"]),
                 Figure("map", "bytes decoded", m.read_bytes(ACTORS), got["decoded_bytes"], "B",
                        "" if got["decoded_bytes"] else "the map does not record its reads"),
-                Figure("map", "time", max(m.compute_seconds(plan.rate, ACTORS), m.read_seconds(500.0, ACTORS)),
-                       mapped.seconds, "s", f"{plan.rate:,.0f} cells/s per actor from the rates file")]
+                Figure("map", "start-up", plan.startup, phases["start-up"], "s",
+                       "the job submitted to its first window written"),
+                Figure("map", "time", plan.startup + max(m.compute_seconds(plan.rate, ACTORS),
+                                                         m.read_seconds(500.0, ACTORS)),
+                       phases["start-up"] + phases["windows"], "s",
+                       f"{plan.rate:,.0f} cells/s per actor from the rates file; exports apart"),
+                Figure("map", "exports", None, phases["after"], "s", "COGs, quicklook, STAC item: not planned")]
     return figures
 
 
@@ -511,12 +546,13 @@ def print_outcome(outcome: Outcome, load: Sequence[str], log: Any = print) -> No
         log(f"uptime: {moment}")
 
 
-def record_map_rate(plan_map: Any, rate: float) -> None:
+def record_map_rate(plan_map: Any, rate: float, startup: float) -> None:
     from geosoc.maps.plan import Rate, record_rate
 
     record_rate(Rate("cpu", plan_map.parameters, float(plan_map.grid.resolution), round(rate), 0.0,
                      time.strftime("%Y-%m-%d"), "tests/benchmarks/continent.py (jobs/predict.py, 2 CPU actors of one "
-                     "core, synthetic Europe, cube on local disk; end-to-end job time, exports included)"))
+                     "core, synthetic Europe, cube on local disk; windows from the first written to the last)",
+                     round(startup, 1)))
 
 
 def scaled_catalog(catalog: Path, scale: float, folder: Path) -> Path:
@@ -570,7 +606,7 @@ def main() -> None:
         parser.error(f"--scale: a fraction of the continent's area, 0 < F <= 1; got {args.scale:g}")
     curve = [int(n) for n in args.curve.split(",") if n]
     seeds = [int(n) for n in args.curve_seeds.split(",")]
-    seeds = seeds * len(curve) if len(seeds) == 1 else seeds
+    seeds = seeds * len(curve) if len(seeds) == 1 or not curve else seeds
     if len(seeds) != len(curve):
         parser.error(f"--curve-seeds: one number, or one per label count of --curve ({len(curve)})")
 
@@ -610,11 +646,10 @@ def main() -> None:
         elif not args.no_record:
             mapped = plans(catalog, root, root / "survey" / "lucas-simulated.csv", unlabelled, args.window,
                            "lucas2018").map
-            rate = float(next(line for line in outcome.lines if line.startswith("map_cells_per_s_per_actor="))
-                         .split("=")[1])
-            record_map_rate(mapped, rate)
-            print(f"recorded: {rate:,.0f} cells/s per CPU actor for {mapped.parameters:,} parameters at "
-                  f"{mapped.grid.resolution:g} in geosoc/maps/rates.json")
+            record_map_rate(mapped, outcome.map_rate, outcome.map_startup)
+            print(f"recorded: {outcome.map_rate:,.0f} cells/s per CPU actor and {outcome.map_startup:.0f} s of "
+                  f"start-up for {mapped.parameters:,} parameters at {mapped.grid.resolution:g} in "
+                  "geosoc/maps/rates.json")
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
