@@ -321,7 +321,7 @@ def print_map_plan(loaded: Any, root: str, model: str, resolution: float | None,
     plan = plan_from_catalog(loaded, resolution=resolution, chunk=chunk, bounds=bounds)
     grid = plan.grid
     rates = load_rates() if rate is None or rates_file().exists() else []
-    startup, startup_how = choose_startup(rates, gpu)
+    startup, startup_how = choose_startup(rates, gpu, plan.parameters, grid.resolution)
     if rate is None:
         rate, source = choose_rate(rates, gpu, plan.parameters, grid.resolution)
     else:

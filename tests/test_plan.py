@@ -110,12 +110,14 @@ def test_rates_come_from_the_file_with_a_stated_fallback(tmp_path: Path, monkeyp
     assert rate == 450 and "scaled to 2.0 M parameters" in how
     rate, how = choose_rate(rates, "NVIDIA B200", 100_000_000, 60)
     assert rate == 11_000 and "nothing measured on 'NVIDIA B200'" in how
-    assert choose_startup(rates, "cpu") == (0.0, "not measured (none in the rates file): left out")
-    record_rate(Rate("cpu", 2_000_000, 4000.0, 800.0, 0.0, "2026-12", "continent", 21.5), path)
-    record_rate(Rate("NVIDIA H200", 2_000_000, 4000.0, 9_000.0, 0.0, "2026-12", "continent", 40.0), path)
+    assert choose_startup(rates, "cpu", 2_000_000, 60) == (0.0, "not measured (none in the rates file): left out")
+    record_rate(Rate("cpu", 2_000_000, 4000.0, 800.0, 0.0, "2026-12", "continent", 43.5), path)
+    record_rate(Rate("cpu", 2_000_000, 60.0, 800.0, 0.0, "2026-12", "continent", 11.0), path)
+    record_rate(Rate("NVIDIA H200", 2_000_000, 4000.0, 9_000.0, 0.0, "2026-12", "continent", 60.0), path)
     rates = load_rates()
-    assert choose_startup(rates, "cpu") == (21.5, "22 s measured on cpu")
-    assert choose_startup(rates, "NVIDIA B200")[0] == 40.0  # nothing on that device: the longest measured
+    assert choose_startup(rates, "cpu", 2_000_000, 3000) == (43.5, "44 s measured on cpu (output cells of 4000)")
+    assert choose_startup(rates, "cpu", 2_000_000, 30)[0] == 11.0  # the nearest resolution's
+    assert choose_startup(rates, "NVIDIA B200", 2_000_000, 4000)[0] == 43.5  # no entry there: any device's nearest
     path.write_text(json.dumps({"rate": []}))
     with pytest.raises(InputError, match="rates.json: not a rates file"):
         load_rates()

@@ -91,7 +91,7 @@ def choose_rate(rates: list[Rate], device: str | None, parameters: int, resoluti
     named = [r for r in rates if device is not None and r.device.lower() == device.lower()]
     fallback = ([r for r in rates if r.device != "cpu"] or rates)[0].device
     pool = named or [r for r in rates if r.device == fallback]
-    best = min(pool, key=lambda r: (abs(math.log(r.parameters / parameters)), abs(math.log(r.resolution / resolution))))
+    best = _nearest(pool, parameters, resolution)
     how = f"{best.cells_per_s:,.0f} cells/s measured on {best.device} ({best.parameters / 1e6:.1f} M parameters, " \
           f"output cells of {best.resolution:g}, {best.measured})"
     rate = best.cells_per_s
@@ -103,14 +103,20 @@ def choose_rate(rates: list[Rate], device: str | None, parameters: int, resoluti
     return rate, how
 
 
-def choose_startup(rates: list[Rate], device: str | None) -> tuple[float, str]:
-    """Seconds a Ray map job spends before its first window is written (the job, its actors, their model loads):
-    the longest measured on `device` (on any device when none is named or measured), and how it was found."""
-    named = [r for r in rates if device is not None and r.device.lower() == device.lower() and r.startup_s]
-    best = max(named or [r for r in rates if r.startup_s], key=lambda r: r.startup_s, default=None)
-    if best is None:
+def choose_startup(rates: list[Rate], device: str | None, parameters: int, resolution: float) -> tuple[float, str]:
+    """Seconds a Ray map job spends before its first window is written (the job, its actors, their model loads,
+    the driver's plan of the reads), and how it was found: the measurement on `device` (on any device when it has
+    none) nearest in model size and output resolution, as for the rate."""
+    measured = [r for r in rates if r.startup_s]
+    pool = [r for r in measured if device is not None and r.device.lower() == device.lower()] or measured
+    if not pool:
         return 0.0, "not measured (none in the rates file): left out"
-    return best.startup_s, f"{best.startup_s:,.0f} s measured on {best.device}"
+    best = _nearest(pool, parameters, resolution)
+    return best.startup_s, f"{best.startup_s:,.0f} s measured on {best.device} (output cells of {best.resolution:g})"
+
+
+def _nearest(pool: list[Rate], parameters: int, resolution: float) -> Rate:
+    return min(pool, key=lambda r: (abs(math.log(r.parameters / parameters)), abs(math.log(r.resolution / resolution))))
 
 
 @dataclass(frozen=True)

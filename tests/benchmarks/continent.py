@@ -246,7 +246,8 @@ def plans(catalog: Path, root: Path, survey: Path, unlabelled: int, window: int 
     mapped = plan_from_catalog(loaded, chunk=window)
     rates = load_rates()
     rate, how = choose_rate(rates, "cpu", mapped.parameters, mapped.grid.resolution)
-    return Plans(cube, random, labelled, mapped, rate, how, choose_startup(rates, "cpu")[0])
+    startup = choose_startup(rates, "cpu", mapped.parameters, mapped.grid.resolution)[0]
+    return Plans(cube, random, labelled, mapped, rate, how, startup)
 
 
 # --- what happened --------------------------------------------------------------------------------------------
