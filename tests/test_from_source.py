@@ -292,6 +292,26 @@ def test_dry_run_from_the_catalog_alone(tmp_path: Path) -> None:
     assert not (tmp_path / "europe").exists()
 
 
+def test_the_plan_of_random_locations_takes_as_many_rounds_as_the_run(tmp_path: Path, write_catalog) -> None:
+    """With a spacing that leaves the first round's draw short of N (as Europe's 5 km leaves 100,000 short), the
+    plan draws the further rounds the run draws: it plans N locations and the SampleSet's bytes, as the run writes."""
+    from geosoc.data.from_source import RATE_GUESS, Spacing, _draw, _round_size
+
+    catalog = load_catalog(path=write_catalog(catalog_dict(embeddings=False)))
+    n, spacing = 90, 180.0
+    url = str(tmp_path / "unlabelled.zarr")
+    layers = point_layers(catalog, str(tmp_path))
+    first, _ = _draw(0, 0, _round_size(n, RATE_GUESS), layers["imagery"].grid, None, Spacing(spacing))
+    assert len(first) < n  # the case: one round is not enough
+    plan = plan_points(catalog, url, None, n, seed=0, min_spacing=spacing, layers=layers)
+    report = sample_from_source(catalog, url, n_random=n, seed=0, min_spacing=spacing, kind="unlabelled",
+                                layers=layers)
+    ds = open_sampleset(url)
+    assert plan.points == report.samples == ds.sizes["sample"] == n
+    assert plan.sampleset_bytes == sum(int(ds[name].nbytes) for name in ("patch", "climate"))
+    assert plan.reads[0].windows > 1
+
+
 def test_cli_from_source_without_a_cube(tmp_path: Path, write_catalog) -> None:
     path = write_catalog(catalog_dict(embeddings=False))
     root = tmp_path / "root"

@@ -30,7 +30,7 @@ import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -107,7 +107,8 @@ def plan_points(catalog: LoadedCatalog, out_url: str, points: Points | None = No
                 seed: int = 0, min_spacing: float | None = None, root: str | None = None,
                 layers: dict[str, Layer] | None = None) -> PointsPlan:
     """The windows, bytes and Earth Engine requests a run would read for `points` (or `n_random` locations, if
-    each has data: the first round's draw, its windows in the run's order up to N), from the catalog alone."""
+    each has data: the run's rounds of draws, each round's windows in the run's order up to N), from the catalog
+    alone."""
     layers = layers if layers is not None else point_layers(catalog, root)
     source = LayerWindows(layers)
     patch = catalog.config.sampling.patch_size
@@ -118,18 +119,9 @@ def plan_points(catalog: LoadedCatalog, out_url: str, points: Points | None = No
         reads = [_group_reads(source, "imagery", rows, cols, patch, units(source, "imagery", rows, cols, patch))]
     else:
         assert n_random is not None
-        spacing = Spacing(_spacing(catalog, min_spacing))
-        x, y = _draw(seed, 0, _round_size(n_random, RATE_GUESS), grid, _inside(layers), spacing)
-        rows, cols = grid.rowcol(x, y)
-        parts, covered = [], 0
-        for part in _shuffled(units(source, "imagery", rows, cols, patch), seed, 0):
-            parts.append(part)
-            covered += len(part)
-            if covered >= n_random:
-                break
-        reads = [_group_reads(source, "imagery", rows, cols, patch, parts)]
-        chosen = np.concatenate(parts)[:n_random] if parts else np.array([], dtype=np.int64)
-        x, y = x[chosen], y[chosen]
+        x, y, imagery = _planned_rounds(source, grid, _inside(layers), Spacing(_spacing(catalog, min_spacing)),
+                                        n_random, seed, patch)
+        reads = [imagery]
     per_sample = math.prod(source.leading("imagery")) * patch * patch
     for group, size in (("climate", 1), ("embeddings", EMBEDDING_PATCH)):
         if group in layers:
@@ -137,6 +129,40 @@ def plan_points(catalog: LoadedCatalog, out_url: str, points: Points | None = No
             reads.append(_group_reads(source, group, r, c, size, units(source, group, r, c, size)))
             per_sample += math.prod(source.leading(group)) * size * size
     return PointsPlan(out_url, len(x), tuple(reads), len(x) * per_sample * 4)
+
+
+def _planned_rounds(source: LayerWindows, grid: Any, inside: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
+                    spacing: Spacing, n: int, seed: int, patch: int) -> tuple[np.ndarray, np.ndarray, GroupReads]:
+    """`_random`'s rounds with every location kept (the plan cannot know which have data): a round draws what is
+    still missing, at the minimum spacing from the rounds before, until N are found (a continent's spacing may
+    leave the first round short). The locations and the imagery windows of all rounds."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    reads: list[GroupReads] = []
+    have = 0
+    for number in range(MAX_ROUNDS):
+        if have >= n:
+            break
+        x, y = _draw(seed, number, _round_size(n - have, 1.0 if number else RATE_GUESS), grid, inside, spacing)
+        rows, cols = grid.rowcol(x, y)
+        parts, covered = [], 0
+        for part in _shuffled(units(source, "imagery", rows, cols, patch), seed, number):
+            parts.append(part)
+            covered += len(part)
+            if have + covered >= n:
+                break
+        if not parts:
+            break
+        reads.append(_group_reads(source, "imagery", rows, cols, patch, parts))
+        chosen = np.concatenate(parts)[: n - have]
+        xs.append(x[chosen])
+        ys.append(y[chosen])
+        have += len(chosen)
+    total = GroupReads("imagery", sum(r.windows for r in reads), sum(r.nbytes for r in reads))
+    if reads and reads[0].requests is not None:
+        total = replace(reads[0], windows=total.windows, nbytes=total.nbytes,
+                        requests=sum(r.requests or 0 for r in reads))
+    return (np.concatenate(xs) if xs else np.array([]), np.concatenate(ys) if ys else np.array([]), total)
 
 
 def _group_reads(source: LayerWindows, group: str, rows: np.ndarray, cols: np.ndarray, size: int,
