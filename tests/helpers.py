@@ -336,12 +336,12 @@ def free_ports(n: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
-# The ports of a Ray head besides its GCS and dashboard: each is given its own, or two heads on one machine (two
-# pytest workers, the benchmark beside the suite) would clash on Ray's defaults.
 # What every Ray the suite starts runs with: auth mode set explicitly, no usage stats, and workers at the suite's own
 # priority. Ray starts its workers at nice 15 (`RAY_worker_niceness`): beside the other pytest worker or a busy
 # machine's processes at nice 0, an actor got 3 % of a core and took minutes to load its model.
 RAY_TEST_SETTINGS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0"}
+# The ports of a Ray head besides its GCS and dashboard: each is given its own, or two heads on one machine (two
+# pytest workers, the benchmark beside the suite) would clash on Ray's defaults.
 RAY_HEAD_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                   "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
 

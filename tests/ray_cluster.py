@@ -22,10 +22,6 @@ from typing import Any
 from tests.helpers import PROGRESS_GUARD_S, RAY_TEST_SETTINGS, free_ports, ray_processes_under, stop_ray_processes_under
 from tests.reaper import record
 
-# What the cluster's processes and this driver need in the environment while the cluster lives: Ray writes the
-# head's address under RAY_TMPDIR (/tmp/ray, shared with every Ray on the machine, by default).
-SETTINGS = RAY_TEST_SETTINGS
-
 
 class NodeCannotJoin(Exception):
     """A node did not join, or joined and ran nothing: the reason, in words."""
@@ -41,14 +37,16 @@ class LocalCluster:
         self.guard = guard
         self.temp = Path(tempfile.mkdtemp(prefix="geosoc-rc-"))  # short: Ray's socket paths live below it
         self.cluster: Any = None
-        self._saved = {name: os.environ.get(name) for name in [*SETTINGS, "RAY_TMPDIR"]}
+        # What the cluster's processes and this driver need in the environment while the cluster lives: Ray writes
+        # the head's address under RAY_TMPDIR (/tmp/ray, shared with every Ray on the machine, by default).
+        self._saved = {name: os.environ.get(name) for name in [*RAY_TEST_SETTINGS, "RAY_TMPDIR"]}
 
     def __enter__(self) -> LocalCluster:
         import ray
         from ray.cluster_utils import Cluster
 
         (self.temp / "ray").mkdir()
-        os.environ.update(SETTINGS, RAY_TMPDIR=str(self.temp))
+        os.environ.update(RAY_TEST_SETTINGS, RAY_TMPDIR=str(self.temp))
         try:
             # shutdown_at_exit=False: Ray would make this process a process group leader (os.setpgrp) for its own
             # reaper; the suite's reaper stops what a crashed test process leaves instead.

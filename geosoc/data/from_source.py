@@ -158,10 +158,9 @@ def _planned_rounds(source: LayerWindows, grid: Any, inside: Callable[[np.ndarra
         xs.append(x[chosen])
         ys.append(y[chosen])
         have += len(chosen)
-    total = GroupReads("imagery", sum(r.windows for r in reads), sum(r.nbytes for r in reads))
-    if reads and reads[0].requests is not None:
-        total = replace(reads[0], windows=total.windows, nbytes=total.nbytes,
-                        requests=sum(r.requests or 0 for r in reads))
+    total = replace(reads[0] if reads else GroupReads("imagery", 0, 0), windows=sum(r.windows for r in reads),
+                    nbytes=sum(r.nbytes for r in reads),
+                    requests=None if not reads or reads[0].requests is None else sum(r.requests or 0 for r in reads))
     return (np.concatenate(xs) if xs else np.array([]), np.concatenate(ys) if ys else np.array([]), total)
 
 

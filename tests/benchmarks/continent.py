@@ -396,13 +396,12 @@ def rehearse(catalog: Path, root: Path, head: dict[str, Any], *, labelled: int, 
     log(f"quicklook: {maps / 'quicklook.png'} ({(maps / 'quicklook.png').stat().st_size:,} B); STAC item "
         f"{item['id']} with assets {sorted(item['assets'])}")
 
-    figures = _figures(plan, root, cube, random, lab, mapped)
-    outcome = Outcome(steps.runs, figures)
     measured = map_measured(root)
     phases = map_phases(mapped, measured)
+    outcome = Outcome(steps.runs, _figures(plan, root, cube, random, lab, measured, phases))
     rate = measured["cells"] / (phases["windows"] * ACTORS)
     outcome.map_rate, outcome.map_startup = rate, phases["start-up"]
-    compute = window_compute_rate(root, window)
+    compute = window_compute_rate(root, window, measured["per_window"])
     outcome.lines += [
         "map job: " + ", ".join(f"{name} {seconds:,.1f} s" for name, seconds in phases.items())
         + " (from its windows' file times)",
@@ -426,7 +425,8 @@ def rehearse(catalog: Path, root: Path, head: dict[str, Any], *, labelled: int, 
     return outcome
 
 
-def window_compute_rate(root: Path, window: int | None, windows: int = 4) -> float:
+def window_compute_rate(root: Path, window: int | None, per_window: dict[tuple[int, int], int],
+                        windows: int = 4) -> float:
     """Cells/s of `Predictor.predict` with one thread (what one CPU actor has) on the map's `windows` windows with
     the most cells, read into memory first (no I/O timed), as tests/benchmarks/maps_scale.py measures it."""
     import numpy as np
@@ -440,8 +440,7 @@ def window_compute_rate(root: Path, window: int | None, windows: int = 4) -> flo
     spec = map_spec(cube, model, chunk=window)
     predictor = load_predictor(model, "cpu")
     access = CubeAccess.open(cube)
-    mapped = map_measured(root)["per_window"]
-    busiest = sorted(spec.grid.windows(), key=lambda w: -mapped.get((w.rows.start, w.cols.start), 0))[:windows]
+    busiest = sorted(spec.grid.windows(), key=lambda w: -per_window.get((w.rows.start, w.cols.start), 0))[:windows]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -478,7 +477,8 @@ def learning_curve_point(steps: Steps, catalog: Path, root: Path, survey: Path, 
     return float(pooled["ssl"]["rmse"] / pooled["supervised"]["rmse"])
 
 
-def _figures(plan: Plans, root: Path, cube: Run, random: Run, lab: Run, mapped: Run) -> list[Figure]:
+def _figures(plan: Plans, root: Path, cube: Run, random: Run, lab: Run, got: dict[str, Any],
+             phases: dict[str, float]) -> list[Figure]:
     figures = []
     built = cube_measured(root)
     for layer in plan.cube.layers:
@@ -498,8 +498,6 @@ def _figures(plan: Plans, root: Path, cube: Run, random: Run, lab: Run, mapped: 
                         Figure(f"sample {name}", f"{reads.group} bytes read", reads.nbytes, None, "B")]
         figures.append(Figure(f"sample {name}", "time", getattr(points_plan, "estimated_seconds", None), run.seconds,
                               "s", "the plan gives no time for a synthetic source"))
-    got = map_measured(root)
-    phases = map_phases(mapped, got)
     m = plan.map
     figures += [Figure("map", "cells", m.cells_inside, got["cells"]),
                 Figure("map", "windows", m.windows_inside, got["windows"]),
