@@ -477,7 +477,7 @@ def learning_curve_point(steps: Steps, catalog: Path, root: Path, survey: Path, 
     return float(pooled["ssl"]["rmse"] / pooled["supervised"]["rmse"])
 
 
-def _figures(plan: Plans, root: Path, cube: Run, random: Run, lab: Run, got: dict[str, Any],
+def _figures(plan: Plans, root: Path, cube: Run, random: Run, lab: Run, on_map: dict[str, Any],
              phases: dict[str, float]) -> list[Figure]:
     figures = []
     built = cube_measured(root)
@@ -499,10 +499,10 @@ def _figures(plan: Plans, root: Path, cube: Run, random: Run, lab: Run, got: dic
         figures.append(Figure(f"sample {name}", "time", getattr(points_plan, "estimated_seconds", None), run.seconds,
                               "s", "the plan gives no time for a synthetic source"))
     m = plan.map
-    figures += [Figure("map", "cells", m.cells_inside, got["cells"]),
-                Figure("map", "windows", m.windows_inside, got["windows"]),
-                Figure("map", "bytes decoded", m.read_bytes(ACTORS), got["decoded_bytes"], "B",
-                       "" if got["decoded_bytes"] else "the map does not record its reads"),
+    figures += [Figure("map", "cells", m.cells_inside, on_map["cells"]),
+                Figure("map", "windows", m.windows_inside, on_map["windows"]),
+                Figure("map", "bytes decoded", m.read_bytes(ACTORS), on_map["decoded_bytes"], "B",
+                       "" if on_map["decoded_bytes"] else "the map does not record its reads"),
                 Figure("map", "start-up", plan.startup, phases["start-up"], "s",
                        "the job submitted to its first window written"),
                 Figure("map", "time", plan.startup + max(m.compute_seconds(plan.rate, ACTORS),
