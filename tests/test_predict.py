@@ -85,6 +85,34 @@ def test_predict_equals_the_model_cell_by_cell(region: tuple[Path, str]) -> None
     assert (ds["soc_median"].values[finite] <= ds["soc_q95"].values[finite]).all()
 
 
+def test_the_climate_branch_runs_only_for_the_series_of_cells_with_data(region: tuple[Path, str]) -> None:
+    """A coastal window's sea cells have climate series but no patch: their series are not embedded (that the cells
+    with data get the model's own outputs is test_predict_equals_the_model_cell_by_cell's, over a lake)."""
+    from geosoc.maps.predictor import load_predictor
+    from geosoc.maps.windows import CubeAccess, predict_window, read_window
+
+    _, root = region
+    spec = map_spec(f"{root}/cube.zarr", resolution=60, chunk=16)
+    predictor = load_predictor(spec.model, "cpu")
+    window = next(iter(spec.grid.windows()))
+    data = read_window(CubeAccess.open(spec.cube), spec.grid, window, predictor)
+    assert data.climate is not None and data.climate_of is not None and len(data.climate) > 1
+    seen: list[int] = []
+    encoder = predictor.members[0].model.climate
+    assert encoder is not None
+    hook = encoder.register_forward_hook(lambda _module, args, _out: seen.append(len(args[0])))
+    try:
+        half = predictor.patch // 2
+        sea = data.climate_of == data.climate_of[0]  # every cell of one climate series loses its centre pixel
+        data.block[:, data.top[sea] + half, data.left[sea] + half] = np.nan
+        coastal = predict_window(predictor, data)
+    finally:
+        hook.remove()
+    assert sum(seen) == len(data.climate) - 1
+    land = ~sea.reshape(window.shape)
+    assert np.isnan(coastal["soc_median"][~land]).all() and np.isfinite(coastal["soc_median"][land]).all()
+
+
 def test_windows_tile_the_output_exactly_once(region: tuple[Path, str]) -> None:
     _, root = region
     for chunk in (5, 7, 16, 64):

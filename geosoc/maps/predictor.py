@@ -74,7 +74,8 @@ class Predictor:
 
         Cells whose centre pixel has no data get NaN. `climate` (series, time, variable), when the model uses it,
         holds a series per cell, or per row of it that `climate_of` (cells,) names: the climate branch runs once
-        per series. An ensemble's quantiles are its members' averaged; di and aoa are member 0's."""
+        per series that a cell with data reads. An ensemble's quantiles are its members' averaged; di and aoa are
+        member 0's."""
         n = len(top)
         out = {name: np.full(n, np.nan, dtype=np.float32) for name in self.outputs}
         if n == 0:
@@ -112,20 +113,19 @@ class Predictor:
         results: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad(), self._autocast:
             series = None
-            if "climate" in normalised:
-                assert member.model.climate is not None
+            if "climate" in normalised:  # once per climate series that a cell with data reads: a coastal
+                assert member.model.climate is not None  # window's sea cells have series but no patches
+                rows = climate_of[cells] if climate_of is not None else cells
+                used, series_of = torch.unique(rows, return_inverse=True)
                 series = torch.cat([member.model.climate(part)
-                                    for part in normalised["climate"].split(self.batch_size)])
-                if climate_of is not None:
-                    series = series[climate_of]
+                                    for part in normalised["climate"][used].split(self.batch_size)])[series_of]
             for start in range(0, len(cells), self.batch_size):
-                chosen = cells[start : start + self.batch_size]
+                part = slice(start, start + self.batch_size)
                 inputs = {}
                 if self.uses_patches:
-                    part = slice(start, start + self.batch_size)
                     inputs["patch"] = patches[tops[part], lefts[part]]
                 if series is not None:
-                    inputs["climate_embedding"] = series[chosen]
+                    inputs["climate_embedding"] = series[part]
                 features = member.model.features(inputs).float()
                 self._collect(results, member, member.model.quantiles_of(features).float(), features, scored)
         return {name: torch.cat(parts) for name, parts in results.items()}
