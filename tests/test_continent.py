@@ -108,8 +108,9 @@ def small_continent(folder: Path) -> Path:
 @pytest.mark.slow  # four Ray jobs and an evaluation end to end: 170-400 s on 2 cores
 def test_a_small_continent_runs_every_step_end_to_end(ray_head: dict[str, Any], tmp_path: Path) -> None:
     """tests/benchmarks/continent.py's rehearsal on the small continent, the Ray jobs on the session's head: every
-    step runs as a user runs it; the plans' chunks, samples and SampleSet sizes are what the steps wrote, the map's
-    cells and windows what it planned; the map's exports, the evaluation and the ssl/supervised ratio are there."""
+    step runs as a user runs it; the plans' chunks, samples, SampleSet sizes and the labelled sample's windows and
+    bytes read are what the steps wrote and read, the map's cells and windows what it planned; the map's exports,
+    the evaluation and the ssl/supervised ratio are there."""
     from tests.benchmarks.continent import print_outcome, rehearse
 
     catalog = small_continent(tmp_path)
@@ -126,9 +127,12 @@ def test_a_small_continent_runs_every_step_end_to_end(ray_head: dict[str, Any], 
     for key in [("cube", "imagery chunks"), ("cube", "climate chunks"), ("cube", "imagery bytes (uncompressed)"),
                 ("sample unlabelled", "samples"), ("sample labelled", "samples"),
                 ("sample unlabelled", "SampleSet bytes"), ("sample labelled", "SampleSet bytes"),
-                ("map", "windows")]:
+                ("sample labelled", "imagery windows"), ("sample labelled", "imagery bytes read"),
+                ("sample labelled", "climate windows"), ("sample labelled", "climate bytes read"), ("map", "windows")]:
         assert by_name[key].ratio == 1.0, (key, by_name[key])
     assert by_name[("sample labelled", "samples")].measured == 120
+    random_reads = by_name[("sample unlabelled", "imagery windows")]  # plus the windows in flight when N is reached
+    assert random_reads.ratio is not None and 0.5 < random_reads.ratio <= 1.0, random_reads
     cells = by_name[("map", "cells")]
     assert cells.ratio is not None and 0.9 < cells.ratio < 1.1, cells  # the mask sampled on a lattice
     assert by_name[("map", "bytes decoded")].measured

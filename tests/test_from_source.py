@@ -57,7 +57,7 @@ def assert_same_sampleset(cube_route: str, source_route: str, by_id: bool = Fals
     raw_a, raw_b = xr.open_zarr(cube_route, consolidated=False), xr.open_zarr(source_route, consolidated=False)
     for name in raw_a.data_vars:
         assert raw_a[name].encoding["chunks"] == raw_b[name].encoding["chunks"], name
-    own = {"cube", "route", "region", "created"}
+    own = {"cube", "route", "region", "created", "reads"}
     assert {k: v for k, v in a.attrs.items() if k not in own} == {k: v for k, v in b.attrs.items() if k not in own}
 
 
@@ -310,6 +310,22 @@ def test_the_plan_of_random_locations_takes_as_many_rounds_as_the_run(tmp_path: 
     assert plan.points == report.samples == ds.sizes["sample"] == n
     assert plan.sampleset_bytes == sum(int(ds[name].nbytes) for name in ("patch", "climate"))
     assert plan.reads[0].windows > 1
+    read = ds.attrs["reads"]  # the run reads what the plan says, and the windows still in flight when N is reached
+    imagery, climate = plan.reads
+    assert imagery.windows <= read["imagery"]["windows"] and imagery.nbytes <= read["imagery"]["bytes"]
+    assert (climate.windows, climate.nbytes) == (read["climate"]["windows"], read["climate"]["bytes"])
+
+
+def test_the_run_reads_the_windows_and_bytes_its_plan_says(tmp_path: Path, write_catalog) -> None:
+    """Labelled points: the windows and bytes read from each group, as the SampleSet records them, are the plan's."""
+    catalog = load_catalog(path=write_catalog(catalog_dict()))
+    points = at_pixels(catalog.config.imagery_grid, *EDGES)
+    url = str(tmp_path / "labelled.zarr")
+    plan = plan_points(catalog, url, points, root=str(tmp_path))
+    sample_from_source(catalog, url, points, root=str(tmp_path))
+    read = open_sampleset(url).attrs["reads"]
+    assert {r.group: {"windows": r.windows, "bytes": r.nbytes} for r in plan.reads} == read
+    assert set(read) == {"imagery", "climate", "embeddings"} and read["imagery"]["windows"] > 1
 
 
 def test_cli_from_source_without_a_cube(tmp_path: Path, write_catalog) -> None:

@@ -122,13 +122,13 @@ def plan_points(catalog: LoadedCatalog, out_url: str, points: Points | None = No
         x, y, imagery = _planned_rounds(source, grid, _inside(layers), Spacing(_spacing(catalog, min_spacing)),
                                         n_random, seed, patch)
         reads = [imagery]
-    per_sample = math.prod(source.leading("imagery")) * patch * patch
+    per_sample = window_bytes(source, "imagery", patch, patch)
     for group, size in (("climate", 1), ("embeddings", EMBEDDING_PATCH)):
         if group in layers:
             r, c = layers[group].grid.rowcol(x, y)
             reads.append(_group_reads(source, group, r, c, size, units(source, group, r, c, size)))
-            per_sample += math.prod(source.leading(group)) * size * size
-    return PointsPlan(out_url, len(x), tuple(reads), len(x) * per_sample * 4)
+            per_sample += window_bytes(source, group, size, size)
+    return PointsPlan(out_url, len(x), tuple(reads), len(x) * per_sample)
 
 
 def _planned_rounds(source: LayerWindows, grid: Any, inside: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
@@ -166,18 +166,26 @@ def _planned_rounds(source: LayerWindows, grid: Any, inside: Callable[[np.ndarra
 
 def _group_reads(source: LayerWindows, group: str, rows: np.ndarray, cols: np.ndarray, size: int,
                  parts: list[np.ndarray]) -> GroupReads:
-    values, requests = 0, 0
-    leading = math.prod(source.leading(group))
+    nbytes, requests = 0, 0
     for part in parts:
-        height = int(rows[part].max() - rows[part].min()) + size
-        width = int(cols[part].max() - cols[part].min()) + size
-        values += leading * height * width
+        height, width = _window_shape(rows[part], cols[part], size)
+        nbytes += window_bytes(source, group, height, width)
         requests += source.requests(group, height, width) or 0
     reader: Any = source.layers[group].reader
     if not hasattr(reader, "window_requests"):
-        return GroupReads(group, len(parts), values * 4)
+        return GroupReads(group, len(parts), nbytes)
     remote = reader.plan([])
-    return GroupReads(group, len(parts), values * 4, requests, remote["concurrency"], remote["seconds_per_request"])
+    return GroupReads(group, len(parts), nbytes, requests, remote["concurrency"], remote["seconds_per_request"])
+
+
+def _window_shape(rows: np.ndarray, cols: np.ndarray, size: int) -> tuple[int, int]:
+    """(height, width) of the window that holds the `size` px windows around (rows, cols)."""
+    return int(rows.max() - rows.min()) + size, int(cols.max() - cols.min()) + size
+
+
+def window_bytes(source: LayerWindows, group: str, height: int, width: int) -> int:
+    """The float32 values of a (height, width) window of `group`, every band or month and variable."""
+    return math.prod(source.leading(group)) * height * width * 4
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -225,7 +233,8 @@ def sample_from_source(
             months, variables = layers["climate"].axes["time"], [str(v) for v in layers["climate"].axes["variable"]]
         attrs: dict[str, Any] = {"route": "source", "region": config.region.name, "patch_size": patch,
                                  "crs": config.region.crs, "kind": kind, "source": chosen.source,
-                                 "fold_block_size": config.sampling.fold_block_size}
+                                 "fold_block_size": config.sampling.fold_block_size,
+                                 "reads": pool.reads}  # of the run that finished it (a resumed one: its part)
         vectors = None
         if "embeddings" in layers:
             vectors = _gathered(staged, pool, source, "embeddings", chosen, EMBEDDING_PATCH, progress)
@@ -526,6 +535,8 @@ class _Pool:
             self.executor = ThreadPoolExecutor(self.workers)
             self.call = lambda task: read_task(source, task)
 
+        self.reads: dict[str, dict[str, int]] = {}  # per group: windows and bytes this run read
+
     def __enter__(self) -> _Pool:
         return self
 
@@ -539,7 +550,14 @@ class _Pool:
         limit = 2 * self.workers
         for task in tasks:
             pending.append(self.executor.submit(self.call, task))
+            self._count(task)
             if len(pending) >= limit:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+    def _count(self, task: Task) -> None:
+        _, group, _, rows, cols, size = task
+        count = self.reads.setdefault(group, {"windows": 0, "bytes": 0})
+        count["windows"] += 1
+        count["bytes"] += window_bytes(self.source, group, *_window_shape(rows, cols, size))
