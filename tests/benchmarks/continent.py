@@ -67,17 +67,6 @@ CURVE_MODELS = ("ssl", "supervised")
 # --- processes: a step, its time and its memory -----------------------------------------------------------------
 
 
-def _vm_hwm_mib(pid: int) -> float:
-    """A process's peak RSS so far (VmHWM), 0 once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 @contextlib.contextmanager
 def local_head(cpus: int = ACTORS) -> Iterator[dict[str, Any]]:
     """A Ray head of `cpus` CPUs of its own (tests.helpers.start_ray_head, as the suite's ray_head fixture), stopped
@@ -175,6 +164,8 @@ class Steps:
         drivers (not the head's own daemons), polled until `stop`."""
         import psutil
 
+        from tests.benchmarks.memory import vm_hwm_mib
+
         while not stop.is_set():
             found: list[Any] = []
             with contextlib.suppress(psutil.Error):
@@ -188,7 +179,7 @@ class Steps:
                         if working:
                             found.append(proc)
             for proc in found:
-                peak = _vm_hwm_mib(proc.pid)
+                peak = vm_hwm_mib(proc.pid)
                 if peak:
                     peaks[proc.pid] = max(peaks.get(proc.pid, 0.0), peak)
             stop.wait(0.5)
@@ -287,13 +278,14 @@ def _chunk_stored(array: Path, key: tuple[int, ...]) -> bool:
     return (array / "c" / "/".join(map(str, key))).exists()
 
 
-def sampleset_measured(url: Path) -> dict[str, float]:
-    """Samples and the bytes a SampleSet holds (uncompressed), as `plan_points` counts them."""
+def sampleset_measured(url: Path) -> dict[str, Any]:
+    """Samples and the bytes a SampleSet holds (uncompressed), as `plan_points` counts them, and the windows and
+    bytes its run read from each group of the sources (its `reads` attribute)."""
     import xarray as xr
 
     ds = xr.open_zarr(str(url), consolidated=False)
     nbytes = sum(int(ds[name].nbytes) for name in ("patch", "climate", "embedding") if name in ds)
-    return {"samples": int(ds.sizes["sample"]), "bytes": nbytes}
+    return {"samples": int(ds.sizes["sample"]), "bytes": nbytes, "reads": ds.attrs.get("reads", {})}
 
 
 def map_measured(root: Path) -> dict[str, Any]:
@@ -426,9 +418,10 @@ def rehearse(catalog: Path, root: Path, head: dict[str, Any], *, labelled: int, 
 
 
 def window_compute_rate(root: Path, window: int | None, per_window: dict[tuple[int, int], int],
-                        windows: int = 4) -> float:
-    """Cells/s of `Predictor.predict` with one thread (what one CPU actor has) on the map's `windows` windows with
-    the most cells, read into memory first (no I/O timed), as tests/benchmarks/maps_scale.py measures it."""
+                        windows: int = 24) -> float:
+    """Cells/s of `Predictor.predict` with one thread (what one CPU actor has) on up to `windows` of the map's
+    windows with data, every k-th of them (the busiest alone overstate the rate of coastal ones), each read into
+    memory before its compute is timed, as tests/benchmarks/maps_scale.py measures it."""
     import numpy as np
     import torch
 
@@ -440,15 +433,19 @@ def window_compute_rate(root: Path, window: int | None, per_window: dict[tuple[i
     spec = map_spec(cube, model, chunk=window)
     predictor = load_predictor(model, "cpu")
     access = CubeAccess.open(cube)
-    busiest = sorted(spec.grid.windows(), key=lambda w: -per_window.get((w.rows.start, w.cols.start), 0))[:windows]
+    with_data = [w for w in spec.grid.windows() if per_window.get((w.rows.start, w.cols.start), 0)]
+    sample = with_data[:: -(-len(with_data) // windows)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = [read_window(access, spec.grid, w, predictor) for w in busiest]
-        predict_window(predictor, data[0])  # warm-up
-        started = time.perf_counter()
-        cells = sum(int(np.isfinite(predict_window(predictor, d)["soc_median"]).sum()) for d in data)
-        return cells / (time.perf_counter() - started)
+        predict_window(predictor, read_window(access, spec.grid, sample[0], predictor))  # warm-up
+        cells, seconds = 0, 0.0
+        for w in sample:
+            data = read_window(access, spec.grid, w, predictor)
+            started = time.perf_counter()
+            cells += int(np.isfinite(predict_window(predictor, data)["soc_median"]).sum())
+            seconds += time.perf_counter() - started
+        return cells / seconds
     finally:
         torch.set_num_threads(threads)
 
@@ -493,9 +490,9 @@ def _figures(plan: Plans, root: Path, cube: Run, random: Run, lab: Run, on_map: 
         figures += [Figure(f"sample {name}", "samples", points_plan.points, got["samples"]),
                     Figure(f"sample {name}", "SampleSet bytes", points_plan.sampleset_bytes, got["bytes"], "B")]
         for reads in points_plan.reads:
-            figures += [Figure(f"sample {name}", f"{reads.group} windows", reads.windows, None, "",
-                               "the run does not report its reads"),
-                        Figure(f"sample {name}", f"{reads.group} bytes read", reads.nbytes, None, "B")]
+            read = got["reads"].get(reads.group, {})
+            figures += [Figure(f"sample {name}", f"{reads.group} windows", reads.windows, read.get("windows")),
+                        Figure(f"sample {name}", f"{reads.group} bytes read", reads.nbytes, read.get("bytes"), "B")]
         figures.append(Figure(f"sample {name}", "time", getattr(points_plan, "estimated_seconds", None), run.seconds,
                               "s", "the plan gives no time for a synthetic source"))
     m = plan.map

@@ -11,15 +11,22 @@ from pathlib import Path
 from typing import Any
 
 
+def vm_hwm_mib(pid: int | str = "self") -> float:
+    """A process's peak RSS so far (VmHWM: the kernel keeps it, so no polling can miss a peak); 0 once it is gone
+    or where /proc has no such field."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def peak_rss_mib() -> float:
     """This process's peak RSS. VmHWM, not getrusage: Linux carries ru_maxrss over from the parent across exec,
     so a child started by a large parent would report the parent's peak."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return vm_hwm_mib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def report(**values: Any) -> None:
