@@ -10,8 +10,9 @@ head this script starts (and stops), with 1 and then 2 actors of one CPU each (w
 GPU, the figures for the README).
 Printed, against rates measured in the same run with one actor's threads:
 - the bare forward (the network alone on batches in memory: image branch and head per cell, climate branch once
-  per batch, as a map runs it) and the window compute (`Predictor.predict` on windows already read: the forward
-  plus the calibrated interval and the AOA distances to every training embedding), and their ratio;
+  per batch, as a map runs it) and the window compute (`Predictor.predict` on 32 windows already read: the forward
+  plus the calibrated interval and the AOA distances to every training embedding; measured before the maps and
+  after them, and their mean used: this machine's speed drifts by 10-25 % over minutes), and their ratio;
 - `ray_scaling_2_actors=<time with 1 actor / time with 2>` (ideal 2);
 - `ray_pipeline_efficiency=<end-to-end cells/s / (actors x window compute cells/s)>` with 2 actors (goal >= 0.85
   on CPU): what reading, writing, actor start-up and Ray cost on top of the compute a map cannot avoid;
@@ -103,7 +104,7 @@ def needed_bytes(cube: str, model: str, args: argparse.Namespace) -> int:
     return sum(reads.needed_bytes().values())
 
 
-def window_compute_rate(cube: str, model: str, args: argparse.Namespace, windows: int = 16) -> tuple[float, float]:
+def window_compute_rate(cube: str, model: str, args: argparse.Namespace, windows: int = 32) -> tuple[float, float]:
     """Cells/s of `Predictor.predict` on `windows` windows read into memory first (no I/O timed), in wall-clock
     and in CPU time."""
     from geosoc.maps.inference import map_spec
@@ -137,12 +138,14 @@ def main() -> None:
     ray.init(num_cpus=2, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False, log_to_driver=True)
     try:
         cube, model = build(folder, args.size_px, args.paper, 16_000, args.cube_chunk)
+        torch.set_num_threads(1)  # what one CPU actor has
+        before = window_compute_rate(cube, model, args)  # and again after the maps: this machine's speed drifts
         counts = [1] if args.device == "cuda" else [1, 2]
         runs = {n: timed_map(cube, model, str(folder / f"map-{n}.zarr"), args, n) for n in counts}
-        torch.set_num_threads(1)  # what one CPU actor has
         cells = runs[1].cells
         bare = bare_rate(model, cells, args.batch, args.device)
-        compute, compute_cpu = window_compute_rate(cube, model, args)
+        after = window_compute_rate(cube, model, args)
+        compute, compute_cpu = ((a + b) / 2 for a, b in zip(before, after, strict=True))
         needed = needed_bytes(cube, model, args)
     finally:
         ray.shutdown()
@@ -152,7 +155,7 @@ def main() -> None:
           f"{windows} windows; batch {args.batch}; cube chunks of {args.cube_chunk} px")
     print(f"bare forward, one actor's threads:   {bare:10,.0f} cells/s")
     print(f"window compute, one actor's threads: {compute:10,.0f} cells/s (forward + interval + AOA: "
-          f"{compute / bare:.2f} of the bare forward)")
+          f"{compute / bare:.2f} of the bare forward; {before[0]:,.0f} before the maps, {after[0]:,.0f} after)")
     for n, run in runs.items():
         print(f"{n} actor{'s' if n > 1 else ' '}: {run.seconds:6.1f} s, {cells / run.seconds:10,.0f} cells/s, "
               f"{run.cpu_seconds:6.1f} CPU s; {run.decoded_bytes / 2**20:,.1f} MiB decoded "
