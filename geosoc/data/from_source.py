@@ -526,6 +526,7 @@ class _Pool:
         self.remote = bool(limits)
         self.workers = max(limits) if limits else (workers or available_cores())
         self.source = source
+        self.reads: dict[str, dict[str, int]] = {}  # per group: windows and bytes this run read
         self.executor: Executor
         if not self.remote and processes and self.workers > 1:
             self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -534,8 +535,6 @@ class _Pool:
         else:
             self.executor = ThreadPoolExecutor(self.workers)
             self.call = lambda task: read_task(source, task)
-
-        self.reads: dict[str, dict[str, int]] = {}  # per group: windows and bytes this run read
 
     def __enter__(self) -> _Pool:
         return self

@@ -56,8 +56,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+BENCHMARKS = Path(__file__).resolve().parent  # its siblings (memory, inference, diagnosis), also when imported by a test
+for folder in (REPO, BENCHMARKS):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 GEOSOC = Path(sys.executable).with_name("geosoc")
 ACTORS = 2
@@ -163,8 +165,7 @@ class Steps:
         """Peak RSS of the command and its descendants, and for a Ray job of the head's workers, actors and job
         drivers (not the head's own daemons), polled until `stop`."""
         import psutil
-
-        from tests.benchmarks.memory import vm_hwm_mib
+        from memory import vm_hwm_mib
 
         while not stop.is_set():
             found: list[Any] = []
@@ -420,32 +421,23 @@ def rehearse(catalog: Path, root: Path, head: dict[str, Any], *, labelled: int, 
 def window_compute_rate(root: Path, window: int | None, per_window: dict[tuple[int, int], int],
                         windows: int = 24) -> float:
     """Cells/s of `Predictor.predict` with one thread (what one CPU actor has) on up to `windows` of the map's
-    windows with data, every k-th of them (the busiest alone overstate the rate of coastal ones), each read into
-    memory before its compute is timed, as tests/benchmarks/maps_scale.py measures it."""
-    import numpy as np
+    windows with data, every k-th of them (the busiest alone overstate the rate of coastal ones), as
+    tests/benchmarks/maps_scale.py measures it."""
     import torch
+    from inference import window_compute
 
     from geosoc.maps.inference import map_spec
     from geosoc.maps.predictor import load_predictor
-    from geosoc.maps.windows import CubeAccess, predict_window, read_window
+    from geosoc.maps.windows import CubeAccess
 
     cube, model = str(root / "cube.zarr"), str(root / "models" / "finetune")
     spec = map_spec(cube, model, chunk=window)
-    predictor = load_predictor(model, "cpu")
-    access = CubeAccess.open(cube)
     with_data = [w for w in spec.grid.windows() if per_window.get((w.rows.start, w.cols.start), 0)]
-    sample = with_data[:: -(-len(with_data) // windows)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        predict_window(predictor, read_window(access, spec.grid, sample[0], predictor))  # warm-up
-        cells, seconds = 0, 0.0
-        for w in sample:
-            data = read_window(access, spec.grid, w, predictor)
-            started = time.perf_counter()
-            cells += int(np.isfinite(predict_window(predictor, data)["soc_median"]).sum())
-            seconds += time.perf_counter() - started
-        return cells / seconds
+        return window_compute(spec, load_predictor(model, "cpu"), CubeAccess.open(cube),
+                              with_data[:: -(-len(with_data) // windows)])[0]
     finally:
         torch.set_num_threads(threads)
 

@@ -32,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -130,6 +131,22 @@ def bare_rate(model_url: str, cells: int, batch: int, device: str) -> float:
     start = time.perf_counter()
     run(steps)
     return steps * batch / (time.perf_counter() - start)
+
+
+def window_compute(spec: Any, predictor: Any, access: Any, windows: Sequence[Any]) -> tuple[float, float]:
+    """Cells/s of `Predictor.predict` on `windows` of the map `spec`, in wall-clock and in CPU time: each window is
+    read from `access` into memory before its compute is timed (no I/O timed), after one warm-up window."""
+    from geosoc.maps.windows import predict_window, read_window
+
+    predict_window(predictor, read_window(access, spec.grid, windows[0], predictor))
+    cells, seconds, cpu = 0, 0.0, 0.0
+    for window in windows:
+        data = read_window(access, spec.grid, window, predictor)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        cells += int(np.isfinite(predict_window(predictor, data)["soc_median"]).sum())
+        seconds += time.perf_counter() - started
+        cpu += time.process_time() - cpu_started
+    return cells / seconds, cells / cpu
 
 
 def predict_rate(cube: str, model: str, resolution: float, batch: int, device: str, out: str,

@@ -37,8 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from inference import bare_rate, build
+from inference import bare_rate, build, window_compute
 from memory import vm_hwm_mib
 
 
@@ -105,20 +104,14 @@ def needed_bytes(cube: str, model: str, args: argparse.Namespace) -> int:
 
 
 def window_compute_rate(cube: str, model: str, args: argparse.Namespace, windows: int = 32) -> tuple[float, float]:
-    """Cells/s of `Predictor.predict` on `windows` windows read into memory first (no I/O timed), in wall-clock
-    and in CPU time."""
+    """Cells/s of `Predictor.predict` on the map's first `windows` windows, in wall-clock and in CPU time."""
     from geosoc.maps.inference import map_spec
     from geosoc.maps.predictor import load_predictor
-    from geosoc.maps.windows import CubeAccess, predict_window, read_window
+    from geosoc.maps.windows import CubeAccess
 
     spec = map_spec(cube, model, resolution=args.resolution, chunk=args.chunk, batch_size=args.batch)
     predictor = load_predictor(model, args.device, args.batch)
-    access = CubeAccess.open(cube)
-    data = [read_window(access, spec.grid, w, predictor) for w in list(spec.grid.windows())[:windows]]
-    predict_window(predictor, data[0])  # warm-up
-    start, cpu = time.perf_counter(), time.process_time()
-    cells = sum(int(np.isfinite(predict_window(predictor, d)["soc_median"]).sum()) for d in data)
-    return cells / (time.perf_counter() - start), cells / (time.process_time() - cpu)
+    return window_compute(spec, predictor, CubeAccess.open(cube), list(spec.grid.windows())[:windows])
 
 
 def main() -> None:
